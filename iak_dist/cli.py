@@ -1,0 +1,148 @@
+"""`iak-dist`: the verbs. Each parses its arguments, loads the config and calls one function.
+
+Bad input (data, config, checkpoints) exits with code 2 and a one-line `error:` message.
+`--help` and config validation import nothing heavy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from iak_dist.config import DataConfig, PipelineConfig, apply_override, from_dict, load_config
+from iak_dist.errors import UserError
+from iak_dist.runtime import configure_environment, describe_stack
+
+
+def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("config", nargs=None if required else "?", help="pipeline config (YAML), see configs/")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set finetune.iak.width=16 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iak-dist", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    data = verbs.add_parser("data", help="prepare, synthesise or validate Parquet impressions")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True)
+    prep = data_verbs.add_parser("prepare", help="fetch a public data set and write schema + splits")
+    prep.add_argument("source", choices=["movielens-100k"])
+    prep.add_argument("--out", help="output folder (default: data.dir of the config / defaults)")
+    prep.add_argument("--domain", choices=["age", "zip", "month"], help="MovieLens domain split")
+    prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="data.* override")
+    synth = data_verbs.add_parser("synth", help="write synthetic multi-domain data (Zipf IDs, domain shift)")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="data.* override, e.g. --set synth_rows=1000000 --set synth_domain_shift=2")
+    val = data_verbs.add_parser("validate", help="report every problem of Parquet files against a schema")
+    val.add_argument("path", help="a Parquet file, or a data folder (checks every split)")
+    val.add_argument("--schema", help="schema file (default: schema.yaml beside the data)")
+
+    pipe = verbs.add_parser("pipeline", help="run the whole pipeline")
+    pipe_verbs = pipe.add_subparsers(dest="pipeline_verb", required=True)
+    run = pipe_verbs.add_parser("run", help="prepare -> pre-train -> fine-tune all strategies -> evaluate -> report")
+    _add_config(run)
+
+    pre = verbs.add_parser("pretrain", help="pre-train the backbone of one seed")
+    _add_config(pre)
+    pre.add_argument("--seed", type=int, default=None)
+
+    fin = verbs.add_parser("finetune", help="fine-tune every domain with one strategy")
+    _add_config(fin)
+    fin.add_argument("--strategy", required=True)
+    fin.add_argument("--seed", type=int, default=None)
+
+    ev = verbs.add_parser("evaluate", help="evaluate fine-tuned strategies; writes JSON, Markdown and PNG")
+    _add_config(ev)
+    return parser
+
+
+def _data_config(overrides: list[str]) -> DataConfig:
+    raw: dict = {}
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(DataConfig, raw, "--set")
+
+
+def _validate(path: Path, schema_path: str | None) -> int:
+    from iak_dist.data.schema import Schema
+    from iak_dist.data.validate import validate_file
+
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise UserError(f"{path}: no Parquet files here")
+    schema = Schema.load(schema_path or (path if path.is_dir() else path.parent) / "schema.yaml")
+    problems = [p for f in files for p in validate_file(f, schema)]
+    for p in problems:
+        print(p)
+    print(f"{len(files)} file(s), {len(problems)} problem(s)", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_environment()
+    if args.verb == "data":
+        if args.data_verb == "validate":
+            return _validate(Path(args.path), args.schema)
+        from iak_dist.data.prepare import prepare
+
+        cfg = _data_config(args.set)
+        if args.data_verb == "synth":
+            cfg.source = "synth"
+        else:
+            cfg.source = args.source
+            if args.domain:
+                cfg.domain = args.domain
+        out = prepare(cfg, args.out)
+        print(f"wrote {out}")
+        return 0
+
+    cfg: PipelineConfig = load_config(args.config, args.set)
+    print(f"[iak-dist] {describe_stack()}", file=sys.stderr)
+    if args.verb == "pipeline":
+        from iak_dist.orchestration.local import run_pipeline
+
+        run_pipeline(cfg)
+        return 0
+    from iak_dist.distributed.context import close_distributed, init_distributed
+
+    run_dir = Path(cfg.run_dir)
+    seed = args.seed if getattr(args, "seed", None) is not None else cfg.seeds[0]
+    ctx = init_distributed()
+    try:
+        if args.verb == "pretrain":
+            from iak_dist.phases.pretrain import pretrain
+
+            pretrain(cfg.data.dir, cfg.model, cfg.pretrain, seed, run_dir / f"seed{seed}", ctx)
+        elif args.verb == "finetune":
+            from iak_dist.model.strategies import known_strategies
+            from iak_dist.phases.finetune import finetune
+
+            if args.strategy not in known_strategies():
+                raise UserError(f"--strategy {args.strategy}: unknown; known: {', '.join(known_strategies())}")
+            seed_dir = run_dir / f"seed{seed}"
+            finetune(cfg.data.dir, seed_dir / "backbone", args.strategy, cfg.finetune, seed,
+                     seed_dir / "adapters" / args.strategy, ctx)
+        elif args.verb == "evaluate":
+            close_distributed(ctx)
+            from iak_dist.orchestration.local import run_pipeline
+
+            run_pipeline(cfg)  # evaluates what is trained, trains what is missing, writes the report
+    finally:
+        close_distributed(ctx)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

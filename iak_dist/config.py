@@ -1,0 +1,289 @@
+"""Typed configuration: every knob, its default and its meaning, in one place.
+
+A config file is YAML. It is validated at load against the dataclasses below: an unknown key or a
+value of the wrong type is a `UserError` naming the key (as a dotted path) and the valid choices.
+`--set a.b=v` overrides are applied to the YAML before validation, so they are checked the same way.
+Each component receives only its own section.
+
+This module imports nothing heavy (no torch, torchrec, deepspeed or ray): `iak-dist --help` and
+config validation stay fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from iak_dist.errors import UserError
+
+STRATEGY_NAMES = ("none", "full", "head", "lora", "patch", "iak")
+
+
+@dataclass
+class DataConfig:
+    """Where the impressions come from and how MovieLens / synthetic data are prepared."""
+
+    source: Literal["movielens-100k", "synth", "parquet"] = "movielens-100k"
+    """`movielens-100k` and `synth` are prepared into `dir`; `parquet` reads existing files there."""
+    dir: str = "data/movielens-100k-age"
+    """Folder with `schema.yaml` and the splits `pretrain.parquet`, `finetune.parquet`, `test.parquet`."""
+    domain: Literal["age", "zip", "month"] = "age"
+    """MovieLens domain split: user age group, first digit of the zip code, or month of the rating."""
+    negatives_per_positive: int = 2
+    """Unrated items sampled (by popularity) per rated pair, at the same user and timestamp."""
+    split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    """Time quantiles for pre-train / fine-tune / test, taken within each `split_within` group."""
+    split_within: Literal["user", "domain"] = "user"
+    """`user`: each user's history is split by time (earlier ratings pre-train, the latest test), so
+    test users are known users; `domain`: each domain's impressions are split by time (test users
+    are then mostly new: a cold-start task)."""
+    seed: int = 0
+    """Seed of negative sampling and synthetic generation (data is a fixed input across model seeds)."""
+    synth_rows: int = 200_000
+    """Synthetic data: impressions in total, over all splits."""
+    synth_domains: int = 4
+    """Synthetic data: number of domains (sizes differ by a factor of up to ~10)."""
+    synth_domain_shift: float = 1.0
+    """Synthetic data: 0 = every domain has the same click model; larger = domains differ more."""
+    synth_id_space: int = 2**62
+    """Synthetic data: raw IDs are drawn from [0, synth_id_space) (Zipf ranks scattered by a hash)."""
+    row_group_size: int = 16_384
+    """Rows per Parquet row group written by `prepare` (the reader streams row groups)."""
+
+
+@dataclass
+class ModelConfig:
+    """The backbone: embeddings -> feature interaction -> MLP tower -> ESMM heads."""
+
+    embedding_dim: int = 16
+    """Width of every embedding table."""
+    interaction: Literal["dcn", "dot"] = "dcn"
+    """`dcn`: DCNv2 cross layers over [embeddings, dense]; `dot`: DLRM pairwise dot products."""
+    cross_layers: int = 2
+    """Number of DCNv2 cross layers (ignored for `dot`)."""
+    cross_rank: int = 16
+    """Low rank of each DCNv2 cross layer's weight."""
+    tower: list[int] = field(default_factory=lambda: [128, 64])
+    """Hidden widths of the MLP tower; the last one is the hidden `h` that kernels adapt."""
+
+
+@dataclass
+class OptimConfig:
+    """One training phase's loop."""
+
+    epochs: float = 2.0
+    """Passes over the phase's data (fractional allowed); ignored when `steps` > 0."""
+    steps: int = 0
+    """Exact number of optimizer steps, if > 0 (overrides `epochs`)."""
+    batch_size: int = 512
+    """Samples per step (per rank)."""
+    lr_dense: float = 1e-3
+    """Adam learning rate of the dense parameters (tower, heads, strategy parameters)."""
+    lr_sparse: float = 0.05
+    """Row-wise Adagrad learning rate of embedding tables (fused into backward by TorchRec)."""
+    weight_decay: float = 0.0
+    """AdamW-style decoupled weight decay of the dense parameters."""
+    log_every: int = 20
+    """Steps between TensorBoard scalars."""
+
+
+@dataclass
+class LoraConfig:
+    """Per-domain low-rank update of every tower layer (MLoRA-style)."""
+
+    rank: int = 4
+    """Rank r of `B_d A_d`; `B_d` starts at zero."""
+    alpha: float = 8.0
+    """Scale: the update is `(alpha / rank) * B_d A_d x`."""
+
+
+@dataclass
+class PatchConfig:
+    """PeterRec-style residual bottleneck per domain after every tower layer."""
+
+    bottleneck: int = 8
+    """Width of the bottleneck; its up-projection starts at zero."""
+
+
+@dataclass
+class IakConfig:
+    """Information-aware adaptive kernel (see docs/iak.md)."""
+
+    width: int = 8
+    """Width k of the latent z."""
+    beta_compression: float = 1.0
+    """Weight of KL(q_d || p_d) during the compression phase."""
+    beta_matching: float = 0.01
+    """Weight of KL(q_d || p_d) during the matching phase."""
+    compression_fraction: float = 0.3
+    """Share of fine-tune steps spent in compression (encoder + prior train, decoder frozen)."""
+    form: Literal["residual", "bottleneck"] = "residual"
+    """`residual`: h' = h + W_d z (starts exactly at the pre-trained model). `bottleneck`: the
+    paper-shaped ablation h' = U_d z + W_d z, where the compressed code replaces h downstream."""
+    insertion: Literal["output", "every_layer"] = "output"
+    """Kernel at the tower output only, or one kernel after every tower layer."""
+    init_std: float = 0.01
+    """Std of the Gaussian initialisation of encoder weights."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning of every domain at once, with the batch-aware domain sampler."""
+
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGY_NAMES))
+    """Strategies to fine-tune and compare on the same backbone (see iak_dist/model/strategies)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=3.0, lr_dense=2e-3))
+    """Loop settings of each strategy's fine-tune run."""
+    sampler_alpha: float = 0.5
+    """Domain d is drawn with probability proportional to n_d ** alpha (0: uniform, 1: by size)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    patch: PatchConfig = field(default_factory=PatchConfig)
+    iak: IakConfig = field(default_factory=IakConfig)
+
+
+@dataclass
+class EvaluateConfig:
+    """Per-domain evaluation on the test split."""
+
+    batch_size: int = 4096
+    """Samples per scoring batch."""
+
+
+@dataclass
+class PipelineConfig:
+    """A whole run: prepare -> pre-train -> fine-tune (every strategy) -> evaluate -> report."""
+
+    run_dir: str = "runs/movielens-100k-age"
+    """Everything a run writes: checkpoints, adapters, metrics, report, TensorBoard events."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Model seeds; each seed pre-trains and fine-tunes anew, the report gives mean and std."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: OptimConfig = field(default_factory=OptimConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.finetune.strategies if s not in STRATEGY_NAMES]
+        if unknown:
+            raise UserError(
+                f"finetune.strategies: unknown strategy {unknown[0]!r}; known: {', '.join(STRATEGY_NAMES)}"
+            )
+        if not self.seeds:
+            raise UserError("seeds: give at least one seed, e.g. seeds: [0]")
+        fr = self.data.split_fractions
+        if len(fr) != 3 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+            raise UserError(f"data.split_fractions: need three positive fractions summing to 1, got {fr}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read YAML `path` (or defaults if None), apply `key.path=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config {path}: no such file")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise UserError(f"config {path}: not valid YAML: {exc}".replace("\n", " ")) from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"config {path}: the top level must be a mapping of sections")
+        raw = loaded or {}
+    for item in overrides or []:
+        apply_override(raw, item)
+    return from_dict(PipelineConfig, raw, str(path) if path is not None else "config")
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to the raw mapping."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. finetune.iak.width=16")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def to_dict(cfg: Any) -> Any:
+    """The config as plain data (for saving next to results and for stamping adapters)."""
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Any, source: str, prefix: str = "") -> T:
+    """Build dataclass `cls` from `data`; errors name `source` and the dotted key of the problem."""
+    if not isinstance(data, Mapping):
+        raise UserError(f"{_where(source, prefix)}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise UserError(f"{_where(source, dotted)}: unknown key; valid keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(hints[key], value, source, dotted)
+    return cls(**kwargs)
+
+
+def _where(source: str, key: str) -> str:
+    return f"{source}: key {key}" if key else source
+
+
+def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    where = _where(source, key)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, source, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, source, key)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, source, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {where}")

@@ -1,0 +1,97 @@
+"""`Batch`: the one currency between data and model (TorchRec `KeyedJaggedTensor` for sparse IDs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from iak_dist.data.schema import Schema, hash_ids
+
+
+@dataclass
+class Batch:
+    """One batch of impressions.
+
+    `sparse` holds hashed IDs keyed by feature name (read it by name: sharded embedding
+    collections return features in plan order, not config order). `domain` is the index of the
+    row's domain in the schema's `domains` list, -1 for a domain the schema does not know.
+    """
+
+    sparse: KeyedJaggedTensor
+    dense: torch.Tensor  # [B, n_dense] float32
+    click: torch.Tensor  # [B] float32
+    conversion: torch.Tensor  # [B] float32 (click AND converted); zeros when the data has none
+    domain: torch.Tensor  # [B] int64
+    user: torch.Tensor  # [B] int64 raw user id (GAUC groups); zeros when the schema names none
+
+    def __len__(self) -> int:
+        return int(self.click.shape[0])
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        return Batch(
+            sparse=self.sparse.to(device, non_blocking=non_blocking),
+            dense=self.dense.to(device, non_blocking=non_blocking),
+            click=self.click.to(device, non_blocking=non_blocking),
+            conversion=self.conversion.to(device, non_blocking=non_blocking),
+            domain=self.domain.to(device, non_blocking=non_blocking),
+            user=self.user.to(device, non_blocking=non_blocking),
+        )
+
+
+def arrow_to_batch(table: pa.Table, schema: Schema) -> Batch:
+    """Convert validated Arrow rows to a `Batch`, hashing raw IDs into each table's size."""
+    n = table.num_rows
+    values, lengths = [], []
+    for feature in schema.sparse:
+        col = table.column(feature.name)
+        if feature.multi_hot:
+            lengths.append(pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int32))
+            raw = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+        else:
+            lengths.append(np.ones(n, dtype=np.int32))
+            raw = col.to_numpy(zero_copy_only=False)
+        values.append(hash_ids(raw, feature.table_size))
+    sparse = KeyedJaggedTensor(
+        keys=schema.feature_names,
+        values=torch.from_numpy(np.concatenate(values)),
+        lengths=torch.from_numpy(np.concatenate(lengths)),
+    )
+    if schema.dense:
+        dense = np.stack(
+            [table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in schema.dense], axis=1
+        )
+    else:
+        dense = np.zeros((n, 0), dtype=np.float32)
+    conversion = (
+        _label(table, schema.conversion) if schema.conversion else np.zeros(n, dtype=np.float32)
+    )
+    user = (
+        table.column(schema.user).to_numpy(zero_copy_only=False).astype(np.int64)
+        if schema.user else np.zeros(n, dtype=np.int64)
+    )
+    return Batch(
+        sparse=sparse,
+        dense=torch.from_numpy(dense),
+        click=torch.from_numpy(_label(table, schema.click)),
+        conversion=torch.from_numpy(conversion),
+        domain=torch.from_numpy(domain_indices(table.column(schema.domain), schema.domains)),
+        user=torch.from_numpy(user),
+    )
+
+
+def domain_indices(column: pa.ChunkedArray | pa.Array, domains: list[str]) -> np.ndarray:
+    """Index of each row's domain in `domains`; -1 where the domain is not in the list."""
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    as_str = pc.cast(column, pa.string())
+    idx = pc.index_in(as_str, value_set=pa.array(domains, pa.string()))
+    return pc.fill_null(idx, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _label(table: pa.Table, column: str) -> np.ndarray:
+    return pc.cast(table.column(column), pa.float32()).to_numpy(zero_copy_only=False).copy()

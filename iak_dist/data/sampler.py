@@ -1,0 +1,91 @@
+"""Dynamic batch-aware domain sampler: every domain fine-tunes in one job, none is drowned.
+
+Each row of a batch picks its domain with probability `p_d ∝ n_d ** alpha` (alpha = 1: as in the
+data, alpha = 0: uniform), then takes the domain's next row from a per-domain shuffled order
+(reshuffled when used up). Small domains are seen more often than their share but cycle through
+their own rows; the loss then averages each domain's mean loss (see `domain_normalised_mean`), so
+a batch's gradient is not dominated by whichever domain is largest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def domain_probabilities(counts: np.ndarray, alpha: float) -> np.ndarray:
+    """`p_d ∝ n_d ** alpha` over the domains with rows (empty domains get 0)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    weights = np.where(counts > 0, np.power(np.maximum(counts, 1.0), alpha), 0.0)
+    return weights / weights.sum()
+
+
+class DomainBatchSampler:
+    """Yields batches of row indices drawn across domains with `p_d ∝ n_d ** alpha`.
+
+    Args:
+        domains: domain index of every row, shape [N].
+        num_domains: K; rows with domain outside [0, K) are never sampled.
+        batch_size: rows per batch.
+        alpha: the exponent of `n_d` (see module docstring).
+        seed: makes the sequence of batches reproducible; `state_dict` captures the position.
+    """
+
+    def __init__(self, domains: np.ndarray, num_domains: int, batch_size: int, alpha: float, seed: int) -> None:
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rows = [np.flatnonzero(domains == d) for d in range(num_domains)]
+        self.counts = np.array([len(r) for r in self.rows])
+        if self.counts.sum() == 0:
+            raise ValueError("no rows with a known domain to sample from")
+        self.probs = domain_probabilities(self.counts, alpha)
+        self._rng = np.random.default_rng(seed)
+        self._order = [self._perm(d, 0) for d in range(num_domains)]
+        self._pos = np.zeros(num_domains, dtype=np.int64)
+        self._round = np.zeros(num_domains, dtype=np.int64)
+
+    def _perm(self, domain: int, round_: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, domain, round_])
+        return self.rows[domain][rng.permutation(len(self.rows[domain]))]
+
+    def next_batch(self) -> np.ndarray:
+        picks = self._rng.choice(len(self.probs), size=self.batch_size, p=self.probs)
+        out = np.empty(self.batch_size, dtype=np.int64)
+        for d in np.unique(picks):
+            slots = np.flatnonzero(picks == d)
+            out[slots] = self._take(int(d), len(slots))
+        return out
+
+    def _take(self, d: int, n: int) -> np.ndarray:
+        taken = []
+        while n > 0:
+            order = self._order[d]
+            k = min(n, len(order) - int(self._pos[d]))
+            taken.append(order[self._pos[d]:self._pos[d] + k])
+            self._pos[d] += k
+            n -= k
+            if self._pos[d] == len(order):
+                self._round[d] += 1
+                self._pos[d] = 0
+                self._order[d] = self._perm(d, int(self._round[d]))
+        return np.concatenate(taken)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self._rng.bit_generator.state, "pos": self._pos.tolist(), "round": self._round.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._rng.bit_generator.state = state["rng"]
+        self._pos = np.array(state["pos"], dtype=np.int64)
+        self._round = np.array(state["round"], dtype=np.int64)
+        self._order = [self._perm(d, int(r)) for d, r in enumerate(self._round)]
+
+
+def domain_normalised_mean(per_row: torch.Tensor, domain: torch.Tensor, num_domains: int) -> torch.Tensor:
+    """Mean over the domains present in the batch of each domain's mean loss."""
+    idx = domain.clamp(min=0)
+    sums = torch.zeros(num_domains, dtype=per_row.dtype, device=per_row.device).index_add(0, idx, per_row)
+    counts = torch.bincount(idx, minlength=num_domains).to(per_row.dtype)
+    present = counts > 0
+    return (sums[present] / counts[present]).mean()

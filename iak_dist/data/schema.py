@@ -1,0 +1,119 @@
+"""The Parquet schema of multi-domain impressions, and the schema file that names its columns.
+
+One row per impression:
+
+| column             | Parquet type           | meaning                                             |
+|--------------------|------------------------|-----------------------------------------------------|
+| `label_click`      | int (0/1) or bool      | the impression was clicked (CTR label)              |
+| `label_conversion` | int (0/1) or bool      | optional; clicked *and* converted (CTCVR label)     |
+| `domain`           | string or int          | period / region / scene the impression belongs to   |
+| sparse ID columns  | int64, or list<int64>  | raw IDs (any int64; hashed into the table's size)   |
+| dense columns      | float or int           | numeric features, no NaN                            |
+
+The schema file (`schema.yaml` beside the data) names the columns, the size of each feature's
+embedding table, and the known domains in a fixed order (a domain's index is its position):
+
+```yaml
+click: label_click
+conversion: label_conversion    # or null when the data has no conversion label
+domain: domain
+user: user_id                   # column that groups impressions for GAUC (null: no GAUC)
+sparse:
+  - {name: user_id, table_size: 4096}
+  - {name: genres, table_size: 64, multi_hot: true}
+dense: [user_age]
+domains: ["<18", "18-24", "25-34"]
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from iak_dist.config import from_dict, to_dict
+from iak_dist.errors import UserError
+
+
+@dataclass
+class SparseFeature:
+    """One sparse ID feature and its embedding table."""
+
+    name: str
+    """Parquet column (int64 for single-hot, list<int64> for multi-hot)."""
+    table_size: int
+    """Rows of the feature's embedding table; raw IDs are hashed into [0, table_size)."""
+    multi_hot: bool = False
+    """True when the column is a list of IDs (pooled by sum)."""
+
+
+@dataclass
+class Schema:
+    """Column names and tables of one data set (see the module docstring for the file format)."""
+
+    sparse: list[SparseFeature]
+    domains: list[str]
+    dense: list[str] = field(default_factory=list)
+    click: str = "label_click"
+    conversion: str | None = "label_conversion"
+    domain: str = "domain"
+    user: str | None = "user_id"
+
+    def __post_init__(self) -> None:
+        if not self.sparse:
+            raise UserError("schema: key sparse: list at least one sparse feature")
+        if not self.domains:
+            raise UserError("schema: key domains: list the known domains, e.g. domains: [a, b]")
+        self.domains = [str(d) for d in self.domains]
+        for f in self.sparse:
+            if f.table_size <= 0:
+                raise UserError(f"schema: sparse feature {f.name}: table_size must be > 0")
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.sparse]
+
+    @property
+    def label_columns(self) -> list[str]:
+        return [self.click] + ([self.conversion] if self.conversion else [])
+
+    def columns(self) -> list[str]:
+        """Every column the reader needs, in a stable order."""
+        cols = [*self.label_columns, self.domain, *self.feature_names, *self.dense]
+        if self.user and self.user not in cols:
+            cols.append(self.user)
+        return cols
+
+    def domain_index(self) -> dict[str, int]:
+        return {d: i for i, d in enumerate(self.domains)}
+
+    def save(self, path: str | Path) -> None:
+        from iak_dist.io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(to_dict(self), sort_keys=False))
+
+    @staticmethod
+    def load(path: str | Path) -> Schema:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no schema file; write one (see iak_dist/data/schema.py) or run data prepare")
+        data = yaml.safe_load(path.read_text())
+        return from_dict(Schema, data, str(path))
+
+
+def hash_ids(ids: np.ndarray, table_size: int) -> np.ndarray:
+    """Hash raw int64 IDs into [0, table_size) with MurmurHash3's 64-bit finaliser.
+
+    The mix spreads IDs from any part of the int64 range (sequential, negative, huge) evenly
+    over the table, so sparse huge ID spaces and small dense ones behave alike.
+    """
+    x = ids.astype(np.int64, copy=False).view(np.uint64).copy()
+    x ^= x >> np.uint64(33)
+    x *= np.uint64(0xFF51AFD7ED558CCD)
+    x ^= x >> np.uint64(33)
+    x *= np.uint64(0xC4CEB9FE1A85EC53)
+    x ^= x >> np.uint64(33)
+    return (x % np.uint64(table_size)).astype(np.int64)

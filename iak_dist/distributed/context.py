@@ -1,0 +1,62 @@
+"""Process group set-up from whatever launched us; a single process gets a world of one.
+
+Every phase takes a `DistContext`, so the same code runs alone, under torchrun, SLURM or Ray Train.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    owns_group: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def init_distributed() -> DistContext:
+    """Join (or create) the default process group: gloo on CPU, NCCL on GPU.
+
+    torchrun and Ray Train set RANK / WORLD_SIZE / MASTER_ADDR; SLURM sets SLURM_PROCID and
+    SLURM_NTASKS (MASTER_ADDR / MASTER_PORT must then be exported by the launcher). Without any,
+    a single-process group on an in-memory store is created (TorchRec's sharding needs one).
+    """
+    use_cuda = torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    owns = False
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, init_method="env://")
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        owns = True
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend(), owns)
+
+
+def close_distributed(ctx: DistContext) -> None:
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,169 @@
+"""The multi-domain ranking backbone: embeddings -> interaction -> MLP tower -> ESMM heads.
+
+Plain modules only: nothing here knows about sharding or ZeRO (they are applied from outside by
+`iak_dist.distributed`). Fine-tuning strategies plug in through the `Adapter` hooks of
+`iak_dist.model.strategies.base`, without changing the backbone's structure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec.modules.crossnet import LowRankCrossNet
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from iak_dist.config import ModelConfig, to_dict
+from iak_dist.data.schema import Schema
+
+
+@dataclass
+class ModelOutput:
+    """Logits of the two ESMM towers and the adapter's auxiliary loss (0 when it has none)."""
+
+    ctr_logit: torch.Tensor  # [B]
+    cvr_logit: torch.Tensor  # [B]
+    aux_loss: torch.Tensor  # scalar
+
+    @property
+    def p_ctr(self) -> torch.Tensor:
+        return torch.sigmoid(self.ctr_logit)
+
+    @property
+    def p_ctcvr(self) -> torch.Tensor:
+        """ESMM: p(click and convert) = p(click) * p(convert | click)."""
+        return torch.sigmoid(self.ctr_logit) * torch.sigmoid(self.cvr_logit)
+
+
+class DotInteraction(nn.Module):
+    """DLRM interaction: pairwise dot products of the F feature vectors, plus the dense vector."""
+
+    def __init__(self, num_vectors: int, dim: int) -> None:
+        super().__init__()
+        rows, cols = torch.triu_indices(num_vectors, num_vectors, offset=1)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+        self.out_features = dim + len(rows)
+
+    def forward(self, vectors: torch.Tensor) -> torch.Tensor:  # [B, F, d]
+        gram = torch.bmm(vectors, vectors.transpose(1, 2))
+        return torch.cat([vectors[:, -1], gram[:, self.rows, self.cols]], dim=1)
+
+
+class CrossInteraction(nn.Module):
+    """DCNv2 low-rank cross layers (TorchRec's `LowRankCrossNet`) over the concatenated vectors."""
+
+    def __init__(self, num_vectors: int, dim: int, layers: int, rank: int) -> None:
+        super().__init__()
+        self.out_features = num_vectors * dim
+        self.cross = LowRankCrossNet(in_features=self.out_features, num_layers=layers, low_rank=rank)
+
+    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
+        return self.cross(vectors.flatten(1))
+
+
+class Backbone(nn.Module):
+    """Multi-domain CTR/CTCVR ranker.
+
+    Args:
+        schema: names the sparse features (one embedding table each, sized `table_size`) and the
+            dense columns.
+        cfg: widths and the interaction block.
+        device: where to allocate the embedding tables; pass `torch.device("meta")` when the
+            tables will be sharded (TorchRec materialises only each rank's shards).
+
+    Example::
+
+        backbone = Backbone(Schema.load("data/ml/schema.yaml"), ModelConfig())
+        out = backbone(batch.sparse, batch.dense)   # ModelOutput with ctr / cvr logits
+    """
+
+    def __init__(self, schema: Schema, cfg: ModelConfig, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.feature_names = schema.feature_names
+        d = cfg.embedding_dim
+        tables = [
+            EmbeddingBagConfig(
+                name=f"t_{f.name}", embedding_dim=d, num_embeddings=f.table_size,
+                feature_names=[f.name], pooling=PoolingType.SUM,
+            )
+            for f in schema.sparse
+        ]
+        self.embeddings = EmbeddingBagCollection(tables=tables, device=device)
+        self.dense_proj = nn.Linear(max(len(schema.dense), 1), d)
+        num_vectors = len(self.feature_names) + 1
+        widths = tower_widths(schema, cfg)
+        if cfg.interaction == "dcn":
+            self.interaction: nn.Module = CrossInteraction(num_vectors, d, cfg.cross_layers, cfg.cross_rank)
+        else:
+            self.interaction = DotInteraction(num_vectors, d)
+        assert self.interaction.out_features == widths[0]
+        self.tower = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
+        self.ctr_head = nn.Linear(widths[-1], 1)
+        self.cvr_head = nn.Linear(widths[-1], 1)
+        self.tower_widths = widths
+
+    @property
+    def hidden_width(self) -> int:
+        return self.tower_widths[-1]
+
+    def embed(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """Pooled embeddings [B, F, d], in schema order.
+
+        Trap: a sharded EmbeddingBagCollection returns its features in plan order, not config
+        order, so the KeyedTensor is read by feature name, never by position.
+        """
+        pooled = self.embeddings(sparse).to_dict()
+        return torch.stack([pooled[name] for name in self.feature_names], dim=1)
+
+    def dense_part(self, embedded: torch.Tensor, dense: torch.Tensor, adapter=None, domain=None) -> ModelOutput:
+        """Everything after the embedding lookup: interaction, tower (with adapter hooks), heads."""
+        if dense.shape[1] == 0:
+            dense = torch.zeros(dense.shape[0], 1, dtype=embedded.dtype, device=embedded.device)
+        vectors = torch.cat([embedded, self.dense_proj(dense).unsqueeze(1)], dim=1)
+        x = self.interaction(vectors)
+        aux = x.new_zeros(())
+        for i, layer in enumerate(self.tower):
+            y = layer(x)
+            if adapter is not None:
+                y = adapter.adapt_preactivation(i, x, y, domain)
+            y = torch.relu(y)
+            if adapter is not None:
+                y, layer_aux = adapter.adapt_activation(i, y, domain)
+                aux = aux + layer_aux
+            x = y
+        ctr, cvr = self.ctr_head(x).squeeze(1), self.cvr_head(x).squeeze(1)
+        heads = adapter.head_logits(x, domain) if adapter is not None else None
+        if heads is not None:  # per-domain heads; rows of unknown domains keep the backbone's
+            known = domain >= 0
+            ctr, cvr = torch.where(known, heads[0], ctr), torch.where(known, heads[1], cvr)
+        return ModelOutput(ctr, cvr, aux)
+
+    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> ModelOutput:
+        return self.dense_part(self.embed(sparse), dense)
+
+    def dense_modules(self) -> dict[str, nn.Module]:
+        """The modules DeepSpeed / the dense optimizer own (everything but the embedding tables)."""
+        return {n: m for n, m in self.named_children() if n != "embeddings"}
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.dense_modules().values() for p in m.parameters()]
+
+
+def tower_widths(schema: Schema, cfg: ModelConfig) -> list[int]:
+    """[interaction output, *tower]: the input and output widths of every tower layer."""
+    num_vectors = len(schema.sparse) + 1
+    d = cfg.embedding_dim
+    first = num_vectors * d if cfg.interaction == "dcn" else d + num_vectors * (num_vectors - 1) // 2
+    return [first, *cfg.tower]
+
+
+def backbone_identity(schema: Schema, cfg: ModelConfig) -> str:
+    """A short hash of what defines the backbone's shapes (schema tables + model config)."""
+    blob = json.dumps({"schema": to_dict(schema), "model": to_dict(cfg)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,110 @@
+"""`iak`: the information-aware adaptive kernel, as a variational information bottleneck.
+
+Our design (docs/iak.md), after Jiang et al., "Pre-train and Fine-tune: Recommenders as Large
+Models" (WWW 2025 Companion): fine-tuning finds knowledge G' minimising
+`-I(G'; T) + beta * I(G'; G)`. For domain d, at the tower output h (or after every tower layer):
+
+* encoder (knowledge compression): `q_d(z | h) = N(mu_d(h), diag(sigma_d(h)^2))`, z of width k;
+* adaptive prior: `p_d(z) = N(m_d, diag(s_d^2))`, learned per domain;
+* decoder (knowledge matching): `h' = h + W_d z`, `W_d = 0` at start, so fine-tuning starts
+  exactly at the pre-trained model (`form: residual`);
+* the paper-shaped ablation (`form: bottleneck`): the compressed code replaces h downstream,
+  `h_bar = U_d z`, `h' = h_bar + W2_d relu(W1_d h_bar)` (G_hat = G_bar + f(G_bar)), `W2_d = 0`;
+* training samples `z = mu + sigma * eps`; inference uses `z = mu`;
+* loss: task BCEs + `beta * KL(q_d || p_d)` (closed form for diagonal Gaussians);
+* schedule: compression (first `compression_fraction` of steps, `beta_compression`, decoder
+  frozen) then matching (`beta_matching`, decoder trains).
+
+All K domain kernels are stacked `[K, ...]`; each row activates its own domain's kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from iak_dist.config import IakConfig
+from iak_dist.model.strategies.base import Adapter, DomainLinear, register
+
+
+def gaussian_kl(
+    mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor, prior_logvar: torch.Tensor
+) -> torch.Tensor:
+    """KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)) per row, summed over the last dim.
+
+    Closed form for diagonal Gaussians:
+    `0.5 * sum(prior_logvar - logvar + (e^logvar + (mu - prior_mu)^2) / e^prior_logvar - 1)`.
+    """
+    return 0.5 * (
+        prior_logvar - logvar + (logvar.exp() + (mu - prior_mu) ** 2) / prior_logvar.exp() - 1.0
+    ).sum(-1)
+
+
+class GaussianKernel(nn.Module):
+    """One insertion point's K stacked kernels: encoder, learned prior, decoder."""
+
+    def __init__(self, num_domains: int, width: int, cfg: IakConfig) -> None:
+        super().__init__()
+        k = cfg.width
+        self.form = cfg.form
+        self.encoder = DomainLinear(num_domains, width, 2 * k, init_std=cfg.init_std)
+        self.prior_mu = nn.Parameter(torch.zeros(num_domains, k))
+        self.prior_logvar = nn.Parameter(torch.zeros(num_domains, k))
+        if cfg.form == "residual":
+            self.decoder = DomainLinear(num_domains, k, width, init_std=0.0)
+        else:
+            self.reconstruct = DomainLinear(num_domains, k, width, init_std=1.0 / math.sqrt(k))
+            self.match_in = DomainLinear(num_domains, width, k, init_std=1.0 / math.sqrt(width))
+            self.decoder = DomainLinear(num_domains, k, width, init_std=0.0)
+
+    def forward(self, h: torch.Tensor, domain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stats = self.encoder(h, domain)
+        mu, logvar = stats.chunk(2, dim=-1)
+        logvar = logvar.clamp(-8.0, 8.0)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
+        idx = domain.clamp(min=0)
+        known = (domain >= 0).to(h.dtype)
+        kl = gaussian_kl(mu, logvar, self.prior_mu[idx], self.prior_logvar[idx]) * known
+        if self.form == "residual":
+            out = h + self.decoder(z, domain)
+        else:
+            h_bar = self.reconstruct(z, domain)
+            adapted = h_bar + self.decoder(torch.relu(self.match_in(h_bar, domain)), domain)
+            out = torch.where(known.bool().unsqueeze(1), adapted, h)
+        return out, kl.sum() / known.sum().clamp(min=1.0)
+
+
+@register
+class IakAdapter(Adapter):
+    name = "iak"
+
+    def __init__(self, num_domains: int, tower_widths: list[int], cfg: IakConfig) -> None:
+        super().__init__(num_domains, tower_widths, cfg)
+        layers = range(1, len(tower_widths)) if cfg.insertion == "every_layer" else [len(tower_widths) - 1]
+        self.kernels = nn.ModuleDict({str(i - 1): GaussianKernel(num_domains, tower_widths[i], cfg) for i in layers})
+        self.beta = cfg.beta_compression
+        self.phase = "compression"
+
+    def adapt_activation(self, layer, y, domain):
+        kernel = self.kernels[str(layer)] if str(layer) in self.kernels else None
+        if kernel is None:
+            return y, y.new_zeros(())
+        out, kl = kernel(y, domain)
+        return out, self.beta * kl
+
+    def set_phase(self, phase: str) -> None:
+        """Compression: encoder + prior (+ reconstruction) train; matching: the decoder joins."""
+        self.phase = phase
+        self.beta = self.cfg.beta_compression if phase == "compression" else self.cfg.beta_matching
+        for kernel in self.kernels.values():
+            kernel.decoder.requires_grad_(phase == "matching")
+            if hasattr(kernel, "match_in"):
+                kernel.match_in.requires_grad_(phase == "matching")
+
+    def on_step(self, step: int, total_steps: int) -> dict[str, float]:
+        phase = "compression" if step < self.cfg.compression_fraction * total_steps else "matching"
+        if phase != self.phase or step == 0:
+            self.set_phase(phase)
+        return {"iak/beta": self.beta, "iak/matching": float(phase == "matching")}

@@ -1,0 +1,33 @@
+"""`lora`: per-domain low-rank updates of every tower layer (MLoRA-style).
+
+Layer i computes `y = W x + b + (alpha / r) * B_d(A_d x)`; `B_d` starts at zero so the adapted
+model starts exactly at the pre-trained one.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from iak_dist.config import LoraConfig
+from iak_dist.model.strategies.base import Adapter, DomainLinear, register
+
+
+@register
+class LoraAdapter(Adapter):
+    name = "lora"
+
+    def __init__(self, num_domains: int, tower_widths: list[int], cfg: LoraConfig) -> None:
+        super().__init__(num_domains, tower_widths, cfg)
+        r = cfg.rank
+        self.scale = cfg.alpha / r
+        self.down = nn.ModuleList(
+            DomainLinear(num_domains, w, r, init_std=1.0 / math.sqrt(w), bias=False) for w in tower_widths[:-1]
+        )
+        self.up = nn.ModuleList(
+            DomainLinear(num_domains, r, w, init_std=0.0, bias=False) for w in tower_widths[1:]
+        )
+
+    def adapt_preactivation(self, layer, x, y, domain):
+        return y + self.scale * self.up[layer](self.down[layer](x, domain), domain)

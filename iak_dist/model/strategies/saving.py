@@ -1,0 +1,76 @@
+"""Adapters as small files: `adapter_config.json` + `adapter_model.safetensors` (HF PEFT layout).
+
+The config is stamped with the backbone's identity (hash of schema + model config) and the hash of
+its weights, so an adapter is never silently loaded onto the wrong backbone. A strategy that
+trains backbone weights (`full`) saves them under `backbone.` keys in the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from iak_dist.config import FinetuneConfig, from_dict, to_dict
+from iak_dist.errors import UserError
+from iak_dist.io import atomic_path, atomic_write_json
+from iak_dist.model.strategies import build_adapter
+from iak_dist.model.strategies.base import Adapter
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+
+def save_adapter(
+    out_dir: str | Path,
+    adapter: Adapter,
+    domains: list[str],
+    backbone_meta: dict[str, Any],
+    backbone_state: dict[str, torch.Tensor] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    out_dir = Path(out_dir)
+    tensors = {f"adapter.{k}": v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
+    for k, v in (backbone_state or {}).items():
+        tensors[f"backbone.{k}"] = v.contiguous()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write_json(out_dir / CONFIG_FILE, {
+        "strategy": adapter.name,
+        "strategy_config": to_dict(adapter.cfg) if adapter.cfg is not None else None,
+        "domains": domains,
+        "tower_widths": adapter.tower_widths,
+        "backbone_identity": backbone_meta["identity"],
+        "backbone_weights": backbone_meta["weights"],
+        **(extra or {}),
+    })
+
+
+def load_adapter(path: str | Path, backbone_meta: dict[str, Any]) -> tuple[Adapter, dict[str, torch.Tensor], dict]:
+    """Rebuild the adapter saved in `path`; returns (adapter, backbone tensors it overrides, config)."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise UserError(f"{path}: no {CONFIG_FILE}; not an adapter folder")
+    config = json.loads((path / CONFIG_FILE).read_text())
+    for key, meta_key in (("backbone_identity", "identity"), ("backbone_weights", "weights")):
+        if config[key] != backbone_meta[meta_key]:
+            raise UserError(
+                f"{path}: adapter was trained on backbone {key.split('_')[1]} {config[key]}, "
+                f"this backbone has {backbone_meta[meta_key]}; load it onto the backbone it was fine-tuned from"
+            )
+    name = config["strategy"]
+    section_cls = typing.get_type_hints(FinetuneConfig).get(name)
+    section = from_dict(section_cls, config["strategy_config"], str(path / CONFIG_FILE)) if section_cls else None
+    holder = FinetuneConfig()
+    if section is not None:
+        setattr(holder, name, section)
+    adapter = build_adapter(name, len(config["domains"]), config["tower_widths"], holder)
+    tensors = load_file(str(path / WEIGHTS_FILE))
+    own = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
+    adapter.load_state_dict(own, strict=True)
+    backbone = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
+    return adapter, backbone, config

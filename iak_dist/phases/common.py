@@ -1,0 +1,48 @@
+"""Building a sharded Ranker from an exported backbone (+ adapter): shared by fine-tune, evaluate, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from iak_dist.data.schema import Schema
+from iak_dist.distributed.checkpoint import load_backbone_weights, load_plain_state_dict, read_backbone_meta
+from iak_dist.distributed.context import DistContext
+from iak_dist.distributed.sharding import shard_ranker
+from iak_dist.errors import UserError
+from iak_dist.model.backbone import Backbone, backbone_identity
+from iak_dist.model.ranker import Ranker
+from iak_dist.model.strategies.base import Adapter
+
+
+def check_schema_matches(data_schema: Schema, meta: dict[str, Any], data_dir: str | Path) -> None:
+    """The data's tables must be the backbone's tables (same features, same sizes)."""
+    theirs = {f.name: f.table_size for f in meta["schema_obj"].sparse}
+    mine = {f.name: f.table_size for f in data_schema.sparse}
+    if theirs != mine:
+        diff = sorted(set(theirs.items()) ^ set(mine.items()))
+        raise UserError(f"{data_dir}: the data's sparse features differ from the backbone's: {diff[:4]}")
+
+
+def build_from_backbone(
+    backbone_dir: str | Path, adapter: Adapter | None, ctx: DistContext, train_embeddings: bool,
+    lr_sparse: float | None = None, backbone_override: dict[str, torch.Tensor] | None = None,
+):
+    """Sharded Ranker holding the exported backbone's weights, with `adapter` attached.
+
+    Returns (model, backbone meta). `backbone_override` replaces backbone tensors (an adapter of
+    the `full` strategy carries its own backbone).
+    """
+    meta = read_backbone_meta(backbone_dir)
+    if meta["identity"] != backbone_identity(meta["schema_obj"], meta["model_obj"]):
+        raise UserError(f"{backbone_dir}: backbone.json is inconsistent (identity hash does not match)")
+    backbone = Backbone(meta["schema_obj"], meta["model_obj"], device=torch.device("meta"))
+    ranker = Ranker(backbone, adapter, freeze_embeddings=not train_embeddings)
+    model = shard_ranker(ranker, ctx, lr_sparse if train_embeddings else None)
+    weights = load_backbone_weights(backbone_dir)
+    if backbone_override:
+        weights.update(backbone_override)
+    load_plain_state_dict(model, weights, prefix="backbone.")
+    return model, meta

@@ -1,0 +1,68 @@
+"""Evaluation: score the test split with a backbone (+ adapter), metrics per domain and overall."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from iak_dist.data.parquet import ParquetReader
+from iak_dist.data.schema import Schema
+from iak_dist.distributed.checkpoint import read_backbone_meta
+from iak_dist.distributed.context import DistContext
+from iak_dist.errors import UserError
+from iak_dist.metrics import ranking_metrics
+from iak_dist.model.strategies.saving import load_adapter
+from iak_dist.phases.common import build_from_backbone, check_schema_matches
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, reader: ParquetReader) -> dict[str, np.ndarray]:
+    """Scores and labels of every row the reader yields (inference: IAK uses z = mu)."""
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("p_ctr", "p_ctcvr", "click", "conversion", "domain", "user")}
+    for batch in reader.epoch(0):
+        out = model(batch.sparse, batch.dense, batch.domain)
+        for key, value in (("p_ctr", out.p_ctr), ("p_ctcvr", out.p_ctcvr), ("click", batch.click),
+                           ("conversion", batch.conversion), ("domain", batch.domain), ("user", batch.user)):
+            parts[key].append(value.detach().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def metrics_by_domain(scores: dict[str, np.ndarray], domains: list[str]) -> dict[str, dict[str, float]]:
+    """`{"overall": {...}, "<domain>": {...}}` with CTR-AUC, CTCVR-AUC, GAUC, LogLoss and rows."""
+    def subset(mask):
+        return ranking_metrics(scores["click"][mask], scores["conversion"][mask], scores["p_ctr"][mask],
+                               scores["p_ctcvr"][mask], scores["user"][mask])
+    out = {"overall": subset(np.ones(len(scores["click"]), dtype=bool))}
+    for i, name in enumerate(domains):
+        mask = scores["domain"] == i
+        if mask.any():
+            out[name] = subset(mask)
+    return out
+
+
+def evaluate(
+    data_dir: str | Path, backbone_dir: str | Path, adapter_dir: str | Path | None, ctx: DistContext,
+    batch_size: int = 4096, split: str = "test",
+) -> dict[str, dict[str, float]]:
+    """Per-domain metrics of the backbone with the adapter in `adapter_dir` (None: backbone alone)."""
+    data_dir = Path(data_dir)
+    schema = Schema.load(data_dir / "schema.yaml")
+    meta = read_backbone_meta(backbone_dir)
+    check_schema_matches(schema, meta, data_dir)
+    adapter, override = None, None
+    if adapter_dir is not None:
+        adapter, override, adapter_cfg = load_adapter(adapter_dir, meta)
+        unknown = sorted(set(schema.domains) - set(adapter_cfg["domains"]))
+        if unknown:
+            raise UserError(
+                f"{data_dir / 'schema.yaml'}: domain {unknown[0]!r} was not fine-tuned by the adapter in "
+                f"{adapter_dir} (it knows {', '.join(adapter_cfg['domains'])}); fine-tune it or evaluate without it"
+            )
+        if adapter_cfg["domains"] != schema.domains:
+            raise UserError(f"{adapter_dir}: adapter domain order {adapter_cfg['domains']} differs from the schema's")
+    model, _ = build_from_backbone(backbone_dir, adapter, ctx, train_embeddings=False, backbone_override=override)
+    reader = ParquetReader(data_dir / f"{split}.parquet", schema, batch_size, ctx.rank, ctx.world_size)
+    return metrics_by_domain(score(model, reader), schema.domains)

@@ -1,0 +1,48 @@
+"""Start-up check of the compute stack: which torch / FBGEMM build runs, and fail if its ops are missing."""
+
+from __future__ import annotations
+
+import os
+
+from iak_dist.errors import UserError
+
+
+def configure_environment() -> None:
+    """Process-wide settings that must precede heavy imports.
+
+    Ray advertises the external interface unless told otherwise; we bind to localhost by default.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def describe_stack() -> str:
+    """Import torch + fbgemm + torchrec, check the FBGEMM ops loaded, and return a one-line summary."""
+    import torch
+
+    try:
+        import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+    except Exception as exc:  # an undefined symbol surfaces as OSError / ImportError
+        raise UserError(
+            f"fbgemm_gpu failed to load with torch {torch.__version__}: {exc}. "
+            "Install the pinned stack with ./scripts/setup.sh (fbgemm-gpu-cpu 1.8.0 pairs with torch 2.13)."
+        ) from exc
+    if not hasattr(torch.ops.fbgemm, "asynchronous_complete_cumsum"):
+        raise UserError(
+            "torch.ops.fbgemm has no kernels registered: the FBGEMM library did not load. "
+            "Reinstall with ./scripts/setup.sh."
+        )
+    import torchrec
+
+    build = "cuda" if torch.cuda.is_available() else "cpu"
+    fbgemm_dist = "fbgemm-gpu" if torch.version.cuda else "fbgemm-gpu-cpu"
+    return (
+        f"torch {torch.__version__} ({build}), {fbgemm_dist} {getattr(fbgemm_gpu, '__version__', '?')}, "
+        f"torchrec {getattr(torchrec, '__version__', '?')}, fbgemm ops loaded"
+    )
+
+
+if __name__ == "__main__":
+    configure_environment()
+    print(f"[iak-dist] {describe_stack()}")
