@@ -88,8 +88,8 @@ def test_bad_parquet_is_reported_in_one_line_and_nothing_is_written(case, bad_di
     code, err = run_cli(["data", "validate", str(path)], capsys)
     assert code == 1
     run_dir = tmp_path / "run"
-    code, err = run_cli(["pretrain", "configs/movielens_age.yaml", "--set", f"data.dir={bad_dir}", "--set", f"run_dir={run_dir}",
-                         "--set", "data.source=parquet"], capsys)
+    code, err = run_cli(["pretrain", "configs/movielens_age.yaml", "--set", f"data.dir={bad_dir}",
+                         "--set", f"run_dir={run_dir}", "--set", "data.source=parquet"], capsys)
     error_lines = [line for line in err if line.startswith("error:")]
     assert code == 2
     assert len(error_lines) == 1 and message in error_lines[0] and str(path) in error_lines[0]
