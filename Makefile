@@ -9,8 +9,8 @@ run: setup
 	.venv/bin/iak-dist pipeline run $(CONFIG)
 
 test: setup
-	.venv/bin/ruff check iak_dist launchers tests profiling
+	.venv/bin/ruff check .
 	.venv/bin/python -m pytest -q -ra
 
 lint: setup
-	.venv/bin/ruff check iak_dist launchers tests profiling
+	.venv/bin/ruff check .
