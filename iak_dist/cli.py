@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = verbs.add_parser("evaluate", help="evaluate fine-tuned strategies; writes JSON, Markdown and PNG")
     _add_config(ev)
+
+    sweep = verbs.add_parser("sweep", help="run the pipeline over a grid of overrides; tabulate results")
+    _add_config(sweep)
+    sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                       help="a swept key and its values, e.g. --grid finetune.iak.beta_matching=0,0.01,0.1")
+    sweep.add_argument("--strategies", help="comma-separated strategies to run at each point (default: config's)")
     return parser
 
 
@@ -106,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
 
         run_pipeline(cfg)
         return 0
+    if args.verb == "sweep":
+        from iak_dist.orchestration.sweep import run_sweep
+
+        run_sweep(args.config, args.set, args.grid, args.strategies.split(",") if args.strategies else None)
+        return 0
     from iak_dist.distributed.context import close_distributed, init_distributed
 
     run_dir = Path(cfg.run_dir)
@@ -126,10 +137,9 @@ def run(args: argparse.Namespace) -> int:
             finetune(cfg.data.dir, seed_dir / "backbone", args.strategy, cfg.finetune, seed,
                      seed_dir / "adapters" / args.strategy, ctx)
         elif args.verb == "evaluate":
-            close_distributed(ctx)
-            from iak_dist.orchestration.local import run_pipeline
+            from iak_dist.orchestration.local import evaluate_and_report
 
-            run_pipeline(cfg)  # evaluates what is trained, trains what is missing, writes the report
+            evaluate_and_report(cfg, ctx)
     finally:
         close_distributed(ctx)
     return 0

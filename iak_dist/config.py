@@ -124,6 +124,10 @@ class IakConfig:
     """Weight of KL(q_d || p_d) during the matching phase."""
     compression_fraction: float = 0.3
     """Share of fine-tune steps spent in compression (encoder + prior train, decoder frozen)."""
+    decoder_in_compression: bool = False
+    """Let the decoder train during compression too (then compression = high-beta training of the
+    whole kernel). With False, a zero-initialised residual decoder passes no task gradient to
+    the encoder, so compression only fits the encoder to the prior."""
     form: Literal["residual", "bottleneck"] = "residual"
     """`residual`: h' = h + W_d z (starts exactly at the pre-trained model). `bottleneck`: the
     paper-shaped ablation h' = U_d z + W_d z, where the compressed code replaces h downstream."""

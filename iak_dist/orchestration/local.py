@@ -15,7 +15,8 @@ import yaml
 
 from iak_dist.config import PipelineConfig, to_dict
 from iak_dist.data.prepare import is_prepared, prepare
-from iak_dist.distributed.context import close_distributed, init_distributed
+from iak_dist.distributed.context import DistContext, close_distributed, init_distributed
+from iak_dist.errors import UserError
 from iak_dist.io import atomic_write_json, atomic_write_text
 
 
@@ -23,52 +24,79 @@ def log(message: str) -> None:
     print(f"[pipeline {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> Path:
-    from iak_dist.phases.evaluate import evaluate
-    from iak_dist.phases.finetune import finetune
-    from iak_dist.phases.pretrain import pretrain
-    from iak_dist.report import write_report
+def seed_dir(cfg: PipelineConfig, seed: int) -> Path:
+    return Path(cfg.run_dir) / f"seed{seed}"
 
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+def ensure_data(cfg: PipelineConfig) -> Path:
     data_dir = Path(cfg.data.dir)
     if is_prepared(data_dir) and cfg.data.source != "parquet":
         log(f"data: {data_dir} is prepared, reusing it")
     else:
         log(f"data: preparing {cfg.data.source} into {data_dir}")
         prepare(cfg.data)
-    ctx = init_distributed()
+    return data_dir
+
+
+def train_all(cfg: PipelineConfig, ctx: DistContext, show_progress: bool = True) -> None:
+    """Pre-train each seed's backbone and fine-tune every strategy on it (skipping finished work)."""
+    from iak_dist.phases.finetune import finetune
+    from iak_dist.phases.pretrain import pretrain
+
+    for seed in cfg.seeds:
+        backbone_dir = seed_dir(cfg, seed) / "backbone"
+        if (backbone_dir / "backbone.json").is_file():
+            log(f"seed {seed}: pre-trained backbone found, skipping pre-training")
+        else:
+            log(f"seed {seed}: pre-training on all domains pooled")
+            pretrain(cfg.data.dir, cfg.model, cfg.pretrain, seed, seed_dir(cfg, seed), ctx, show_progress)
+        for strategy in cfg.finetune.strategies:
+            adapter_dir = seed_dir(cfg, seed) / "adapters" / strategy
+            if not (adapter_dir / "adapter_config.json").is_file():
+                log(f"seed {seed}: fine-tuning every domain with `{strategy}`")
+                finetune(cfg.data.dir, backbone_dir, strategy, cfg.finetune, seed, adapter_dir, ctx, show_progress)
+
+
+def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext) -> Path:
+    """Evaluate every fine-tuned (seed, strategy) on the test split and write the comparison report."""
+    from iak_dist.phases.evaluate import evaluate
+    from iak_dist.report import write_report
+
+    run_dir = Path(cfg.run_dir)
     results: dict = {s: {} for s in cfg.finetune.strategies}
     costs: dict = {s: {"seconds": 0.0, "trainable_params": 0.0} for s in cfg.finetune.strategies}
+    for seed in cfg.seeds:
+        for strategy in cfg.finetune.strategies:
+            adapter_dir = seed_dir(cfg, seed) / "adapters" / strategy
+            if not (adapter_dir / "adapter_config.json").is_file():
+                raise UserError(f"{adapter_dir}: `{strategy}` (seed {seed}) is not fine-tuned yet; "
+                                f"run `iak-dist finetune CONFIG --strategy {strategy} --seed {seed}` first")
+            eval_file = adapter_dir / "eval.json"
+            if not eval_file.is_file():
+                metrics = evaluate(cfg.data.dir, seed_dir(cfg, seed) / "backbone", adapter_dir, ctx,
+                                   cfg.evaluate.batch_size)
+                atomic_write_json(eval_file, metrics)
+                log(f"seed {seed}: `{strategy}` test CTR-AUC {metrics['overall']['ctr_auc']:.4f} "
+                    f"CTCVR-AUC {metrics['overall']['ctcvr_auc']:.4f}")
+            results[strategy][seed] = json.loads(eval_file.read_text())
+            summary = json.loads((adapter_dir / "train_summary.json").read_text())
+            costs[strategy]["seconds"] += summary.get("train/seconds", 0.0) / len(cfg.seeds)
+            costs[strategy]["trainable_params"] = summary["finetune/trainable_params"]
+    title = (f"{cfg.data.source} ({cfg.data.domain} domains)" if cfg.data.source == "movielens-100k"
+             else f"{cfg.data.source} data")
+    write_report(results, costs, run_dir, title)
+    log(f"report: {run_dir / 'report.md'} and {run_dir / 'report.png'}")
+    return run_dir
+
+
+def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> Path:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    ensure_data(cfg)
+    ctx = init_distributed()
     try:
-        for seed in cfg.seeds:
-            seed_dir = run_dir / f"seed{seed}"
-            backbone_dir = seed_dir / "backbone"
-            if (backbone_dir / "backbone.json").is_file():
-                log(f"seed {seed}: pre-trained backbone found, skipping pre-training")
-            else:
-                log(f"seed {seed}: pre-training on all domains pooled")
-                pretrain(data_dir, cfg.model, cfg.pretrain, seed, seed_dir, ctx, show_progress)
-            for strategy in cfg.finetune.strategies:
-                adapter_dir = seed_dir / "adapters" / strategy
-                if not (adapter_dir / "adapter_config.json").is_file():
-                    log(f"seed {seed}: fine-tuning every domain with `{strategy}`")
-                    finetune(data_dir, backbone_dir, strategy, cfg.finetune, seed, adapter_dir, ctx, show_progress)
-                eval_file = adapter_dir / "eval.json"
-                if not eval_file.is_file():
-                    metrics = evaluate(data_dir, backbone_dir, adapter_dir, ctx, cfg.evaluate.batch_size)
-                    atomic_write_json(eval_file, metrics)
-                    log(f"seed {seed}: `{strategy}` test CTR-AUC {metrics['overall']['ctr_auc']:.4f} "
-                        f"CTCVR-AUC {metrics['overall']['ctcvr_auc']:.4f}")
-                results[strategy][seed] = json.loads(eval_file.read_text())
-                summary = json.loads((adapter_dir / "train_summary.json").read_text())
-                costs[strategy]["seconds"] += summary.get("train/seconds", 0.0) / len(cfg.seeds)
-                costs[strategy]["trainable_params"] = summary["finetune/trainable_params"]
-        title = f"{cfg.data.source} ({cfg.data.domain} domains)" if cfg.data.source == "movielens-100k" \
-            else f"{cfg.data.source} data"
-        write_report(results, costs, run_dir, title)
-        log(f"report: {run_dir / 'report.md'} and {run_dir / 'report.png'}")
+        train_all(cfg, ctx, show_progress)
+        return evaluate_and_report(cfg, ctx)
     finally:
         close_distributed(ctx)
-    return run_dir

@@ -98,10 +98,11 @@ class IakAdapter(Adapter):
         """Compression: encoder + prior (+ reconstruction) train; matching: the decoder joins."""
         self.phase = phase
         self.beta = self.cfg.beta_compression if phase == "compression" else self.cfg.beta_matching
+        decoder_trains = phase == "matching" or self.cfg.decoder_in_compression
         for kernel in self.kernels.values():
-            kernel.decoder.requires_grad_(phase == "matching")
+            kernel.decoder.requires_grad_(decoder_trains)
             if hasattr(kernel, "match_in"):
-                kernel.match_in.requires_grad_(phase == "matching")
+                kernel.match_in.requires_grad_(decoder_trains)
 
     def on_step(self, step: int, total_steps: int) -> dict[str, float]:
         phase = "compression" if step < self.cfg.compression_fraction * total_steps else "matching"

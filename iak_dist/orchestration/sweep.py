@@ -1,0 +1,77 @@
+"""`iak-dist sweep`: run the pipeline over a grid of config overrides and tabulate the results.
+
+Grid points that only change `finetune.*` keys reuse the base run's pre-trained backbones
+(hard links), so a beta sweep costs fine-tuning only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+from iak_dist.config import load_config
+from iak_dist.errors import UserError
+from iak_dist.io import atomic_write_json, atomic_write_text
+from iak_dist.orchestration.local import log, run_pipeline
+
+
+def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
+    grid = []
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--grid {item!r}: expected KEY=V1,V2,..., e.g. finetune.iak.beta_matching=0,0.01,0.1")
+        key, values = item.split("=", 1)
+        grid.append((key, values.split(",")))
+    return grid
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    for path in src.rglob("*"):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+
+
+def run_sweep(config: str, overrides: list[str], grid_items: list[str], strategies: list[str] | None) -> Path:
+    grid = parse_grid(grid_items)
+    base = load_config(config, overrides)
+    sweep_dir = Path(base.run_dir) / "sweep"
+    shares_backbone = all(key.startswith("finetune.") for key, _ in grid)
+    rows = []
+    for values in itertools.product(*[v for _, v in grid]):
+        point = [f"{key}={value}" for (key, _), value in zip(grid, values, strict=True)]
+        name = ",".join(f"{key.split('.')[-1]}={value}" for (key, _), value in zip(grid, values, strict=True))
+        extra = [f"run_dir={sweep_dir / name}"]
+        if strategies:
+            extra.append(f"finetune.strategies=[{','.join(strategies)}]")
+        cfg = load_config(config, overrides + point + extra)
+        if shares_backbone:
+            for seed in cfg.seeds:
+                shared = Path(base.run_dir) / f"seed{seed}" / "backbone"
+                if not (shared / "backbone.json").is_file():
+                    run_pipeline(load_config(config, overrides + ["finetune.strategies=[none]"]))
+                _link_tree(shared, Path(cfg.run_dir) / f"seed{seed}" / "backbone")
+        log(f"sweep point {name}")
+        run_dir = run_pipeline(cfg)
+        agg = json.loads((run_dir / "report.json").read_text())["aggregate"]
+        rows.append((name, agg))
+    strategies_seen = list(rows[0][1])
+    domains = list(rows[0][1][strategies_seen[0]])
+    lines = ["| point | strategy | CTR-AUC overall | CTCVR-AUC overall | "
+             + " | ".join(f"CTR-AUC {d}" for d in domains if d != "overall") + " |",
+             "|---|---|---:|---:|" + "---:|" * (len(domains) - 1)]
+    for name, agg in rows:
+        for s in agg:
+            o = agg[s]["overall"]
+            cells = [f"{agg[s][d]['ctr_auc']['mean']:.4f}" for d in domains if d != "overall"]
+            lines.append(f"| {name} | {s} | {o['ctr_auc']['mean']:.4f} ± {o['ctr_auc']['std']:.4f} | "
+                         f"{o['ctcvr_auc']['mean']:.4f} ± {o['ctcvr_auc']['std']:.4f} | " + " | ".join(cells) + " |")
+    atomic_write_text(sweep_dir / "sweep.md", "\n".join(lines) + "\n")
+    atomic_write_json(sweep_dir / "sweep.json", {name: agg for name, agg in rows})
+    log(f"sweep table: {sweep_dir / 'sweep.md'}")
+    return sweep_dir
