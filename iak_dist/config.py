@@ -131,8 +131,9 @@ class IakConfig:
     form: Literal["residual", "bottleneck"] = "residual"
     """`residual`: h' = h + W_d z (starts exactly at the pre-trained model). `bottleneck`: the
     paper-shaped ablation h' = U_d z + W_d z, where the compressed code replaces h downstream."""
-    insertion: Literal["output", "every_layer"] = "output"
-    """Kernel at the tower output only, or one kernel after every tower layer."""
+    insertion: Literal["output", "every_layer"] = "every_layer"
+    """One kernel after every tower layer, or at the tower output only (measured on MovieLens-100K:
+    every_layer +0.019 CTR-AUC over output, see docs/results.md)."""
     init_std: float = 0.01
     """Std of the Gaussian initialisation of encoder weights."""
 

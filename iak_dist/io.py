@@ -37,4 +37,5 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Keys keep their insertion order (domains stay in schema order)."""
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")

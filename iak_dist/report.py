@@ -13,11 +13,15 @@ from iak_dist.io import atomic_path, atomic_write_json, atomic_write_text
 METRICS = ("ctr_auc", "ctcvr_auc", "gauc", "logloss")
 
 
-def aggregate(results: dict[str, dict[int, dict[str, dict[str, float]]]]) -> dict[str, Any]:
-    """`results[strategy][seed][domain][metric]` -> `{strategy: {domain: {metric: (mean, std)}}}`."""
+def aggregate(results: dict[str, dict[int, dict[str, dict[str, float]]]], domain_order: list[str]) -> dict[str, Any]:
+    """`results[strategy][seed][domain][metric]` -> `{strategy: {domain: {metric: {mean, std, n}}}}`.
+
+    Domains follow `domain_order` (the schema's), then "overall".
+    """
     out: dict[str, Any] = {}
     for strategy, by_seed in results.items():
-        domains = next(iter(by_seed.values())).keys()
+        present = next(iter(by_seed.values())).keys()
+        domains = [d for d in [*domain_order, "overall"] if d in present]
         out[strategy] = {}
         for domain in domains:
             out[strategy][domain] = {}
@@ -68,7 +72,7 @@ def plot(agg: dict[str, Any], path: Path, title: str) -> None:
 
     strategies = list(agg)
     domains = list(next(iter(agg.values())).keys())
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.4 * len(domains) * 2), 4.5))
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.3 * len(domains)), 8), sharex=True)
     x = np.arange(len(domains))
     width = 0.8 / len(strategies)
     for ax, metric in zip(axes, ("ctr_auc", "ctcvr_auc"), strict=True):
@@ -79,10 +83,11 @@ def plot(agg: dict[str, Any], path: Path, title: str) -> None:
             shown = mean - base if base is not None else mean
             ax.bar(x + i * width - 0.4 + width / 2, shown, width, yerr=std, label=s, capsize=2)
         ax.set_xticks(x, domains, rotation=30, ha="right")
+        ax.set_ylabel("AUC difference" if base is not None else "AUC")
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_title(f"{metric} minus `none`" if base is not None else metric)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8, ncol=2)
+    axes[0].legend(fontsize=8, ncol=3)
     fig.suptitle(title)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -90,9 +95,9 @@ def plot(agg: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_report(results, costs, out_dir: str | Path, title: str) -> dict[str, Any]:
+def write_report(results, costs, out_dir: str | Path, title: str, domain_order: list[str]) -> dict[str, Any]:
     out_dir = Path(out_dir)
-    agg = aggregate(results)
+    agg = aggregate(results, domain_order)
     atomic_write_json(out_dir / "report.json", {"aggregate": agg, "costs": costs, "per_seed": results})
     atomic_write_text(out_dir / "report.md", markdown(agg, costs, title))
     plot(agg, out_dir / "report.png", title)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 from iak_dist.errors import UserError
 
@@ -11,10 +13,17 @@ def configure_environment() -> None:
     """Process-wide settings that must precede heavy imports.
 
     Ray advertises the external interface unless told otherwise; we bind to localhost by default.
+    TorchRec's planner logs advice meant for its own developers at WARNING on every sharding; we
+    keep its errors only, so a user sees our progress, not its chatter.
     """
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("torchrec").setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"torchrec\..*")
+    warnings.filterwarnings("ignore", message=".*ShardedTensor.*")
+    warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
 
 
 def describe_stack() -> str:

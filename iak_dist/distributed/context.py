@@ -48,6 +48,7 @@ def init_distributed() -> DistContext:
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend, init_method="env://")
         else:
+            os.environ.setdefault("LOCAL_WORLD_SIZE", "1")  # TorchRec's topology reads it
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         owns = True
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -15,6 +15,7 @@ import yaml
 
 from iak_dist.config import PipelineConfig, to_dict
 from iak_dist.data.prepare import is_prepared, prepare
+from iak_dist.data.schema import Schema
 from iak_dist.distributed.context import DistContext, close_distributed, init_distributed
 from iak_dist.errors import UserError
 from iak_dist.io import atomic_write_json, atomic_write_text
@@ -84,7 +85,7 @@ def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext) -> Path:
             costs[strategy]["trainable_params"] = summary["finetune/trainable_params"]
     title = (f"{cfg.data.source} ({cfg.data.domain} domains)" if cfg.data.source == "movielens-100k"
              else f"{cfg.data.source} data")
-    write_report(results, costs, run_dir, title)
+    write_report(results, costs, run_dir, title, Schema.load(Path(cfg.data.dir) / "schema.yaml").domains)
     log(f"report: {run_dir / 'report.md'} and {run_dir / 'report.png'}")
     return run_dir
 
