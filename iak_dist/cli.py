@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         if args.verb == "pretrain":
             from iak_dist.phases.pretrain import pretrain
 
-            pretrain(cfg.data.dir, cfg.model, cfg.pretrain, seed, run_dir / f"seed{seed}", ctx)
+            pretrain(cfg.data.dir, cfg.model, cfg.pretrain, cfg.distributed, seed, run_dir / f"seed{seed}", ctx)
         elif args.verb == "finetune":
             from iak_dist.model.strategies import known_strategies
             from iak_dist.phases.finetune import finetune
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError(f"--strategy {args.strategy}: unknown; known: {', '.join(known_strategies())}")
             seed_dir = run_dir / f"seed{seed}"
             finetune(cfg.data.dir, seed_dir / "backbone", args.strategy, cfg.finetune, seed,
-                     seed_dir / "adapters" / args.strategy, ctx)
+                     seed_dir / "adapters" / args.strategy, ctx, dist_cfg=cfg.distributed)
         elif args.verb == "evaluate":
             from iak_dist.orchestration.local import evaluate_and_report
 

@@ -154,6 +154,57 @@ class FinetuneConfig:
 
 
 @dataclass
+class TablePlan:
+    """An explicit placement of one embedding table (the planner still picks the ranks)."""
+
+    sharding_type: str = "table_wise"
+    """data_parallel, table_wise, column_wise, table_column_wise; on CUDA also row_wise, table_row_wise."""
+    compute_kernel: str = "fused"
+    """`fused` (FBGEMM table-batched kernel, optimizer fused into backward) or `dense`."""
+
+
+@dataclass
+class ShardingConfig:
+    """How TorchRec shards the embedding tables over the ranks."""
+
+    plan: dict[str, TablePlan] = field(default_factory=dict)
+    """Per-feature explicit plan, keyed by sparse feature name; features not listed are planned."""
+    sharding_types: list[str] = field(default_factory=list)
+    """Sharding types the planner may choose for unlisted tables (empty: all the device supports)."""
+    memory_budget_gb: float = 0.0
+    """Per-rank memory the planner may fill with tables (0: the device's memory)."""
+    sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = "rowwise_adagrad"
+    """Optimizer fused into the embedding backward (also used for data-parallel tables)."""
+
+
+@dataclass
+class ZeroConfig:
+    """DeepSpeed ZeRO over the dense modules (tower, heads, strategy parameters)."""
+
+    stage: int = 0
+    """ZeRO stage 0-3: 0 replicates everything, 1 shards optimizer state, 2 + gradients, 3 + parameters."""
+    bf16: bool = False
+    """Train the dense modules in bfloat16 (fp32 master weights)."""
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """Passed through into the DeepSpeed config (merged over what the keys above set)."""
+
+
+@dataclass
+class DistributedConfig:
+    """Sparse sharding, dense ZeRO, and how ranks split the data."""
+
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    data_split: Literal["row_groups", "batch_slices"] = "row_groups"
+    """`row_groups`: each rank reads its own row groups (scales); `batch_slices`: every rank reads the
+    same global batches and keeps its slice, so N ranks x batch B train exactly like 1 x N*B."""
+    checkpoint_every: int = 0
+    """Steps between distributed checkpoints of a training phase (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept per phase (older ones are deleted once a newer one is complete)."""
+
+
+@dataclass
 class EvaluateConfig:
     """Per-domain evaluation on the test split."""
 
@@ -174,6 +225,7 @@ class PipelineConfig:
     pretrain: OptimConfig = field(default_factory=OptimConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.finetune.strategies if s not in STRATEGY_NAMES]
@@ -290,5 +342,7 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise UserError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp is Any:
         return value
     raise TypeError(f"unsupported config type {tp} at {where}")

@@ -47,5 +47,5 @@ def backbone_dir(tmp_path_factory, small_cfg, synth_dir, ctx):
     from iak_dist.phases.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("pretrained")
-    pretrain(synth_dir, small_cfg.model, small_cfg.pretrain, 0, out, ctx, show_progress=False)
+    pretrain(synth_dir, small_cfg.model, small_cfg.pretrain, small_cfg.distributed, 0, out, ctx, show_progress=False)
     return out / "backbone"

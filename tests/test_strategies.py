@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from iak_dist.config import ZeroConfig
 from iak_dist.data.batch import arrow_to_batch
 from iak_dist.data.sampler import DomainBatchSampler
 from iak_dist.distributed.checkpoint import load_backbone_weights, plain_state_dict
 from iak_dist.distributed.sharding import local_module
+from iak_dist.distributed.zero import DenseEngine
 from iak_dist.model.strategies.saving import load_adapter, save_adapter
 from iak_dist.phases.common import build_from_backbone
 from iak_dist.phases.finetune import build_finetune, sampled_batches
@@ -29,8 +31,9 @@ def first_rows(run, n=300):
 
 def train_some(run, cfg, steps=30):
     sampler = DomainBatchSampler(run.domains, len(run.schema.domains), 128, 0.5, seed=0)
-    if run.dense_params:
-        train_loop(run.model, run.dense_params, sampled_batches(run.table, run.schema, sampler), steps,
+    if run.trainable:
+        dense = DenseEngine(run.trainable, 0.01, 0.0, ZeroConfig(), 128, 1)
+        train_loop(run.model, dense, sampled_batches(run.table, run.schema, sampler), steps,
                    cfg.finetune.optim, "test", adapter=run.adapter, num_domains=len(run.schema.domains),
                    show_progress=False)
 
@@ -38,7 +41,7 @@ def train_some(run, cfg, steps=30):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_attached_adapter_starts_exactly_at_the_pretrained_model(strategy, small_cfg, synth_dir, backbone_dir, ctx):
     run = build_finetune(synth_dir, backbone_dir, strategy, small_cfg.finetune, ctx)
-    plain, _ = build_from_backbone(backbone_dir, None, ctx, train_embeddings=False)
+    plain = build_from_backbone(backbone_dir, None, ctx, train_embeddings=False)[0].model
     batch = first_rows(run)
     for got, want in zip(scores(run.model, batch), scores(plain, batch), strict=True):
         if strategy == "head":  # copied heads run through another kernel: equal up to float rounding
@@ -95,7 +98,7 @@ def test_unknown_domain_rows_fall_back_to_the_plain_backbone(strategy, small_cfg
     train_some(run, small_cfg, steps=15)
     batch = first_rows(run, 100)
     batch.domain = torch.full_like(batch.domain, -1)
-    plain, _ = build_from_backbone(backbone_dir, None, ctx, train_embeddings=False)
+    plain = build_from_backbone(backbone_dir, None, ctx, train_embeddings=False)[0].model
     for got, want in zip(scores(run.model, batch), scores(plain, batch), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
@@ -110,7 +113,8 @@ def test_saved_adapter_reloads_with_identical_scores(strategy, small_cfg, synth_
     state = plain_state_dict(run.model, prefix="backbone.") if strategy == "full" else None
     save_adapter(tmp_path, run.adapter, run.schema.domains, run.meta, state)
     adapter, override, _ = load_adapter(tmp_path, run.meta)
-    reloaded, _ = build_from_backbone(backbone_dir, adapter, ctx, train_embeddings=False, backbone_override=override)
+    reloaded = build_from_backbone(backbone_dir, adapter, ctx, train_embeddings=False,
+                                   backbone_override=override)[0].model
     for got, expected in zip(scores(reloaded, batch), want, strict=True):
         assert torch.equal(got, expected)
     size = sum(p.stat().st_size for p in tmp_path.iterdir())

@@ -110,3 +110,118 @@ def read_backbone_meta(path: str | Path) -> dict[str, Any]:
 
 def load_backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints: sparse shards + fused optimizer (DCP), dense engine (DeepSpeed), train state
+
+
+SPARSE_PREFIX = "backbone.embeddings."
+
+
+def _sparse_state(model: nn.Module) -> dict[str, Any]:
+    return {k: v for k, v in model.state_dict().items() if k.startswith(SPARSE_PREFIX)}
+
+
+def _fused_optimizer_state(model: nn.Module) -> dict[str, Any]:
+    """The fused optimizer's state with empty per-table entries dropped.
+
+    Trap: DCP fails to load a table's optimizer state when it is empty (SGD keeps none) and some
+    rank holds no shard of that table.
+    """
+    state = model.fused_optimizer.state_dict()
+    state["state"] = {k: v for k, v in state["state"].items() if v}
+    return state
+
+
+class CheckpointManager:
+    """Atomic, resumable checkpoints of one training phase under `root`.
+
+    A checkpoint is written into `step_XXXXXXXX.partial/` by every rank, then rank 0 marks it
+    `COMPLETE` and renames it to `step_XXXXXXXX/` after a barrier: a crash during a save leaves the
+    previous checkpoint intact, and a folder without `COMPLETE` is never loaded. Restoring walks
+    from the newest complete checkpoint back and skips (with a warning) any that fails to load.
+    """
+
+    def __init__(self, root: str | Path, ctx, keep: int = 2) -> None:
+        self.root = Path(root)
+        self.ctx = ctx
+        self.keep = keep
+
+    def complete(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("step_*") if p.is_dir() and (p / "COMPLETE").is_file()
+                      and not p.name.endswith(".partial"))
+
+    def save(self, step: int, model: nn.Module, dense, extra: dict[str, Any], plan_text: str = "") -> Path:
+        import torch.distributed.checkpoint as dcp
+
+        final = self.root / f"step_{step:08d}"
+        partial = self.root / f"step_{step:08d}.partial"
+        if self.ctx.is_main:
+            partial.mkdir(parents=True, exist_ok=True)
+        self.ctx.barrier()
+        dcp.save({"model": _sparse_state(model), "optim": _fused_optimizer_state(model)},
+                 checkpoint_id=str(partial / "sparse"))
+        if dense is not None:
+            dense.engine.save_checkpoint(str(partial / "dense"), tag="state")
+        torch.save({"world_size": self.ctx.world_size, "rng": torch.get_rng_state(), **extra},
+                   partial / f"train_state_rank{self.ctx.rank}.pt")
+        self.ctx.barrier()
+        if self.ctx.is_main:
+            (partial / "plan.txt").write_text(plan_text)
+            (partial / "COMPLETE").write_text(f"{self.ctx.world_size}\n")
+            partial.rename(final)
+            for old in self.complete()[:-self.keep]:
+                _remove_tree(old)
+        self.ctx.barrier()
+        return final
+
+    def restore_latest(self, model: nn.Module, dense, warn=print) -> dict[str, Any] | None:
+        """Load the newest loadable checkpoint; returns its train state (None: start fresh)."""
+        for path in reversed(self.complete()):
+            try:
+                return self._load(path, model, dense)
+            except UserError:
+                raise
+            except Exception as exc:  # noqa: BLE001  (CheckpointException derives from BaseException)
+                warn(f"[checkpoint] {path} cannot be loaded ({type(exc).__name__}: "
+                     f"{str(exc).splitlines()[0] if str(exc) else ''}); falling back to the one before")
+            except BaseException as exc:
+                if type(exc).__name__ != "CheckpointException":
+                    raise
+                warn(f"[checkpoint] {path} cannot be loaded (CheckpointException); falling back to the one before")
+        return None
+
+    def _load(self, path: Path, model: nn.Module, dense) -> dict[str, Any]:
+        import torch.distributed.checkpoint as dcp
+
+        saved_world = int((path / "COMPLETE").read_text().strip() or 1)
+        sparse = _sparse_state(model)
+        optim = _fused_optimizer_state(model)
+        dcp.load({"model": sparse, "optim": optim}, checkpoint_id=str(path / "sparse"))
+        model.load_state_dict(sparse, strict=False)
+        if optim["state"]:
+            model.fused_optimizer.load_state_dict(optim)
+        if dense is not None:
+            if saved_world != self.ctx.world_size and dense.engine.zero_optimization_stage() > 0:
+                raise UserError(f"{path}: ZeRO stage {dense.engine.zero_optimization_stage()} state saved on "
+                                f"{saved_world} ranks cannot be resumed on {self.ctx.world_size}; resume on "
+                                f"{saved_world} ranks, or export the backbone and start a new phase from it")
+            load_path, _ = dense.engine.load_checkpoint(str(path / "dense"), tag="state",
+                                                        load_module_strict=True, load_optimizer_states=True,
+                                                        load_lr_scheduler_states=False)
+            if load_path is None:
+                raise RuntimeError("DeepSpeed found no dense state")
+        rank_file = path / f"train_state_rank{min(self.ctx.rank, saved_world - 1)}.pt"
+        state = torch.load(rank_file, weights_only=True)
+        torch.set_rng_state(state.pop("rng"))
+        state["path"] = str(path)
+        return state
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

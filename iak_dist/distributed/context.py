@@ -49,6 +49,7 @@ def init_distributed() -> DistContext:
             dist.init_process_group(backend, init_method="env://")
         else:
             os.environ.setdefault("LOCAL_WORLD_SIZE", "1")  # TorchRec's topology reads it
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         owns = True
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

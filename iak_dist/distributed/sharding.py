@@ -1,62 +1,186 @@
 """Shards the embedding tables with TorchRec `DistributedModelParallel` (FBGEMM kernels).
 
-Only the sparse side is distributed here; the dense modules stay plain (`init_data_parallel=False`)
-so that the dense optimizer (or DeepSpeed) owns them.
+Only the sparse side is distributed here. The dense modules stay plain (`init_data_parallel=False`)
+so that DeepSpeed (`iak_dist.distributed.zero`) owns them, and nothing wraps them twice.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
+from torchrec.distributed.planner.types import PlannerError
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
+from iak_dist.config import ShardingConfig
 from iak_dist.distributed.context import DistContext
+from iak_dist.errors import UserError
 from iak_dist.model.ranker import Ranker
 
+CPU_SHARDING_TYPES = ["data_parallel", "table_wise", "column_wise", "table_column_wise"]
+# row-wise families need reduce-scatter, which gloo lacks: TorchRec offers them on CUDA only.
+CUDA_SHARDING_TYPES = [*CPU_SHARDING_TYPES, "row_wise", "table_row_wise", "grid_shard"]
+COMPUTE_KERNELS = ["fused", "dense"]
+EBC_PATH = "backbone.embeddings"
 
-def shard_ranker(ranker: Ranker, ctx: DistContext, lr_sparse: float | None) -> DistributedModelParallel:
-    """Wrap `ranker` in DMP; with `lr_sparse`, the tables train with fused row-wise Adagrad.
+SPARSE_OPTIMIZERS = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
 
-    Tables are placed table-wise with the fused FBGEMM kernel. Trap avoided: a table the planner
-    places data-parallel loses its in-backward optimizer and never trains.
+
+def supported_sharding_types(device_type: str) -> list[str]:
+    return CUDA_SHARDING_TYPES if device_type == "cuda" else CPU_SHARDING_TYPES
+
+
+def plan_constraints(table_names: list[str], cfg: ShardingConfig, device_type: str) -> dict[str, ParameterConstraints]:
+    """Planner constraints from the config; an unknown feature, type or kernel is a `UserError`."""
+    supported = supported_sharding_types(device_type)
+    features = {t[len("t_"):]: t for t in table_names}
+    for feature, table_plan in cfg.plan.items():
+        if feature not in features:
+            raise UserError(f"distributed.sharding.plan.{feature}: no such sparse feature; "
+                            f"features: {', '.join(features)}")
+        _check_type(table_plan.sharding_type, supported, device_type, f"distributed.sharding.plan.{feature}")
+        if table_plan.compute_kernel not in COMPUTE_KERNELS:
+            raise UserError(f"distributed.sharding.plan.{feature}.compute_kernel: {table_plan.compute_kernel!r} "
+                            f"is not one of {', '.join(COMPUTE_KERNELS)}")
+    for kind in cfg.sharding_types:
+        _check_type(kind, supported, device_type, "distributed.sharding.sharding_types")
+    out = {}
+    for feature, table in features.items():
+        if feature in cfg.plan:
+            p = cfg.plan[feature]
+            out[table] = ParameterConstraints(sharding_types=[p.sharding_type], compute_kernels=[p.compute_kernel])
+        else:
+            out[table] = ParameterConstraints(sharding_types=list(cfg.sharding_types or supported))
+    return out
+
+
+def _check_type(kind: str, supported: list[str], device_type: str, key: str) -> None:
+    if kind not in supported:
+        raise UserError(f"{key}: sharding type {kind!r} is not supported on {device_type}; "
+                        f"this device supports {', '.join(supported)}")
+
+
+def make_planner(world_size: int, device_type: str, cfg: ShardingConfig, batch_size: int,
+                 table_names: list[str]) -> EmbeddingShardingPlanner:
+    cap = int(cfg.memory_budget_gb * 1024**3) if cfg.memory_budget_gb > 0 else None
+    topology = Topology(
+        world_size=world_size, compute_device=device_type, local_world_size=world_size,
+        hbm_cap=cap if device_type == "cuda" else None, ddr_cap=cap if device_type != "cuda" else None,
+    )
+    return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size,
+                                    constraints=plan_constraints(table_names, cfg, device_type))
+
+
+@dataclass
+class ShardedRanker:
+    """The DMP-wrapped Ranker, its plan, and the optimizer of data-parallel tables (if any)."""
+
+    model: DistributedModelParallel
+    plan: ShardingPlan
+    data_parallel_optimizer: DataParallelTableOptimizer | None
+
+    @property
+    def ranker(self) -> Ranker:
+        return self.model.module
+
+
+class DataParallelTableOptimizer:
+    """Steps tables placed data-parallel, which lose TorchRec's in-backward optimizer.
+
+    Their gradients arrive averaged over ranks by the DDP that TorchRec wraps them in, on top of
+    the Ranker's 1/world_size sparse-gradient scale: multiplying by world_size restores the
+    global-batch-mean gradient before the step.
     """
+
+    def __init__(self, params: list[nn.Parameter], optimizer: type, lr: float, world_size: int) -> None:
+        self.params = params
+        self.world_size = world_size
+        self.optimizer = optimizer(params, lr=lr)
+
+    def step(self) -> None:
+        for p in self.params:
+            if p.grad is not None and self.world_size > 1:
+                p.grad.mul_(self.world_size)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+def shard_ranker(ranker: Ranker, ctx: DistContext, cfg: ShardingConfig, lr_sparse: float | None,
+                 batch_size: int = 512) -> ShardedRanker:
+    """Plan and shard the tables; with `lr_sparse`, they train with `cfg.sparse_optimizer`."""
     ebc = ranker.backbone.embeddings
+    table_names = [c.name for c in ranker.backbone.table_configs]
+    optimizer_cls = SPARSE_OPTIMIZERS[cfg.sparse_optimizer]
     if lr_sparse is not None:
-        apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": lr_sparse})
-    constraints = {
-        cfg.name: ParameterConstraints(
-            sharding_types=[ShardingType.TABLE_WISE.value],
-            compute_kernels=[EmbeddingComputeKernel.FUSED.value],
-        )
-        for cfg in ebc.embedding_bag_configs()
-    }
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=ctx.world_size, compute_device=ctx.device.type),
-        constraints=constraints,
-    )
+        apply_optimizer_in_backward(optimizer_cls, ebc.parameters(), {"lr": lr_sparse})
+    planner = make_planner(ctx.world_size, ctx.device.type, cfg, batch_size, table_names)
     sharders = [EmbeddingBagCollectionSharder()]
-    if ctx.world_size > 1:
-        plan = planner.collective_plan(ranker, sharders, torch.distributed.GroupMember.WORLD)
-    else:
-        plan = planner.plan(ranker, sharders)
-    return DistributedModelParallel(
-        ranker,
-        env=ShardingEnv.from_process_group(torch.distributed.GroupMember.WORLD),
-        device=ctx.device,
-        plan=plan,
-        sharders=sharders,
-        init_data_parallel=False,
+    try:
+        if ctx.world_size > 1:
+            plan = planner.collective_plan(ranker, sharders, torch.distributed.GroupMember.WORLD)
+        else:
+            plan = planner.plan(ranker, sharders)
+    except PlannerError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"the embedding tables do not fit the sharding constraints / memory budget "
+                        f"(distributed.sharding): {first}") from exc
+    ranker.sparse_grad_scale = 1.0 / ctx.world_size
+    model = DistributedModelParallel(
+        ranker, env=ShardingEnv.from_process_group(torch.distributed.GroupMember.WORLD), device=ctx.device,
+        plan=plan, sharders=sharders, init_data_parallel=False,
     )
+    dp_optimizer = None
+    dp_tables = [t for t, ps in plan.plan[EBC_PATH].items() if ps.sharding_type == "data_parallel"]
+    if dp_tables and lr_sparse is not None:
+        params = dict(model.named_parameters())
+        dp_params = [params[f"{EBC_PATH}.embedding_bags.{t}.weight"] for t in dp_tables]
+        dp_optimizer = DataParallelTableOptimizer(dp_params, optimizer_cls, lr_sparse, ctx.world_size)
+    return ShardedRanker(model, plan, dp_optimizer)
 
 
-def plan_of(model: DistributedModelParallel) -> ShardingPlan:
-    return model.plan
+def plan_rows(plan: ShardingPlan, ranker: Ranker, world_size: int) -> list[dict[str, Any]]:
+    """One row per table: rows, dim, sharding, kernel, ranks and bytes held by each rank."""
+    configs = {c.name: c for c in ranker.backbone.table_configs}
+    rows = []
+    for table, ps in plan.plan[EBC_PATH].items():
+        cfg = configs[table]
+        per_rank = [0] * world_size
+        if ps.sharding_type == "data_parallel":
+            for r in range(world_size):
+                per_rank[r] = cfg.num_embeddings * cfg.embedding_dim * 4
+        else:
+            for shard in ps.sharding_spec.shards:
+                per_rank[shard.placement.rank()] += shard.shard_sizes[0] * shard.shard_sizes[1] * 4
+        rows.append({"table": table, "rows": cfg.num_embeddings, "dim": cfg.embedding_dim,
+                     "sharding": ps.sharding_type, "kernel": ps.compute_kernel,
+                     "ranks": sorted(set(ps.ranks or range(world_size))), "bytes_per_rank": per_rank})
+    return rows
+
+
+def format_plan(rows: list[dict[str, Any]]) -> str:
+    """The plan as an aligned text table (printed at start, saved with checkpoints)."""
+    header = ["table", "rows", "dim", "sharding", "kernel", "ranks", "MiB per rank"]
+    body = [[r["table"], f"{r['rows']:,}", str(r["dim"]), r["sharding"], r["kernel"],
+             ",".join(map(str, r["ranks"])), " ".join(f"{b / 2**20:.1f}" for b in r["bytes_per_rank"])]
+            for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body]
+    return "\n".join(lines)
 
 
 def local_module(model: nn.Module) -> Ranker:

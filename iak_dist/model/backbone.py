@@ -94,6 +94,7 @@ class Backbone(nn.Module):
             )
             for f in schema.sparse
         ]
+        self.table_configs = tables  # kept: a sharded collection no longer exposes them
         self.embeddings = EmbeddingBagCollection(tables=tables, device=device)
         self.dense_proj = nn.Linear(max(len(schema.dense), 1), d)
         num_vectors = len(self.feature_names) + 1

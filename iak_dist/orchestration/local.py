@@ -50,12 +50,14 @@ def train_all(cfg: PipelineConfig, ctx: DistContext, show_progress: bool = True)
             log(f"seed {seed}: pre-trained backbone found, skipping pre-training")
         else:
             log(f"seed {seed}: pre-training on all domains pooled")
-            pretrain(cfg.data.dir, cfg.model, cfg.pretrain, seed, seed_dir(cfg, seed), ctx, show_progress)
+            pretrain(cfg.data.dir, cfg.model, cfg.pretrain, cfg.distributed, seed, seed_dir(cfg, seed), ctx,
+                     show_progress)
         for strategy in cfg.finetune.strategies:
             adapter_dir = seed_dir(cfg, seed) / "adapters" / strategy
             if not (adapter_dir / "adapter_config.json").is_file():
                 log(f"seed {seed}: fine-tuning every domain with `{strategy}`")
-                finetune(cfg.data.dir, backbone_dir, strategy, cfg.finetune, seed, adapter_dir, ctx, show_progress)
+                finetune(cfg.data.dir, backbone_dir, strategy, cfg.finetune, seed, adapter_dir, ctx, show_progress,
+                         cfg.distributed)
 
 
 def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext) -> Path:
@@ -75,8 +77,10 @@ def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext) -> Path:
             eval_file = adapter_dir / "eval.json"
             if not eval_file.is_file():
                 metrics = evaluate(cfg.data.dir, seed_dir(cfg, seed) / "backbone", adapter_dir, ctx,
-                                   cfg.evaluate.batch_size)
-                atomic_write_json(eval_file, metrics)
+                                   cfg.evaluate.batch_size, sharding=cfg.distributed.sharding)
+                if ctx.is_main:
+                    atomic_write_json(eval_file, metrics)
+                ctx.barrier()
                 log(f"seed {seed}: `{strategy}` test CTR-AUC {metrics['overall']['ctr_auc']:.4f} "
                     f"CTCVR-AUC {metrics['overall']['ctcvr_auc']:.4f}")
             results[strategy][seed] = json.loads(eval_file.read_text())
@@ -85,7 +89,8 @@ def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext) -> Path:
             costs[strategy]["trainable_params"] = summary["finetune/trainable_params"]
     title = (f"{cfg.data.source} ({cfg.data.domain} domains)" if cfg.data.source == "movielens-100k"
              else f"{cfg.data.source} data")
-    write_report(results, costs, run_dir, title, Schema.load(Path(cfg.data.dir) / "schema.yaml").domains)
+    if ctx.is_main:
+        write_report(results, costs, run_dir, title, Schema.load(Path(cfg.data.dir) / "schema.yaml").domains)
     log(f"report: {run_dir / 'report.md'} and {run_dir / 'report.png'}")
     return run_dir
 

@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 
+from iak_dist.config import ShardingConfig
 from iak_dist.data.schema import Schema
 from iak_dist.distributed.checkpoint import load_backbone_weights, load_plain_state_dict, read_backbone_meta
 from iak_dist.distributed.context import DistContext
-from iak_dist.distributed.sharding import shard_ranker
+from iak_dist.distributed.sharding import ShardedRanker, shard_ranker
 from iak_dist.errors import UserError
 from iak_dist.model.backbone import Backbone, backbone_identity
 from iak_dist.model.ranker import Ranker
@@ -28,21 +29,24 @@ def check_schema_matches(data_schema: Schema, meta: dict[str, Any], data_dir: st
 
 def build_from_backbone(
     backbone_dir: str | Path, adapter: Adapter | None, ctx: DistContext, train_embeddings: bool,
-    lr_sparse: float | None = None, backbone_override: dict[str, torch.Tensor] | None = None,
-):
+    sharding: ShardingConfig | None = None, lr_sparse: float | None = None,
+    backbone_override: dict[str, torch.Tensor] | None = None, batch_size: int = 512,
+) -> tuple[ShardedRanker, dict[str, Any]]:
     """Sharded Ranker holding the exported backbone's weights, with `adapter` attached.
 
-    Returns (model, backbone meta). `backbone_override` replaces backbone tensors (an adapter of
-    the `full` strategy carries its own backbone).
+    Returns (sharded model, backbone meta). The exported backbone is world-size free: each rank
+    copies its own shards out of the full tensors, whatever the plan. `backbone_override` replaces
+    backbone tensors (an adapter of the `full` strategy carries its own backbone).
     """
     meta = read_backbone_meta(backbone_dir)
     if meta["identity"] != backbone_identity(meta["schema_obj"], meta["model_obj"]):
         raise UserError(f"{backbone_dir}: backbone.json is inconsistent (identity hash does not match)")
     backbone = Backbone(meta["schema_obj"], meta["model_obj"], device=torch.device("meta"))
     ranker = Ranker(backbone, adapter, freeze_embeddings=not train_embeddings)
-    model = shard_ranker(ranker, ctx, lr_sparse if train_embeddings else None)
+    sharded = shard_ranker(ranker, ctx, sharding or ShardingConfig(), lr_sparse if train_embeddings else None,
+                           batch_size)
     weights = load_backbone_weights(backbone_dir)
     if backbone_override:
         weights.update(backbone_override)
-    load_plain_state_dict(model, weights, prefix="backbone.")
-    return model, meta
+    load_plain_state_dict(sharded.model, weights, prefix="backbone.")
+    return sharded, meta

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from iak_dist.config import ShardingConfig
 from iak_dist.data.parquet import ParquetReader
 from iak_dist.data.schema import Schema
 from iak_dist.distributed.checkpoint import read_backbone_meta
@@ -45,9 +47,12 @@ def metrics_by_domain(scores: dict[str, np.ndarray], domains: list[str]) -> dict
 
 def evaluate(
     data_dir: str | Path, backbone_dir: str | Path, adapter_dir: str | Path | None, ctx: DistContext,
-    batch_size: int = 4096, split: str = "test",
+    batch_size: int = 4096, split: str = "test", sharding: ShardingConfig | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Per-domain metrics of the backbone with the adapter in `adapter_dir` (None: backbone alone)."""
+    """Per-domain metrics of the backbone with the adapter in `adapter_dir` (None: backbone alone).
+
+    Each rank scores its own row groups; the scores are gathered so every rank returns the same metrics.
+    """
     data_dir = Path(data_dir)
     schema = Schema.load(data_dir / "schema.yaml")
     meta = read_backbone_meta(backbone_dir)
@@ -63,6 +68,12 @@ def evaluate(
             )
         if adapter_cfg["domains"] != schema.domains:
             raise UserError(f"{adapter_dir}: adapter domain order {adapter_cfg['domains']} differs from the schema's")
-    model, _ = build_from_backbone(backbone_dir, adapter, ctx, train_embeddings=False, backbone_override=override)
+    sharded, _ = build_from_backbone(backbone_dir, adapter, ctx, train_embeddings=False, sharding=sharding,
+                                     backbone_override=override, batch_size=batch_size)
     reader = ParquetReader(data_dir / f"{split}.parquet", schema, batch_size, ctx.rank, ctx.world_size)
-    return metrics_by_domain(score(model, reader), schema.domains)
+    scores = score(sharded.model, reader)
+    if ctx.world_size > 1:  # sync point: every rank's scores, in rank order
+        parts: list = [None] * ctx.world_size
+        dist.all_gather_object(parts, scores)
+        scores = {k: np.concatenate([p[k] for p in parts]) for k in scores}
+    return metrics_by_domain(scores, schema.domains)

@@ -1,4 +1,7 @@
-"""Fine-tuning: every domain at once with one strategy, on the frozen (or not, for `full`) backbone."""
+"""Fine-tuning: every domain at once with one strategy, on the frozen (or not, for `full`) backbone.
+
+Reads top to bottom: build (data, backbone + adapter, dense engine) -> restore -> loop -> save.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +13,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from iak_dist.config import FinetuneConfig
+from iak_dist.config import DistributedConfig, FinetuneConfig
 from iak_dist.data.batch import Batch, arrow_to_batch, domain_indices
 from iak_dist.data.parquet import read_table
 from iak_dist.data.sampler import DomainBatchSampler
 from iak_dist.data.schema import Schema
-from iak_dist.distributed.checkpoint import plain_state_dict, read_backbone_meta
+from iak_dist.distributed.checkpoint import CheckpointManager, plain_state_dict, read_backbone_meta
 from iak_dist.distributed.context import DistContext
-from iak_dist.distributed.sharding import local_module
+from iak_dist.distributed.sharding import ShardedRanker
+from iak_dist.distributed.zero import DenseEngine
 from iak_dist.io import atomic_write_json
 from iak_dist.model.backbone import tower_widths
 from iak_dist.model.strategies import build_adapter
@@ -25,7 +29,7 @@ from iak_dist.model.strategies.base import Adapter, adapter_class
 from iak_dist.model.strategies.saving import save_adapter
 from iak_dist.phases.common import build_from_backbone, check_schema_matches
 from iak_dist.phases.loop import train_loop
-from iak_dist.phases.pretrain import steps_for
+from iak_dist.phases.pretrain import say, steps_for
 from iak_dist.tracking import summary_writer
 
 
@@ -34,78 +38,110 @@ def sampled_batches(table: pa.Table, schema: Schema, sampler: DomainBatchSampler
         yield arrow_to_batch(table.take(sampler.next_batch()), schema)
 
 
-def count_trainable(model: torch.nn.Module, strategy: str) -> int:
-    """Parameters that fine-tuning updates (embedding rows included for `full`)."""
-    ranker = local_module(model)
-    n = sum(p.numel() for p in ranker.adapter.parameters()) if ranker.adapter is not None else 0
-    if adapter_class(strategy).trains_backbone == "all":
-        n += sum(p.numel() for p in ranker.backbone.dense_parameters())
-        n += sum(c.num_embeddings * c.embedding_dim for c in ranker.backbone.embeddings._embedding_bag_configs)
-    return n
-
-
 @dataclass
 class FinetuneSetup:
     """Everything a fine-tune run holds, built before its loop (tests reuse it)."""
 
-    model: torch.nn.Module
+    sharded: ShardedRanker
     adapter: Adapter
     meta: dict
     schema: Schema
     table: pa.Table
     domains: np.ndarray
-    dense_params: list[torch.nn.Parameter]
+    trainable: dict[str, torch.nn.Module]
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.sharded.model
+
+    @property
+    def trains_backbone(self) -> bool:
+        return self.adapter.trains_backbone == "all"
 
 
 def build_finetune(
-    data_dir: str | Path, backbone_dir: str | Path, strategy: str, cfg: FinetuneConfig, ctx: DistContext
+    data_dir: str | Path, backbone_dir: str | Path, strategy: str, cfg: FinetuneConfig, ctx: DistContext,
+    dist_cfg: DistributedConfig | None = None,
 ) -> FinetuneSetup:
     """Load the fine-tune split and the backbone, attach `strategy`'s adapter, freeze what must not train."""
+    dist_cfg = dist_cfg or DistributedConfig()
     data_dir = Path(data_dir)
     schema = Schema.load(data_dir / "schema.yaml")
     table = read_table(data_dir / "finetune.parquet", schema)
     train_all = adapter_class(strategy).trains_backbone == "all"
     meta = read_backbone_meta(backbone_dir)
     check_schema_matches(schema, meta, data_dir)
-    widths = tower_widths(meta["schema_obj"], meta["model_obj"])
-    adapter = build_adapter(strategy, len(schema.domains), widths, cfg)
-    model, meta = build_from_backbone(backbone_dir, adapter, ctx, train_embeddings=train_all,
-                                      lr_sparse=cfg.optim.lr_sparse)
-    backbone = local_module(model).backbone
+    adapter = build_adapter(strategy, len(schema.domains), tower_widths(meta["schema_obj"], meta["model_obj"]), cfg)
+    sharded, meta = build_from_backbone(backbone_dir, adapter, ctx, train_embeddings=train_all,
+                                        sharding=dist_cfg.sharding, lr_sparse=cfg.optim.lr_sparse,
+                                        batch_size=cfg.optim.batch_size)
+    backbone = sharded.ranker.backbone
     adapter.init_from_backbone(backbone)
     for p in backbone.dense_parameters():
         p.requires_grad_(train_all)
-    dense_params = list(adapter.parameters()) + (backbone.dense_parameters() if train_all else [])
+    trainable = dict(backbone.dense_modules()) if train_all else {}
+    if any(True for _ in adapter.parameters()):
+        trainable["adapter"] = adapter
     domains = domain_indices(table.column(schema.domain), schema.domains)
-    return FinetuneSetup(model, adapter, meta, schema, table, domains, dense_params)
+    return FinetuneSetup(sharded, adapter, meta, schema, table, domains, trainable)
+
+
+def count_trainable(run: FinetuneSetup) -> int:
+    """Parameters that fine-tuning updates (embedding rows included for `full`)."""
+    n = sum(p.numel() for m in run.trainable.values() for p in m.parameters())
+    if run.trains_backbone:
+        n += sum(c.num_embeddings * c.embedding_dim
+                 for c in run.sharded.ranker.backbone.table_configs)
+    return n
 
 
 def finetune(
     data_dir: str | Path, backbone_dir: str | Path, strategy: str, cfg: FinetuneConfig, seed: int,
-    out_dir: str | Path, ctx: DistContext, show_progress: bool = True,
+    out_dir: str | Path, ctx: DistContext, show_progress: bool = True, dist_cfg: DistributedConfig | None = None,
 ) -> dict[str, float]:
     """Fine-tune `strategy` on `data_dir/finetune.parquet`; save the adapter to `out_dir`."""
+    dist_cfg = dist_cfg or DistributedConfig()
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    run = build_finetune(data_dir, backbone_dir, strategy, cfg, ctx)
+    run = build_finetune(data_dir, backbone_dir, strategy, cfg, ctx, dist_cfg)
     num_domains = len(run.schema.domains)
-    steps = steps_for(cfg.optim, run.table.num_rows)
-    summary: dict[str, float] = {"finetune/trainable_params": float(count_trainable(run.model, strategy))}
-    if run.dense_params:
-        sampler = DomainBatchSampler(run.domains, num_domains, cfg.optim.batch_size, cfg.sampler_alpha, seed)
+    summary: dict = {"finetune/trainable_params": float(count_trainable(run))}
+    if run.trainable:
+        dense = DenseEngine(run.trainable, cfg.optim.lr_dense, cfg.optim.weight_decay, dist_cfg.zero,
+                            cfg.optim.batch_size, ctx.world_size)
+        sampler = DomainBatchSampler(run.domains, num_domains, cfg.optim.batch_size, cfg.sampler_alpha,
+                                     seed * 100_003 + ctx.rank)
+        total = steps_for(cfg.optim, run.table.num_rows // ctx.world_size)
+        checkpoints = CheckpointManager(out_dir.parent / ".checkpoints" / strategy, ctx, dist_cfg.keep_checkpoints)
+        state = checkpoints.restore_latest(run.model, dense, warn=lambda m: say(ctx, m))
+        start = int(state["step"]) if state else 0
+        if state:
+            sampler.load_state_dict(state["sampler"])
+            say(ctx, f"[finetune {strategy}] resuming at step {start} from {state['path']}")
+
+        def on_step_end(step: int) -> None:
+            if dist_cfg.checkpoint_every and step % dist_cfg.checkpoint_every == 0 and step < total:
+                checkpoints.save(step, run.model, dense, {"step": step, "sampler": sampler.state_dict()})
+
         writer = summary_writer(out_dir / "tb", ctx)
         try:
-            summary |= train_loop(run.model, run.dense_params, sampled_batches(run.table, run.schema, sampler),
-                                  steps, cfg.optim, desc=f"finetune {strategy} seed {seed}", writer=writer,
-                                  adapter=run.adapter, num_domains=num_domains, show_progress=show_progress)
+            summary |= train_loop(run.model, dense, sampled_batches(run.table, run.schema, sampler), total,
+                                  cfg.optim, desc=f"finetune {strategy} seed {seed}", start_step=start,
+                                  data_parallel_optimizer=run.sharded.data_parallel_optimizer, writer=writer,
+                                  adapter=run.adapter, num_domains=num_domains,
+                                  show_progress=show_progress and ctx.is_main, on_step_end=on_step_end)
         finally:
             if writer is not None:
                 writer.close()
-    train_all = run.adapter.trains_backbone == "all"
-    backbone_state = plain_state_dict(run.model, prefix="backbone.") if train_all else None
+        with dense.gathered():
+            adapter_state = {k: v.detach().clone() for k, v in run.adapter.state_dict().items()}
+            backbone_state = plain_state_dict(run.model, prefix="backbone.") if run.trains_backbone else None
+    else:
+        adapter_state, backbone_state = run.adapter.state_dict(), None
     if ctx.is_main:
         rows_per_domain = np.bincount(run.domains[run.domains >= 0], minlength=num_domains)
         save_adapter(out_dir, run.adapter, run.schema.domains, run.meta, backbone_state,
-                     extra={"rows_per_domain": rows_per_domain.tolist()})
+                     extra={"rows_per_domain": rows_per_domain.tolist()}, state=adapter_state)
         atomic_write_json(out_dir / "train_summary.json", summary)
+    ctx.barrier()
     return summary

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,8 @@ from tqdm import tqdm
 from iak_dist.config import OptimConfig
 from iak_dist.data.batch import Batch
 from iak_dist.data.sampler import domain_normalised_mean
+from iak_dist.distributed.sharding import DataParallelTableOptimizer
+from iak_dist.distributed.zero import DenseEngine
 from iak_dist.model.backbone import ModelOutput
 from iak_dist.model.strategies.base import Adapter
 
@@ -27,44 +29,49 @@ def esmm_loss_per_row(out: ModelOutput, batch: Batch) -> torch.Tensor:
 
 def train_loop(
     model: torch.nn.Module,
-    dense_params: list[torch.nn.Parameter],
+    dense: DenseEngine | None,
     batches: Iterable[Batch],
     total_steps: int,
     cfg: OptimConfig,
     desc: str,
+    start_step: int = 0,
+    data_parallel_optimizer: DataParallelTableOptimizer | None = None,
     writer=None,
     adapter: Adapter | None = None,
     num_domains: int | None = None,
     show_progress: bool = True,
+    on_step_end: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Train for `total_steps` batches; returns summary metrics (final loss, samples/s).
+    """Train from `start_step` to `total_steps`; returns summary metrics (final loss, samples/s).
 
     Sparse parameters (if they train) are updated inside backward by TorchRec's fused optimizer;
-    the dense ones by AdamW here. With `num_domains`, each domain's mean loss is averaged
-    (dynamic batch-aware training), else rows are averaged.
+    the dense ones by DeepSpeed (`dense`). With `num_domains`, each domain's mean loss is averaged
+    (dynamic batch-aware training), else rows are averaged. `on_step_end(step)` runs after each
+    step with the number of steps done (checkpointing hooks in there).
     """
-    optimizer = None
-    if dense_params:
-        optimizer = torch.optim.AdamW(dense_params, lr=cfg.lr_dense, weight_decay=cfg.weight_decay)
     model.train()
     samples, start = 0, time.perf_counter()
-    ema = None
-    bar = tqdm(total=total_steps, desc=desc, unit="step", disable=not show_progress, mininterval=2.0)
+    ema, losses = None, []
+    bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", disable=not show_progress,
+               mininterval=2.0)
     it: Iterator[Batch] = iter(batches)
-    for step in range(total_steps):
+    for step in range(start_step, total_steps):
         logs = adapter.on_step(step, total_steps) if adapter is not None else {}
         batch = next(it)
         out = model(batch.sparse, batch.dense, batch.domain)
         per_row = esmm_loss_per_row(out, batch)
         task = domain_normalised_mean(per_row, batch.domain, num_domains) if num_domains else per_row.mean()
         loss = task + out.aux_loss
-        if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
+        if dense is not None:
+            dense.backward(loss)  # sync point: the fused sparse update and the dense all-reduce
+            dense.step()
+        else:
+            loss.backward()
+        if data_parallel_optimizer is not None:
+            data_parallel_optimizer.step()
         samples += len(batch)
         value = float(loss.detach())
+        losses.append(value)
         ema = value if ema is None else 0.98 * ema + 0.02 * value
         bar.update(1)
         if step % cfg.log_every == 0 or step == total_steps - 1:
@@ -75,7 +82,9 @@ def train_loop(
                 writer.add_scalar("train/aux_loss", float(out.aux_loss.detach()), step)
                 for k, v in logs.items():
                     writer.add_scalar(f"train/{k}", v, step)
+        if on_step_end is not None:
+            on_step_end(step + 1)
     bar.close()
     seconds = time.perf_counter() - start
     return {"train/loss_ema": float(ema or 0.0), "train/samples_per_s": samples / max(seconds, 1e-9),
-            "train/seconds": seconds, "train/steps": float(total_steps)}
+            "train/seconds": seconds, "train/steps": float(total_steps), "train/losses": losses}

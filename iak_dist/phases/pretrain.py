@@ -1,20 +1,26 @@
-"""Pre-training: the backbone on all domains pooled; exports a plain backbone folder."""
+"""Pre-training: the backbone on all domains pooled; exports a plain backbone folder.
+
+Reads top to bottom: build (data, sharded model, dense engine) -> restore -> loop -> save.
+"""
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from iak_dist.config import ModelConfig, OptimConfig
+from iak_dist.config import DistributedConfig, ModelConfig, OptimConfig
 from iak_dist.data.batch import Batch
 from iak_dist.data.parquet import ParquetReader
 from iak_dist.data.schema import Schema
-from iak_dist.distributed.checkpoint import export_backbone
+from iak_dist.distributed.checkpoint import CheckpointManager, export_backbone
 from iak_dist.distributed.context import DistContext
-from iak_dist.distributed.sharding import local_module, shard_ranker
+from iak_dist.distributed.sharding import format_plan, plan_rows, shard_ranker
+from iak_dist.distributed.zero import DenseEngine
 from iak_dist.io import atomic_write_json
 from iak_dist.model.backbone import Backbone
 from iak_dist.model.ranker import Ranker
@@ -22,37 +28,81 @@ from iak_dist.phases.loop import train_loop
 from iak_dist.tracking import summary_writer
 
 
-def epochs_of(reader: ParquetReader) -> Iterator[Batch]:
-    epoch = 0
+def batches_from(reader: ParquetReader, step: int) -> Iterator[Batch]:
+    """Endless batches starting at global step `step` (epoch and offset derived from it)."""
+    per_epoch = reader.batches_per_epoch()
+    epoch, skip = divmod(step, per_epoch)
     while True:
-        yield from reader.epoch(epoch)
-        epoch += 1
+        yield from reader.epoch(epoch, skip_batches=skip)
+        epoch, skip = epoch + 1, 0
 
 
 def steps_for(cfg: OptimConfig, rows: int) -> int:
-    return cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * rows / cfg.batch_size))
+    """Steps of a phase; every rank must run the same number (collectives), so the fewest wins."""
+    steps = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * rows / cfg.batch_size))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([steps])
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        steps = int(t.item())
+    return steps
+
+
+def say(ctx: DistContext, message: str) -> None:
+    if ctx.is_main:
+        print(message, file=sys.stderr, flush=True)
 
 
 def pretrain(
-    data_dir: str | Path, model_cfg: ModelConfig, optim: OptimConfig, seed: int, out_dir: str | Path,
-    ctx: DistContext, show_progress: bool = True,
+    data_dir: str | Path, model_cfg: ModelConfig, optim: OptimConfig, dist_cfg: DistributedConfig, seed: int,
+    out_dir: str | Path, ctx: DistContext, show_progress: bool = True,
 ) -> dict[str, float]:
-    """Train a backbone on `data_dir/pretrain.parquet`; write it to `out_dir/backbone`."""
+    """Train a backbone on `data_dir/pretrain.parquet`; write it to `out_dir/backbone`.
+
+    Checkpoints go to `out_dir/checkpoints/pretrain` every `dist_cfg.checkpoint_every` steps; a
+    re-run resumes from the newest complete one.
+    """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     schema = Schema.load(data_dir / "schema.yaml")
     reader = ParquetReader(data_dir / "pretrain.parquet", schema, optim.batch_size, ctx.rank, ctx.world_size,
-                           shuffle=True, seed=seed, drop_last=True)
+                           shuffle=True, seed=seed, drop_last=True, split=dist_cfg.data_split)
     torch.manual_seed(seed)
-    ranker = Ranker(Backbone(schema, model_cfg, device=torch.device("meta")))
-    model = shard_ranker(ranker, ctx, lr_sparse=optim.lr_sparse)
-    dense_params = local_module(model).backbone.dense_parameters()
+    backbone = Backbone(schema, model_cfg, device=torch.device("meta"))
+    sharded = shard_ranker(Ranker(backbone), ctx, dist_cfg.sharding, optim.lr_sparse, optim.batch_size)
+    plan_text = format_plan(plan_rows(sharded.plan, sharded.ranker, ctx.world_size))
+    say(ctx, f"[pretrain] sharding plan over {ctx.world_size} rank(s):\n{plan_text}")
+    dense = DenseEngine(backbone.dense_modules(), optim.lr_dense, optim.weight_decay, dist_cfg.zero,
+                        optim.batch_size, ctx.world_size)
+    checkpoints = CheckpointManager(out_dir / "checkpoints" / "pretrain", ctx, dist_cfg.keep_checkpoints)
+    total = steps_for(optim, reader.num_rows)
+    state = checkpoints.restore_latest(sharded.model, dense, warn=lambda m: say(ctx, m))
+    start = int(state["step"]) if state else 0
+    if state:
+        say(ctx, f"[pretrain] resuming at step {start} from {state['path']}")
+        if sharded.data_parallel_optimizer is not None and "dp_optimizer" in state:
+            sharded.data_parallel_optimizer.load_state_dict(state["dp_optimizer"])
+
+    def save(step: int) -> None:
+        extra = {"step": step}
+        if sharded.data_parallel_optimizer is not None:
+            extra["dp_optimizer"] = sharded.data_parallel_optimizer.state_dict()
+        checkpoints.save(step, sharded.model, dense, extra, plan_text)
+
+    def on_step_end(step: int) -> None:
+        if dist_cfg.checkpoint_every and step % dist_cfg.checkpoint_every == 0 and step < total:
+            save(step)
+
     writer = summary_writer(out_dir / "tb" / "pretrain", ctx)
     try:
-        summary = train_loop(model, dense_params, epochs_of(reader), steps_for(optim, reader.num_rows), optim,
-                             desc=f"pretrain seed {seed}", writer=writer, show_progress=show_progress)
-        export_backbone(model, schema, model_cfg, out_dir / "backbone", ctx.rank)
+        summary = train_loop(sharded.model, dense, batches_from(reader, start), total, optim,
+                             desc=f"pretrain seed {seed}", start_step=start,
+                             data_parallel_optimizer=sharded.data_parallel_optimizer, writer=writer,
+                             show_progress=show_progress and ctx.is_main, on_step_end=on_step_end)
+        save(total)
+        with dense.gathered():
+            export_backbone(sharded.model, schema, model_cfg, out_dir / "backbone", ctx.rank)
         if ctx.is_main:
             atomic_write_json(out_dir / "backbone" / "train_summary.json", summary)
+            (out_dir / "backbone" / "plan.txt").write_text(plan_text + "\n")
     finally:
         if writer is not None:
             writer.close()

@@ -31,9 +31,12 @@ def save_adapter(
     backbone_meta: dict[str, Any],
     backbone_state: dict[str, torch.Tensor] | None = None,
     extra: dict[str, Any] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> None:
+    """Write the adapter (`state`, default its state_dict) and its stamped config into `out_dir`."""
     out_dir = Path(out_dir)
-    tensors = {f"adapter.{k}": v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
+    state = adapter.state_dict() if state is None else state
+    tensors = {f"adapter.{k}": v.detach().cpu().float().contiguous() for k, v in state.items()}
     for k, v in (backbone_state or {}).items():
         tensors[f"backbone.{k}"] = v.contiguous()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,81 @@
+"""DeepSpeed ZeRO over the dense modules only.
+
+DeepSpeed is handed a container of the dense modules (tower, heads, interaction, the strategy's
+parameters) and never the embedding tables: its start-up broadcast from rank 0 would otherwise
+overwrite the other ranks' embedding shards. The modules stay where they are in the Ranker; the
+container only references them, so the Ranker's forward runs them (ZeRO-3 gathers partitioned
+parameters through the hooks it registers on these very modules).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from iak_dist.config import ZeroConfig
+
+
+def deepspeed_config(cfg: ZeroConfig, micro_batch: int, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of one training phase: ours, with `cfg.deepspeed` merged over it."""
+    base: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "train_batch_size": micro_batch * world_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.stage},
+        "bf16": {"enabled": cfg.bf16},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(base, copy.deepcopy(cfg.deepspeed))
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+class DenseEngine:
+    """Backward and optimizer step of the dense side, through a DeepSpeed engine.
+
+    Args:
+        modules: name -> module; only their parameters with `requires_grad` are optimised.
+        lr, weight_decay: AdamW settings.
+        cfg: ZeRO stage, bf16 and pass-through DeepSpeed settings.
+        micro_batch: samples per rank and step.
+        world_size: data-parallel ranks (DeepSpeed averages gradients over them).
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], lr: float, weight_decay: float, cfg: ZeroConfig,
+                 micro_batch: int, world_size: int) -> None:
+        import deepspeed
+
+        self.container = nn.ModuleDict(modules)
+        params = [p for p in self.container.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.container, optimizer=optimizer, model_parameters=params,
+            config=deepspeed_config(cfg, micro_batch, world_size), dist_init_required=False,
+        )
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """loss.backward() (the sparse side's fused optimizer runs inside it), then the dense reduce."""
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def gathered(self) -> contextlib.AbstractContextManager:
+        """Under ZeRO-3 the parameters are partitioned: gather them to read full weights."""
+        if self.engine.zero_optimization_stage() == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(self.container.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
