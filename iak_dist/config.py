@@ -160,7 +160,8 @@ class TablePlan:
     sharding_type: str = "table_wise"
     """data_parallel, table_wise, column_wise, table_column_wise; on CUDA also row_wise, table_row_wise."""
     compute_kernel: str = "fused"
-    """`fused` (FBGEMM table-batched kernel, optimizer fused into backward) or `dense`."""
+    """`fused` (FBGEMM table-batched kernel, optimizer fused into backward) or `dense`; data_parallel
+    tables always use `dense` (replicated plain weights, with an optimizer of their own)."""
 
 
 @dataclass

@@ -159,11 +159,15 @@ class CheckpointManager:
 
         final = self.root / f"step_{step:08d}"
         partial = self.root / f"step_{step:08d}.partial"
+        if (final / "COMPLETE").is_file():
+            return final  # this step was saved before a restart
         if self.ctx.is_main:
-            partial.mkdir(parents=True, exist_ok=True)
+            _remove_tree(partial)  # left by a crash during an earlier save of this step
+            partial.mkdir(parents=True)
         self.ctx.barrier()
         dcp.save({"model": _sparse_state(model), "optim": _fused_optimizer_state(model)},
                  checkpoint_id=str(partial / "sparse"))
+        _fault_point("save", step, self.ctx.rank)
         if dense is not None:
             dense.engine.save_checkpoint(str(partial / "dense"), tag="state")
         torch.save({"world_size": self.ctx.world_size, "rng": torch.get_rng_state(), **extra},
@@ -219,6 +223,17 @@ class CheckpointManager:
         torch.set_rng_state(state.pop("rng"))
         state["path"] = str(path)
         return state
+
+
+def _fault_point(where: str, step: int, rank: int) -> None:
+    """Fault injection for crash tests: `IAK_DIST_FAULT=save:STEP:RANK` SIGKILLs that rank right
+    after it wrote its shards of checkpoint STEP, before the checkpoint is marked complete."""
+    import os
+    import signal
+
+    fault = os.environ.get("IAK_DIST_FAULT", "")
+    if fault == f"{where}:{step}:{rank}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _remove_tree(path: Path) -> None:

@@ -55,7 +55,9 @@ def plan_constraints(table_names: list[str], cfg: ShardingConfig, device_type: s
     for feature, table in features.items():
         if feature in cfg.plan:
             p = cfg.plan[feature]
-            out[table] = ParameterConstraints(sharding_types=[p.sharding_type], compute_kernels=[p.compute_kernel])
+            # data-parallel tables are plain replicated weights: TorchRec runs them with the dense kernel only
+            kernel = "dense" if p.sharding_type == "data_parallel" else p.compute_kernel
+            out[table] = ParameterConstraints(sharding_types=[p.sharding_type], compute_kernels=[kernel])
         else:
             out[table] = ParameterConstraints(sharding_types=list(cfg.sharding_types or supported))
     return out
@@ -92,22 +94,18 @@ class ShardedRanker:
 
 
 class DataParallelTableOptimizer:
-    """Steps tables placed data-parallel, which lose TorchRec's in-backward optimizer.
+    """Steps tables placed data-parallel, which lose TorchRec's in-backward optimizer (a trap).
 
-    Their gradients arrive averaged over ranks by the DDP that TorchRec wraps them in, on top of
-    the Ranker's 1/world_size sparse-gradient scale: multiplying by world_size restores the
-    global-batch-mean gradient before the step.
+    Gradient scale needs no care anywhere: the DDP that TorchRec wraps these tables in averages
+    their gradients over ranks, and TorchRec divides the gradients of sharded tables by the world
+    size in the backward all-to-all; both then match DeepSpeed's averaged dense gradients.
     """
 
-    def __init__(self, params: list[nn.Parameter], optimizer: type, lr: float, world_size: int) -> None:
+    def __init__(self, params: list[nn.Parameter], optimizer: type, lr: float) -> None:
         self.params = params
-        self.world_size = world_size
         self.optimizer = optimizer(params, lr=lr)
 
     def step(self) -> None:
-        for p in self.params:
-            if p.grad is not None and self.world_size > 1:
-                p.grad.mul_(self.world_size)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -133,11 +131,12 @@ def shard_ranker(ranker: Ranker, ctx: DistContext, cfg: ShardingConfig, lr_spars
             plan = planner.collective_plan(ranker, sharders, torch.distributed.GroupMember.WORLD)
         else:
             plan = planner.plan(ranker, sharders)
-    except PlannerError as exc:
+    except (PlannerError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "No available sharding type" not in str(exc):
+            raise
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"the embedding tables do not fit the sharding constraints / memory budget "
                         f"(distributed.sharding): {first}") from exc
-    ranker.sparse_grad_scale = 1.0 / ctx.world_size
     model = DistributedModelParallel(
         ranker, env=ShardingEnv.from_process_group(torch.distributed.GroupMember.WORLD), device=ctx.device,
         plan=plan, sharders=sharders, init_data_parallel=False,
@@ -147,7 +146,7 @@ def shard_ranker(ranker: Ranker, ctx: DistContext, cfg: ShardingConfig, lr_spars
     if dp_tables and lr_sparse is not None:
         params = dict(model.named_parameters())
         dp_params = [params[f"{EBC_PATH}.embedding_bags.{t}.weight"] for t in dp_tables]
-        dp_optimizer = DataParallelTableOptimizer(dp_params, optimizer_cls, lr_sparse, ctx.world_size)
+        dp_optimizer = DataParallelTableOptimizer(dp_params, optimizer_cls, lr_sparse)
     return ShardedRanker(model, plan, dp_optimizer)
 
 
@@ -186,3 +185,36 @@ def format_plan(rows: list[dict[str, Any]]) -> str:
 def local_module(model: nn.Module) -> Ranker:
     """The Ranker inside a DMP wrapper (or the model itself)."""
     return model.module if isinstance(model, DistributedModelParallel) else model
+
+
+INIT_BLOCK_ROWS = 4096
+
+
+@torch.no_grad()
+def init_tables(model: nn.Module, ranker: Ranker, seed: int) -> None:
+    """Initialise every table the same way whatever the plan and world size.
+
+    Values are drawn block by block (`INIT_BLOCK_ROWS` rows of the full width), each block from a
+    generator seeded by (seed, table, block); a rank draws only the blocks its shards overlap.
+    So 1 rank and N ranks with any sharding start from identical tables (TorchRec's own init
+    draws per shard, which depends on the plan). Distribution: U(-1/sqrt(rows), 1/sqrt(rows)).
+    """
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    configs = {f"{EBC_PATH}.embedding_bags.{c.name}.weight": (i, c)
+               for i, c in enumerate(ranker.backbone.table_configs)}
+    for key, value in model.state_dict().items():
+        if key not in configs:
+            continue
+        index, cfg = configs[key]
+        bound = 1.0 / cfg.num_embeddings**0.5
+        pieces = ([(s.tensor, s.metadata.shard_offsets, s.metadata.shard_sizes) for s in value.local_shards()]
+                  if isinstance(value, ShardedTensor) else [(value, [0, 0], list(value.shape))])
+        for tensor, (r0, c0), (nr, nc) in pieces:
+            for block in range(r0 // INIT_BLOCK_ROWS, (r0 + nr - 1) // INIT_BLOCK_ROWS + 1):
+                start = block * INIT_BLOCK_ROWS
+                rows = min(INIT_BLOCK_ROWS, cfg.num_embeddings - start)
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + index * 10_007 + block)
+                values = torch.empty(rows, cfg.embedding_dim).uniform_(-bound, bound, generator=gen)
+                lo, hi = max(start, r0), min(start + rows, r0 + nr)
+                tensor[lo - r0:hi - r0].copy_(values[lo - start:hi - start, c0:c0 + nc])

@@ -42,6 +42,19 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+def register_container_parameters(root: nn.Module) -> None:
+    """ZeRO-3 trap: it gathers a module's parameters when that module's forward runs, but an
+    `nn.ParameterList` / `nn.ParameterDict` is never called (its owner indexes it, as TorchRec's
+    `LowRankCrossNet` does). Register such parameters as external parameters of the owner."""
+    from deepspeed.runtime.zero import register_external_parameter
+
+    for module in root.modules():
+        for child in module.children():
+            if isinstance(child, nn.ParameterList | nn.ParameterDict):
+                for param in child.parameters():
+                    register_external_parameter(module, param)
+
+
 class DenseEngine:
     """Backward and optimizer step of the dense side, through a DeepSpeed engine.
 
@@ -58,6 +71,8 @@ class DenseEngine:
         import deepspeed
 
         self.container = nn.ModuleDict(modules)
+        if cfg.stage == 3:
+            register_container_parameters(self.container)
         params = [p for p in self.container.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(

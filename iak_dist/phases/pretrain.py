@@ -19,7 +19,7 @@ from iak_dist.data.parquet import ParquetReader
 from iak_dist.data.schema import Schema
 from iak_dist.distributed.checkpoint import CheckpointManager, export_backbone
 from iak_dist.distributed.context import DistContext
-from iak_dist.distributed.sharding import format_plan, plan_rows, shard_ranker
+from iak_dist.distributed.sharding import format_plan, init_tables, plan_rows, shard_ranker
 from iak_dist.distributed.zero import DenseEngine
 from iak_dist.io import atomic_write_json
 from iak_dist.model.backbone import Backbone
@@ -68,6 +68,7 @@ def pretrain(
     torch.manual_seed(seed)
     backbone = Backbone(schema, model_cfg, device=torch.device("meta"))
     sharded = shard_ranker(Ranker(backbone), ctx, dist_cfg.sharding, optim.lr_sparse, optim.batch_size)
+    init_tables(sharded.model, sharded.ranker, seed)
     plan_text = format_plan(plan_rows(sharded.plan, sharded.ranker, ctx.world_size))
     say(ctx, f"[pretrain] sharding plan over {ctx.world_size} rank(s):\n{plan_text}")
     dense = DenseEngine(backbone.dense_modules(), optim.lr_dense, optim.weight_decay, dist_cfg.zero,
