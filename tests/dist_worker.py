@@ -62,6 +62,29 @@ def run_frozen_finetune(spec, cfg, ctx):
             "rows": int(np.sum(run.domains >= 0))}
 
 
+def run_restore(spec, cfg, ctx):
+    """Restore a checkpoint under this scenario's plan; compare with the weights exported at save."""
+    import torch
+    from safetensors.torch import load_file
+
+    from iak_dist.data.schema import Schema
+    from iak_dist.distributed.checkpoint import CheckpointManager, plain_state_dict
+    from iak_dist.distributed.sharding import shard_ranker
+    from iak_dist.distributed.zero import DenseEngine
+    from iak_dist.model.backbone import Backbone
+    from iak_dist.model.ranker import Ranker
+
+    backbone = Backbone(Schema.load(Path(spec["data"]) / "schema.yaml"), cfg.model, device=torch.device("meta"))
+    sharded = shard_ranker(Ranker(backbone), ctx, cfg.distributed.sharding, cfg.pretrain.lr_sparse, 64)
+    dense = DenseEngine(backbone.dense_modules(), 0.01, 0.0, cfg.distributed.zero, 64, ctx.world_size)
+    state = CheckpointManager(spec["checkpoints"], ctx).restore_latest(sharded.model, dense)
+    restored = plain_state_dict(sharded.model, prefix="backbone.")
+    exported = load_file(str(Path(spec["backbone"]) / "model.safetensors"))
+    kinds = {ps.sharding_type for ps in sharded.plan.plan["backbone.embeddings"].values()}
+    return {"step": state["step"], "equal": all(torch.equal(restored[k], exported[k]) for k in exported),
+            "plan": ",".join(sorted(kinds))}
+
+
 def main():
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from iak_dist.config import load_config
@@ -74,7 +97,8 @@ def main():
     try:
         for spec in spec_all["scenarios"]:
             cfg = load_config(None, spec.get("overrides", []))
-            result = {"pretrain": run_pretrain, "frozen_finetune": run_frozen_finetune}[spec["kind"]](spec, cfg, ctx)
+            kinds = {"pretrain": run_pretrain, "frozen_finetune": run_frozen_finetune, "restore": run_restore}
+            result = kinds[spec["kind"]](spec, cfg, ctx)
             out = Path(spec["out"])
             out.mkdir(parents=True, exist_ok=True)
             (out / f"result_rank{ctx.rank}.json").write_text(json.dumps(result))

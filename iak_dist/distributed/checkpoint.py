@@ -175,6 +175,7 @@ class CheckpointManager:
         self.ctx.barrier()
         if self.ctx.is_main:
             (partial / "plan.txt").write_text(plan_text)
+            (partial / "tables.json").write_text(json.dumps(_table_shapes(model)))
             (partial / "COMPLETE").write_text(f"{self.ctx.world_size}\n")
             partial.rename(final)
             for old in self.complete()[:-self.keep]:
@@ -202,6 +203,13 @@ class CheckpointManager:
         import torch.distributed.checkpoint as dcp
 
         saved_world = int((path / "COMPLETE").read_text().strip() or 1)
+        saved_tables, own_tables = json.loads((path / "tables.json").read_text()), _table_shapes(model)
+        if saved_tables != own_tables:
+            bad = sorted(k for k in saved_tables.keys() | own_tables.keys()
+                         if saved_tables.get(k) != own_tables.get(k))
+            raise UserError(f"{path}: checkpoint is from a different model config: tables "
+                            + ", ".join(f"{k} (checkpoint {saved_tables.get(k)}, model {own_tables.get(k)})"
+                                        for k in bad[:4]))
         sparse = _sparse_state(model)
         optim = _fused_optimizer_state(model)
         dcp.load({"model": sparse, "optim": optim}, checkpoint_id=str(path / "sparse"))
@@ -223,6 +231,10 @@ class CheckpointManager:
         torch.set_rng_state(state.pop("rng"))
         state["path"] = str(path)
         return state
+
+
+def _table_shapes(model: nn.Module) -> dict[str, list[int]]:
+    return {k[len(SPARSE_PREFIX):]: list(v.size()) for k, v in _sparse_state(model).items()}
 
 
 def _fault_point(where: str, step: int, rank: int) -> None:

@@ -1,0 +1,137 @@
+"""Distributed checkpoints: crash during a save, exact resume, resharding, fallback, bad checkpoints."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_distributed import plan_for, torchrun
+
+CKPT = ["model.tower=[32, 16]", "model.embedding_dim=16", "pretrain.steps=40", "pretrain.batch_size=64",
+        "pretrain.lr_dense=0.01", "pretrain.lr_sparse=0.1", "distributed.sharding.sparse_optimizer=adagrad",
+        "distributed.checkpoint_every=10", "distributed.keep_checkpoints=5"]
+
+
+def spec(synth_dir, out, extra=()):
+    return {"scenarios": [{"kind": "pretrain", "data": str(synth_dir), "out": str(out),
+                           "overrides": CKPT + plan_for("table_wise") + list(extra)}]}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, synth_dir):
+    root = tmp_path_factory.mktemp("ckpt_ref")
+    result = torchrun(spec(synth_dir, root / "run"), root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "run"
+
+
+def losses(run_dir):
+    return json.loads((run_dir / "result_rank0.json").read_text())["losses"]
+
+
+def test_killed_rank_mid_save_keeps_previous_checkpoint_and_resume_is_exact(uninterrupted, synth_dir, tmp_path):
+    run = tmp_path / "run"
+    crashed = torchrun(spec(synth_dir, run), tmp_path, env={"IAK_DIST_FAULT": "save:20:1"}, name="crash")
+    assert crashed.returncode != 0
+    ckpts = run / "checkpoints" / "pretrain"
+    assert (ckpts / "step_00000010" / "COMPLETE").is_file()
+    assert (ckpts / "step_00000020.partial").is_dir() and not (ckpts / "step_00000020").exists()
+    assert not (run / "backbone").exists()
+
+    resumed = torchrun(spec(synth_dir, run), tmp_path, name="resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at step 10" in resumed.stderr
+    assert losses(run) == losses(uninterrupted)[10:]  # exact on CPU
+    a = load_file(str(run / "backbone" / "model.safetensors"))
+    b = load_file(str(uninterrupted / "backbone" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def build(cfg, schema, ctx):
+    from iak_dist.distributed.sharding import shard_ranker
+    from iak_dist.distributed.zero import DenseEngine
+    from iak_dist.model.backbone import Backbone
+    from iak_dist.model.ranker import Ranker
+
+    backbone = Backbone(schema, cfg.model, device=torch.device("meta"))
+    sharded = shard_ranker(Ranker(backbone), ctx, cfg.distributed.sharding, cfg.pretrain.lr_sparse, 64)
+    dense = DenseEngine(backbone.dense_modules(), 0.01, 0.0, cfg.distributed.zero, 64, ctx.world_size)
+    return sharded, dense
+
+
+@pytest.mark.parametrize("kind", ["table_wise", "column_wise", "data_parallel"])
+def test_two_rank_checkpoint_loads_on_one_rank_with_any_plan(kind, uninterrupted, synth_dir, ctx):
+    from iak_dist.config import load_config
+    from iak_dist.data.schema import Schema
+    from iak_dist.distributed.checkpoint import CheckpointManager, plain_state_dict
+
+    cfg = load_config(None, CKPT + plan_for(kind))
+    sharded, dense = build(cfg, Schema.load(synth_dir / "schema.yaml"), ctx)
+    state = CheckpointManager(uninterrupted / "checkpoints" / "pretrain", ctx).restore_latest(sharded.model, dense)
+    assert state["step"] == 40 and state["world_size"] == 2
+    restored = plain_state_dict(sharded.model, prefix="backbone.")
+    exported = load_file(str(uninterrupted / "backbone" / "model.safetensors"))
+    for key in exported:
+        assert torch.equal(restored[key], exported[key]), key
+    if kind != "data_parallel":  # fused Adagrad state came along, resharded
+        opt = sharded.model.fused_optimizer.state_dict()["state"]
+        assert any(v for v in opt.values())
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_one_before(uninterrupted, synth_dir, ctx, tmp_path):
+    import shutil
+
+    from iak_dist.config import load_config
+    from iak_dist.data.schema import Schema
+    from iak_dist.distributed.checkpoint import CheckpointManager
+
+    root = tmp_path / "ckpts"
+    shutil.copytree(uninterrupted / "checkpoints" / "pretrain", root)
+    newest = sorted(root.glob("step_*"))[-1]
+    for f in (newest / "sparse").glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[:100])
+    warnings = []
+    cfg = load_config(None, CKPT + plan_for("table_wise"))
+    sharded, dense = build(cfg, Schema.load(synth_dir / "schema.yaml"), ctx)
+    state = CheckpointManager(root, ctx).restore_latest(sharded.model, dense, warn=warnings.append)
+    assert state["step"] == 30
+    assert len(warnings) == 1 and newest.name in warnings[0] and "falling back" in warnings[0]
+
+
+def test_checkpoint_of_another_model_config_names_the_tables(uninterrupted, synth_dir, ctx):
+    from iak_dist.config import load_config
+    from iak_dist.data.schema import Schema
+    from iak_dist.distributed.checkpoint import CheckpointManager
+    from iak_dist.errors import UserError
+
+    cfg = load_config(None, CKPT + plan_for("table_wise") + ["model.embedding_dim=8"])
+    sharded, dense = build(cfg, Schema.load(synth_dir / "schema.yaml"), ctx)
+    with pytest.raises(UserError, match=r"different model config: tables embedding_bags.t_item_id.weight "
+                                        r"\(checkpoint \[40000, 16\], model \[40000, 8\]\)"):
+        CheckpointManager(uninterrupted / "checkpoints" / "pretrain", ctx).restore_latest(sharded.model, dense)
+
+
+def test_zero_partitioned_state_refuses_another_world_size(tmp_path_factory, synth_dir, ctx):
+    from iak_dist.config import load_config
+    from iak_dist.data.schema import Schema
+    from iak_dist.distributed.checkpoint import CheckpointManager
+    from iak_dist.errors import UserError
+
+    root = tmp_path_factory.mktemp("zero2")
+    result = torchrun(spec(synth_dir, root / "run", ["distributed.zero.stage=2", "pretrain.steps=10"]), root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = load_config(None, CKPT + plan_for("table_wise") + ["distributed.zero.stage=2"])
+    sharded, dense = build(cfg, Schema.load(synth_dir / "schema.yaml"), ctx)
+    with pytest.raises(UserError, match="ZeRO stage 2 state saved on 2 ranks cannot be resumed on 1"):
+        CheckpointManager(root / "run" / "checkpoints" / "pretrain", ctx).restore_latest(sharded.model, dense)
+
+
+def test_two_rank_checkpoint_loads_on_two_ranks_with_another_plan(uninterrupted, synth_dir, tmp_path):
+    scenario = {"kind": "restore", "data": str(synth_dir), "out": str(tmp_path / "restore"),
+                "checkpoints": str(uninterrupted / "checkpoints" / "pretrain"),
+                "backbone": str(uninterrupted / "backbone"), "overrides": CKPT + plan_for("column_wise")}
+    result = torchrun({"scenarios": [scenario]}, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(2):
+        got = json.loads((tmp_path / "restore" / f"result_rank{rank}.json").read_text())
+        assert got == {"step": 40, "equal": True, "plan": "column_wise"}
