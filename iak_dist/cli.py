@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = verbs.add_parser("evaluate", help="evaluate fine-tuned strategies; writes JSON, Markdown and PNG")
     _add_config(ev)
 
+    plan = verbs.add_parser("plan", help="print the sharding plan and per-rank memory without allocating tables")
+    _add_config(plan)
+    plan.add_argument("--world-size", type=int, required=True)
+    plan.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    plan.add_argument("--schema", help="schema file (default: schema.yaml in data.dir)")
+
     sweep = verbs.add_parser("sweep", help="run the pipeline over a grid of overrides; tabulate results")
     _add_config(sweep)
     sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
@@ -87,6 +93,23 @@ def _validate(path: Path, schema_path: str | None) -> int:
     return 1 if problems else 0
 
 
+def _plan(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    import torch
+
+    from iak_dist.data.schema import Schema
+    from iak_dist.distributed.sharding import dry_run_plan
+    from iak_dist.model.backbone import Backbone
+    from iak_dist.model.ranker import Ranker
+
+    if args.world_size < 1:
+        raise UserError(f"--world-size {args.world_size}: must be at least 1")
+    schema = Schema.load(args.schema or Path(cfg.data.dir) / "schema.yaml")
+    ranker = Ranker(Backbone(schema, cfg.model, device=torch.device("meta")))
+    _, report = dry_run_plan(ranker, cfg.distributed.sharding, args.world_size, args.device, cfg.pretrain.batch_size)
+    print(report)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     configure_environment()
     if args.verb == "data":
@@ -106,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     cfg: PipelineConfig = load_config(args.config, args.set)
+    if args.verb == "plan":
+        return _plan(cfg, args)
     print(f"[iak-dist] {describe_stack()}", file=sys.stderr)
     if args.verb == "pipeline":
         from iak_dist.orchestration.local import run_pipeline

@@ -6,6 +6,7 @@ so that DeepSpeed (`iak_dist.distributed.zero`) owns them, and nothing wraps the
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,8 +73,10 @@ def _check_type(kind: str, supported: list[str], device_type: str, key: str) -> 
 def make_planner(world_size: int, device_type: str, cfg: ShardingConfig, batch_size: int,
                  table_names: list[str]) -> EmbeddingShardingPlanner:
     cap = int(cfg.memory_budget_gb * 1024**3) if cfg.memory_budget_gb > 0 else None
+    # ranks per host: what the launcher says, else one host on CPU and 8-GPU hosts on CUDA
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or (min(8, world_size) if device_type == "cuda" else world_size)
     topology = Topology(
-        world_size=world_size, compute_device=device_type, local_world_size=world_size,
+        world_size=world_size, compute_device=device_type, local_world_size=local,
         hbm_cap=cap if device_type == "cuda" else None, ddr_cap=cap if device_type != "cuda" else None,
     )
     return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size,
@@ -170,10 +173,23 @@ def plan_rows(plan: ShardingPlan, ranker: Ranker, world_size: int) -> list[dict[
 
 
 def format_plan(rows: list[dict[str, Any]]) -> str:
-    """The plan as an aligned text table (printed at start, saved with checkpoints)."""
+    """The plan as an aligned text table (printed at start, saved with checkpoints).
+
+    Up to 8 ranks every rank's MiB is listed; beyond, the range over the ranks holding the table.
+    """
     header = ["table", "rows", "dim", "sharding", "kernel", "ranks", "MiB per rank"]
-    body = [[r["table"], f"{r['rows']:,}", str(r["dim"]), r["sharding"], r["kernel"],
-             ",".join(map(str, r["ranks"])), " ".join(f"{b / 2**20:.1f}" for b in r["bytes_per_rank"])]
+
+    def ranks(r):
+        rs = r["ranks"]
+        return ",".join(map(str, rs)) if len(rs) <= 8 else f"{rs[0]}-{rs[-1]} ({len(rs)})"
+
+    def per_rank(r):
+        held = [b for b in r["bytes_per_rank"] if b]
+        if len(r["bytes_per_rank"]) <= 8:
+            return " ".join(f"{b / 2**20:.1f}" for b in r["bytes_per_rank"])
+        return f"{min(held) / 2**20:,.1f}..{max(held) / 2**20:,.1f}" if held else "0"
+
+    body = [[r["table"], f"{r['rows']:,}", str(r["dim"]), r["sharding"], r["kernel"], ranks(r), per_rank(r)]
             for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
@@ -218,3 +234,29 @@ def init_tables(model: nn.Module, ranker: Ranker, seed: int) -> None:
                 values = torch.empty(rows, cfg.embedding_dim).uniform_(-bound, bound, generator=gen)
                 lo, hi = max(start, r0), min(start + rows, r0 + nr)
                 tensor[lo - r0:hi - r0].copy_(values[lo - start:hi - start, c0:c0 + nc])
+
+
+def dry_run_plan(ranker: Ranker, cfg: ShardingConfig, world_size: int, device_type: str,
+                 batch_size: int) -> tuple[list[dict[str, Any]], str]:
+    """Plan `ranker` (tables on the meta device: nothing is allocated) for `world_size` ranks.
+
+    Returns the plan rows and a report: the plan table plus each rank's total table bytes.
+    """
+    table_names = [c.name for c in ranker.backbone.table_configs]
+    planner = make_planner(world_size, device_type, cfg, batch_size, table_names)
+    try:
+        plan = planner.plan(ranker, [EmbeddingBagCollectionSharder()])
+    except (PlannerError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"no plan fits {world_size} x {device_type} (distributed.sharding): {first}") from exc
+    rows = plan_rows(plan, ranker, world_size)
+    totals = [sum(r["bytes_per_rank"][k] for r in rows) for k in range(world_size)]
+    total_rows = sum(r["rows"] for r in rows)
+    lines = [format_plan(rows), "",
+             f"{len(rows)} tables, {total_rows:,} rows, {sum(totals) / 2**30:,.1f} GiB of weights "
+             f"over {world_size} x {device_type} (optimizer state and caches not included)",
+             "GiB of table weights per rank:"]
+    for start in range(0, world_size, 8):
+        ranks = range(start, min(start + 8, world_size))
+        lines.append("  " + "  ".join(f"r{k}: {totals[k] / 2**30:.2f}" for k in ranks))
+    return rows, "\n".join(lines)
