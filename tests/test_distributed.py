@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -118,3 +119,27 @@ def test_frozen_tables_are_bitwise_unchanged_on_every_rank(kind, two_rank_runs):
     sizes = [json.loads((two_rank_runs / f"frozen-{kind}" / f"result_rank{r}.json").read_text())["local_elements"]
              for r in range(2)]
     assert all(s > 0 for s in sizes)
+
+
+def test_whole_pipeline_under_torchrun_on_two_ranks(tmp_path, synth_dir):
+    import os
+
+    import yaml
+
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "run"), "data": {"source": "parquet", "dir": str(synth_dir)},
+        "model": {"embedding_dim": 8, "tower": [32, 16]}, "pretrain": {"steps": 20, "batch_size": 128},
+        "finetune": {"strategies": ["none", "lora", "iak"], "optim": {"steps": 10, "batch_size": 128}},
+    }))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "iak_dist.cli", "pipeline", "run", str(config)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ))
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 0, errors or result.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert sorted(report["aggregate"]) == ["iak", "lora", "none"]
+    assert "over 2 rank(s)" in result.stderr
+    assert result.stderr.count("seed 0: pre-training on all domains pooled") == 1  # rank 0 logs alone
+    rows = pq.read_metadata(synth_dir / "test.parquet").num_rows
+    assert all(report["aggregate"][s]["overall"]["rows"]["mean"] == rows for s in ("none", "lora", "iak"))

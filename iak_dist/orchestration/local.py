@@ -7,6 +7,7 @@ run continues where it stopped. (The Ray-scheduled pipeline builds on the same p
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,9 @@ from iak_dist.io import atomic_write_json, atomic_write_text
 
 
 def log(message: str) -> None:
-    print(f"[pipeline {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    """Progress lines, from rank 0 only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[pipeline {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def seed_dir(cfg: PipelineConfig, seed: int) -> Path:
@@ -96,12 +99,15 @@ def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext) -> Path:
 
 
 def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> Path:
+    """The whole pipeline; alone or under torchrun / SLURM (rank 0 prepares data and writes reports)."""
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    ensure_data(cfg)
     ctx = init_distributed()
     try:
+        if ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            ensure_data(cfg)
+        ctx.barrier()
         train_all(cfg, ctx, show_progress)
         return evaluate_and_report(cfg, ctx)
     finally:

@@ -70,7 +70,9 @@ def evaluate(
             raise UserError(f"{adapter_dir}: adapter domain order {adapter_cfg['domains']} differs from the schema's")
     sharded, _ = build_from_backbone(backbone_dir, adapter, ctx, train_embeddings=False, sharding=sharding,
                                      backbone_override=override, batch_size=batch_size)
-    reader = ParquetReader(data_dir / f"{split}.parquet", schema, batch_size, ctx.rank, ctx.world_size)
+    # batch slices: every row is scored exactly once whatever the number of row groups per rank
+    reader = ParquetReader(data_dir / f"{split}.parquet", schema, batch_size, ctx.rank, ctx.world_size,
+                           split="batch_slices")
     scores = score(sharded.model, reader)
     if ctx.world_size > 1:  # sync point: every rank's scores, in rank order
         parts: list = [None] * ctx.world_size
