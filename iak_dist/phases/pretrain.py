@@ -104,6 +104,7 @@ def pretrain(
         if ctx.is_main:
             atomic_write_json(out_dir / "backbone" / "train_summary.json", summary)
             (out_dir / "backbone" / "plan.txt").write_text(plan_text + "\n")
+        ctx.barrier()  # sync point: other ranks go on to read the exported backbone
     finally:
         if writer is not None:
             writer.close()
