@@ -98,10 +98,15 @@ def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext) -> Path:
     return run_dir
 
 
-def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> Path:
-    """The whole pipeline; alone or under torchrun / SLURM (rank 0 prepares data and writes reports)."""
+def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, ctx: DistContext | None = None) -> Path:
+    """The whole pipeline; alone or under torchrun / SLURM (rank 0 prepares data and writes reports).
+
+    Pass `ctx` to run several pipelines in one process (a sweep): the process group, and the
+    DeepSpeed groups cached on it, must then outlive each pipeline.
+    """
     run_dir = Path(cfg.run_dir)
-    ctx = init_distributed()
+    own_ctx = ctx is None
+    ctx = ctx or init_distributed()
     try:
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -111,4 +116,5 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True) -> Path:
         train_all(cfg, ctx, show_progress)
         return evaluate_and_report(cfg, ctx)
     finally:
-        close_distributed(ctx)
+        if own_ctx:
+            close_distributed(ctx)

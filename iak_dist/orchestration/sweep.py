@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from iak_dist.config import load_config
+from iak_dist.distributed.context import close_distributed, init_distributed
 from iak_dist.errors import UserError
 from iak_dist.io import atomic_write_json, atomic_write_text
 from iak_dist.orchestration.local import log, run_pipeline
@@ -40,6 +41,14 @@ def _link_tree(src: Path, dst: Path) -> None:
 def run_sweep(config: str, overrides: list[str], grid_items: list[str], strategies: list[str] | None) -> Path:
     grid = parse_grid(grid_items)
     base = load_config(config, overrides)
+    ctx = init_distributed()
+    try:
+        return _sweep(config, overrides, grid, strategies, base, ctx)
+    finally:
+        close_distributed(ctx)
+
+
+def _sweep(config, overrides, grid, strategies, base, ctx) -> Path:
     sweep_dir = Path(base.run_dir) / "sweep"
     shares_backbone = all(key.startswith("finetune.") for key, _ in grid)
     rows = []
@@ -54,10 +63,10 @@ def run_sweep(config: str, overrides: list[str], grid_items: list[str], strategi
             for seed in cfg.seeds:
                 shared = Path(base.run_dir) / f"seed{seed}" / "backbone"
                 if not (shared / "backbone.json").is_file():
-                    run_pipeline(load_config(config, overrides + ["finetune.strategies=[none]"]))
+                    run_pipeline(load_config(config, overrides + ["finetune.strategies=[none]"]), ctx=ctx)
                 _link_tree(shared, Path(cfg.run_dir) / f"seed{seed}" / "backbone")
         log(f"sweep point {name}")
-        run_dir = run_pipeline(cfg)
+        run_dir = run_pipeline(cfg, ctx=ctx)
         agg = json.loads((run_dir / "report.json").read_text())["aggregate"]
         rows.append((name, agg))
     strategies_seen = list(rows[0][1])
