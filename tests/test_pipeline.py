@@ -53,3 +53,18 @@ def test_pipeline_end_to_end_and_rerun_skips_finished_work(tmp_path, synth_dir, 
     assert "seed 1: pre-trained backbone found, skipping pre-training" in err
     assert "fine-tuning every domain" not in err
     assert adapter.stat().st_mtime_ns == stamp
+
+
+def test_sweep_tabulates_every_grid_point_and_reuses_backbones(tmp_path, synth_dir):
+    config = write_config(tmp_path, synth_dir)
+    assert main(["sweep", str(config), "--set", "seeds=[0]", "--strategies", "iak",
+                 "--grid", "finetune.iak.beta_matching=0,0.1"]) == 0
+    sweep = tmp_path / "run" / "sweep"
+    table = (sweep / "sweep.md").read_text()
+    assert "| beta_matching=0 | iak |" in table and "| beta_matching=0.1 | iak |" in table
+    shared = tmp_path / "run" / "seed0" / "backbone" / "model.safetensors"
+    linked = sweep / "beta_matching=0" / "seed0" / "backbone" / "model.safetensors"
+    assert linked.stat().st_ino == shared.stat().st_ino  # hard link: pre-trained once
+    results = json.loads((sweep / "sweep.json").read_text())
+    a, b = (results[p]["iak"]["overall"]["ctr_auc"]["mean"] for p in ("beta_matching=0", "beta_matching=0.1"))
+    assert a != b

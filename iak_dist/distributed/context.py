@@ -47,11 +47,13 @@ def init_distributed() -> DistContext:
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend, init_method="env://")
+            owns = True
         else:
+            # The single-process group lives as long as the process: DeepSpeed caches its groups on
+            # the first default group, so destroying and re-creating it breaks a later engine.
             os.environ.setdefault("LOCAL_WORLD_SIZE", "1")  # TorchRec's topology reads it
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        owns = True
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
