@@ -7,6 +7,7 @@ Bad input (data, config, checkpoints) exits with code 2 and a one-line `error:` 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -42,8 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipe = verbs.add_parser("pipeline", help="run the whole pipeline")
     pipe_verbs = pipe.add_subparsers(dest="pipeline_verb", required=True)
-    run = pipe_verbs.add_parser("run", help="prepare -> pre-train -> fine-tune all strategies -> evaluate -> report")
+    run = pipe_verbs.add_parser("run", help="prepare -> pre-train -> fine-tune all strategies -> evaluate -> export")
     _add_config(run)
+    run.add_argument("--address", help="Ray cluster to run on (default: orchestration.address, else an embedded Ray)")
+    run.add_argument("--no-ray", action="store_true",
+                     help="run every phase in this process (or under torchrun) instead of as Ray tasks")
+    status = pipe_verbs.add_parser("status", help="the phases of a run as a table, with the running one's progress")
+    status.add_argument("run_dir")
 
     pre = verbs.add_parser("pretrain", help="pre-train the backbone of one seed")
     _add_config(pre)
@@ -128,14 +134,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
         return 0
 
+    if args.verb == "pipeline" and args.pipeline_verb == "status":
+        from iak_dist.orchestration.status import format_status
+
+        print(format_status(args.run_dir))
+        return 0
     cfg: PipelineConfig = load_config(args.config, args.set)
     if args.verb == "plan":
         return _plan(cfg, args)
     print(f"[iak-dist] {describe_stack()}", file=sys.stderr)
     if args.verb == "pipeline":
-        from iak_dist.orchestration.local import run_pipeline
+        if args.no_ray or "RANK" in os.environ:  # under torchrun / srun the launcher made the ranks
+            from iak_dist.orchestration.local import run_pipeline
 
-        run_pipeline(cfg)
+            run_pipeline(cfg)
+        else:
+            from iak_dist.orchestration.ray_pipeline import run_ray_pipeline
+
+            run_ray_pipeline(cfg, args.address)
         return 0
     if args.verb == "sweep":
         from iak_dist.orchestration.sweep import run_sweep

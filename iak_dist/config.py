@@ -205,6 +205,41 @@ class DistributedConfig:
     """Complete checkpoints kept per phase (older ones are deleted once a newer one is complete)."""
 
 
+PHASE_TYPES = ("prepare", "pretrain", "finetune", "evaluate", "export")
+
+
+@dataclass
+class PhaseSpec:
+    """One phase of the Ray-scheduled pipeline."""
+
+    name: str
+    """Unique name; other phases name it in `after`."""
+    type: Literal["prepare", "pretrain", "finetune", "evaluate", "export"]
+    """What it runs. pretrain / finetune / evaluate run as Ray Train `TorchTrainer`s."""
+    after: list[str] = field(default_factory=list)
+    """Phases that must be done first. Phases with no path between them may run concurrently."""
+    strategies: list[str] = field(default_factory=list)
+    """finetune: the strategies this phase fine-tunes (empty: all of `finetune.strategies`)."""
+    workers: int = 1
+    """Ray Train workers (ranks) of a training phase."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL) instead of CPU (gloo)."""
+    max_failures: int = 2
+    """Worker-group restarts Ray Train allows before the phase fails (each resumes from the last checkpoint)."""
+
+
+@dataclass
+class OrchestrationConfig:
+    """Where and how the phases run."""
+
+    address: str = ""
+    """Ray cluster to join ("auto", "ray://host:10001", "host:6379"); empty: start an embedded local Ray."""
+    num_cpus: int = 0
+    """CPUs of the embedded Ray (0: all of this machine's)."""
+    phases: list[PhaseSpec] = field(default_factory=list)
+    """The phases and their dependencies; empty: prepare -> pretrain -> finetune -> evaluate -> export."""
+
+
 @dataclass
 class EvaluateConfig:
     """Per-domain evaluation on the test split."""
@@ -227,6 +262,7 @@ class PipelineConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.finetune.strategies if s not in STRATEGY_NAMES]

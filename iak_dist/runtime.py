@@ -20,6 +20,7 @@ def configure_environment() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("torchrec").setLevel(logging.ERROR)
+    logging.getLogger("fbgemm_gpu").setLevel(logging.WARNING)  # logs every table-batched kernel's arguments
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category, module=r"torchrec\..*")
     warnings.filterwarnings("ignore", message=".*ShardedTensor.*")

@@ -26,7 +26,7 @@ def write_config(tmp_path, synth_dir):
 
 def test_pipeline_end_to_end_and_rerun_skips_finished_work(tmp_path, synth_dir, capsys):
     config = write_config(tmp_path, synth_dir)
-    assert main(["pipeline", "run", str(config)]) == 0
+    assert main(["pipeline", "run", "--no-ray", str(config)]) == 0
     run = tmp_path / "run"
     report = json.loads((run / "report.json").read_text())
     agg = report["aggregate"]
@@ -48,7 +48,7 @@ def test_pipeline_end_to_end_and_rerun_skips_finished_work(tmp_path, synth_dir, 
     stamp = adapter.stat().st_mtime_ns
     capsys.readouterr()
 
-    assert main(["pipeline", "run", str(config)]) == 0
+    assert main(["pipeline", "run", "--no-ray", str(config)]) == 0
     err = capsys.readouterr().err
     assert "seed 1: pre-trained backbone found, skipping pre-training" in err
     assert "fine-tuning every domain" not in err

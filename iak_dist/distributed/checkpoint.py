@@ -21,6 +21,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from iak_dist.config import ModelConfig, from_dict, to_dict
 from iak_dist.data.schema import Schema
 from iak_dist.errors import UserError
+from iak_dist.faults import fault_point
 from iak_dist.io import atomic_path, atomic_write_json
 from iak_dist.model.backbone import backbone_identity
 
@@ -167,7 +168,7 @@ class CheckpointManager:
         self.ctx.barrier()
         dcp.save({"model": _sparse_state(model), "optim": _fused_optimizer_state(model)},
                  checkpoint_id=str(partial / "sparse"))
-        _fault_point("save", step, self.ctx.rank)
+        fault_point("save", step, self.ctx.rank)
         if dense is not None:
             dense.engine.save_checkpoint(str(partial / "dense"), tag="state")
         torch.save({"world_size": self.ctx.world_size, "rng": torch.get_rng_state(), **extra},
@@ -235,17 +236,6 @@ class CheckpointManager:
 
 def _table_shapes(model: nn.Module) -> dict[str, list[int]]:
     return {k[len(SPARSE_PREFIX):]: list(v.size()) for k, v in _sparse_state(model).items()}
-
-
-def _fault_point(where: str, step: int, rank: int) -> None:
-    """Fault injection for crash tests: `IAK_DIST_FAULT=save:STEP:RANK` SIGKILLs that rank right
-    after it wrote its shards of checkpoint STEP, before the checkpoint is marked complete."""
-    import os
-    import signal
-
-    fault = os.environ.get("IAK_DIST_FAULT", "")
-    if fault == f"{where}:{step}:{rank}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _remove_tree(path: Path) -> None:

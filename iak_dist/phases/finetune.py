@@ -5,7 +5,7 @@ Reads top to bottom: build (data, backbone + adapter, dense engine) -> restore -
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,8 +98,12 @@ def count_trainable(run: FinetuneSetup) -> int:
 def finetune(
     data_dir: str | Path, backbone_dir: str | Path, strategy: str, cfg: FinetuneConfig, seed: int,
     out_dir: str | Path, ctx: DistContext, show_progress: bool = True, dist_cfg: DistributedConfig | None = None,
+    on_checkpoint: Callable[[int, Path], None] | None = None,
 ) -> dict[str, float]:
-    """Fine-tune `strategy` on `data_dir/finetune.parquet`; save the adapter to `out_dir`."""
+    """Fine-tune `strategy` on `data_dir/finetune.parquet`; save the adapter to `out_dir`.
+
+    `on_checkpoint(step, path)` runs on every rank after each checkpoint.
+    """
     dist_cfg = dist_cfg or DistributedConfig()
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
@@ -121,7 +125,9 @@ def finetune(
 
         def on_step_end(step: int) -> None:
             if dist_cfg.checkpoint_every and step % dist_cfg.checkpoint_every == 0 and step < total:
-                checkpoints.save(step, run.model, dense, {"step": step, "sampler": sampler.state_dict()})
+                path = checkpoints.save(step, run.model, dense, {"step": step, "sampler": sampler.state_dict()})
+                if on_checkpoint is not None:
+                    on_checkpoint(step, path)
 
         writer = summary_writer(out_dir / "tb", ctx)
         try:
@@ -129,7 +135,8 @@ def finetune(
                                   cfg.optim, desc=f"finetune {strategy} seed {seed}", start_step=start,
                                   data_parallel_optimizer=run.sharded.data_parallel_optimizer, writer=writer,
                                   adapter=run.adapter, num_domains=num_domains,
-                                  show_progress=show_progress and ctx.is_main, on_step_end=on_step_end)
+                                  show_progress=show_progress and ctx.is_main, on_step_end=on_step_end,
+                                  progress_path=out_dir.parent / "progress.json" if ctx.is_main else None)
         finally:
             if writer is not None:
                 writer.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,8 @@ from iak_dist.data.batch import Batch
 from iak_dist.data.sampler import domain_normalised_mean
 from iak_dist.distributed.sharding import DataParallelTableOptimizer
 from iak_dist.distributed.zero import DenseEngine
+from iak_dist.faults import fault_point
+from iak_dist.io import atomic_write_json
 from iak_dist.model.backbone import ModelOutput
 from iak_dist.model.strategies.base import Adapter
 
@@ -41,13 +45,15 @@ def train_loop(
     num_domains: int | None = None,
     show_progress: bool = True,
     on_step_end: Callable[[int], None] | None = None,
+    progress_path: Path | None = None,
 ) -> dict[str, float]:
     """Train from `start_step` to `total_steps`; returns summary metrics (final loss, samples/s).
 
     Sparse parameters (if they train) are updated inside backward by TorchRec's fused optimizer;
     the dense ones by DeepSpeed (`dense`). With `num_domains`, each domain's mean loss is averaged
     (dynamic batch-aware training), else rows are averaged. `on_step_end(step)` runs after each
-    step with the number of steps done (checkpointing hooks in there).
+    step with the number of steps done (checkpointing hooks in there). With `progress_path`, the
+    step, loss and throughput are written there as JSON (`iak-dist pipeline status` reads it).
     """
     model.train()
     samples, start = 0, time.perf_counter()
@@ -82,6 +88,11 @@ def train_loop(
                 writer.add_scalar("train/aux_loss", float(out.aux_loss.detach()), step)
                 for k, v in logs.items():
                     writer.add_scalar(f"train/{k}", v, step)
+            if progress_path is not None:
+                atomic_write_json(progress_path, {
+                    "desc": desc, "step": step + 1, "total": total_steps, "loss": ema, "updated": time.time(),
+                    "samples_per_s": samples / max(time.perf_counter() - start, 1e-9)})
+        fault_point("step", step + 1, int(os.environ.get("RANK", "0")))
         if on_step_end is not None:
             on_step_end(step + 1)
     bar.close()

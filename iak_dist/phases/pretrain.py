@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -55,11 +55,13 @@ def say(ctx: DistContext, message: str) -> None:
 def pretrain(
     data_dir: str | Path, model_cfg: ModelConfig, optim: OptimConfig, dist_cfg: DistributedConfig, seed: int,
     out_dir: str | Path, ctx: DistContext, show_progress: bool = True,
+    on_checkpoint: Callable[[int, Path], None] | None = None,
 ) -> dict[str, float]:
     """Train a backbone on `data_dir/pretrain.parquet`; write it to `out_dir/backbone`.
 
-    Checkpoints go to `out_dir/checkpoints/pretrain` every `dist_cfg.checkpoint_every` steps; a
-    re-run resumes from the newest complete one.
+    Checkpoints go to `out_dir/checkpoints/pretrain` every `dist_cfg.checkpoint_every` steps (and at
+    the end); a re-run resumes from the newest complete one. `on_checkpoint(step, path)` runs on
+    every rank after each checkpoint (Ray Train reports it there).
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     schema = Schema.load(data_dir / "schema.yaml")
@@ -86,7 +88,9 @@ def pretrain(
         extra = {"step": step}
         if sharded.data_parallel_optimizer is not None:
             extra["dp_optimizer"] = sharded.data_parallel_optimizer.state_dict()
-        checkpoints.save(step, sharded.model, dense, extra, plan_text)
+        path = checkpoints.save(step, sharded.model, dense, extra, plan_text)
+        if on_checkpoint is not None:
+            on_checkpoint(step, path)
 
     def on_step_end(step: int) -> None:
         if dist_cfg.checkpoint_every and step % dist_cfg.checkpoint_every == 0 and step < total:
@@ -97,7 +101,8 @@ def pretrain(
         summary = train_loop(sharded.model, dense, batches_from(reader, start), total, optim,
                              desc=f"pretrain seed {seed}", start_step=start,
                              data_parallel_optimizer=sharded.data_parallel_optimizer, writer=writer,
-                             show_progress=show_progress and ctx.is_main, on_step_end=on_step_end)
+                             show_progress=show_progress and ctx.is_main, on_step_end=on_step_end,
+                             progress_path=out_dir / "progress.json" if ctx.is_main else None)
         save(total)
         with dense.gathered():
             export_backbone(sharded.model, schema, model_cfg, out_dir / "backbone", ctx.rank)

@@ -1,0 +1,29 @@
+"""Fault injection for crash tests (never set in normal runs).
+
+`IAK_DIST_FAULT=WHERE:STEP:RANK[:ONCE_FILE]` SIGKILLs rank RANK at fault point WHERE, step STEP:
+- `save`: right after the rank wrote its shards of checkpoint STEP, before it is marked complete;
+- `step`: right after training step STEP.
+With ONCE_FILE, the fault fires only if that file does not exist yet (and creates it first), so a
+restarted worker group runs through.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+
+def fault_point(where: str, step: int, rank: int) -> None:
+    spec = os.environ.get("IAK_DIST_FAULT", "")
+    if not spec:
+        return
+    parts = spec.split(":", 3)
+    if parts[:3] != [where, str(step), str(rank)]:
+        return
+    if len(parts) == 4:
+        once = Path(parts[3])
+        if once.exists():
+            return
+        once.write_text(f"{where}:{step}:{rank}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
