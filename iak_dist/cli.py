@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     plan.add_argument("--schema", help="schema file (default: schema.yaml in data.dir)")
 
+    sub = verbs.add_parser("submit", help="submit the pipeline as a Ray job to a cluster and stream its logs")
+    _add_config(sub)
+    sub.add_argument("--address", required=True, help="the cluster's job server, e.g. http://127.0.0.1:8265")
+    sub.add_argument("--no-follow", action="store_true", help="return once submitted")
+
     sweep = verbs.add_parser("sweep", help="run the pipeline over a grid of overrides; tabulate results")
     _add_config(sweep)
     sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
@@ -142,6 +147,10 @@ def run(args: argparse.Namespace) -> int:
     cfg: PipelineConfig = load_config(args.config, args.set)
     if args.verb == "plan":
         return _plan(cfg, args)
+    if args.verb == "submit":
+        from launchers.submit import submit
+
+        return submit(args.address, args.config, args.set, cfg, follow=not args.no_follow)
     print(f"[iak-dist] {describe_stack()}", file=sys.stderr)
     if args.verb == "pipeline":
         if args.no_ray or "RANK" in os.environ:  # under torchrun / srun the launcher made the ranks

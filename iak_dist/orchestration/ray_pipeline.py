@@ -12,6 +12,7 @@ are done run concurrently when Ray has the resources.
 from __future__ import annotations
 
 import concurrent.futures as futures
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,10 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 def run_ray_pipeline(cfg: PipelineConfig, address: str | None = None) -> Path:
-    run_dir = Path(cfg.run_dir).resolve()
+    # Ray tasks and Train workers run in other folders: ship absolute paths
+    cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()),
+                              data=dataclasses.replace(cfg.data, dir=str(Path(cfg.data.dir).resolve())))
+    run_dir = Path(cfg.run_dir)
     backbones = all((seed_dir(cfg, s) / "backbone" / "backbone.json").is_file() for s in cfg.seeds)
     phases = phases_of(cfg, backbones_exist=backbones, data_exists=is_prepared(cfg.data.dir))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +107,7 @@ def _schedule(cfg: PipelineConfig, phases: list[PhaseSpec], manifest: Manifest, 
                 try:
                     metrics = fut.result()
                 except Exception as exc:  # noqa: BLE001  (a failed phase must not lose the others)
-                    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    message = _explain(exc)
                     manifest.update(name, state="failed", finished=time.time(), error=message)
                     log(f"phase {name}: FAILED: {message}")
                     failed.append(name)
@@ -117,6 +121,17 @@ def _schedule(cfg: PipelineConfig, phases: list[PhaseSpec], manifest: Manifest, 
                         f"{manifest.phases[failed[0]]['error']}; fix it and run the same command again to resume "
                         f"(finished phases are kept)")
     log(f"pipeline done: {run_dir / 'report.md'}")
+
+
+def _explain(exc: BaseException) -> str:
+    """One line for a failed phase: a worker's `UserError` message if there is one, else the first line."""
+    text = str(exc)
+    marker = "UserError: "
+    found = [line.split(marker, 1)[1].strip() for line in text.splitlines() if marker in line]
+    if found:
+        return found[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def _run_phase(cfg: PipelineConfig, phase: PhaseSpec, run_dir: Path) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Launchers: Ray job submission and SLURM batch scripts for the iak-dist pipeline."""
