@@ -20,7 +20,9 @@ def configure_environment() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("torchrec").setLevel(logging.ERROR)
-    logging.getLogger("fbgemm_gpu").setLevel(logging.WARNING)  # logs every table-batched kernel's arguments
+    # FBGEMM logs every table-batched kernel's arguments through the root logger at INFO, which
+    # Ray workers print; our own progress goes through print, Ray's through its own loggers.
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category, module=r"torchrec\..*")
     warnings.filterwarnings("ignore", message=".*ShardedTensor.*")

@@ -23,6 +23,7 @@ from iak_dist.errors import UserError
 from iak_dist.orchestration.local import log, seed_dir
 from iak_dist.orchestration.manifest import Manifest
 from iak_dist.orchestration.spec import phases_of
+from iak_dist.orchestration.status import progress_line
 
 
 def start_ray(address: str, num_cpus: int) -> bool:
@@ -101,7 +102,12 @@ def _schedule(cfg: PipelineConfig, phases: list[PhaseSpec], manifest: Manifest, 
                         running[pool.submit(_run_phase, cfg, p, run_dir)] = p.name
             if not running:
                 break
-            done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+            done, _ = futures.wait(running, timeout=15, return_when=futures.FIRST_COMPLETED)
+            if not done:  # progress of the running training loops, read from their progress.json
+                for name in running.values():
+                    line = progress_line(run_dir, manifest.phases[name]["started"])
+                    if line:
+                        log(f"phase {name}: {line}")
             for fut in done:
                 name = running.pop(fut)
                 try:

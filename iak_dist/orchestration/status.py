@@ -20,14 +20,14 @@ def format_status(run_dir: str | Path) -> str:
             took = f"{(p['finished'] or now) - p['started']:.0f} s"
         detail = p["error"] or ""
         if p["state"] == "running":
-            detail = _progress(run_dir, p["started"]) or "starting"
+            detail = progress_line(run_dir, p["started"]) or "starting"
         elif p["state"] == "done" and p["metrics"]:
             detail = ", ".join(f"{k}={v:.4f}" for k, v in list(p["metrics"].items())[:3] if isinstance(v, float))
         lines.append(f"{name:<22} {p['state']:<8} {p['attempts']:>8} {took:>8}  {detail}")
     return "\n".join(lines)
 
 
-def _progress(run_dir: Path, since: float) -> str:
+def progress_line(run_dir: Path, since: float) -> str:
     """The most recent progress.json written since the phase started (rank 0 of the running loop)."""
     files = [f for f in run_dir.rglob("progress.json") if f.stat().st_mtime >= since]
     if not files:
