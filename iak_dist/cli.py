@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     if args.verb == "submit":
         from launchers.submit import submit
 
-        return submit(args.address, args.config, args.set, cfg, follow=not args.no_follow)
+        return submit(args.address, cfg, follow=not args.no_follow)
     print(f"[iak-dist] {describe_stack()}", file=sys.stderr)
     if args.verb == "pipeline":
         if args.no_ray or "RANK" in os.environ:  # under torchrun / srun the launcher made the ranks

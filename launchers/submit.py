@@ -1,50 +1,53 @@
 """`iak-dist submit --address http://HOST:8265 CONFIG`: the pipeline as a Ray job on a cluster.
 
-The project folder is shipped as the job's working dir (data, runs and the venv excluded); the
-job runs `python -m iak_dist.cli pipeline run CONFIG --address auto` on the cluster, whose nodes
-must have the pinned stack installed (start them from the project's venv). Paths in the config
-(`run_dir`, `data.dir`) are made absolute here, so outputs land where the submitter sees them:
-the cluster must share that file system (a single node, or NFS). Logs are streamed until the job
-ends; the exit code is 0 only if it SUCCEEDED.
+The job's working dir holds only the resolved config (every override applied, `run_dir` and
+`data.dir` made absolute); the `iak_dist` package travels as a runtime-env module. The job runs
+`python -m iak_dist.cli pipeline run pipeline.yaml --address auto` on the cluster, whose nodes must
+have the pinned stack installed (start them from the project's venv). Outputs land at the absolute
+paths, so the cluster must share that file system with the submitter (one node, or NFS). Logs are
+streamed until the job ends; the exit code is 0 only if it SUCCEEDED.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sys
+import tempfile
 from pathlib import Path
 
-from iak_dist.config import PipelineConfig
+import yaml
+
+import iak_dist
+from iak_dist.config import PipelineConfig, to_dict
 from iak_dist.errors import UserError
 
-EXCLUDES = [".venv", ".git", "runs", "results_runs", "data", "**/__pycache__", ".pytest_cache", ".ruff_cache"]
+
+def resolved_config(cfg: PipelineConfig) -> dict:
+    cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()),
+                              data=dataclasses.replace(cfg.data, dir=str(Path(cfg.data.dir).resolve())))
+    return to_dict(cfg)
 
 
-def submit(address: str, config: str, overrides: list[str], cfg: PipelineConfig, follow: bool = True) -> int:
+def submit(address: str, cfg: PipelineConfig, follow: bool = True) -> int:
+    if Path.home().joinpath(".ray", "auth_token").is_file() or "RAY_AUTH_TOKEN" in os.environ:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60 heads require the token; read at import
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    project = Path(__file__).resolve().parent.parent
-    config_path = Path(config).resolve()
-    try:
-        relative_config = config_path.relative_to(project)
-    except ValueError as exc:
-        raise UserError(f"{config}: the config must lie inside the project folder {project} "
-                        f"(it is shipped as the job's working dir)") from exc
-    pinned = [f"run_dir={Path(cfg.run_dir).resolve()}", f"data.dir={Path(cfg.data.dir).resolve()}"]
-    args = " ".join(f"--set '{o}'" for o in [*overrides, *pinned])
-    entrypoint = f"python -m iak_dist.cli pipeline run {relative_config} --address auto {args}"
-    if Path.home().joinpath(".ray", "auth_token").is_file() or "RAY_AUTH_TOKEN" in os.environ:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60 heads require the token by default
     try:
         client = JobSubmissionClient(address)
     except Exception as exc:  # ConnectionError, RuntimeError from Ray's SDK
         raise UserError(f"--address {address}: no Ray job server answers there "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
-    job_id = client.submit_job(entrypoint=entrypoint,
-                               runtime_env={"working_dir": str(project), "excludes": EXCLUDES,
-                                            "env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
-    print(f"[submit] job {job_id} on {address}: {entrypoint}", file=sys.stderr, flush=True)
+    staging = Path(tempfile.mkdtemp(prefix="iak-dist-job-"))
+    (staging / "pipeline.yaml").write_text(yaml.safe_dump(resolved_config(cfg), sort_keys=False))
+    entrypoint = "python -m iak_dist.cli pipeline run pipeline.yaml --address auto"
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={
+        "working_dir": str(staging), "py_modules": [str(Path(iak_dist.__file__).parent)],
+        "env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+    })
+    print(f"[submit] job {job_id} on {address}: {entrypoint} (run_dir {cfg.run_dir})", file=sys.stderr, flush=True)
     if not follow:
         return 0
 

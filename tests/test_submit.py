@@ -34,18 +34,14 @@ def ray_head():
 
 def test_submitted_pipeline_runs_to_completion_with_streamed_logs(ray_head, synth_dir, tmp_path):
     project = Path(__file__).resolve().parent.parent
-    config = project / "runs" / f"submit-test-{os.getpid()}.yaml"
-    config.parent.mkdir(exist_ok=True)
+    config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump({
         "run_dir": str(tmp_path / "run"), "seeds": [0], "data": {"source": "parquet", "dir": str(synth_dir)},
         "model": {"embedding_dim": 8, "tower": [32, 16]}, "pretrain": {"steps": 20, "batch_size": 128},
         "finetune": {"strategies": ["none", "iak"], "optim": {"steps": 10, "batch_size": 128}},
     }))
-    try:
-        result = subprocess.run([sys.executable, "-m", "iak_dist.cli", "submit", "--address", ray_head, str(config)],
-                                capture_output=True, text=True, timeout=900, cwd=project)
-    finally:
-        config.unlink()
+    result = subprocess.run([sys.executable, "-m", "iak_dist.cli", "submit", "--address", ray_head, str(config)],
+                            capture_output=True, text=True, timeout=900, cwd=project)
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     assert "SUCCEEDED" in result.stderr
     assert "phase pretrain" in result.stdout + result.stderr  # the job's own log lines were streamed
