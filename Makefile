@@ -9,6 +9,7 @@ run: setup
 	.venv/bin/iak-dist pipeline run $(CONFIG)
 
 test: setup
+	./scripts/setup_test_services.sh
 	.venv/bin/ruff check .
 	.venv/bin/python -m pytest -q -ra
 

@@ -74,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--address", required=True, help="the cluster's job server, e.g. http://127.0.0.1:8265")
     sub.add_argument("--no-follow", action="store_true", help="return once submitted")
 
+    slurm = verbs.add_parser("slurm", help="write SLURM sbatch launchers for the pipeline (and submit them)")
+    _add_config(slurm)
+    slurm.add_argument("--out", required=True, help="folder for the scripts and the resolved config")
+    slurm.add_argument("--nodes", type=int, default=1)
+    slurm.add_argument("--cpus-per-task", type=int, default=2)
+    slurm.add_argument("--partition", default="")
+    slurm.add_argument("--time", default="01:00:00")
+    slurm.add_argument("--phase", default="pretrain", help="torchrun launcher: pretrain, finetune or pipeline")
+    slurm.add_argument("--strategy", default="iak", help="torchrun launcher with --phase finetune")
+    slurm.add_argument("--procs-per-node", type=int, default=1, help="torchrun launcher: ranks per node")
+    slurm.add_argument("--submit", choices=["ray", "torchrun"], help="sbatch this launcher and wait for the job")
+
     sweep = verbs.add_parser("sweep", help="run the pipeline over a grid of overrides; tabulate results")
     _add_config(sweep)
     sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
@@ -147,6 +159,20 @@ def run(args: argparse.Namespace) -> int:
     cfg: PipelineConfig = load_config(args.config, args.set)
     if args.verb == "plan":
         return _plan(cfg, args)
+    if args.verb == "slurm":
+        from launchers.slurm import SlurmOptions, submit_and_wait, write_scripts
+
+        opts = SlurmOptions(nodes=args.nodes, cpus_per_task=args.cpus_per_task, partition=args.partition,
+                            time_limit=args.time, procs_per_node=args.procs_per_node, phase=args.phase,
+                            strategy=args.strategy)
+        scripts = write_scripts(cfg, args.out, opts)
+        for kind, path in scripts.items():
+            print(f"{kind}: sbatch {path}")
+        if not args.submit:
+            return 0
+        job, state = submit_and_wait(scripts[args.submit], args.partition)
+        print(f"[slurm] job {job}: {state}", file=sys.stderr)
+        return 0 if state == "COMPLETED" else 1
     if args.verb == "submit":
         from launchers.submit import submit
 

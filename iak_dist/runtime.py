@@ -19,6 +19,9 @@ def configure_environment() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.path.isfile(os.path.expanduser("~/.ray/auth_token")) or "RAY_AUTH_TOKEN" in os.environ:
+        # Ray 2.60 heads require this token once it exists; clients send it only in token mode
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     logging.getLogger("torchrec").setLevel(logging.ERROR)
     # FBGEMM logs every table-batched kernel's arguments through the root logger at INFO, which
     # Ray workers print; our own progress goes through print, Ray's through its own loggers.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -31,8 +30,6 @@ def resolved_config(cfg: PipelineConfig) -> dict:
 
 
 def submit(address: str, cfg: PipelineConfig, follow: bool = True) -> int:
-    if Path.home().joinpath(".ray", "auth_token").is_file() or "RAY_AUTH_TOKEN" in os.environ:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60 heads require the token; read at import
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     try:
