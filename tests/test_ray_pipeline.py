@@ -120,3 +120,39 @@ def test_cluster_address_that_does_not_answer(tmp_path, synth_dir):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2
     assert len(errors) == 1 and "orchestration.address '127.0.0.1:1': no Ray cluster answers there" in errors[0]
+
+
+def test_driver_killed_mid_pipeline_resumes_without_redoing_finished_phases(synth_dir, tmp_path):
+    import signal
+    import time
+
+    config = write_config(tmp_path, synth_dir, phases=PHASES[:3] + [
+        {"name": "evaluate", "type": "evaluate", "after": ["finetune-iak"]}],
+        finetune={"strategies": ["iak"], "optim": {"steps": 400, "batch_size": 128}})
+    manifest_path = tmp_path / "run" / "manifest.json"
+    driver = subprocess.Popen([sys.executable, "-m", "iak_dist.cli", "pipeline", "run", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            phases = json.loads(manifest_path.read_text())["phases"] if manifest_path.is_file() else {}
+            if phases.get("finetune-iak", {}).get("state") == "running":
+                break
+            assert driver.poll() is None, "the pipeline ended before it could be killed"
+            time.sleep(0.5)
+        else:
+            pytest.fail("fine-tuning never started")
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
+        driver.wait()
+    finally:
+        subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"],
+                       capture_output=True, timeout=120)
+    killed = json.loads(manifest_path.read_text())["phases"]
+    assert killed["pretrain"]["state"] == "done" and killed["finetune-iak"]["state"] == "running"
+
+    again = run_cli(["pipeline", "run", str(config)])
+    assert again.returncode == 0, again.stderr[-3000:]
+    phases = json.loads(manifest_path.read_text())["phases"]
+    assert phases["prepare"]["attempts"] == 1 and phases["pretrain"]["attempts"] == 1  # not redone
+    assert phases["finetune-iak"]["attempts"] == 2 and all(p["state"] == "done" for p in phases.values())
+    assert "phase pretrain: done in an earlier run, skipping" in again.stderr
