@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     plan.add_argument("--schema", help="schema file (default: schema.yaml in data.dir)")
 
+    prof = verbs.add_parser("profile", help="throughput: step breakdown and plain baselines side by side")
+    _add_config(prof)
+    prof.add_argument("--steps", type=int, default=60)
+    prof.add_argument("--trace", action="store_true", help="also write a Chrome trace of a few steps")
+
     sub = verbs.add_parser("submit", help="submit the pipeline as a Ray job to a cluster and stream its logs")
     _add_config(sub)
     sub.add_argument("--address", required=True, help="the cluster's job server, e.g. http://127.0.0.1:8265")
@@ -173,6 +178,12 @@ def run(args: argparse.Namespace) -> int:
         job, state = submit_and_wait(scripts[args.submit], args.partition)
         print(f"[slurm] job {job}: {state}", file=sys.stderr)
         return 0 if state == "COMPLETED" else 1
+    if args.verb == "profile":
+        from profiling.profile import run_profile
+
+        out = run_profile(cfg, steps=args.steps, trace=args.trace)
+        print((out / "report.md").read_text())
+        return 0
     if args.verb == "submit":
         from launchers.submit import submit
 
