@@ -38,8 +38,13 @@ def supported_sharding_types(device_type: str) -> list[str]:
     return CUDA_SHARDING_TYPES if device_type == "cuda" else CPU_SHARDING_TYPES
 
 
-def plan_constraints(table_names: list[str], cfg: ShardingConfig, device_type: str) -> dict[str, ParameterConstraints]:
-    """Planner constraints from the config; an unknown feature, type or kernel is a `UserError`."""
+def plan_constraints(table_names: list[str], cfg: ShardingConfig, device_type: str,
+                     world_size: int = 2) -> dict[str, ParameterConstraints]:
+    """Planner constraints from the config; an unknown feature, type or kernel is a `UserError`.
+
+    On one rank, unlisted tables default to table-wise: splitting a table into column shards there
+    buys nothing and adds split / output-dist work on every step (measured: `iak-dist profile`).
+    """
     supported = supported_sharding_types(device_type)
     features = {t[len("t_"):]: t for t in table_names}
     for feature, table_plan in cfg.plan.items():
@@ -60,7 +65,8 @@ def plan_constraints(table_names: list[str], cfg: ShardingConfig, device_type: s
             kernel = "dense" if p.sharding_type == "data_parallel" else p.compute_kernel
             out[table] = ParameterConstraints(sharding_types=[p.sharding_type], compute_kernels=[kernel])
         else:
-            out[table] = ParameterConstraints(sharding_types=list(cfg.sharding_types or supported))
+            default = ["table_wise"] if world_size == 1 else supported
+            out[table] = ParameterConstraints(sharding_types=list(cfg.sharding_types or default))
     return out
 
 
@@ -80,7 +86,7 @@ def make_planner(world_size: int, device_type: str, cfg: ShardingConfig, batch_s
         hbm_cap=cap if device_type == "cuda" else None, ddr_cap=cap if device_type != "cuda" else None,
     )
     return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size,
-                                    constraints=plan_constraints(table_names, cfg, device_type))
+                                    constraints=plan_constraints(table_names, cfg, device_type, world_size))
 
 
 @dataclass
