@@ -54,7 +54,7 @@ def main() -> None:
         start = time.perf_counter()
         for i, batch in enumerate(batches):
             run.adapter.on_step(i, len(batches))
-            out = run.model(batch.sparse, batch.dense, batch.domain)
+            out = run.model(batch)
             loss = esmm_loss_per_row(out, batch).mean() + out.aux_loss
             dense.backward(loss)
             dense.step()

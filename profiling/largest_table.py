@@ -28,6 +28,7 @@ def measure(rows: int, dim: int, steps: int, batch: int, ctx) -> dict[str, float
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     from iak_dist.config import ModelConfig, ShardingConfig, TablePlan, ZeroConfig
+    from iak_dist.data.batch import Batch
     from iak_dist.data.schema import Schema, SparseFeature
     from iak_dist.distributed.sharding import init_tables, shard_ranker
     from iak_dist.distributed.zero import DenseEngine
@@ -53,7 +54,7 @@ def measure(rows: int, dim: int, steps: int, batch: int, ctx) -> dict[str, float
     def step(i: int) -> None:
         kjt = KeyedJaggedTensor(keys=["id"], values=ids[i * batch:(i + 1) * batch],
                                 lengths=torch.ones(batch, dtype=torch.int32))
-        out = sharded.model(kjt, dense_x, domain)
+        out = sharded.model(Batch(kjt, dense_x, labels, labels, domain, domain))
         loss = torch.nn.functional.binary_cross_entropy_with_logits(out.ctr_logit, labels)
         dense.backward(loss)
         dense.step()

@@ -21,7 +21,7 @@ STRATEGIES = ["none", "full", "head", "lora", "patch", "iak"]
 def scores(model, batch):
     model.eval()
     with torch.no_grad():
-        out = model(batch.sparse, batch.dense, batch.domain)
+        out = model(batch)
     return out.p_ctr, out.p_ctcvr
 
 

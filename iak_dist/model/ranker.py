@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from iak_dist.data.batch import Batch
 from iak_dist.model.backbone import Backbone, ModelOutput
 from iak_dist.model.strategies.base import Adapter
 
@@ -23,10 +23,12 @@ class Ranker(nn.Module):
         self.adapter = adapter
         self.freeze_embeddings = freeze_embeddings
 
-    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor, domain: torch.Tensor) -> ModelOutput:
+    def forward(self, batch: Batch) -> ModelOutput:
+        """Scores of one batch. Takes the whole `Batch` (TorchRec's train pipeline traces which of
+        its attributes feed the sharded tables, to distribute the next batch's IDs early)."""
         if self.freeze_embeddings:
             with torch.no_grad():
-                embedded = self.backbone.embed(sparse)
+                embedded = self.backbone.embed(batch.sparse)
         else:
-            embedded = self.backbone.embed(sparse)
-        return self.backbone.dense_part(embedded, dense, self.adapter, domain)
+            embedded = self.backbone.embed(batch.sparse)
+        return self.backbone.dense_part(embedded, batch.dense, self.adapter, batch.domain)

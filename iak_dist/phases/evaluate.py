@@ -25,7 +25,7 @@ def score(model: torch.nn.Module, reader: ParquetReader) -> dict[str, np.ndarray
     model.eval()
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("p_ctr", "p_ctcvr", "click", "conversion", "domain", "user")}
     for batch in reader.epoch(0):
-        out = model(batch.sparse, batch.dense, batch.domain)
+        out = model(batch)
         for key, value in (("p_ctr", out.p_ctr), ("p_ctcvr", out.p_ctcvr), ("click", batch.click),
                            ("conversion", batch.conversion), ("domain", batch.domain), ("user", batch.user)):
             parts[key].append(value.detach().cpu().numpy())

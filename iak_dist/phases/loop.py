@@ -64,7 +64,7 @@ def train_loop(
     for step in range(start_step, total_steps):
         logs = adapter.on_step(step, total_steps) if adapter is not None else {}
         batch = next(it)
-        out = model(batch.sparse, batch.dense, batch.domain)
+        out = model(batch)
         per_row = esmm_loss_per_row(out, batch)
         task = domain_normalised_mean(per_row, batch.domain, num_domains) if num_domains else per_row.mean()
         loss = task + out.aux_loss
