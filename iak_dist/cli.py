@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[slurm] job {job}: {state}", file=sys.stderr)
         return 0 if state == "COMPLETED" else 1
     if args.verb == "profile":
-        from profiling.profile import run_profile
+        from profiling.throughput import run_profile
 
         out = run_profile(cfg, steps=args.steps, trace=args.trace)
         print((out / "report.md").read_text())
