@@ -199,6 +199,9 @@ class DistributedConfig:
     data_split: Literal["row_groups", "batch_slices"] = "row_groups"
     """`row_groups`: each rank reads its own row groups (scales); `batch_slices`: every rank reads the
     same global batches and keeps its slice, so N ranks x batch B train exactly like 1 x N*B."""
+    overlap_input_dist: bool = True
+    """Run training through TorchRec's TrainPipelineSparseDist: the next batch's input distribution
+    (and loading) overlaps the current batch's compute. Results are identical either way."""
     checkpoint_every: int = 0
     """Steps between distributed checkpoints of a training phase (0: only at the end)."""
     keep_checkpoints: int = 2

@@ -9,12 +9,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 from iak_dist.data.schema import Schema, hash_ids
 
 
 @dataclass
-class Batch:
+class Batch(Pipelineable):
     """One batch of impressions.
 
     `sparse` holds hashed IDs keyed by feature name (read it by name: sharded embedding
@@ -23,7 +24,7 @@ class Batch:
     """
 
     sparse: KeyedJaggedTensor
-    dense: torch.Tensor  # [B, n_dense] float32
+    dense: torch.Tensor  # [B, max(n_dense, 1)] float32
     click: torch.Tensor  # [B] float32
     conversion: torch.Tensor  # [B] float32 (click AND converted); zeros when the data has none
     domain: torch.Tensor  # [B] int64
@@ -31,6 +32,12 @@ class Batch:
 
     def __len__(self) -> int:
         return int(self.click.shape[0])
+
+    def record_stream(self, stream) -> None:
+        """Keep the tensors alive until `stream` (a CUDA stream of the train pipeline) is done with them."""
+        self.sparse.record_stream(stream)
+        for t in (self.dense, self.click, self.conversion, self.domain, self.user):
+            t.record_stream(stream)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         return Batch(
@@ -65,8 +72,8 @@ def arrow_to_batch(table: pa.Table, schema: Schema) -> Batch:
         dense = np.stack(
             [table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in schema.dense], axis=1
         )
-    else:
-        dense = np.zeros((n, 0), dtype=np.float32)
+    else:  # one constant column: the model's dense input is never empty (no shape branch to trace)
+        dense = np.zeros((n, 1), dtype=np.float32)
     conversion = (
         _label(table, schema.conversion) if schema.conversion else np.zeros(n, dtype=np.float32)
     )

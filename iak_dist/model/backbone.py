@@ -124,8 +124,6 @@ class Backbone(nn.Module):
 
     def dense_part(self, embedded: torch.Tensor, dense: torch.Tensor, adapter=None, domain=None) -> ModelOutput:
         """Everything after the embedding lookup: interaction, tower (with adapter hooks), heads."""
-        if dense.shape[1] == 0:
-            dense = torch.zeros(dense.shape[0], 1, dtype=embedded.dtype, device=embedded.device)
         vectors = torch.cat([embedded, self.dense_proj(dense).unsqueeze(1)], dim=1)
         x = self.interaction(vectors)
         aux = x.new_zeros(())

@@ -46,6 +46,8 @@ def train_loop(
     show_progress: bool = True,
     on_step_end: Callable[[int], None] | None = None,
     progress_path: Path | None = None,
+    overlap_input_dist: bool = False,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
     """Train from `start_step` to `total_steps`; returns summary metrics (final loss, samples/s).
 
@@ -54,7 +56,21 @@ def train_loop(
     (dynamic batch-aware training), else rows are averaged. `on_step_end(step)` runs after each
     step with the number of steps done (checkpointing hooks in there). With `progress_path`, the
     step, loss and throughput are written there as JSON (`iak-dist pipeline status` reads it).
+    With `overlap_input_dist`, steps run through TorchRec's sparse-dist train pipeline (the next
+    batch's input distribution overlaps this batch's compute); the arithmetic is the same.
     """
+    def forward_loss(batch: Batch) -> tuple[torch.Tensor, tuple[Batch, torch.Tensor, ModelOutput]]:
+        out = model(batch)
+        per_row = esmm_loss_per_row(out, batch)
+        task = domain_normalised_mean(per_row, batch.domain, num_domains) if num_domains else per_row.mean()
+        return task + out.aux_loss, (batch, task, out)
+
+    pipeline = None
+    if overlap_input_dist:
+        from iak_dist.distributed.pipeline import SparseDistPipeline
+
+        pipeline = SparseDistPipeline(model, forward_loss, dense, data_parallel_optimizer,
+                                      device or torch.device("cpu"))
     model.train()
     samples, start = 0, time.perf_counter()
     ema, losses = None, []
@@ -63,18 +79,18 @@ def train_loop(
     it: Iterator[Batch] = iter(batches)
     for step in range(start_step, total_steps):
         logs = adapter.on_step(step, total_steps) if adapter is not None else {}
-        batch = next(it)
-        out = model(batch)
-        per_row = esmm_loss_per_row(out, batch)
-        task = domain_normalised_mean(per_row, batch.domain, num_domains) if num_domains else per_row.mean()
-        loss = task + out.aux_loss
-        if dense is not None:
-            dense.backward(loss)  # sync point: the fused sparse update and the dense all-reduce
-            dense.step()
+        if pipeline is not None:
+            batch, task, out = pipeline.progress(it)  # forward, backward, steps: see distributed/pipeline.py
+            loss = task + out.aux_loss
         else:
-            loss.backward()
-        if data_parallel_optimizer is not None:
-            data_parallel_optimizer.step()
+            loss, (batch, task, out) = forward_loss(next(it))
+            if dense is not None:
+                dense.backward(loss)  # sync point: the fused sparse update and the dense all-reduce
+                dense.step()
+            else:
+                loss.backward()
+            if data_parallel_optimizer is not None:
+                data_parallel_optimizer.step()
         samples += len(batch)
         value = float(loss.detach())
         losses.append(value)
@@ -98,4 +114,6 @@ def train_loop(
     bar.close()
     seconds = time.perf_counter() - start
     return {"train/loss_ema": float(ema or 0.0), "train/samples_per_s": samples / max(seconds, 1e-9),
-            "train/seconds": seconds, "train/steps": float(total_steps), "train/losses": losses}
+            "train/seconds": seconds, "train/steps": float(total_steps), "train/losses": losses,
+            # sharded modules whose input dist the pipeline overlaps (0: plain loop)
+            "train/pipelined_modules": float(len(pipeline._pipelined_modules)) if pipeline is not None else 0.0}

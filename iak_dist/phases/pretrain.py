@@ -102,7 +102,8 @@ def pretrain(
                              desc=f"pretrain seed {seed}", start_step=start,
                              data_parallel_optimizer=sharded.data_parallel_optimizer, writer=writer,
                              show_progress=show_progress and ctx.is_main, on_step_end=on_step_end,
-                             progress_path=out_dir / "progress.json" if ctx.is_main else None)
+                             progress_path=out_dir / "progress.json" if ctx.is_main else None,
+                             overlap_input_dist=dist_cfg.overlap_input_dist, device=ctx.device)
         save(total)
         with dense.gathered():
             export_backbone(sharded.model, schema, model_cfg, out_dir / "backbone", ctx.rank)

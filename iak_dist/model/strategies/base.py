@@ -39,13 +39,15 @@ class DomainLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(num_domains, in_features, out_features) * init_std)
         self.bias = nn.Parameter(torch.zeros(num_domains, out_features)) if bias else None
+        # decided here, not per call: the forward has no shape-dependent branch (it is fx-traced)
+        self.one_gemm = num_domains * out_features <= self.gemm_limit
 
     gemm_limit = 4096
 
     def forward(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         idx = domain.clamp(min=0)
-        k, d_in, d_out = self.weight.shape
-        if k * d_out <= self.gemm_limit:
+        if self.one_gemm:
+            k, d_in, d_out = self.weight.shape
             every = (x @ self.weight.permute(1, 0, 2).reshape(d_in, k * d_out)).view(-1, k, d_out)
             y = every.gather(1, idx.view(-1, 1, 1).expand(-1, 1, d_out)).squeeze(1)
         else:
