@@ -37,10 +37,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun(spec, tmp_path, env=None, name="spec"):
+def torchrun(spec, tmp_path, env=None, name="spec", nproc=2):
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", str(WORKER), str(path)]
     import os
 

@@ -20,11 +20,12 @@ from iak_dist.phases.common import build_from_backbone, check_schema_matches
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, reader: ParquetReader) -> dict[str, np.ndarray]:
+def score(model: torch.nn.Module, reader: ParquetReader, device: torch.device | None = None) -> dict[str, np.ndarray]:
     """Scores and labels of every row the reader yields (inference: IAK uses z = mu)."""
     model.eval()
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("p_ctr", "p_ctcvr", "click", "conversion", "domain", "user")}
     for batch in reader.epoch(0):
+        batch = batch.to(device) if device is not None else batch
         out = model(batch)
         for key, value in (("p_ctr", out.p_ctr), ("p_ctcvr", out.p_ctcvr), ("click", batch.click),
                            ("conversion", batch.conversion), ("domain", batch.domain), ("user", batch.user)):
@@ -73,7 +74,7 @@ def evaluate(
     # batch slices: every row is scored exactly once whatever the number of row groups per rank
     reader = ParquetReader(data_dir / f"{split}.parquet", schema, batch_size, ctx.rank, ctx.world_size,
                            split="batch_slices")
-    scores = score(sharded.model, reader)
+    scores = score(sharded.model, reader, ctx.device)
     if ctx.world_size > 1:  # sync point: every rank's scores, in rank order
         parts: list = [None] * ctx.world_size
         dist.all_gather_object(parts, scores)

@@ -83,7 +83,8 @@ def train_loop(
             batch, task, out = pipeline.progress(it)  # forward, backward, steps: see distributed/pipeline.py
             loss = task + out.aux_loss
         else:
-            loss, (batch, task, out) = forward_loss(next(it))
+            batch = next(it)
+            loss, (batch, task, out) = forward_loss(batch if device is None else batch.to(device, non_blocking=True))
             if dense is not None:
                 dense.backward(loss)  # sync point: the fused sparse update and the dense all-reduce
                 dense.step()
