@@ -69,3 +69,23 @@ def test_unknown_partition_is_a_one_line_error(slurm, synth_dir, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2
     assert errors == ["error: --partition gpu: no such SLURM partition; partitions: debug"]
+
+
+def test_srun_tasks_form_the_process_group_from_slurm_variables(slurm, synth_dir, tmp_path):
+    """No torchrun: `srun -n 2` starts both ranks; they join through SLURM_PROCID / SLURM_NTASKS."""
+    script = tmp_path / "srun_pretrain.sbatch"
+    run_dir = tmp_path / "run"
+    script.write_text(f"""#!/bin/bash
+#SBATCH --ntasks=2
+#SBATCH --cpus-per-task=1
+#SBATCH --output={tmp_path / 'srun-%j.log'}
+export MASTER_ADDR=127.0.0.1 MASTER_PORT={free_port()}
+srun {sys.executable} -m iak_dist.cli pretrain configs/movielens_age.yaml --set run_dir={run_dir} \\
+  --set data.source=parquet --set data.dir={synth_dir} --set pretrain.steps=10 --set "model.tower=[32, 16]"
+""")
+    submitted = subprocess.run(["sbatch", "--parsable", "--wait", str(script)], capture_output=True, text=True,
+                               timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    log = "".join(p.read_text() for p in tmp_path.glob("srun-*.log"))
+    assert submitted.returncode == 0, submitted.stderr + log[-3000:]
+    assert "sharding plan over 2 rank(s)" in log
+    assert (run_dir / "seed0" / "backbone" / "model.safetensors").is_file()
