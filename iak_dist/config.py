@@ -280,6 +280,13 @@ class PipelineConfig:
             raise UserError(f"data.split_fractions: need three positive fractions summing to 1, got {fr}")
 
 
+def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
+    """`run_dir` and `data.dir` resolved against the current folder, for processes that run elsewhere
+    (Ray tasks and workers, Ray jobs, SLURM batch jobs)."""
+    return dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()),
+                               data=dataclasses.replace(cfg.data, dir=str(Path(cfg.data.dir).resolve())))
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading and validation
 

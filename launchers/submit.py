@@ -11,7 +11,6 @@ streamed until the job ends; the exit code is 0 only if it SUCCEEDED.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -19,14 +18,13 @@ from pathlib import Path
 import yaml
 
 import iak_dist
-from iak_dist.config import PipelineConfig, to_dict
+from iak_dist.config import PipelineConfig, to_dict, with_absolute_paths
 from iak_dist.errors import UserError
 
 
 def resolved_config(cfg: PipelineConfig) -> dict:
-    cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()),
-                              data=dataclasses.replace(cfg.data, dir=str(Path(cfg.data.dir).resolve())))
-    return to_dict(cfg)
+    """The config as data, overrides applied and paths absolute (what a job on another host reads)."""
+    return to_dict(with_absolute_paths(cfg))
 
 
 def submit(address: str, cfg: PipelineConfig, follow: bool = True) -> int:

@@ -155,7 +155,10 @@ class CheckpointManager:
         return sorted(p for p in self.root.glob("step_*") if p.is_dir() and (p / "COMPLETE").is_file()
                       and not p.name.endswith(".partial"))
 
-    def save(self, step: int, model: nn.Module, dense, extra: dict[str, Any], plan_text: str = "") -> Path:
+    def save(self, step: int, model: nn.Module, dense, extra: dict[str, Any], plan_text: str = "",
+             data_parallel_optimizer=None) -> Path:
+        """Checkpoint `step`: sparse shards + fused optimizer, the dense engine, `extra` train state and
+        the optimizer of data-parallel tables (which TorchRec's fused optimizer does not cover)."""
         import torch.distributed.checkpoint as dcp
 
         final = self.root / f"step_{step:08d}"
@@ -171,6 +174,8 @@ class CheckpointManager:
         fault_point("save", step, self.ctx.rank)
         if dense is not None:
             dense.engine.save_checkpoint(str(partial / "dense"), tag="state")
+        if data_parallel_optimizer is not None:
+            extra = {**extra, "dp_optimizer": data_parallel_optimizer.state_dict()}
         torch.save({"world_size": self.ctx.world_size, "rng": torch.get_rng_state(), **extra},
                    partial / f"train_state_rank{self.ctx.rank}.pt")
         self.ctx.barrier()
@@ -184,11 +189,12 @@ class CheckpointManager:
         self.ctx.barrier()
         return final
 
-    def restore_latest(self, model: nn.Module, dense, warn=print) -> dict[str, Any] | None:
+    def restore_latest(self, model: nn.Module, dense, warn=print,
+                       data_parallel_optimizer=None) -> dict[str, Any] | None:
         """Load the newest loadable checkpoint; returns its train state (None: start fresh)."""
         for path in reversed(self.complete()):
             try:
-                return self._load(path, model, dense)
+                return self._load(path, model, dense, data_parallel_optimizer)
             except UserError:
                 raise
             except Exception as exc:  # noqa: BLE001  (CheckpointException derives from BaseException)
@@ -200,7 +206,7 @@ class CheckpointManager:
                 warn(f"[checkpoint] {path} cannot be loaded (CheckpointException); falling back to the one before")
         return None
 
-    def _load(self, path: Path, model: nn.Module, dense) -> dict[str, Any]:
+    def _load(self, path: Path, model: nn.Module, dense, data_parallel_optimizer=None) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
 
         saved_world = int((path / "COMPLETE").read_text().strip() or 1)
@@ -230,6 +236,8 @@ class CheckpointManager:
         rank_file = path / f"train_state_rank{min(self.ctx.rank, saved_world - 1)}.pt"
         state = torch.load(rank_file, weights_only=True)
         torch.set_rng_state(state.pop("rng"))
+        if data_parallel_optimizer is not None and "dp_optimizer" in state:
+            data_parallel_optimizer.load_state_dict(state.pop("dp_optimizer"))
         state["path"] = str(path)
         return state
 

@@ -37,7 +37,8 @@ def ensure_data(cfg: PipelineConfig) -> Path:
     if is_prepared(data_dir) and cfg.data.source != "parquet":
         log(f"data: {data_dir} is prepared, reusing it")
     else:
-        log(f"data: preparing {cfg.data.source} into {data_dir}")
+        log(f"data: checking {data_dir}" if cfg.data.source == "parquet"
+            else f"data: preparing {cfg.data.source} into {data_dir}")
         prepare(cfg.data)
     return data_dir
 

@@ -12,12 +12,11 @@ are done run concurrently when Ray has the resources.
 from __future__ import annotations
 
 import concurrent.futures as futures
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
-from iak_dist.config import PhaseSpec, PipelineConfig, from_dict, to_dict
+from iak_dist.config import PhaseSpec, PipelineConfig, from_dict, to_dict, with_absolute_paths
 from iak_dist.data.prepare import is_prepared
 from iak_dist.errors import UserError
 from iak_dist.orchestration.local import log, seed_dir
@@ -63,9 +62,7 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 def run_ray_pipeline(cfg: PipelineConfig, address: str | None = None) -> Path:
-    # Ray tasks and Train workers run in other folders: ship absolute paths
-    cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()),
-                              data=dataclasses.replace(cfg.data, dir=str(Path(cfg.data.dir).resolve())))
+    cfg = with_absolute_paths(cfg)  # Ray tasks and Train workers run in other folders
     run_dir = Path(cfg.run_dir)
     backbones = all((seed_dir(cfg, s) / "backbone" / "backbone.json").is_file() for s in cfg.seeds)
     phases = phases_of(cfg, backbones_exist=backbones, data_exists=is_prepared(cfg.data.dir))

@@ -117,7 +117,8 @@ def finetune(
                                      seed * 100_003 + ctx.rank)
         total = steps_for(cfg.optim, run.table.num_rows // ctx.world_size)
         checkpoints = CheckpointManager(out_dir.parent / ".checkpoints" / strategy, ctx, dist_cfg.keep_checkpoints)
-        state = checkpoints.restore_latest(run.model, dense, warn=lambda m: say(ctx, m))
+        state = checkpoints.restore_latest(run.model, dense, warn=lambda m: say(ctx, m),
+                                           data_parallel_optimizer=run.sharded.data_parallel_optimizer)
         start = int(state["step"]) if state else 0
         if state:
             sampler.load_state_dict(state["sampler"])
@@ -125,7 +126,8 @@ def finetune(
 
         def on_step_end(step: int) -> None:
             if dist_cfg.checkpoint_every and step % dist_cfg.checkpoint_every == 0 and step < total:
-                path = checkpoints.save(step, run.model, dense, {"step": step, "sampler": sampler.state_dict()})
+                path = checkpoints.save(step, run.model, dense, {"step": step, "sampler": sampler.state_dict()},
+                                        data_parallel_optimizer=run.sharded.data_parallel_optimizer)
                 if on_checkpoint is not None:
                     on_checkpoint(step, path)
 

@@ -77,18 +77,15 @@ def pretrain(
                         optim.batch_size, ctx.world_size)
     checkpoints = CheckpointManager(out_dir / "checkpoints" / "pretrain", ctx, dist_cfg.keep_checkpoints)
     total = steps_for(optim, reader.num_rows)
-    state = checkpoints.restore_latest(sharded.model, dense, warn=lambda m: say(ctx, m))
+    state = checkpoints.restore_latest(sharded.model, dense, warn=lambda m: say(ctx, m),
+                                       data_parallel_optimizer=sharded.data_parallel_optimizer)
     start = int(state["step"]) if state else 0
     if state:
         say(ctx, f"[pretrain] resuming at step {start} from {state['path']}")
-        if sharded.data_parallel_optimizer is not None and "dp_optimizer" in state:
-            sharded.data_parallel_optimizer.load_state_dict(state["dp_optimizer"])
 
     def save(step: int) -> None:
-        extra = {"step": step}
-        if sharded.data_parallel_optimizer is not None:
-            extra["dp_optimizer"] = sharded.data_parallel_optimizer.state_dict()
-        path = checkpoints.save(step, sharded.model, dense, extra, plan_text)
+        path = checkpoints.save(step, sharded.model, dense, {"step": step}, plan_text,
+                                data_parallel_optimizer=sharded.data_parallel_optimizer)
         if on_checkpoint is not None:
             on_checkpoint(step, path)
 
