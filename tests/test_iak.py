@@ -1,6 +1,7 @@
 import torch
 
 from iak_dist.config import IakConfig
+from iak_dist.model.strategies.base import DomainRows
 from iak_dist.model.strategies.iak import GaussianKernel, IakAdapter, gaussian_kl
 
 
@@ -36,7 +37,7 @@ def test_inference_uses_the_mean_and_training_samples():
     torch.manual_seed(0)
     kernel = GaussianKernel(2, 6, IakConfig(width=3))
     torch.nn.init.normal_(kernel.decoder.weight)
-    h, domain = torch.randn(4, 6), torch.tensor([0, 1, 1, 0])
+    h, domain = torch.randn(4, 6), DomainRows.of(torch.tensor([0, 1, 1, 0]), 2)
     kernel.eval()
     a, _ = kernel(h, domain)
     b, _ = kernel(h, domain)

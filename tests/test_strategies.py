@@ -10,6 +10,7 @@ from iak_dist.data.sampler import DomainBatchSampler
 from iak_dist.distributed.checkpoint import load_backbone_weights, plain_state_dict
 from iak_dist.distributed.sharding import local_module
 from iak_dist.distributed.zero import DenseEngine
+from iak_dist.model.strategies.base import DomainLinear
 from iak_dist.model.strategies.saving import load_adapter, save_adapter
 from iak_dist.phases.common import build_from_backbone
 from iak_dist.phases.finetune import build_finetune, sampled_batches
@@ -75,8 +76,11 @@ def test_full_finetune_changes_embeddings_and_tower(small_cfg, synth_dir, backbo
                            original["embeddings.embedding_bags.t_user_id.weight"])
 
 
+@pytest.mark.parametrize("gemm_limit", [DomainLinear.gemm_limit, 0], ids=["default-paths", "grouped-gemm"])
 @pytest.mark.parametrize("strategy", ["head", "lora", "patch", "iak"])
-def test_mixed_domain_batch_equals_each_domain_scored_alone(strategy, small_cfg, synth_dir, backbone_dir, ctx):
+def test_mixed_domain_batch_equals_each_domain_scored_alone(strategy, gemm_limit, small_cfg, synth_dir, backbone_dir,
+                                                           ctx, monkeypatch):
+    monkeypatch.setattr(DomainLinear, "gemm_limit", gemm_limit)
     torch.manual_seed(1)
     run = build_finetune(synth_dir, backbone_dir, strategy, small_cfg.finetune, ctx)
     train_some(run, small_cfg, steps=15)

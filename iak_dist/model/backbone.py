@@ -20,6 +20,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from iak_dist.config import ModelConfig, to_dict
 from iak_dist.data.schema import Schema
+from iak_dist.model.strategies.base import DomainRows
 
 
 @dataclass
@@ -127,17 +128,18 @@ class Backbone(nn.Module):
         vectors = torch.cat([embedded, self.dense_proj(dense).unsqueeze(1)], dim=1)
         x = self.interaction(vectors)
         aux = x.new_zeros(())
+        rows = DomainRows.of(domain, adapter.num_domains) if adapter is not None else None
         for i, layer in enumerate(self.tower):
             y = layer(x)
             if adapter is not None:
-                y = adapter.adapt_preactivation(i, x, y, domain)
+                y = adapter.adapt_preactivation(i, x, y, rows)
             y = torch.relu(y)
             if adapter is not None:
-                y, layer_aux = adapter.adapt_activation(i, y, domain)
+                y, layer_aux = adapter.adapt_activation(i, y, rows)
                 aux = aux + layer_aux
             x = y
         ctr, cvr = self.ctr_head(x).squeeze(1), self.cvr_head(x).squeeze(1)
-        heads = adapter.head_logits(x, domain) if adapter is not None else None
+        heads = adapter.head_logits(x, rows) if adapter is not None else None
         if heads is not None:  # per-domain heads; rows of unknown domains keep the backbone's
             known = domain >= 0
             ctr, cvr = torch.where(known, heads[0], ctr), torch.where(known, heads[1], cvr)

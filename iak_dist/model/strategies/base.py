@@ -3,36 +3,68 @@
 A strategy is an `Adapter` (an `nn.Module` holding only its own parameters) plus a rule for which
 backbone parameters train. The backbone calls the adapter's hooks in its forward:
 
-* `adapt_preactivation(i, x, y, domain)`: tower layer i computed `y = W x + b`; return y' (LoRA).
-* `adapt_activation(i, y, domain)`: after layer i's ReLU; return (y', aux_loss) (patch, IAK).
-* `head_logits(h, domain)`: per-domain heads, or None to use the backbone's (head).
+* `adapt_preactivation(i, x, y, rows)`: tower layer i computed `y = W x + b`; return y' (LoRA).
+* `adapt_activation(i, y, rows)`: after layer i's ReLU; return (y', aux_loss) (patch, IAK).
+* `head_logits(h, rows)`: per-domain heads, or None to use the backbone's (head).
 
+`rows` (`DomainRows`) is the batch's rows grouped by domain, computed once per forward.
 Parallel inference with domain activation: per-domain parameters are stacked `[K, ...]` and each
-row gathers its own domain's slice in one pass (`DomainLinear`). A row whose domain is -1 (not
-known to the adapter) gets no adaptation: it is scored by the plain backbone.
+row goes through its own domain's slice in one pass (`DomainLinear`). A row whose domain is -1
+(not known to the adapter) gets no adaptation: it is scored by the plain backbone.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+class DomainRows(NamedTuple):
+    """The rows of a batch grouped by domain: computed once per batch, shared by every kernel.
+
+    A NamedTuple so that TorchRec's train pipeline can fx-trace the backbone that passes it around.
+
+    Attributes:
+        domain: [B] each row's domain, -1 where the adapter does not know it.
+        index: [B] `domain` with -1 mapped to 0 (such rows are masked out by `known`).
+        known: [B, 1] 1.0 where the domain is known, else 0.0.
+        order: [B] a permutation that puts the rows of domain 0 first, then domain 1, ...
+        offsets: [K] int32, the end of each domain's group of rows in `order`.
+    """
+
+    domain: torch.Tensor
+    index: torch.Tensor
+    known: torch.Tensor
+    order: torch.Tensor
+    offsets: torch.Tensor
+
+    @staticmethod
+    def of(domain: torch.Tensor, num_domains: int) -> DomainRows:
+        index = domain.clamp(min=0)
+        offsets = torch.bincount(index, minlength=num_domains).cumsum(0).to(torch.int32)
+        known = (domain >= 0).unsqueeze(1).to(torch.get_default_dtype())
+        return DomainRows(domain, index, known, torch.argsort(index, stable=True), offsets)
 
 
 class DomainLinear(nn.Module):
     """K stacked linear maps; row b uses map `domain[b]`, rows with domain -1 get zeros.
 
-    Two equivalent ways to apply it, picked by size: when all K outputs are narrow
+    Two equivalent ways to apply it, picked once by size: when all K outputs together are narrow
     (`K * out_features <= gemm_limit`), one GEMM computes every domain's output and each row keeps
-    its own (cheap for small kernels, and its backward is one GEMM too); otherwise each row gathers
-    its own weight slice (`[B, in, out]`) so the cost stays flat in K.
+    its own (fastest for a few tiny kernels); otherwise the rows, grouped by domain, go through one
+    grouped GEMM (`F.grouped_mm`: each domain's rows times its own map), so the work is the batch's
+    rows times one map whatever K is: the cost stays nearly flat in K.
 
     Args:
         num_domains: K.
         in_features, out_features: shape of each map.
         init_std: std of the Gaussian weight init; 0 gives a zero map (changes nothing at start).
     """
+
+    gemm_limit = 128
 
     def __init__(self, num_domains: int, in_features: int, out_features: int, init_std: float,
                  bias: bool = True) -> None:
@@ -42,19 +74,29 @@ class DomainLinear(nn.Module):
         # decided here, not per call: the forward has no shape-dependent branch (it is fx-traced)
         self.one_gemm = num_domains * out_features <= self.gemm_limit
 
-    gemm_limit = 4096
-
-    def forward(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-        idx = domain.clamp(min=0)
+    def forward(self, x: torch.Tensor, rows: DomainRows) -> torch.Tensor:
+        k, d_in, d_out = self.weight.shape
         if self.one_gemm:
-            k, d_in, d_out = self.weight.shape
             every = (x @ self.weight.permute(1, 0, 2).reshape(d_in, k * d_out)).view(-1, k, d_out)
-            y = every.gather(1, idx.view(-1, 1, 1).expand(-1, 1, d_out)).squeeze(1)
+            y = every.gather(1, rows.index.view(-1, 1, 1).expand(-1, 1, d_out)).squeeze(1)
         else:
-            y = torch.bmm(x.unsqueeze(1), self.weight[idx]).squeeze(1)
+            grouped = self._grouped_mm(x[rows.order], rows.offsets)
+            y = torch.empty_like(grouped).index_copy(0, rows.order, grouped)
         if self.bias is not None:
-            y = y + self.bias[idx]
-        return y * (domain >= 0).unsqueeze(1).to(y.dtype)
+            y = y + self.bias[rows.index]
+        return y * rows.known.to(y.dtype)
+
+    def _grouped_mm(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """`F.grouped_mm` wants rows and pointers aligned to 16 bytes: narrow maps (a head's single
+        output) and weights that live at an odd offset in a flat buffer (DeepSpeed ZeRO-1/2) are
+        zero-padded into a fresh copy first; the padding adds nothing to the product."""
+        weight = self.weight
+        d_in, d_out = weight.shape[1:]
+        pad_in, pad_out = -d_in % 8, -d_out % 8
+        if pad_in or pad_out or weight.data_ptr() % 16:
+            weight = F.pad(weight, (0, pad_out, 0, pad_in))
+            x_sorted = F.pad(x_sorted, (0, pad_in))
+        return F.grouped_mm(x_sorted, weight, offs=offsets)[:, :d_out]
 
 
 class Adapter(nn.Module):
@@ -74,13 +116,13 @@ class Adapter(nn.Module):
         self.tower_widths = tower_widths
         self.cfg = cfg
 
-    def adapt_preactivation(self, layer: int, x: torch.Tensor, y: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+    def adapt_preactivation(self, layer: int, x: torch.Tensor, y: torch.Tensor, rows: DomainRows) -> torch.Tensor:
         return y
 
-    def adapt_activation(self, layer: int, y: torch.Tensor, domain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def adapt_activation(self, layer: int, y: torch.Tensor, rows: DomainRows) -> tuple[torch.Tensor, torch.Tensor]:
         return y, y.new_zeros(())
 
-    def head_logits(self, h: torch.Tensor, domain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def head_logits(self, h: torch.Tensor, rows: DomainRows) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
     def on_step(self, step: int, total_steps: int) -> dict[str, float]:

@@ -23,5 +23,5 @@ class HeadFinetune(Adapter):
                 mine.weight.copy_(theirs.weight.t().unsqueeze(0).expand_as(mine.weight))
                 mine.bias.copy_(theirs.bias.unsqueeze(0).expand_as(mine.bias))
 
-    def head_logits(self, h, domain):
-        return self.ctr(h, domain).squeeze(1), self.cvr(h, domain).squeeze(1)
+    def head_logits(self, h, rows):
+        return self.ctr(h, rows).squeeze(1), self.cvr(h, rows).squeeze(1)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from iak_dist.config import IakConfig
-from iak_dist.model.strategies.base import Adapter, DomainLinear, register
+from iak_dist.model.strategies.base import Adapter, DomainLinear, DomainRows, register
 
 
 def gaussian_kl(
@@ -59,19 +59,18 @@ class GaussianKernel(nn.Module):
             self.match_in = DomainLinear(num_domains, width, k, init_std=1.0 / math.sqrt(width))
             self.decoder = DomainLinear(num_domains, k, width, init_std=0.0)
 
-    def forward(self, h: torch.Tensor, domain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        stats = self.encoder(h, domain)
+    def forward(self, h: torch.Tensor, rows: DomainRows) -> tuple[torch.Tensor, torch.Tensor]:
+        stats = self.encoder(h, rows)
         mu, logvar = stats.chunk(2, dim=-1)
         logvar = logvar.clamp(-8.0, 8.0)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
-        idx = domain.clamp(min=0)
-        known = (domain >= 0).to(h.dtype)
-        kl = gaussian_kl(mu, logvar, self.prior_mu[idx], self.prior_logvar[idx]) * known
+        known = rows.known.squeeze(1).to(h.dtype)
+        kl = gaussian_kl(mu, logvar, self.prior_mu[rows.index], self.prior_logvar[rows.index]) * known
         if self.form == "residual":
-            out = h + self.decoder(z, domain)
+            out = h + self.decoder(z, rows)
         else:
-            h_bar = self.reconstruct(z, domain)
-            adapted = h_bar + self.decoder(torch.relu(self.match_in(h_bar, domain)), domain)
+            h_bar = self.reconstruct(z, rows)
+            adapted = h_bar + self.decoder(torch.relu(self.match_in(h_bar, rows)), rows)
             out = torch.where(known.bool().unsqueeze(1), adapted, h)
         return out, kl.sum() / known.sum().clamp(min=1.0)
 
@@ -87,11 +86,11 @@ class IakAdapter(Adapter):
         self.beta = cfg.beta_compression
         self.phase = "compression"
 
-    def adapt_activation(self, layer, y, domain):
+    def adapt_activation(self, layer, y, rows):
         kernel = self.kernels[str(layer)] if str(layer) in self.kernels else None
         if kernel is None:
             return y, y.new_zeros(())
-        out, kl = kernel(y, domain)
+        out, kl = kernel(y, rows)
         return out, self.beta * kl
 
     def set_phase(self, phase: str) -> None:

@@ -29,5 +29,5 @@ class LoraAdapter(Adapter):
             DomainLinear(num_domains, r, w, init_std=0.0, bias=False) for w in tower_widths[1:]
         )
 
-    def adapt_preactivation(self, layer, x, y, domain):
-        return y + self.scale * self.up[layer](self.down[layer](x, domain), domain)
+    def adapt_preactivation(self, layer, x, y, rows):
+        return y + self.scale * self.up[layer](self.down[layer](x, rows), rows)

@@ -26,5 +26,5 @@ class PatchAdapter(Adapter):
         )
         self.up = nn.ModuleList(DomainLinear(num_domains, b, w, init_std=0.0) for w in tower_widths[1:])
 
-    def adapt_activation(self, layer, y, domain):
-        return y + self.up[layer](torch.relu(self.down[layer](y, domain)), domain), y.new_zeros(())
+    def adapt_activation(self, layer, y, rows):
+        return y + self.up[layer](torch.relu(self.down[layer](y, rows)), rows), y.new_zeros(())
