@@ -65,7 +65,8 @@ class GaussianKernel(nn.Module):
         logvar = logvar.clamp(-8.0, 8.0)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
         known = rows.known.squeeze(1).to(h.dtype)
-        kl = gaussian_kl(mu, logvar, self.prior_mu[rows.index], self.prior_logvar[rows.index]) * known
+        prior_mu, prior_logvar = (p.index_select(0, rows.index) for p in (self.prior_mu, self.prior_logvar))
+        kl = gaussian_kl(mu, logvar, prior_mu, prior_logvar) * known
         if self.form == "residual":
             out = h + self.decoder(z, rows)
         else:
