@@ -186,6 +186,12 @@ class ZeroConfig:
     """ZeRO stage 0-3: 0 replicates everything, 1 shards optimizer state, 2 + gradients, 3 + parameters."""
     bf16: bool = False
     """Train the dense modules in bfloat16 (fp32 master weights)."""
+    gradient_clipping: float = 1.0
+    """Clip the dense gradients' global norm to this (0 turns clipping off). 1.0 is DeepSpeed's own
+    default, written here so that it is visible; it costs a norm over every dense gradient per step."""
+    fused_optimizer: bool = True
+    """Use PyTorch's fused AdamW kernel (CPU and CUDA): one kernel over all dense parameters instead
+    of a Python loop over them. Same update up to float rounding."""
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Passed through into the DeepSpeed config (merged over what the keys above set)."""
 
