@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(prof)
     prof.add_argument("--steps", type=int, default=60)
     prof.add_argument("--trace", action="store_true", help="also write a Chrome trace of a few steps")
+    prof.add_argument("--nproc", type=int, default=1,
+                      help="ranks on this machine: with more than 1, re-runs itself under torchrun")
 
     sub = verbs.add_parser("submit", help="submit the pipeline as a Ray job to a cluster and stream its logs")
     _add_config(sub)
@@ -138,6 +140,27 @@ def _plan(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    if args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: must be at least 1")
+    if args.nproc > 1 and "RANK" not in os.environ:
+        import subprocess
+
+        argv, skip = [], False
+        for arg in args.argv:  # the same command, less --nproc, for every rank
+            if not skip and not arg.startswith("--nproc"):
+                argv.append(arg)
+            skip = arg == "--nproc"
+        return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                f"--nproc-per-node={args.nproc}", "-m", "iak_dist.cli", *argv])
+    from profiling.throughput import run_profile
+
+    out = run_profile(cfg, steps=args.steps, trace=args.trace)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print((out / "report.md").read_text())
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     configure_environment()
     if args.verb == "data":
@@ -179,11 +202,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[slurm] job {job}: {state}", file=sys.stderr)
         return 0 if state == "COMPLETED" else 1
     if args.verb == "profile":
-        from profiling.throughput import run_profile
-
-        out = run_profile(cfg, steps=args.steps, trace=args.trace)
-        print((out / "report.md").read_text())
-        return 0
+        return _profile(cfg, args)
     if args.verb == "submit":
         from launchers.submit import submit
 
@@ -233,7 +252,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return run(args)
     except UserError as exc:

@@ -1,35 +1,61 @@
-"""Scaling curves measured in one run: pre-train throughput vs batch size, IAK fine-tune step vs K domains.
+"""Scaling curves measured in one run: throughput against batch size, table size, IAK domains K, ranks.
 
-    .venv/bin/python profiling/scaling.py
+    .venv/bin/python -m profiling.scaling [--curves batch,tables,domains,ranks] [--max-rows 100000000]
 
-Random Zipf IDs over three tables (1M, 100k, 1k rows, dim 16), tower [128, 64], one rank. The IAK
-curve keeps the batch fixed and grows the number of stacked domain kernels K: with per-row domain
-activation the step should stay nearly flat in K. Ratios are against the first point of each curve.
+Synthetic model and data, built through the phases' own code (TorchRec DMP with fused row-wise
+Adagrad, DeepSpeed over the dense part): tables of `--dim` columns fed Zipf(1.1)-distributed IDs,
+tower [128, 64]. Each curve's ratios are against its own first point, measured in the same run.
+
+- batch: pre-train samples/s at batch 256 ... 4096 (three tables of 1M, 100k, 1k rows);
+- tables: one table of 1e5 ... `--max-rows` rows (batch 2048): pre-train samples/s, and a full
+  fine-tune step against an IAK fine-tune step on the same table (IAK looks the table up under
+  no_grad: no sparse backward, no optimizer state touched);
+- domains: an IAK fine-tune step (batch 1024) as the number of stacked domain kernels K grows;
+- ranks: pre-train samples/s per rank and in total on 1 and 2 ranks (torchrun, gloo on CPU,
+  NCCL on GPUs), each rank with its own batch of 1024 (weak scaling).
+
+Writes `--out/scaling.json` and `scaling.png`, and prints Markdown tables.
 """
 
 from __future__ import annotations
 
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+THREE_TABLES = (1_000_000, 100_000, 1_000)
 
-def _batch(n: int, domains: int, rng: np.random.Generator):
+
+def synthetic_batch(n: int, table_rows: tuple[int, ...], domains: int, rng: np.random.Generator):
+    """One batch: a Zipf(1.1) ID per table per row (hot IDs spread over the table), random labels."""
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     from iak_dist.data.batch import Batch
 
-    sizes = (1_000_000, 100_000, 1_000)
-    values = [torch.from_numpy(rng.zipf(1.1, n) % s) for s in sizes]
-    kjt = KeyedJaggedTensor(keys=["a", "b", "c"], values=torch.cat(values),
-                            lengths=torch.ones(3 * n, dtype=torch.int32))
+    values = [torch.from_numpy((rng.zipf(1.1, n) * 2_654_435_761) % rows) for rows in table_rows]
+    kjt = KeyedJaggedTensor(keys=[f"t{i}" for i in range(len(table_rows))], values=torch.cat(values),
+                            lengths=torch.ones(len(table_rows) * n, dtype=torch.int32))
     labels = torch.from_numpy(rng.integers(0, 2, n).astype(np.float32))
     domain = torch.from_numpy(rng.integers(0, domains, n))
     return Batch(kjt, torch.zeros(n, 1), labels, labels * 0, domain, domain)
 
 
-def _setup(domains: int, strategy: str, batch: int, ctx):
+def build_model(table_rows: tuple[int, ...], dim: int, domains: int, strategy: str, batch: int, ctx):
+    """(sharded model, dense engine) of a pre-train (`strategy="none"`) or fine-tune step.
+
+    The fine-tune model is built the way `phases/finetune.py` builds one: `full` trains tables and
+    tower, a frozen-backbone strategy trains only its adapter and looks the tables up under no_grad.
+    """
     from iak_dist.config import FinetuneConfig, ModelConfig, ShardingConfig, ZeroConfig
     from iak_dist.data.schema import Schema, SparseFeature
     from iak_dist.distributed.sharding import init_tables, shard_ranker
@@ -38,58 +64,192 @@ def _setup(domains: int, strategy: str, batch: int, ctx):
     from iak_dist.model.ranker import Ranker
     from iak_dist.model.strategies import build_adapter
 
-    schema = Schema(sparse=[SparseFeature("a", 1_000_000), SparseFeature("b", 100_000), SparseFeature("c", 1_000)],
+    schema = Schema(sparse=[SparseFeature(f"t{i}", rows) for i, rows in enumerate(table_rows)],
                     domains=[f"d{i}" for i in range(domains)], dense=[])
-    backbone = Backbone(schema, ModelConfig(), device=torch.device("meta"))
+    backbone = Backbone(schema, ModelConfig(embedding_dim=dim), device=torch.device("meta"))
     adapter = build_adapter(strategy, domains, backbone.tower_widths, FinetuneConfig()) if strategy != "none" else None
-    pretraining = adapter is None
-    sharded = shard_ranker(Ranker(backbone, adapter, freeze_embeddings=not pretraining), ctx, ShardingConfig(),
-                           0.05 if pretraining else None, batch)
+    train_all = adapter is None or adapter.trains_backbone == "all"
+    sharded = shard_ranker(Ranker(backbone, adapter, freeze_embeddings=not train_all), ctx, ShardingConfig(),
+                           0.05 if train_all else None, batch)
     init_tables(sharded.model, sharded.ranker, 0)
-    modules = backbone.dense_modules() if pretraining else {"adapter": adapter}
-    if not pretraining:
-        for p in backbone.dense_parameters():
-            p.requires_grad_(False)
-    return sharded.model, DenseEngine(modules, 1e-3, 0.0, ZeroConfig(), batch, 1)
+    modules = dict(backbone.dense_modules()) if train_all else {}
+    for p in backbone.dense_parameters():
+        p.requires_grad_(train_all)
+    if adapter is not None and any(True for _ in adapter.parameters()):
+        modules["adapter"] = adapter
+    return sharded.model, DenseEngine(modules, 1e-3, 0.0, ZeroConfig(), batch, ctx.world_size)
 
 
-def _step_time(model, dense, batches) -> float:
+def median_step_s(model, dense, batches) -> float:
     from iak_dist.phases.loop import esmm_loss_per_row
+    from profiling.steps import WARMUP
 
     model.train()
     times = []
     for i, b in enumerate(batches):
         start = time.perf_counter()
         out = model(b)
-        loss = esmm_loss_per_row(out, b).mean() + out.aux_loss
-        dense.backward(loss)
+        dense.backward(esmm_loss_per_row(out, b).mean() + out.aux_loss)
         dense.step()
-        if i >= 3:
+        if i >= WARMUP:
             times.append(time.perf_counter() - start)
     return float(np.median(times))
 
 
+def measure(table_rows: tuple[int, ...], dim: int, domains: int, strategy: str, batch: int, ctx,
+            steps: int = 20, seed: int = 0) -> float:
+    """Median seconds per step of one synthetic configuration."""
+    gc.collect()  # the previous configuration's tables go before this one's are allocated
+    model, dense = build_model(table_rows, dim, domains, strategy, batch, ctx)
+    rng = np.random.default_rng(seed)
+    return median_step_s(model, dense, [synthetic_batch(batch, table_rows, domains, rng) for _ in range(steps + 3)])
+
+
+def batch_curve(ctx, dim: int) -> list[dict[str, Any]]:
+    return [{"batch": b, "samples_per_s": b / measure(THREE_TABLES, dim, 1, "none", b, ctx)}
+            for b in (256, 512, 1024, 2048, 4096)]
+
+
+def table_curve(ctx, dim: int, max_rows: int) -> list[dict[str, Any]]:
+    out = []
+    rows = 100_000
+    while rows <= max_rows:
+        point = {"rows": rows, "table_gib": rows * dim * 4 / 2**30,
+                 "samples_per_s": 2048 / measure((rows,), dim, 8, "none", 2048, ctx)}
+        point["full_step_s"] = measure((rows,), dim, 8, "full", 2048, ctx)
+        point["iak_step_s"] = measure((rows,), dim, 8, "iak", 2048, ctx)
+        out.append(point)
+        rows *= 10
+    return out
+
+
+def domain_curve(ctx, dim: int) -> list[dict[str, Any]]:
+    return [{"domains": k, "iak_step_s": measure(THREE_TABLES, dim, k, "iak", 1024, ctx)} for k in (2, 8, 32, 128, 512)]
+
+
+def rank_curve(dim: int) -> list[dict[str, Any]]:
+    """1 and 2 ranks, each a fresh torchrun job running `--ranks-worker`."""
+    out = []
+    for n in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp:
+            result = Path(tmp) / "ranks.json"
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+                            "-m", "profiling.scaling", "--ranks-worker", str(result), "--dim", str(dim)],
+                           check=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // n))})
+            out.append(json.loads(result.read_text()))
+    return out
+
+
+def ranks_worker(out: Path, dim: int) -> None:
+    import torch.distributed as dist
+
+    from iak_dist.distributed.context import init_distributed
+
+    ctx = init_distributed()
+    step = measure(THREE_TABLES, dim, 1, "none", 1024, ctx, seed=ctx.rank)
+    steps = [None] * ctx.world_size
+    dist.all_gather_object(steps, step)
+    if ctx.is_main:
+        out.write_text(json.dumps({"ranks": ctx.world_size, "per_rank_samples_per_s": [1024 / s for s in steps],
+                                   "total_samples_per_s": ctx.world_size * 1024 / max(steps)}))
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines: list[str] = []
+    if "batch" in result:
+        c = result["batch"]
+        lines += ["| pre-train batch | samples/s | vs first |", "|---:|---:|---:|"]
+        lines += [f"| {p['batch']} | {p['samples_per_s']:,.0f} | {p['samples_per_s'] / c[0]['samples_per_s']:.2f}x |"
+                  for p in c]
+        lines.append("")
+    if "tables" in result:
+        c = result["tables"]
+        lines += ["| table rows | GiB (weights) | pre-train samples/s | vs first | full fine-tune ms "
+                  "| IAK fine-tune ms | IAK vs full |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {p['rows']:,} | {p['table_gib']:.2f} | {p['samples_per_s']:,.0f} | "
+                  f"{p['samples_per_s'] / c[0]['samples_per_s']:.2f}x | {1000 * p['full_step_s']:.2f} | "
+                  f"{1000 * p['iak_step_s']:.2f} | {p['iak_step_s'] / p['full_step_s']:.2f}x |" for p in c]
+        lines.append("")
+    if "domains" in result:
+        c = result["domains"]
+        lines += ["| IAK domains K | ms per fine-tune step | vs first |", "|---:|---:|---:|"]
+        lines += [f"| {p['domains']} | {1000 * p['iak_step_s']:.2f} | {p['iak_step_s'] / c[0]['iak_step_s']:.2f}x |"
+                  for p in c]
+        lines.append("")
+    if "ranks" in result:
+        c = result["ranks"]
+        lines += ["| ranks | samples/s per rank | total samples/s | total vs 1 rank |", "|---:|---|---:|---:|"]
+        lines += [f"| {p['ranks']} | {', '.join(f'{s:,.0f}' for s in p['per_rank_samples_per_s'])} | "
+                  f"{p['total_samples_per_s']:,.0f} | {p['total_samples_per_s'] / c[0]['total_samples_per_s']:.2f}x |"
+                  for p in c]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    from iak_dist.io import atomic_path
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [k for k in ("batch", "tables", "domains", "ranks") if k in result]
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], curves, strict=True):
+        c = result[name]
+        if name == "batch":
+            ax.plot([p["batch"] for p in c], [p["samples_per_s"] for p in c], "o-")
+            ax.set(xscale="log", xlabel="batch size", ylabel="samples/s", title="pre-train vs batch")
+        elif name == "tables":
+            x = [p["rows"] for p in c]
+            ax.plot(x, [2048 / p["full_step_s"] for p in c], "o-", label="full fine-tune")
+            ax.plot(x, [2048 / p["iak_step_s"] for p in c], "s-", label="IAK fine-tune")
+            ax.plot(x, [p["samples_per_s"] for p in c], "^-", label="pre-train")
+            ax.set(xscale="log", xlabel="table rows", ylabel="samples/s", title="vs table size")
+            ax.legend()
+        elif name == "domains":
+            ax.plot([p["domains"] for p in c], [1000 * p["iak_step_s"] for p in c], "o-")
+            ax.set(xscale="log", xlabel="domains K", ylabel="ms per IAK step", title="IAK vs K", ylim=(0, None))
+        else:
+            ax.bar([str(p["ranks"]) for p in c], [p["total_samples_per_s"] for p in c])
+            ax.set(xlabel="ranks", ylabel="total samples/s", title="vs ranks")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     from iak_dist.distributed.context import init_distributed
+    from iak_dist.io import atomic_write_json
     from iak_dist.runtime import configure_environment
 
     configure_environment()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--curves", default="batch,tables,domains,ranks")
+    parser.add_argument("--max-rows", type=int, default=100_000_000)
+    parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--out", default="runs/scaling")
+    parser.add_argument("--ranks-worker", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.ranks_worker:
+        ranks_worker(args.ranks_worker, args.dim)
+        return
+    curves = args.curves.split(",")
+    result: dict[str, Any] = {"dim": args.dim}
+    if "ranks" in curves:  # first: its ranks start from a fresh process, before this one holds big tables
+        result["ranks"] = rank_curve(args.dim)
     ctx = init_distributed()
-    rng = np.random.default_rng(0)
-    print("| pre-train batch size | samples/s | vs batch 256 |\n|---:|---:|---:|")
-    base = None
-    for batch in (256, 512, 1024, 2048, 4096):
-        model, dense = _setup(1, "none", batch, ctx)
-        t = _step_time(model, dense, [_batch(batch, 1, rng) for _ in range(23)])
-        base = base or batch / t
-        print(f"| {batch} | {batch / t:,.0f} | {batch / t / base:.2f}x |")
-    print("\n| IAK domains K | ms per fine-tune step (batch 1024) | vs K = 2 |\n|---:|---:|---:|")
-    base = None
-    for k in (2, 8, 32, 128):
-        model, dense = _setup(k, "iak", 1024, ctx)
-        t = _step_time(model, dense, [_batch(1024, k, rng) for _ in range(23)])
-        base = base or t
-        print(f"| {k} | {1000 * t:.2f} | {t / base:.2f}x |")
+    if "batch" in curves:
+        result["batch"] = batch_curve(ctx, args.dim)
+    if "domains" in curves:
+        result["domains"] = domain_curve(ctx, args.dim)
+    if "tables" in curves:
+        result["tables"] = table_curve(ctx, args.dim, args.max_rows)
+    out = Path(args.out)
+    atomic_write_json(out / "scaling.json", result)
+    plot(result, out / "scaling.png")
+    print(markdown(result))
 
 
 if __name__ == "__main__":

@@ -1,275 +1,207 @@
 """`iak-dist profile CONFIG`: where a training step's time goes, next to plain baselines.
 
-Measured in one process, interleaved where it matters, on the config's pre-train data:
+Measured in one run, on every rank (run it under `torchrun --nproc-per-node N` for N ranks), on
+the config's own data and model:
 
-- iak-dist pre-train steps, timed by part: data loading (Parquet row groups -> KeyedJaggedTensor),
-  embedding lookup (TorchRec sharded tables, FBGEMM), dense forward, backward (sparse fused
-  optimizer included), dense optimizer step;
+- an iak-dist pre-train step, timed by part: data loading (Parquet row groups -> KeyedJaggedTensor),
+  input distribution, embedding lookup (TorchRec sharded tables, FBGEMM), dense forward, backward
+  (fused sparse update included), dense optimizer; one checkpoint save, amortised over
+  `distributed.checkpoint_every` steps; the pre-train loop as the phase runs it (input
+  distribution overlapped with compute when `distributed.overlap_input_dist`);
 - a plain hand-written TorchRec DMP loop on the same model and batches (what our layers cost);
-- plain PyTorch `nn.EmbeddingBag` tables + dense tower under DDP (no TorchRec);
+- plain PyTorch `nn.EmbeddingBag` tables + the same dense part under DDP (no TorchRec);
+- an IAK fine-tune step against a full fine-tune step, both built as the fine-tune phase builds them;
 - the data loader alone, against what training consumes;
-- effective embedding-lookup bandwidth against a STREAM-like copy measured in the same run.
+- effective embedding-lookup bandwidth against a STREAM-like copy.
 
-Writes `RUN_DIR/profile/report.md` and `report.png`; `--trace` adds a Chrome trace of a few steps.
-Absolute numbers depend on the machine's load; the ratios are the result.
+Rank 0 writes `RUN_DIR/profile/report.md`, `report.png` and `profile.json` (every rank's figures);
+`--trace` adds a Chrome trace of a few steps. Absolute numbers move with the machine's load; the
+ratios are the result.
 """
 
 from __future__ import annotations
 
 import json
-import time
+import resource
+import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from iak_dist.config import PipelineConfig
 from iak_dist.io import atomic_path, atomic_write_json, atomic_write_text
+from profiling import steps as timed
 
-
-def stream_copy_gbps(megabytes: int = 512, repeats: int = 5) -> float:
-    """STREAM-like copy: bytes read + written per second by a large tensor copy."""
-    src = torch.ones(megabytes * 2**20 // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.numel() * 4 / best / 1e9
-
-
-def _batches(cfg: PipelineConfig, n: int, batch_size: int):
-    from iak_dist.data.parquet import ParquetReader
-    from iak_dist.data.schema import Schema
-
-    schema = Schema.load(Path(cfg.data.dir) / "schema.yaml")
-    reader = ParquetReader(Path(cfg.data.dir) / "pretrain.parquet", schema, batch_size, shuffle=True, drop_last=True)
-    out = []
-    while len(out) < n:
-        for batch in reader.epoch(len(out)):
-            out.append(batch)
-            if len(out) == n:
-                break
-    return schema, reader, out
-
-
-def loader_samples_per_s(reader, n_batches: int) -> float:
-    start, rows = time.perf_counter(), 0
-    for i, batch in enumerate(reader.epoch(0)):
-        rows += len(batch)
-        if i + 1 == n_batches:
-            break
-    return rows / (time.perf_counter() - start)
-
-
-def iak_dist_steps(cfg: PipelineConfig, schema, batches, ctx, reader) -> dict[str, float]:
-    """Our pre-train step, timed by part (seconds per step)."""
-    from iak_dist.distributed.sharding import init_tables, shard_ranker
-    from iak_dist.distributed.zero import DenseEngine
-    from iak_dist.model.backbone import Backbone
-    from iak_dist.model.ranker import Ranker
-    from iak_dist.phases.loop import esmm_loss_per_row
-
-    torch.manual_seed(0)
-    backbone = Backbone(schema, cfg.model, device=torch.device("meta"))
-    sharded = shard_ranker(Ranker(backbone), ctx, cfg.distributed.sharding, cfg.pretrain.lr_sparse,
-                           cfg.pretrain.batch_size)
-    init_tables(sharded.model, sharded.ranker, 0)
-    dense = DenseEngine(backbone.dense_modules(), cfg.pretrain.lr_dense, 0.0, cfg.distributed.zero,
-                        cfg.pretrain.batch_size, ctx.world_size)
-    parts = {"data": 0.0, "embedding lookup": 0.0, "dense forward": 0.0, "backward (+ fused sparse update)": 0.0,
-             "dense optimizer": 0.0}
-    it = iter(reader.epoch(1))
-    for i, batch in enumerate(batches):
-        t0 = time.perf_counter()
-        next(it)  # the loader's share of the step, measured on its own
-        t1 = time.perf_counter()
-        embedded = backbone.embed(batch.sparse)
-        t2 = time.perf_counter()
-        out = backbone.dense_part(embedded, batch.dense, None, batch.domain)
-        loss = esmm_loss_per_row(out, batch).mean()
-        t3 = time.perf_counter()
-        dense.backward(loss)
-        t4 = time.perf_counter()
-        dense.step()
-        t5 = time.perf_counter()
-        if i >= 3:  # warm-up
-            for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
-                parts[key] += dt
-    n = len(batches) - 3
-    return {k: v / n for k, v in parts.items()}
-
-
-def plain_torchrec_steps(cfg: PipelineConfig, schema, batches, ctx) -> float:
-    """A hand-written TorchRec DMP loop on the same model: DMP + fused Adagrad + torch Adam, nothing else."""
-    from torchrec.distributed import DistributedModelParallel
-    from torchrec.optim import RowWiseAdagrad
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-
-    from iak_dist.model.backbone import Backbone
-    from iak_dist.phases.loop import esmm_loss_per_row
-
-    torch.manual_seed(0)
-    backbone = Backbone(schema, cfg.model, device=torch.device("meta"))
-    apply_optimizer_in_backward(RowWiseAdagrad, backbone.embeddings.parameters(), {"lr": cfg.pretrain.lr_sparse})
-    model = DistributedModelParallel(backbone, device=ctx.device)
-    opt = torch.optim.Adam(backbone.dense_parameters(), lr=cfg.pretrain.lr_dense)
-    return _time_steps(batches, lambda b: esmm_loss_per_row(model(b.sparse, b.dense), b).mean(), opt)
-
-
-def plain_pytorch_steps(cfg: PipelineConfig, schema, batches, ctx) -> float:
-    """No TorchRec: one `nn.EmbeddingBag` per table (sum pooling) + the same dense part, under DDP."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    from iak_dist.model.backbone import Backbone
-    from iak_dist.phases.loop import esmm_loss_per_row
-
-    torch.manual_seed(0)
-    backbone = Backbone(schema, cfg.model)
-    tables = torch.nn.ModuleDict({f.name: torch.nn.EmbeddingBag(f.table_size, cfg.model.embedding_dim, mode="sum",
-                                                           include_last_offset=True)
-                                  for f in schema.sparse})
-
-    class Plain(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.tables, self.dense = tables, torch.nn.ModuleDict(backbone.dense_modules())
-
-        def forward(self, sparse, dense):
-            feats = sparse.to_dict()
-            emb = torch.stack([self.tables[k](feats[k].values(), feats[k].offsets()) for k in schema.feature_names], 1)
-            return backbone.dense_part(emb, dense)
-
-    model = DistributedDataParallel(Plain())
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain.lr_dense)
-    return _time_steps(batches, lambda b: esmm_loss_per_row(model(b.sparse, b.dense), b).mean(), opt)
-
-
-def _time_steps(batches, loss_fn, opt) -> float:
-    total = 0.0
-    for i, batch in enumerate(batches):
-        start = time.perf_counter()
-        loss = loss_fn(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i >= 3:
-            total += time.perf_counter() - start
-    return total / (len(batches) - 3)
-
-
-def lookup_bytes_per_step(batches, dim: int) -> float:
-    """Bytes the embedding lookup must read per step: every looked-up row, fp32."""
-    rows = np.mean([float(b.sparse.values().numel()) for b in batches])
-    return rows * dim * 4
+FINETUNE_STRATEGIES = ("full", "iak")
 
 
 def run_profile(cfg: PipelineConfig, steps: int = 60, trace: bool = False) -> Path:
+    import torch.distributed as dist
+
+    from iak_dist.data.parquet import ParquetReader
+    from iak_dist.data.schema import Schema
+    from iak_dist.distributed.checkpoint import export_backbone
     from iak_dist.distributed.context import init_distributed
     from iak_dist.orchestration.local import ensure_data
+    from iak_dist.phases.loop import train_loop
+    from iak_dist.phases.pretrain import batches_from
 
-    ensure_data(cfg)
     ctx = init_distributed()
+    if ctx.is_main:
+        ensure_data(cfg)
+    ctx.barrier()
+    data_dir, out_dir = Path(cfg.data.dir), Path(cfg.run_dir) / "profile"
+    scratch = out_dir / "scratch"
     bs = cfg.pretrain.batch_size
-    schema, reader, batches = _batches(cfg, steps, bs)
-    stream = stream_copy_gbps()
-    loader = loader_samples_per_s(reader, steps)
-    ours_parts = iak_dist_steps(cfg, schema, batches, ctx, reader)
-    torchrec_step = plain_torchrec_steps(cfg, schema, batches, ctx)
-    pytorch_step = plain_pytorch_steps(cfg, schema, batches, ctx)
-    ours_train = sum(v for k, v in ours_parts.items() if k != "data")
-    lookup_gbps = lookup_bytes_per_step(batches, cfg.model.embedding_dim) / ours_parts["embedding lookup"] / 1e9
-    out_dir = Path(cfg.run_dir) / "profile"
-    result: dict[str, Any] = {
-        "batch_size": bs, "steps": steps, "world_size": ctx.world_size,
-        "iak_dist_step_parts_s": ours_parts,
-        "iak_dist_samples_per_s": bs / ours_train,
-        "plain_torchrec_samples_per_s": bs / torchrec_step,
-        "plain_pytorch_ddp_samples_per_s": bs / pytorch_step,
-        "loader_samples_per_s": loader,
-        "stream_copy_gbps": stream, "lookup_gbps": lookup_gbps,
-        "peak_rss_gib": _peak_rss_gib(),
-    }
-    if trace:
-        _chrome_trace(cfg, schema, batches[:8], ctx, out_dir / "trace.json")
-    atomic_write_json(out_dir / "profile.json", result)
-    atomic_write_text(out_dir / "report.md", _markdown(result))
-    _plot(result, out_dir / "report.png")
+    schema = Schema.load(data_dir / "schema.yaml")
+
+    def reader() -> ParquetReader:
+        return ParquetReader(data_dir / "pretrain.parquet", schema, bs, ctx.rank, ctx.world_size, shuffle=True,
+                             drop_last=True, split=cfg.distributed.data_split)
+
+    batches = [b.to(ctx.device) for b, _ in zip(batches_from(reader(), 0), range(steps), strict=False)]
+    mine: dict[str, Any] = {"rank": ctx.rank, "stream_copy_gbps": timed.stream_copy_gbps(),
+                            "loader_samples_per_s": timed.loader_samples_per_s(reader(), steps)}
+    sharded, dense = timed.build_pretrain(cfg, schema, ctx)
+    parts = timed.pretrain_step_parts(sharded, dense, batches, batches_from(reader(), steps))
+    mine["step_parts_s"] = parts
+    mine["train_step_s"] = sum(v for k, v in parts.items() if k != "data")
+    lookup_bytes = timed.lookup_bytes_per_step(batches, cfg.model.embedding_dim)
+    mine["lookup_gbps"] = lookup_bytes / parts["embedding lookup"] / 1e9
+    mine["checkpoint_s"] = timed.checkpoint_seconds(sharded, dense, ctx, scratch / "checkpoints")
+    if trace:  # before the phase loop below rewrites the model for its pipeline
+        _chrome_trace(sharded, dense, batches[:8], out_dir / f"trace_rank{ctx.rank}.json")
+    loop = train_loop(sharded.model, dense, batches_from(reader(), 0), 2 * len(batches), cfg.pretrain, desc="profile",
+                      data_parallel_optimizer=sharded.data_parallel_optimizer, show_progress=False,
+                      overlap_input_dist=cfg.distributed.overlap_input_dist, device=ctx.device)
+    mine["phase_loop_samples_per_s"] = loop["train/samples_per_s"]
+    with dense.gathered():
+        export_backbone(sharded.model, schema, cfg.model, scratch / "backbone", ctx.rank)
+    ctx.barrier()
+    mine["plain_torchrec_step_s"] = timed.plain_torchrec_step(cfg, schema, batches, ctx)
+    mine["plain_pytorch_ddp_step_s"] = timed.plain_pytorch_step(cfg, schema, batches, ctx)
+    mine["finetune"] = timed.finetune_steps(data_dir, scratch / "backbone", FINETUNE_STRATEGIES, cfg, ctx,
+                                            max(steps // 2, timed.WARMUP + 2), rounds=3)
+    mine["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if ctx.device.type == "cuda":
+        mine["peak_cuda_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+    ranks = [mine]
+    if ctx.world_size > 1:
+        ranks = [None] * ctx.world_size
+        dist.all_gather_object(ranks, mine)
+    if ctx.is_main:
+        result = summarise(ranks, bs, steps, cfg)
+        atomic_write_json(out_dir / "profile.json", result)
+        atomic_write_text(out_dir / "report.md", markdown(result))
+        plot(result, out_dir / "report.png")
+        shutil.rmtree(scratch, ignore_errors=True)
+    ctx.barrier()
     return out_dir
 
 
-def _peak_rss_gib() -> float:
-    import resource
+def summarise(ranks: list[dict[str, Any]], batch_size: int, steps: int, cfg: PipelineConfig) -> dict[str, Any]:
+    """Totals over ranks: training is synchronous, so the slowest rank sets every step's pace."""
+    world = len(ranks)
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    def total(key: str) -> float:
+        return world * batch_size / max(r[key] for r in ranks)
+
+    every = cfg.distributed.checkpoint_every
+    ckpt = max(r["checkpoint_s"] for r in ranks)
+    ft = {name: max(r["finetune"][name]["step_s"] for r in ranks) for name in FINETUNE_STRATEGIES}
+    return {
+        "batch_size_per_rank": batch_size, "steps": steps, "world_size": world, "ranks": ranks,
+        "samples_per_s_total": total("train_step_s"),
+        "plain_torchrec_samples_per_s_total": total("plain_torchrec_step_s"),
+        "plain_pytorch_ddp_samples_per_s_total": total("plain_pytorch_ddp_step_s"),
+        "phase_loop_samples_per_s_total": sum(r["phase_loop_samples_per_s"] for r in ranks),
+        "loader_samples_per_s_total": sum(r["loader_samples_per_s"] for r in ranks),
+        "checkpoint_s": ckpt, "checkpoint_every": every,
+        "checkpoint_s_per_step": ckpt / every if every else 0.0,
+        "finetune_step_s": ft, "iak_vs_full_step": ft["iak"] / ft["full"],
+        "finetune_trainable_params": {n: ranks[0]["finetune"][n]["trainable_params"] for n in FINETUNE_STRATEGIES},
+    }
 
 
-def _chrome_trace(cfg, schema, batches, ctx, path: Path) -> None:
+def _chrome_trace(sharded, dense, batches, path: Path) -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        iak_dist_steps(cfg, schema, batches, ctx, _Cycle(batches))
+        timed.pretrain_step_parts(sharded, dense, batches, iter(batches * 2))
     path.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(path))
 
 
-class _Cycle:
-    """A stand-in reader for the trace: the batches again, so the trace shows no Parquet reads."""
-
-    def __init__(self, batches) -> None:
-        self.batches = batches
-
-    def epoch(self, _epoch: int):
-        while True:
-            yield from self.batches
-
-
-def _markdown(r: dict[str, Any]) -> str:
-    parts = r["iak_dist_step_parts_s"]
+def markdown(r: dict[str, Any]) -> str:
+    rank0 = r["ranks"][0]
+    parts = rank0["step_parts_s"]
     step = sum(parts.values())
-    ours = r["iak_dist_samples_per_s"]
+    ours = r["samples_per_s_total"]
     lines = [
         "# Throughput profile", "",
-        f"Batch {r['batch_size']}, {r['steps']} steps, world size {r['world_size']}, "
-        f"peak RSS {r['peak_rss_gib']:.2f} GiB.",
+        f"Batch {r['batch_size_per_rank']} per rank, {r['steps']} steps, {r['world_size']} rank(s).",
         "Ratios are what to read: absolute numbers move with the machine's load.", "",
-        "## Where an iak-dist pre-train step goes", "", "| part | ms | share |", "|---|---:|---:|",
+        "## Per rank", "", "| rank | samples/s (training) | samples/s (phase loop) | peak RSS GiB |"
+        + (" peak CUDA GiB |" if "peak_cuda_gib" in rank0 else ""),
+        "|---:|---:|---:|---:|" + ("---:|" if "peak_cuda_gib" in rank0 else ""),
     ]
+    for x in r["ranks"]:
+        cuda = f" {x['peak_cuda_gib']:.2f} |" if "peak_cuda_gib" in x else ""
+        lines.append(f"| {x['rank']} | {r['batch_size_per_rank'] / x['train_step_s']:,.0f} | "
+                     f"{x['phase_loop_samples_per_s']:,.0f} | {x['peak_rss_gib']:.2f} |{cuda}")
+    lines += ["", f"Total: {ours:,.0f} samples/s of training ({r['phase_loop_samples_per_s_total']:,.0f} through "
+              "the pre-train phase's own loop, loading and pipelining included).", "",
+              "## Where an iak-dist pre-train step goes (rank 0)", "", "| part | ms | share |", "|---|---:|---:|"]
     lines += [f"| {k} | {1000 * v:.2f} | {100 * v / step:.0f} % |" for k, v in parts.items()]
+    if r["checkpoint_every"]:
+        lines.append(f"| checkpoint: one save {1000 * r['checkpoint_s']:.0f} ms, every {r['checkpoint_every']} "
+                     f"steps | {1000 * r['checkpoint_s_per_step']:.2f} | amortised |")
+    else:
+        lines.append(f"| checkpoint: one save {1000 * r['checkpoint_s']:.0f} ms (only at the end: "
+                     "checkpoint_every is 0) | - | - |")
+    ft = r["finetune_step_s"]
+    params = r["finetune_trainable_params"]
     lines += ["", "## Side by side (training only, data excluded)", "", "| loop | samples/s | vs iak-dist |",
               "|---|---:|---:|",
               f"| iak-dist (TorchRec DMP + DeepSpeed) | {ours:,.0f} | 1.00x |",
-              f"| plain TorchRec DMP loop | {r['plain_torchrec_samples_per_s']:,.0f} | "
-              f"{r['plain_torchrec_samples_per_s'] / ours:.2f}x |",
-              f"| plain nn.EmbeddingBag + DDP | {r['plain_pytorch_ddp_samples_per_s']:,.0f} | "
-              f"{r['plain_pytorch_ddp_samples_per_s'] / ours:.2f}x |", "",
-              "## Data loader and memory bandwidth", "",
-              f"- Loader alone: {r['loader_samples_per_s']:,.0f} samples/s, "
-              f"{r['loader_samples_per_s'] / ours:.1f}x what training consumes.",
-              f"- Embedding lookup reads {r['lookup_gbps']:.2f} GB/s; a STREAM-like copy moves "
-              f"{r['stream_copy_gbps']:.1f} GB/s ({100 * r['lookup_gbps'] / r['stream_copy_gbps']:.1f} % of it)."]
+              "| plain TorchRec DMP loop, same model and dense update | "
+              f"{r['plain_torchrec_samples_per_s_total']:,.0f} | "
+              f"{r['plain_torchrec_samples_per_s_total'] / ours:.2f}x |",
+              f"| plain nn.EmbeddingBag + DDP | {r['plain_pytorch_ddp_samples_per_s_total']:,.0f} | "
+              f"{r['plain_pytorch_ddp_samples_per_s_total'] / ours:.2f}x |", "",
+              "## Fine-tune step: IAK against full fine-tuning", "",
+              "| strategy | ms per step | trainable parameters | vs full |", "|---|---:|---:|---:|"]
+    lines += [f"| {n} | {1000 * ft[n]:.2f} | {params[n]:,} | {ft[n] / ft['full']:.2f}x |" for n in FINETUNE_STRATEGIES]
+    lines += ["", "## Data loader and memory bandwidth (rank 0)", "",
+              f"- Loader alone: {rank0['loader_samples_per_s']:,.0f} samples/s, "
+              f"{r['loader_samples_per_s_total'] / ours:.1f}x what training consumes.",
+              f"- Embedding lookup reads {rank0['lookup_gbps']:.2f} GB/s; a STREAM-like copy moves "
+              f"{rank0['stream_copy_gbps']:.1f} GB/s ({100 * rank0['lookup_gbps'] / rank0['stream_copy_gbps']:.1f} % "
+              "of it)."]
     return "\n".join(lines) + "\n"
 
 
-def _plot(r: dict[str, Any], path: Path) -> None:
+def plot(r: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    parts = r["iak_dist_step_parts_s"]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
+    parts = r["ranks"][0]["step_parts_s"]
     a.barh(list(parts), [1000 * v for v in parts.values()])
     a.set_xlabel("ms per step")
-    a.set_title("iak-dist pre-train step")
+    a.set_title("iak-dist pre-train step (rank 0)")
     names = ["iak-dist", "plain TorchRec", "EmbeddingBag+DDP", "loader alone"]
-    values = [r["iak_dist_samples_per_s"], r["plain_torchrec_samples_per_s"], r["plain_pytorch_ddp_samples_per_s"],
-              r["loader_samples_per_s"]]
+    values = [r["samples_per_s_total"], r["plain_torchrec_samples_per_s_total"],
+              r["plain_pytorch_ddp_samples_per_s_total"], r["loader_samples_per_s_total"]]
     b.bar(names, values)
-    b.set_ylabel("samples/s")
+    b.set_ylabel("samples/s (all ranks)")
     b.set_title("side by side")
     b.tick_params(axis="x", rotation=20)
+    ft = r["finetune_step_s"]
+    c.bar(list(ft), [1000 * v for v in ft.values()])
+    c.set_ylabel("ms per fine-tune step")
+    c.set_title("fine-tune step")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

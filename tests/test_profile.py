@@ -3,24 +3,36 @@
 import json
 
 from iak_dist.cli import main
+from profiling.steps import STEP_PARTS
 
 
-def test_profile_reports_breakdown_baselines_loader_and_bandwidth(synth_dir, tmp_path, capsys):
+def test_profile_reports_breakdown_baselines_finetune_loader_and_bandwidth(synth_dir, tmp_path):
     code = main(["profile", "configs/movielens_age.yaml", "--steps", "12", "--set", f"run_dir={tmp_path}",
                  "--set", "data.source=parquet", "--set", f"data.dir={synth_dir}", "--set", "pretrain.batch_size=128",
-                 "--set", "model.tower=[32, 16]"])
+                 "--set", "finetune.optim.batch_size=128", "--set", "model.tower=[32, 16]",
+                 "--set", "distributed.checkpoint_every=50"])
     assert code == 0
     result = json.loads((tmp_path / "profile" / "profile.json").read_text())
-    parts = result["iak_dist_step_parts_s"]
-    assert set(parts) == {"data", "embedding lookup", "dense forward", "backward (+ fused sparse update)",
-                          "dense optimizer"}
+    assert result["world_size"] == 1 and len(result["ranks"]) == 1
+    rank0 = result["ranks"][0]
+    parts = rank0["step_parts_s"]
+    assert tuple(parts) == STEP_PARTS
     assert all(v > 0 for v in parts.values())
     train_s = sum(v for k, v in parts.items() if k != "data")
-    assert abs(result["iak_dist_samples_per_s"] - 128 / train_s) < 1e-6 * result["iak_dist_samples_per_s"]
-    for key in ("plain_torchrec_samples_per_s", "plain_pytorch_ddp_samples_per_s", "loader_samples_per_s",
-                "stream_copy_gbps", "lookup_gbps"):
+    assert abs(rank0["train_step_s"] - train_s) < 1e-12
+    assert abs(result["samples_per_s_total"] - 128 / train_s) < 1e-6 * result["samples_per_s_total"]
+    assert abs(result["checkpoint_s_per_step"] - result["checkpoint_s"] / 50) < 1e-12
+    ft = result["finetune_step_s"]
+    assert ft["full"] > 0 and ft["iak"] > 0 and abs(result["iak_vs_full_step"] - ft["iak"] / ft["full"]) < 1e-9
+    assert 0 < result["finetune_trainable_params"]["iak"] < result["finetune_trainable_params"]["full"]
+    for key in ("plain_torchrec_samples_per_s_total", "plain_pytorch_ddp_samples_per_s_total",
+                "loader_samples_per_s_total", "phase_loop_samples_per_s_total"):
         assert result[key] > 0, key
-    assert result["lookup_gbps"] < result["stream_copy_gbps"]
+    assert 0 < rank0["lookup_gbps"] < rank0["stream_copy_gbps"]
+    assert rank0["peak_rss_gib"] > 0.1
     report = (tmp_path / "profile" / "report.md").read_text()
-    assert "plain TorchRec DMP loop" in report and "STREAM-like copy" in report
+    for text in ("plain TorchRec DMP loop", "STREAM-like copy", "input distribution", "checkpoint: one save",
+                 "IAK against full"):
+        assert text in report, text
     assert (tmp_path / "profile" / "report.png").stat().st_size > 5000
+    assert not (tmp_path / "profile" / "scratch").exists()

@@ -1,0 +1,244 @@
+"""Timed training steps: ours by part, the plain baselines, fine-tune steps, checkpoints, bandwidth.
+
+Every function here builds its model through the same code the phases use (or, for baselines,
+the plainest code a user would hand-write on the same model), runs warm-up steps, and returns
+seconds. `profiling/throughput.py` puts them side by side; `profiling/finetune_cost.py` and
+`profiling/scaling.py` reuse them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from iak_dist.config import PipelineConfig, ZeroConfig
+from iak_dist.data.batch import Batch
+
+WARMUP = 3
+"""Steps run before timing starts (first-call allocations, lazy initialisation)."""
+
+STEP_PARTS = ("data", "input distribution", "embedding lookup", "dense forward", "backward (+ fused sparse update)",
+              "dense optimizer")
+"""The parts an iak-dist pre-train step is timed by (checkpointing is timed on its own)."""
+
+
+def stream_copy_gbps(megabytes: int = 512, repeats: int = 5) -> float:
+    """STREAM-like copy: bytes read + written per second by a large tensor copy."""
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def loader_samples_per_s(reader, n_batches: int) -> float:
+    """The Parquet loader alone: row groups -> KeyedJaggedTensor batches, nothing else."""
+    start, rows = time.perf_counter(), 0
+    for i, batch in enumerate(reader.epoch(0)):
+        rows += len(batch)
+        if i + 1 == n_batches:
+            break
+    return rows / (time.perf_counter() - start)
+
+
+def lookup_bytes_per_step(batches: Sequence[Batch], dim: int) -> float:
+    """Bytes the embedding lookup must read per step: every looked-up row, fp32."""
+    return sum(float(b.sparse.values().numel()) for b in batches) / len(batches) * dim * 4
+
+
+def clip_and_step(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, zero: ZeroConfig) -> None:
+    """What a hand-written loop does to match our dense update: clip the global norm, step."""
+    if zero.gradient_clipping > 0:
+        torch.nn.utils.clip_grad_norm_(params, zero.gradient_clipping, foreach=True)
+    opt.step()
+
+
+def build_pretrain(cfg: PipelineConfig, schema, ctx):
+    """The pre-train model exactly as `phases/pretrain.py` builds it: (sharded ranker, dense engine)."""
+    from iak_dist.distributed.sharding import init_tables, shard_ranker
+    from iak_dist.distributed.zero import DenseEngine
+    from iak_dist.model.backbone import Backbone
+    from iak_dist.model.ranker import Ranker
+
+    torch.manual_seed(0)
+    backbone = Backbone(schema, cfg.model, device=torch.device("meta"))
+    sharded = shard_ranker(Ranker(backbone), ctx, cfg.distributed.sharding, cfg.pretrain.lr_sparse,
+                           cfg.pretrain.batch_size)
+    init_tables(sharded.model, sharded.ranker, 0)
+    dense = DenseEngine(backbone.dense_modules(), cfg.pretrain.lr_dense, cfg.pretrain.weight_decay,
+                        cfg.distributed.zero, cfg.pretrain.batch_size, ctx.world_size)
+    return sharded, dense
+
+
+def pretrain_step_parts(sharded, dense, batches: Sequence[Batch], loader_batches) -> dict[str, float]:
+    """Our pre-train step, timed by part (seconds per step, mean over the timed steps).
+
+    The sharded embedding collection is driven through its own two halves, as TorchRec's train
+    pipeline drives it: `input_dist` (the KeyedJaggedTensor all-to-all to the ranks owning each
+    table) and `compute_and_output_dist` (FBGEMM lookup + pooled embeddings back). `data` is the
+    loader producing one more batch from Parquet, measured in the same step.
+    """
+    from iak_dist.phases.loop import esmm_loss_per_row
+
+    backbone = sharded.ranker.backbone
+    tables = backbone.embeddings
+    totals = dict.fromkeys(STEP_PARTS, 0.0)
+    for i, batch in enumerate(batches):
+        t0 = time.perf_counter()
+        next(loader_batches)
+        t1 = time.perf_counter()
+        context = tables.create_context()
+        dist_input = tables.input_dist(context, batch.sparse).wait().wait()
+        t2 = time.perf_counter()
+        pooled = tables.compute_and_output_dist(context, dist_input).wait().to_dict()
+        embedded = torch.stack([pooled[name] for name in backbone.feature_names], dim=1)
+        t3 = time.perf_counter()
+        out = backbone.dense_part(embedded, batch.dense)
+        loss = esmm_loss_per_row(out, batch).mean()
+        t4 = time.perf_counter()
+        dense.backward(loss)
+        t5 = time.perf_counter()
+        dense.step()
+        if sharded.data_parallel_optimizer is not None:
+            sharded.data_parallel_optimizer.step()
+        t6 = time.perf_counter()
+        if i >= WARMUP:
+            for part, dt in zip(STEP_PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5), strict=True):
+                totals[part] += dt
+    return {part: total / (len(batches) - WARMUP) for part, total in totals.items()}
+
+
+def checkpoint_seconds(sharded, dense, ctx, root: Path, repeats: int = 3) -> float:
+    """One CheckpointManager save (DCP shards + fused optimizer + DeepSpeed state), median of `repeats`."""
+    from iak_dist.distributed.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(root, ctx, keep=1)
+    times = []
+    for step in range(1, repeats + 1):
+        start = time.perf_counter()
+        manager.save(step, sharded.model, dense, {"step": step},
+                     data_parallel_optimizer=sharded.data_parallel_optimizer)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def plain_torchrec_step(cfg: PipelineConfig, schema, batches: Sequence[Batch], ctx) -> float:
+    """A hand-written TorchRec DMP loop on the same model: DMP (its default DDP around the dense
+    part), fused row-wise Adagrad in backward, torch AdamW with our clipping; nothing else."""
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.optim import RowWiseAdagrad
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    from iak_dist.model.backbone import Backbone
+    from iak_dist.phases.loop import esmm_loss_per_row
+
+    torch.manual_seed(0)
+    backbone = Backbone(schema, cfg.model, device=torch.device("meta"))
+    apply_optimizer_in_backward(RowWiseAdagrad, backbone.embeddings.parameters(), {"lr": cfg.pretrain.lr_sparse})
+    model = DistributedModelParallel(backbone, device=ctx.device)
+    params = backbone.dense_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.pretrain.lr_dense, fused=cfg.distributed.zero.fused_optimizer or None)
+    return time_steps(batches, lambda b: esmm_loss_per_row(model(b.sparse, b.dense), b).mean(),
+                      lambda: clip_and_step(params, opt, cfg.distributed.zero), opt.zero_grad)
+
+
+def plain_pytorch_step(cfg: PipelineConfig, schema, batches: Sequence[Batch], ctx) -> float:
+    """No TorchRec: one `nn.EmbeddingBag` per table (sum pooling) + the same dense part, under DDP."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from iak_dist.model.backbone import Backbone
+    from iak_dist.phases.loop import esmm_loss_per_row
+
+    torch.manual_seed(0)
+    backbone = Backbone(schema, cfg.model)
+    tables = torch.nn.ModuleDict({f.name: torch.nn.EmbeddingBag(f.table_size, cfg.model.embedding_dim, mode="sum",
+                                                           include_last_offset=True)
+                                  for f in schema.sparse})
+
+    class Plain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tables, self.dense = tables, torch.nn.ModuleDict(backbone.dense_modules())
+
+        def forward(self, sparse, dense):
+            feats = sparse.to_dict()
+            emb = torch.stack([self.tables[k](feats[k].values(), feats[k].offsets()) for k in schema.feature_names], 1)
+            return backbone.dense_part(emb, dense)
+
+    model = DistributedDataParallel(Plain().to(ctx.device))
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.pretrain.lr_dense, fused=cfg.distributed.zero.fused_optimizer or None)
+    return time_steps(batches, lambda b: esmm_loss_per_row(model(b.sparse, b.dense), b).mean(),
+                      lambda: clip_and_step(params, opt, cfg.distributed.zero), opt.zero_grad)
+
+
+def time_steps(batches: Sequence[Batch], loss_fn: Callable[[Batch], torch.Tensor], step: Callable[[], None],
+               zero_grad: Callable[..., None]) -> float:
+    """Seconds per step of a plain loop (forward, backward, optimizer), mean after warm-up."""
+    total = 0.0
+    for i, batch in enumerate(batches):
+        start = time.perf_counter()
+        loss = loss_fn(batch)
+        zero_grad(set_to_none=True)
+        loss.backward()
+        step()
+        if i >= WARMUP:
+            total += time.perf_counter() - start
+    return total / (len(batches) - WARMUP)
+
+
+def finetune_round(run, dense, batches: Sequence[Batch]) -> float:
+    """Seconds per fine-tune step of one strategy (`FinetuneSetup` + its dense engine), over `batches`."""
+    from iak_dist.phases.loop import esmm_loss_per_row
+
+    run.model.train()
+    start = time.perf_counter()
+    for i, batch in enumerate(batches):
+        run.adapter.on_step(i, len(batches))
+        out = run.model(batch)
+        loss = esmm_loss_per_row(out, batch).mean() + out.aux_loss
+        dense.backward(loss)
+        dense.step()
+        if run.sharded.data_parallel_optimizer is not None:
+            run.sharded.data_parallel_optimizer.step()
+    return (time.perf_counter() - start) / len(batches)
+
+
+def finetune_steps(data_dir: str | Path, backbone_dir: str | Path, strategies: Sequence[str], cfg: PipelineConfig,
+                   ctx, steps: int, rounds: int) -> dict[str, dict[str, Any]]:
+    """Fine-tune step of each strategy as the fine-tune phase builds it, on sampled fine-tune batches.
+
+    Rounds run strategy after strategy (interleaved, so load on a shared machine hits all alike); the
+    median round is kept. Returns {strategy: {"step_s", "trainable_params"}}.
+    """
+    from iak_dist.data.sampler import DomainBatchSampler
+    from iak_dist.distributed.zero import DenseEngine
+    from iak_dist.phases.finetune import build_finetune, count_trainable, sampled_batches
+
+    ft = cfg.finetune
+    runs = {}
+    for name in strategies:
+        torch.manual_seed(0)
+        run = build_finetune(data_dir, backbone_dir, name, ft, ctx, cfg.distributed)
+        dense = DenseEngine(run.trainable, ft.optim.lr_dense, ft.optim.weight_decay, cfg.distributed.zero,
+                            ft.optim.batch_size, ctx.world_size)
+        sampler = DomainBatchSampler(run.domains, len(run.schema.domains), ft.optim.batch_size, ft.sampler_alpha,
+                                     seed=ctx.rank)
+        batches = [next(sampled_batches(run.table, run.schema, sampler)) for _ in range(steps)]
+        runs[name] = (run, dense, batches)
+    for run, dense, batches in runs.values():  # warm-up
+        finetune_round(run, dense, batches[:WARMUP])
+    times: dict[str, list[float]] = {name: [] for name in strategies}
+    for _ in range(rounds):
+        for name, (run, dense, batches) in runs.items():
+            times[name].append(finetune_round(run, dense, batches))
+    return {name: {"step_s": sorted(t)[len(t) // 2], "trainable_params": count_trainable(runs[name][0])}
+            for name, t in times.items()}
