@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import torch
@@ -79,7 +80,8 @@ def build_pretrain(cfg: PipelineConfig, schema, ctx):
 
 
 def pretrain_step_parts(sharded, dense, batches: Sequence[Batch], loader_batches) -> dict[str, float]:
-    """Our pre-train step, timed by part (seconds per step, mean over the timed steps).
+    """Our pre-train step, timed by part (seconds per step: each part's median over the timed steps,
+    robust to the hiccups of a shared machine).
 
     The sharded embedding collection is driven through its own two halves, as TorchRec's train
     pipeline drives it: `input_dist` (the KeyedJaggedTensor all-to-all to the ranks owning each
@@ -90,7 +92,7 @@ def pretrain_step_parts(sharded, dense, batches: Sequence[Batch], loader_batches
 
     backbone = sharded.ranker.backbone
     tables = backbone.embeddings
-    totals = dict.fromkeys(STEP_PARTS, 0.0)
+    times: dict[str, list[float]] = {part: [] for part in STEP_PARTS}
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
         next(loader_batches)
@@ -112,8 +114,8 @@ def pretrain_step_parts(sharded, dense, batches: Sequence[Batch], loader_batches
         t6 = time.perf_counter()
         if i >= WARMUP:
             for part, dt in zip(STEP_PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5), strict=True):
-                totals[part] += dt
-    return {part: total / (len(batches) - WARMUP) for part, total in totals.items()}
+                times[part].append(dt)
+    return {part: median(t) for part, t in times.items()}
 
 
 def checkpoint_seconds(sharded, dense, ctx, root: Path, repeats: int = 3) -> float:
@@ -127,7 +129,7 @@ def checkpoint_seconds(sharded, dense, ctx, root: Path, repeats: int = 3) -> flo
         manager.save(step, sharded.model, dense, {"step": step},
                      data_parallel_optimizer=sharded.data_parallel_optimizer)
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return median(times)
 
 
 def plain_torchrec_step(cfg: PipelineConfig, schema, batches: Sequence[Batch], ctx) -> float:
@@ -182,8 +184,8 @@ def plain_pytorch_step(cfg: PipelineConfig, schema, batches: Sequence[Batch], ct
 
 def time_steps(batches: Sequence[Batch], loss_fn: Callable[[Batch], torch.Tensor], step: Callable[[], None],
                zero_grad: Callable[..., None]) -> float:
-    """Seconds per step of a plain loop (forward, backward, optimizer), mean after warm-up."""
-    total = 0.0
+    """Seconds per step of a plain loop (forward, backward, optimizer), median after warm-up."""
+    times = []
     for i, batch in enumerate(batches):
         start = time.perf_counter()
         loss = loss_fn(batch)
@@ -191,8 +193,8 @@ def time_steps(batches: Sequence[Batch], loss_fn: Callable[[Batch], torch.Tensor
         loss.backward()
         step()
         if i >= WARMUP:
-            total += time.perf_counter() - start
-    return total / (len(batches) - WARMUP)
+            times.append(time.perf_counter() - start)
+    return median(times)
 
 
 def finetune_round(run, dense, batches: Sequence[Batch]) -> float:
@@ -240,5 +242,5 @@ def finetune_steps(data_dir: str | Path, backbone_dir: str | Path, strategies: S
     for _ in range(rounds):
         for name, (run, dense, batches) in runs.items():
             times[name].append(finetune_round(run, dense, batches))
-    return {name: {"step_s": sorted(t)[len(t) // 2], "trainable_params": count_trainable(runs[name][0])}
+    return {name: {"step_s": median(t), "trainable_params": count_trainable(runs[name][0])}
             for name, t in times.items()}
