@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 from iak_dist.errors import UserError
+
+
+def say(message: str, rank: int | None = None) -> None:
+    """A progress line on stderr, from rank 0 only (`rank` defaults to the launcher's RANK)."""
+    if (int(os.environ.get("RANK", "0")) if rank is None else rank) == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def configure_environment() -> None:

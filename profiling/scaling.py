@@ -143,7 +143,7 @@ def rank_curve(dim: int) -> list[dict[str, Any]]:
 def ranks_worker(out: Path, dim: int) -> None:
     import torch.distributed as dist
 
-    from iak_dist.distributed.context import init_distributed
+    from iak_dist.distributed.context import close_distributed, init_distributed
 
     ctx = init_distributed()
     step = measure(THREE_TABLES, dim, 1, "none", 1024, ctx, seed=ctx.rank)
@@ -152,6 +152,7 @@ def ranks_worker(out: Path, dim: int) -> None:
     if ctx.is_main:
         out.write_text(json.dumps({"ranks": ctx.world_size, "per_rank_samples_per_s": [1024 / s for s in steps],
                                    "total_samples_per_s": ctx.world_size * 1024 / max(steps)}))
+    close_distributed(ctx)
 
 
 def markdown(result: dict[str, Any]) -> str:

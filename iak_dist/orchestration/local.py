@@ -7,8 +7,6 @@ run continues where it stopped. (The Ray-scheduled pipeline builds on the same p
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -20,12 +18,12 @@ from iak_dist.data.schema import Schema
 from iak_dist.distributed.context import DistContext, close_distributed, init_distributed
 from iak_dist.errors import UserError
 from iak_dist.io import atomic_write_json, atomic_write_text
+from iak_dist.runtime import say
 
 
 def log(message: str) -> None:
-    """Progress lines, from rank 0 only."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"[pipeline {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    """A pipeline progress line, time-stamped (rank 0 only)."""
+    say(f"[pipeline {time.strftime('%H:%M:%S')}] {message}")
 
 
 def seed_dir(cfg: PipelineConfig, seed: int) -> Path:

@@ -29,7 +29,8 @@ from iak_dist.model.strategies.base import Adapter, adapter_class
 from iak_dist.model.strategies.saving import save_adapter
 from iak_dist.phases.common import build_from_backbone, check_schema_matches
 from iak_dist.phases.loop import train_loop
-from iak_dist.phases.pretrain import say, steps_for
+from iak_dist.phases.pretrain import steps_for
+from iak_dist.runtime import say
 from iak_dist.tracking import summary_writer
 
 
@@ -117,12 +118,12 @@ def finetune(
                                      seed * 100_003 + ctx.rank)
         total = steps_for(cfg.optim, run.table.num_rows // ctx.world_size)
         checkpoints = CheckpointManager(out_dir.parent / ".checkpoints" / strategy, ctx, dist_cfg.keep_checkpoints)
-        state = checkpoints.restore_latest(run.model, dense, warn=lambda m: say(ctx, m),
+        state = checkpoints.restore_latest(run.model, dense, warn=lambda m: say(m, ctx.rank),
                                            data_parallel_optimizer=run.sharded.data_parallel_optimizer)
         start = int(state["step"]) if state else 0
         if state:
             sampler.load_state_dict(state["sampler"])
-            say(ctx, f"[finetune {strategy}] resuming at step {start} from {state['path']}")
+            say(f"[finetune {strategy}] resuming at step {start} from {state['path']}", ctx.rank)
 
         def on_step_end(step: int) -> None:
             if dist_cfg.checkpoint_every and step % dist_cfg.checkpoint_every == 0 and step < total:

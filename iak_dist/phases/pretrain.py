@@ -6,7 +6,6 @@ Reads top to bottom: build (data, sharded model, dense engine) -> restore -> loo
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from iak_dist.io import atomic_write_json
 from iak_dist.model.backbone import Backbone
 from iak_dist.model.ranker import Ranker
 from iak_dist.phases.loop import train_loop
+from iak_dist.runtime import say
 from iak_dist.tracking import summary_writer
 
 
@@ -47,11 +47,6 @@ def steps_for(cfg: OptimConfig, rows: int) -> int:
     return steps
 
 
-def say(ctx: DistContext, message: str) -> None:
-    if ctx.is_main:
-        print(message, file=sys.stderr, flush=True)
-
-
 def pretrain(
     data_dir: str | Path, model_cfg: ModelConfig, optim: OptimConfig, dist_cfg: DistributedConfig, seed: int,
     out_dir: str | Path, ctx: DistContext, show_progress: bool = True,
@@ -72,16 +67,16 @@ def pretrain(
     sharded = shard_ranker(Ranker(backbone), ctx, dist_cfg.sharding, optim.lr_sparse, optim.batch_size)
     init_tables(sharded.model, sharded.ranker, seed)
     plan_text = format_plan(plan_rows(sharded.plan, sharded.ranker, ctx.world_size))
-    say(ctx, f"[pretrain] sharding plan over {ctx.world_size} rank(s):\n{plan_text}")
+    say(f"[pretrain] sharding plan over {ctx.world_size} rank(s):\n{plan_text}", ctx.rank)
     dense = DenseEngine(backbone.dense_modules(), optim.lr_dense, optim.weight_decay, dist_cfg.zero,
                         optim.batch_size, ctx.world_size)
     checkpoints = CheckpointManager(out_dir / "checkpoints" / "pretrain", ctx, dist_cfg.keep_checkpoints)
     total = steps_for(optim, reader.num_rows)
-    state = checkpoints.restore_latest(sharded.model, dense, warn=lambda m: say(ctx, m),
+    state = checkpoints.restore_latest(sharded.model, dense, warn=lambda m: say(m, ctx.rank),
                                        data_parallel_optimizer=sharded.data_parallel_optimizer)
     start = int(state["step"]) if state else 0
     if state:
-        say(ctx, f"[pretrain] resuming at step {start} from {state['path']}")
+        say(f"[pretrain] resuming at step {start} from {state['path']}", ctx.rank)
 
     def save(step: int) -> None:
         path = checkpoints.save(step, sharded.model, dense, {"step": step}, plan_text,
