@@ -16,6 +16,10 @@ def say(message: str, rank: int | None = None) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def _drop_fbgemm_info(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "fbgemm_gpu" not in record.pathname
+
+
 def configure_environment() -> None:
     """Process-wide settings that must precede heavy imports.
 
@@ -30,9 +34,14 @@ def configure_environment() -> None:
         # Ray 2.60 heads require this token once it exists; clients send it only in token mode
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     logging.getLogger("torchrec").setLevel(logging.ERROR)
-    # FBGEMM logs every table-batched kernel's arguments through the root logger at INFO, which
-    # Ray workers print; our own progress goes through print, Ray's through its own loggers.
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
+    # FBGEMM logs every library it loads and every table-batched kernel's arguments through the root
+    # logger at INFO, which Ray workers print; our own progress goes through print, Ray's through
+    # its own loggers. Ray Train re-configures the root logger at INFO in its workers, so a filter
+    # on the root logger (which re-configuring keeps) drops FBGEMM's INFO records there too.
+    root = logging.getLogger()
+    root.setLevel(max(root.level, logging.WARNING))
+    if not any(f is _drop_fbgemm_info for f in root.filters):
+        root.addFilter(_drop_fbgemm_info)
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category, module=r"torchrec\..*")
     warnings.filterwarnings("ignore", message=".*ShardedTensor.*")

@@ -200,17 +200,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
         c = result[name]
         if name == "batch":
             ax.plot([p["batch"] for p in c], [p["samples_per_s"] for p in c], "o-")
-            ax.set(xscale="log", xlabel="batch size", ylabel="samples/s", title="pre-train vs batch")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([p["batch"] for p in c], [str(p["batch"]) for p in c])
+            ax.set(xlabel="batch size", ylabel="samples/s", title="pre-train vs batch", ylim=(0, None))
         elif name == "tables":
             x = [p["rows"] for p in c]
             ax.plot(x, [2048 / p["full_step_s"] for p in c], "o-", label="full fine-tune")
             ax.plot(x, [2048 / p["iak_step_s"] for p in c], "s-", label="IAK fine-tune")
             ax.plot(x, [p["samples_per_s"] for p in c], "^-", label="pre-train")
-            ax.set(xscale="log", xlabel="table rows", ylabel="samples/s", title="vs table size")
+            ax.set(xscale="log", xlabel="table rows", ylabel="samples/s", title="vs table size", ylim=(0, None))
             ax.legend()
         elif name == "domains":
             ax.plot([p["domains"] for p in c], [1000 * p["iak_step_s"] for p in c], "o-")
-            ax.set(xscale="log", xlabel="domains K", ylabel="ms per IAK step", title="IAK vs K", ylim=(0, None))
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([p["domains"] for p in c], [str(p["domains"]) for p in c])
+            ax.set(xlabel="domains K", ylabel="ms per IAK step", title="IAK step vs K", ylim=(0, None))
         else:
             ax.bar([str(p["ranks"]) for p in c], [p["total_samples_per_s"] for p in c])
             ax.set(xlabel="ranks", ylabel="total samples/s", title="vs ranks")

@@ -39,8 +39,10 @@ def start_ray(address: str, num_cpus: int) -> bool:
             raise UserError(f"orchestration.address {address!r}: no Ray cluster answers there "
                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
         return False
+    # every worker quiets the stack's import-time chatter (FBGEMM logs each library it loads) first
     ray.init(num_cpus=num_cpus or None, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=True, configure_logging=False)
+             log_to_driver=True, configure_logging=False,
+             runtime_env={"worker_process_setup_hook": "iak_dist.runtime.configure_environment"})
     return True
 
 

@@ -49,6 +49,26 @@ class DomainRows(NamedTuple):
         return DomainRows(domain, index, known, torch.argsort(index, stable=True), offsets)
 
 
+def grouped_linear(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows grouped by domain times their domain's map, in one `F.grouped_mm` call.
+
+    `F.grouped_mm` wants rows and pointers aligned to 16 bytes: narrow maps (a head's single
+    output) and weights that live at an odd offset of a flat buffer (DeepSpeed ZeRO-1/2) are
+    zero-padded into a fresh copy first; the padding adds nothing to the product.
+    """
+    d_in, d_out = weight.shape[1:]
+    pad_in, pad_out = -d_in % 8, -d_out % 8
+    if pad_in or pad_out or weight.data_ptr() % 16:
+        weight = F.pad(weight, (0, pad_out, 0, pad_in))
+        x_sorted = F.pad(x_sorted, (0, pad_in))
+    return F.grouped_mm(x_sorted, weight, offs=offsets)[:, :d_out]
+
+
+# TorchRec's train pipeline fx-traces the model; this call is recorded as one node, not traced
+# into (its padding decision reads shapes and pointers, which a trace cannot branch on).
+torch.fx.wrap("grouped_linear")
+
+
 class DomainLinear(nn.Module):
     """K stacked linear maps; row b uses map `domain[b]`, rows with domain -1 get zeros.
 
@@ -80,23 +100,12 @@ class DomainLinear(nn.Module):
             every = (x @ self.weight.permute(1, 0, 2).reshape(d_in, k * d_out)).view(-1, k, d_out)
             y = every.gather(1, rows.index.view(-1, 1, 1).expand(-1, 1, d_out)).squeeze(1)
         else:
-            grouped = self._grouped_mm(x.index_select(0, rows.order), rows.offsets)
+            grouped = grouped_linear(x.index_select(0, rows.order), self.weight, rows.offsets)
             y = torch.empty_like(grouped).index_copy(0, rows.order, grouped)
         if self.bias is not None:
             y = y + self.bias.index_select(0, rows.index)
         return y * rows.known.to(y.dtype)
 
-    def _grouped_mm(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """`F.grouped_mm` wants rows and pointers aligned to 16 bytes: narrow maps (a head's single
-        output) and weights that live at an odd offset in a flat buffer (DeepSpeed ZeRO-1/2) are
-        zero-padded into a fresh copy first; the padding adds nothing to the product."""
-        weight = self.weight
-        d_in, d_out = weight.shape[1:]
-        pad_in, pad_out = -d_in % 8, -d_out % 8
-        if pad_in or pad_out or weight.data_ptr() % 16:
-            weight = F.pad(weight, (0, pad_out, 0, pad_in))
-            x_sorted = F.pad(x_sorted, (0, pad_in))
-        return F.grouped_mm(x_sorted, weight, offs=offsets)[:, :d_out]
 
 
 class Adapter(nn.Module):
