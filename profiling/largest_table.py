@@ -24,13 +24,15 @@ def rss_gib() -> float:
 
 
 def measure(rows: int, dim: int, steps: int, batch: int, ctx) -> dict[str, float]:
-    from profiling.scaling import build_model, median_step_s, synthetic_batch
+    from profiling.scaling import build_model, stepper, synthetic_batch
+    from profiling.steps import interleaved
 
     before = rss_gib()
-    model, dense = build_model((rows,), dim, 1, "none", batch, ctx)
+    sharded, dense = build_model((rows,), dim, 1, "none", batch, ctx)
     allocated = rss_gib() - before
     rng = np.random.default_rng(0)
-    step_s = median_step_s(model, dense, [synthetic_batch(batch, (rows,), 1, rng) for _ in range(steps + 3)])
+    batches = [synthetic_batch(batch, (rows,), 1, rng) for _ in range(steps)]
+    step_s = interleaved({"one": stepper(sharded, dense)}, batches, rounds=1)["one"]["step"]
     return {"rows": rows, "dim": dim, "weight_gib": rows * dim * 4 / 2**30, "rss_growth_gib": allocated,
             "samples_per_s": batch / step_s}
 

@@ -51,7 +51,7 @@ def synthetic_batch(n: int, table_rows: tuple[int, ...], domains: int, rng: np.r
 
 
 def build_model(table_rows: tuple[int, ...], dim: int, domains: int, strategy: str, batch: int, ctx):
-    """(sharded model, dense engine) of a pre-train (`strategy="none"`) or fine-tune step.
+    """(sharded ranker, dense engine) of a pre-train (`strategy="none"`) or fine-tune step.
 
     The fine-tune model is built the way `phases/finetune.py` builds one: `full` trains tables and
     tower, a frozen-backbone strategy trains only its adapter and looks the tables up under no_grad.
@@ -77,36 +77,42 @@ def build_model(table_rows: tuple[int, ...], dim: int, domains: int, strategy: s
         p.requires_grad_(train_all)
     if adapter is not None and any(True for _ in adapter.parameters()):
         modules["adapter"] = adapter
-    return sharded.model, DenseEngine(modules, 1e-3, 0.0, ZeroConfig(), batch, ctx.world_size)
+    return sharded, DenseEngine(modules, 1e-3, 0.0, ZeroConfig(), batch, ctx.world_size)
 
 
-def median_step_s(model, dense, batches) -> float:
+def stepper(sharded, dense):
+    """One training step of a synthetic model, timed whole (a `profiling.steps.Stepper`)."""
     from iak_dist.phases.loop import esmm_loss_per_row
-    from profiling.steps import WARMUP
 
-    model.train()
-    times = []
-    for i, b in enumerate(batches):
+    sharded.model.train()
+
+    def step(b) -> dict[str, float]:
         start = time.perf_counter()
-        out = model(b)
+        out = sharded.model(b)
         dense.backward(esmm_loss_per_row(out, b).mean() + out.aux_loss)
         dense.step()
-        if i >= WARMUP:
-            times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        if sharded.data_parallel_optimizer is not None:  # small tables the planner replicated
+            sharded.data_parallel_optimizer.step()
+        return {"step": time.perf_counter() - start}
+
+    return step
 
 
-def measure(table_rows: tuple[int, ...], dim: int, domains: int, strategy: str, batch: int, ctx,
-            steps: int = 20, seed: int = 0) -> float:
-    """Median seconds per step of one synthetic configuration."""
+def measure(table_rows: tuple[int, ...], dim: int, domains: int, strategies: tuple[str, ...], batch: int, ctx,
+            steps: int = 20, seed: int = 0) -> dict[str, float]:
+    """Median seconds per step of each strategy (`"none"`: pre-training) on one synthetic configuration,
+    the strategies taking turns over the same batches."""
+    from profiling.steps import interleaved
+
     gc.collect()  # the previous configuration's tables go before this one's are allocated
-    model, dense = build_model(table_rows, dim, domains, strategy, batch, ctx)
+    steppers = {name: stepper(*build_model(table_rows, dim, domains, name, batch, ctx)) for name in strategies}
     rng = np.random.default_rng(seed)
-    return median_step_s(model, dense, [synthetic_batch(batch, table_rows, domains, rng) for _ in range(steps + 3)])
+    batches = [synthetic_batch(batch, table_rows, domains, rng) for _ in range(steps)]
+    return {name: t["step"] for name, t in interleaved(steppers, batches, rounds=1).items()}
 
 
 def batch_curve(ctx, dim: int) -> list[dict[str, Any]]:
-    return [{"batch": b, "samples_per_s": b / measure(THREE_TABLES, dim, 1, "none", b, ctx)}
+    return [{"batch": b, "samples_per_s": b / measure(THREE_TABLES, dim, 1, ("none",), b, ctx)["none"]}
             for b in (256, 512, 1024, 2048, 4096)]
 
 
@@ -114,17 +120,17 @@ def table_curve(ctx, dim: int, max_rows: int) -> list[dict[str, Any]]:
     out = []
     rows = 100_000
     while rows <= max_rows:
-        point = {"rows": rows, "table_gib": rows * dim * 4 / 2**30,
-                 "samples_per_s": 2048 / measure((rows,), dim, 8, "none", 2048, ctx)}
-        point["full_step_s"] = measure((rows,), dim, 8, "full", 2048, ctx)
-        point["iak_step_s"] = measure((rows,), dim, 8, "iak", 2048, ctx)
-        out.append(point)
+        pretrain = measure((rows,), dim, 8, ("none",), 2048, ctx)["none"]
+        finetune = measure((rows,), dim, 8, ("full", "iak"), 2048, ctx)
+        out.append({"rows": rows, "table_gib": rows * dim * 4 / 2**30, "samples_per_s": 2048 / pretrain,
+                    "full_step_s": finetune["full"], "iak_step_s": finetune["iak"]})
         rows *= 10
     return out
 
 
 def domain_curve(ctx, dim: int) -> list[dict[str, Any]]:
-    return [{"domains": k, "iak_step_s": measure(THREE_TABLES, dim, k, "iak", 1024, ctx)} for k in (2, 8, 32, 128, 512)]
+    return [{"domains": k, "iak_step_s": measure(THREE_TABLES, dim, k, ("iak",), 1024, ctx)["iak"]}
+            for k in (2, 8, 32, 128, 512)]
 
 
 def rank_curve(dim: int) -> list[dict[str, Any]]:
@@ -146,12 +152,13 @@ def ranks_worker(out: Path, dim: int) -> None:
     from iak_dist.distributed.context import close_distributed, init_distributed
 
     ctx = init_distributed()
-    step = measure(THREE_TABLES, dim, 1, "none", 1024, ctx, seed=ctx.rank)
+    step = measure(THREE_TABLES, dim, 1, ("none",), 1024, ctx, seed=ctx.rank)["none"]
     steps = [None] * ctx.world_size
     dist.all_gather_object(steps, step)
     if ctx.is_main:
         out.write_text(json.dumps({"ranks": ctx.world_size, "per_rank_samples_per_s": [1024 / s for s in steps],
                                    "total_samples_per_s": ctx.world_size * 1024 / max(steps)}))
+    ctx.barrier()
     close_distributed(ctx)
 
 

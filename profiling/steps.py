@@ -79,9 +79,28 @@ def build_pretrain(cfg: PipelineConfig, schema, ctx):
     return sharded, dense
 
 
-def pretrain_step_parts(sharded, dense, batches: Sequence[Batch], loader_batches) -> dict[str, float]:
-    """Our pre-train step, timed by part (seconds per step: each part's median over the timed steps,
-    robust to the hiccups of a shared machine).
+Stepper = Callable[[Batch], dict[str, float]]
+"""Runs one training step on a batch and returns its timings in seconds, by part."""
+
+
+def interleaved(steppers: dict[str, Stepper], batches: Sequence[Batch], rounds: int) -> dict[str, dict[str, float]]:
+    """Every stepper's per-part median over `rounds` passes of `batches`, the steppers taking turns
+    pass by pass, so that a shared machine's changing load hits them all alike (their ratios are
+    what to read). Each stepper first runs `WARMUP` untimed steps."""
+    for step in steppers.values():
+        for batch in batches[:WARMUP]:
+            step(batch)
+    times: dict[str, dict[str, list[float]]] = {name: {} for name in steppers}
+    for _ in range(rounds):
+        for name, step in steppers.items():
+            for batch in batches:
+                for part, seconds in step(batch).items():
+                    times[name].setdefault(part, []).append(seconds)
+    return {name: {part: median(t) for part, t in parts.items()} for name, parts in times.items()}
+
+
+def pretrain_stepper(sharded, dense, loader_batches) -> Stepper:
+    """Our pre-train step, timed by part.
 
     The sharded embedding collection is driven through its own two halves, as TorchRec's train
     pipeline drives it: `input_dist` (the KeyedJaggedTensor all-to-all to the ranks owning each
@@ -92,8 +111,8 @@ def pretrain_step_parts(sharded, dense, batches: Sequence[Batch], loader_batches
 
     backbone = sharded.ranker.backbone
     tables = backbone.embeddings
-    times: dict[str, list[float]] = {part: [] for part in STEP_PARTS}
-    for i, batch in enumerate(batches):
+
+    def step(batch: Batch) -> dict[str, float]:
         t0 = time.perf_counter()
         next(loader_batches)
         t1 = time.perf_counter()
@@ -112,10 +131,9 @@ def pretrain_step_parts(sharded, dense, batches: Sequence[Batch], loader_batches
         if sharded.data_parallel_optimizer is not None:
             sharded.data_parallel_optimizer.step()
         t6 = time.perf_counter()
-        if i >= WARMUP:
-            for part, dt in zip(STEP_PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5), strict=True):
-                times[part].append(dt)
-    return {part: median(t) for part, t in times.items()}
+        return dict(zip(STEP_PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5), strict=True))
+
+    return step
 
 
 def checkpoint_seconds(sharded, dense, ctx, root: Path, repeats: int = 3) -> float:
@@ -132,7 +150,7 @@ def checkpoint_seconds(sharded, dense, ctx, root: Path, repeats: int = 3) -> flo
     return median(times)
 
 
-def plain_torchrec_step(cfg: PipelineConfig, schema, batches: Sequence[Batch], ctx) -> float:
+def plain_torchrec_stepper(cfg: PipelineConfig, schema, ctx) -> Stepper:
     """A hand-written TorchRec DMP loop on the same model: DMP (its default DDP around the dense
     part), fused row-wise Adagrad in backward, torch AdamW with our clipping; nothing else."""
     from torchrec.distributed import DistributedModelParallel
@@ -148,11 +166,11 @@ def plain_torchrec_step(cfg: PipelineConfig, schema, batches: Sequence[Batch], c
     model = DistributedModelParallel(backbone, device=ctx.device)
     params = backbone.dense_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.pretrain.lr_dense, fused=cfg.distributed.zero.fused_optimizer or None)
-    return time_steps(batches, lambda b: esmm_loss_per_row(model(b.sparse, b.dense), b).mean(),
-                      lambda: clip_and_step(params, opt, cfg.distributed.zero), opt.zero_grad)
+    return plain_stepper(lambda b: esmm_loss_per_row(model(b.sparse, b.dense), b).mean(),
+                         lambda: clip_and_step(params, opt, cfg.distributed.zero), opt.zero_grad)
 
 
-def plain_pytorch_step(cfg: PipelineConfig, schema, batches: Sequence[Batch], ctx) -> float:
+def plain_pytorch_stepper(cfg: PipelineConfig, schema, ctx) -> Stepper:
     """No TorchRec: one `nn.EmbeddingBag` per table (sum pooling) + the same dense part, under DDP."""
     from torch.nn.parallel import DistributedDataParallel
 
@@ -178,69 +196,67 @@ def plain_pytorch_step(cfg: PipelineConfig, schema, batches: Sequence[Batch], ct
     model = DistributedDataParallel(Plain().to(ctx.device))
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.pretrain.lr_dense, fused=cfg.distributed.zero.fused_optimizer or None)
-    return time_steps(batches, lambda b: esmm_loss_per_row(model(b.sparse, b.dense), b).mean(),
-                      lambda: clip_and_step(params, opt, cfg.distributed.zero), opt.zero_grad)
+    return plain_stepper(lambda b: esmm_loss_per_row(model(b.sparse, b.dense), b).mean(),
+                         lambda: clip_and_step(params, opt, cfg.distributed.zero), opt.zero_grad)
 
 
-def time_steps(batches: Sequence[Batch], loss_fn: Callable[[Batch], torch.Tensor], step: Callable[[], None],
-               zero_grad: Callable[..., None]) -> float:
-    """Seconds per step of a plain loop (forward, backward, optimizer), median after warm-up."""
-    times = []
-    for i, batch in enumerate(batches):
+def plain_stepper(loss_fn: Callable[[Batch], torch.Tensor], update: Callable[[], None],
+                  zero_grad: Callable[..., None]) -> Stepper:
+    """A plain loop's step (forward, backward, optimizer), timed whole."""
+    def step(batch: Batch) -> dict[str, float]:
         start = time.perf_counter()
         loss = loss_fn(batch)
         zero_grad(set_to_none=True)
         loss.backward()
-        step()
-        if i >= WARMUP:
-            times.append(time.perf_counter() - start)
-    return median(times)
+        update()
+        return {"step": time.perf_counter() - start}
+
+    return step
 
 
-def finetune_round(run, dense, batches: Sequence[Batch]) -> float:
-    """Seconds per fine-tune step of one strategy (`FinetuneSetup` + its dense engine), over `batches`."""
+def finetune_stepper(run, dense, total_steps: int) -> Stepper:
+    """One fine-tune step of a strategy (`FinetuneSetup` + its dense engine), its schedule included."""
     from iak_dist.phases.loop import esmm_loss_per_row
 
     run.model.train()
-    start = time.perf_counter()
-    for i, batch in enumerate(batches):
-        run.adapter.on_step(i, len(batches))
+    done = 0
+
+    def step(batch: Batch) -> dict[str, float]:
+        nonlocal done
+        start = time.perf_counter()
+        run.adapter.on_step(done % total_steps, total_steps)
         out = run.model(batch)
-        loss = esmm_loss_per_row(out, batch).mean() + out.aux_loss
-        dense.backward(loss)
+        dense.backward(esmm_loss_per_row(out, batch).mean() + out.aux_loss)
         dense.step()
         if run.sharded.data_parallel_optimizer is not None:
             run.sharded.data_parallel_optimizer.step()
-    return (time.perf_counter() - start) / len(batches)
+        done += 1
+        return {"step": time.perf_counter() - start}
+
+    return step
 
 
 def finetune_steps(data_dir: str | Path, backbone_dir: str | Path, strategies: Sequence[str], cfg: PipelineConfig,
                    ctx, steps: int, rounds: int) -> dict[str, dict[str, Any]]:
-    """Fine-tune step of each strategy as the fine-tune phase builds it, on sampled fine-tune batches.
-
-    Rounds run strategy after strategy (interleaved, so load on a shared machine hits all alike); the
-    median round is kept. Returns {strategy: {"step_s", "trainable_params"}}.
+    """Fine-tune step of each strategy as the fine-tune phase builds it, on sampled fine-tune batches
+    (the same batches for every strategy), interleaved. Returns {strategy: {"step_s", "trainable_params"}}.
     """
     from iak_dist.data.sampler import DomainBatchSampler
     from iak_dist.distributed.zero import DenseEngine
     from iak_dist.phases.finetune import build_finetune, count_trainable, sampled_batches
 
     ft = cfg.finetune
-    runs = {}
+    runs, steppers, batches = {}, {}, []
     for name in strategies:
         torch.manual_seed(0)
         run = build_finetune(data_dir, backbone_dir, name, ft, ctx, cfg.distributed)
         dense = DenseEngine(run.trainable, ft.optim.lr_dense, ft.optim.weight_decay, cfg.distributed.zero,
                             ft.optim.batch_size, ctx.world_size)
-        sampler = DomainBatchSampler(run.domains, len(run.schema.domains), ft.optim.batch_size, ft.sampler_alpha,
-                                     seed=ctx.rank)
-        batches = [next(sampled_batches(run.table, run.schema, sampler)) for _ in range(steps)]
-        runs[name] = (run, dense, batches)
-    for run, dense, batches in runs.values():  # warm-up
-        finetune_round(run, dense, batches[:WARMUP])
-    times: dict[str, list[float]] = {name: [] for name in strategies}
-    for _ in range(rounds):
-        for name, (run, dense, batches) in runs.items():
-            times[name].append(finetune_round(run, dense, batches))
-    return {name: {"step_s": median(t), "trainable_params": count_trainable(runs[name][0])}
-            for name, t in times.items()}
+        if not batches:
+            sampler = DomainBatchSampler(run.domains, len(run.schema.domains), ft.optim.batch_size,
+                                         ft.sampler_alpha, seed=ctx.rank)
+            batches = [next(sampled_batches(run.table, run.schema, sampler)).to(ctx.device) for _ in range(steps)]
+        runs[name], steppers[name] = run, finetune_stepper(run, dense, steps)
+    times = interleaved(steppers, batches, rounds)
+    return {name: {"step_s": times[name]["step"], "trainable_params": count_trainable(runs[name])}
+            for name in strategies}

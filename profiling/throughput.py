@@ -1,7 +1,7 @@
 """`iak-dist profile CONFIG`: where a training step's time goes, next to plain baselines.
 
-Measured in one run, on every rank (run it under `torchrun --nproc-per-node N` for N ranks), on
-the config's own data and model:
+Measured in one run, on every rank (`--nproc N`: N ranks under torchrun), on the config's own data
+and model; the loops compared take turns over the same batches (`steps.interleaved`):
 
 - an iak-dist pre-train step, timed by part: data loading (Parquet row groups -> KeyedJaggedTensor),
   input distribution, embedding lookup (TorchRec sharded tables, FBGEMM), dense forward, backward
@@ -34,6 +34,8 @@ from iak_dist.io import atomic_path, atomic_write_json, atomic_write_text
 from profiling import steps as timed
 
 FINETUNE_STRATEGIES = ("full", "iak")
+ROUNDS = 3
+"""Passes over the profiled batches, the measured loops taking turns (see `steps.interleaved`)."""
 
 
 def run_profile(cfg: PipelineConfig, steps: int = 60, trace: bool = False) -> Path:
@@ -64,9 +66,15 @@ def run_profile(cfg: PipelineConfig, steps: int = 60, trace: bool = False) -> Pa
     mine: dict[str, Any] = {"rank": ctx.rank, "stream_copy_gbps": timed.stream_copy_gbps(),
                             "loader_samples_per_s": timed.loader_samples_per_s(reader(), steps)}
     sharded, dense = timed.build_pretrain(cfg, schema, ctx)
-    parts = timed.pretrain_step_parts(sharded, dense, batches, batches_from(reader(), steps))
+    steppers = {"ours": timed.pretrain_stepper(sharded, dense, batches_from(reader(), steps)),
+                "plain_torchrec": timed.plain_torchrec_stepper(cfg, schema, ctx),
+                "plain_pytorch_ddp": timed.plain_pytorch_stepper(cfg, schema, ctx)}
+    medians = timed.interleaved(steppers, batches, ROUNDS)
+    parts = medians["ours"]
     mine["step_parts_s"] = parts
     mine["train_step_s"] = sum(v for k, v in parts.items() if k != "data")
+    mine["plain_torchrec_step_s"] = medians["plain_torchrec"]["step"]
+    mine["plain_pytorch_ddp_step_s"] = medians["plain_pytorch_ddp"]["step"]
     lookup_bytes = timed.lookup_bytes_per_step(batches, cfg.model.embedding_dim)
     mine["lookup_gbps"] = lookup_bytes / parts["embedding lookup"] / 1e9
     mine["checkpoint_s"] = timed.checkpoint_seconds(sharded, dense, ctx, scratch / "checkpoints")
@@ -79,10 +87,8 @@ def run_profile(cfg: PipelineConfig, steps: int = 60, trace: bool = False) -> Pa
     with dense.gathered():
         export_backbone(sharded.model, schema, cfg.model, scratch / "backbone", ctx.rank)
     ctx.barrier()
-    mine["plain_torchrec_step_s"] = timed.plain_torchrec_step(cfg, schema, batches, ctx)
-    mine["plain_pytorch_ddp_step_s"] = timed.plain_pytorch_step(cfg, schema, batches, ctx)
     mine["finetune"] = timed.finetune_steps(data_dir, scratch / "backbone", FINETUNE_STRATEGIES, cfg, ctx,
-                                            max(steps // 2, timed.WARMUP + 2), rounds=3)
+                                            max(steps // 2, timed.WARMUP + 2), rounds=ROUNDS)
     mine["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if ctx.device.type == "cuda":
         mine["peak_cuda_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
@@ -125,8 +131,10 @@ def summarise(ranks: list[dict[str, Any]], batch_size: int, steps: int, cfg: Pip
 
 
 def _chrome_trace(sharded, dense, batches, path: Path) -> None:
+    step = timed.pretrain_stepper(sharded, dense, iter(batches * 2))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        timed.pretrain_step_parts(sharded, dense, batches, iter(batches * 2))
+        for batch in batches:
+            step(batch)
     path.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(path))
 
@@ -191,13 +199,16 @@ def plot(r: dict[str, Any], path: Path) -> None:
     a.barh(list(parts), [1000 * v for v in parts.values()])
     a.set_xlabel("ms per step")
     a.set_title("iak-dist pre-train step (rank 0)")
-    names = ["iak-dist", "plain TorchRec", "EmbeddingBag+DDP", "loader alone"]
-    values = [r["samples_per_s_total"], r["plain_torchrec_samples_per_s_total"],
-              r["plain_pytorch_ddp_samples_per_s_total"], r["loader_samples_per_s_total"]]
-    b.bar(names, values)
-    b.set_ylabel("samples/s (all ranks)")
-    b.set_title("side by side")
-    b.tick_params(axis="x", rotation=20)
+    ours = r["samples_per_s_total"]
+    names = ["iak-dist", "plain TorchRec", "EmbeddingBag+DDP"]
+    ratios = [1.0, r["plain_torchrec_samples_per_s_total"] / ours, r["plain_pytorch_ddp_samples_per_s_total"] / ours]
+    bars = b.bar(names, ratios, color=["C0", "C1", "C2"])
+    b.bar_label(bars, [f"{x:.2f}x" for x in ratios])
+    b.axhline(1.0, color="grey", lw=0.8)
+    b.set_ylim(0, 1.15 * max(ratios))
+    b.set_ylabel("training samples/s vs iak-dist")
+    b.set_title(f"side by side (loader alone: {r['loader_samples_per_s_total'] / ours:.1f}x training)")
+    b.tick_params(axis="x", rotation=15)
     ft = r["finetune_step_s"]
     c.bar(list(ft), [1000 * v for v in ft.values()])
     c.set_ylabel("ms per fine-tune step")
