@@ -4,8 +4,8 @@
         --backbone runs/movielens-100k-age/seed0/backbone
 
 Each strategy is built as the fine-tune phase builds it (config's fine-tune and distributed
-sections), then rounds of `--steps` steps run strategy after strategy (interleaved, so load on a
-shared machine hits all alike) and the median round is kept (`profiling/steps.finetune_steps`).
+sections), then the strategies take turns over the same `--steps` batches, `--rounds` times (so load
+on a shared machine hits all alike), and each keeps its median step (`profiling/steps.finetune_steps`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main() -> None:
     ctx = init_distributed()
     cost = finetune_steps(cfg.data.dir, args.backbone, STRATEGIES, cfg, ctx, args.steps, args.rounds)
     full = cost["full"]["step_s"]
-    print(f"| strategy | ms per step (median of {args.rounds} rounds, batch {cfg.finetune.optim.batch_size}) "
+    print(f"| strategy | ms per step (median, {args.rounds} rounds, batch {cfg.finetune.optim.batch_size}) "
           "| trainable params | vs `full` |")
     print("|---|---:|---:|---:|")
     for name in STRATEGIES:

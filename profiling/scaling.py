@@ -4,7 +4,8 @@
 
 Synthetic model and data, built through the phases' own code (TorchRec DMP with fused row-wise
 Adagrad, DeepSpeed over the dense part): tables of `--dim` columns fed Zipf(1.1)-distributed IDs,
-tower [128, 64]. Each curve's ratios are against its own first point, measured in the same run.
+tower [128, 64]. The points of a curve are built side by side and take turns over their batches
+(`profiling/steps.interleaved`); each curve's ratios are against its own first point.
 
 - batch: pre-train samples/s at batch 256 ... 4096 (three tables of 1M, 100k, 1k rows);
 - tables: one table of 1e5 ... `--max-rows` rows (batch 2048): pre-train samples/s, and a full
@@ -98,39 +99,44 @@ def stepper(sharded, dense):
     return step
 
 
-def measure(table_rows: tuple[int, ...], dim: int, domains: int, strategies: tuple[str, ...], batch: int, ctx,
-            steps: int = 20, seed: int = 0) -> dict[str, float]:
-    """Median seconds per step of each strategy (`"none"`: pre-training) on one synthetic configuration,
-    the strategies taking turns over the same batches."""
+def measure(configs: dict[str, tuple[tuple[int, ...], int, str, int]], dim: int, ctx, steps: int = 20,
+            rounds: int = 3, seed: int = 0) -> dict[str, float]:
+    """Median seconds per step of synthetic configurations `{name: (table rows, domains K, strategy,
+    batch)}` (strategy `"none"`: pre-training), built side by side and taking turns
+    (`steps.interleaved`), so that their ratios do not depend on the machine's load drifting."""
     from profiling.steps import interleaved
 
-    gc.collect()  # the previous configuration's tables go before this one's are allocated
-    steppers = {name: stepper(*build_model(table_rows, dim, domains, name, batch, ctx)) for name in strategies}
-    rng = np.random.default_rng(seed)
-    batches = [synthetic_batch(batch, table_rows, domains, rng) for _ in range(steps)]
-    return {name: t["step"] for name, t in interleaved(steppers, batches, rounds=1).items()}
+    gc.collect()  # the previous configurations' tables go before these are allocated
+    steppers, batches = {}, {}
+    for name, (table_rows, domains, strategy, batch) in configs.items():
+        steppers[name] = stepper(*build_model(table_rows, dim, domains, strategy, batch, ctx))
+        rng = np.random.default_rng(seed)
+        batches[name] = [synthetic_batch(batch, table_rows, domains, rng) for _ in range(steps)]
+    return {name: t["step"] for name, t in interleaved(steppers, batches, rounds).items()}
 
 
 def batch_curve(ctx, dim: int) -> list[dict[str, Any]]:
-    return [{"batch": b, "samples_per_s": b / measure(THREE_TABLES, dim, 1, ("none",), b, ctx)["none"]}
-            for b in (256, 512, 1024, 2048, 4096)]
+    sizes = (256, 512, 1024, 2048, 4096)
+    steps = measure({str(b): (THREE_TABLES, 1, "none", b) for b in sizes}, dim, ctx)
+    return [{"batch": b, "samples_per_s": b / steps[str(b)]} for b in sizes]
 
 
 def table_curve(ctx, dim: int, max_rows: int) -> list[dict[str, Any]]:
+    sizes = [10**e for e in range(5, 10) if 10**e <= max_rows]
+    # pre-training: every size at once, taking turns; then full against IAK, size by size
+    pretrain = measure({str(rows): ((rows,), 8, "none", 2048) for rows in sizes}, dim, ctx)
     out = []
-    rows = 100_000
-    while rows <= max_rows:
-        pretrain = measure((rows,), dim, 8, ("none",), 2048, ctx)["none"]
-        finetune = measure((rows,), dim, 8, ("full", "iak"), 2048, ctx)
-        out.append({"rows": rows, "table_gib": rows * dim * 4 / 2**30, "samples_per_s": 2048 / pretrain,
+    for rows in sizes:
+        finetune = measure({"full": ((rows,), 8, "full", 2048), "iak": ((rows,), 8, "iak", 2048)}, dim, ctx)
+        out.append({"rows": rows, "table_gib": rows * dim * 4 / 2**30, "samples_per_s": 2048 / pretrain[str(rows)],
                     "full_step_s": finetune["full"], "iak_step_s": finetune["iak"]})
-        rows *= 10
     return out
 
 
 def domain_curve(ctx, dim: int) -> list[dict[str, Any]]:
-    return [{"domains": k, "iak_step_s": measure(THREE_TABLES, dim, k, ("iak",), 1024, ctx)["iak"]}
-            for k in (2, 8, 32, 128, 512)]
+    ks = (2, 8, 32, 128, 512)
+    steps = measure({str(k): (THREE_TABLES, k, "iak", 1024) for k in ks}, dim, ctx)
+    return [{"domains": k, "iak_step_s": steps[str(k)]} for k in ks]
 
 
 def rank_curve(dim: int) -> list[dict[str, Any]]:
@@ -152,7 +158,7 @@ def ranks_worker(out: Path, dim: int) -> None:
     from iak_dist.distributed.context import close_distributed, init_distributed
 
     ctx = init_distributed()
-    step = measure(THREE_TABLES, dim, 1, ("none",), 1024, ctx, seed=ctx.rank)["none"]
+    step = measure({"x": (THREE_TABLES, 1, "none", 1024)}, dim, ctx, seed=ctx.rank)["x"]
     steps = [None] * ctx.world_size
     dist.all_gather_object(steps, step)
     if ctx.is_main:
@@ -160,6 +166,12 @@ def ranks_worker(out: Path, dim: int) -> None:
                                    "total_samples_per_s": ctx.world_size * 1024 / max(steps)}))
     ctx.barrier()
     close_distributed(ctx)
+    # Seen on a loaded machine only: a library thread still joinable at interpreter teardown makes
+    # the C++ runtime abort ("terminate called without an active exception") after the result is
+    # written. The result is on disk; skip the teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def markdown(result: dict[str, Any]) -> str:

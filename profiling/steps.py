@@ -1,8 +1,9 @@
 """Timed training steps: ours by part, the plain baselines, fine-tune steps, checkpoints, bandwidth.
 
-Every function here builds its model through the same code the phases use (or, for baselines,
-the plainest code a user would hand-write on the same model), runs warm-up steps, and returns
-seconds. `profiling/throughput.py` puts them side by side; `profiling/finetune_cost.py` and
+Each `*_stepper` builds its model through the same code the phases use (or, for baselines, the
+plainest code a user would hand-write on the same model) and returns a `Stepper`: one training step,
+timed by part. `interleaved` runs steppers in turns over the same batches and keeps medians.
+`profiling/throughput.py` puts them side by side; `profiling/finetune_cost.py` and
 `profiling/scaling.py` reuse them.
 """
 
@@ -83,17 +84,19 @@ Stepper = Callable[[Batch], dict[str, float]]
 """Runs one training step on a batch and returns its timings in seconds, by part."""
 
 
-def interleaved(steppers: dict[str, Stepper], batches: Sequence[Batch], rounds: int) -> dict[str, dict[str, float]]:
-    """Every stepper's per-part median over `rounds` passes of `batches`, the steppers taking turns
-    pass by pass, so that a shared machine's changing load hits them all alike (their ratios are
-    what to read). Each stepper first runs `WARMUP` untimed steps."""
-    for step in steppers.values():
-        for batch in batches[:WARMUP]:
+def interleaved(steppers: dict[str, Stepper], batches: Sequence[Batch] | dict[str, Sequence[Batch]],
+                rounds: int) -> dict[str, dict[str, float]]:
+    """Every stepper's per-part median over `rounds` passes of `batches` (shared, or one list per
+    stepper), the steppers taking turns pass by pass, so that a shared machine's changing load hits
+    them all alike (their ratios are what to read). Each stepper first runs `WARMUP` untimed steps."""
+    mine = batches if isinstance(batches, dict) else dict.fromkeys(steppers, batches)
+    for name, step in steppers.items():
+        for batch in mine[name][:WARMUP]:
             step(batch)
     times: dict[str, dict[str, list[float]]] = {name: {} for name in steppers}
     for _ in range(rounds):
         for name, step in steppers.items():
-            for batch in batches:
+            for batch in mine[name]:
                 for part, seconds in step(batch).items():
                     times[name].setdefault(part, []).append(seconds)
     return {name: {part: median(t) for part, t in parts.items()} for name, parts in times.items()}
