@@ -153,12 +153,16 @@ def checkpoint_seconds(sharded, dense, ctx, root: Path, repeats: int = 3) -> flo
     return median(times)
 
 
-def plain_torchrec_stepper(cfg: PipelineConfig, schema, ctx) -> Stepper:
-    """A hand-written TorchRec DMP loop on the same model: DMP (its default DDP around the dense
-    part), fused row-wise Adagrad in backward, torch AdamW with our clipping; nothing else."""
+def plain_torchrec_stepper(cfg: PipelineConfig, schema, ctx, plan) -> Stepper:
+    """A hand-written TorchRec DMP loop on the same model and sharding plan (`plan`: ours, from
+    `ShardedRanker.plan`): DMP (its default DDP around the dense part), fused row-wise Adagrad in
+    backward, torch AdamW with our clipping; nothing else."""
     from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.types import ShardingPlan
     from torchrec.optim import RowWiseAdagrad
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    from iak_dist.distributed.sharding import EBC_PATH
 
     from iak_dist.model.backbone import Backbone
     from iak_dist.phases.loop import esmm_loss_per_row
@@ -166,7 +170,9 @@ def plain_torchrec_stepper(cfg: PipelineConfig, schema, ctx) -> Stepper:
     torch.manual_seed(0)
     backbone = Backbone(schema, cfg.model, device=torch.device("meta"))
     apply_optimizer_in_backward(RowWiseAdagrad, backbone.embeddings.parameters(), {"lr": cfg.pretrain.lr_sparse})
-    model = DistributedModelParallel(backbone, device=ctx.device)
+    # our plan is keyed by the Ranker's path to the tables, this model is the bare backbone
+    same_plan = ShardingPlan({"embeddings": plan.plan[EBC_PATH]})
+    model = DistributedModelParallel(backbone, device=ctx.device, plan=same_plan)
     params = backbone.dense_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.pretrain.lr_dense, fused=cfg.distributed.zero.fused_optimizer or None)
     return plain_stepper(lambda b: esmm_loss_per_row(model(b.sparse, b.dense), b).mean(),

@@ -67,7 +67,7 @@ def run_profile(cfg: PipelineConfig, steps: int = 60, trace: bool = False) -> Pa
                             "loader_samples_per_s": timed.loader_samples_per_s(reader(), steps)}
     sharded, dense = timed.build_pretrain(cfg, schema, ctx)
     steppers = {"ours": timed.pretrain_stepper(sharded, dense, batches_from(reader(), steps)),
-                "plain_torchrec": timed.plain_torchrec_stepper(cfg, schema, ctx),
+                "plain_torchrec": timed.plain_torchrec_stepper(cfg, schema, ctx, sharded.plan),
                 "plain_pytorch_ddp": timed.plain_pytorch_stepper(cfg, schema, ctx)}
     medians = timed.interleaved(steppers, batches, ROUNDS)
     parts = medians["ours"]
