@@ -163,7 +163,6 @@ def plain_torchrec_stepper(cfg: PipelineConfig, schema, ctx, plan) -> Stepper:
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
     from iak_dist.distributed.sharding import EBC_PATH
-
     from iak_dist.model.backbone import Backbone
     from iak_dist.phases.loop import esmm_loss_per_row
 
