@@ -36,3 +36,23 @@ def test_profile_reports_breakdown_baselines_finetune_loader_and_bandwidth(synth
         assert text in report, text
     assert (tmp_path / "profile" / "report.png").stat().st_size > 5000
     assert not (tmp_path / "profile" / "scratch").exists()
+
+
+def test_dense_update_benchmark_compares_every_update_on_two_ranks(synth_dir, tmp_path):
+    """profiling/dense_update.py through torchrun: every update runs on the same batches and is reported."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"data: {{source: parquet, dir: {synth_dir}}}\nmodel: {{tower: [32, 16]}}\n"
+                      "pretrain: {batch_size: 128}\n")
+    proc = subprocess.run([sys.executable, "-m", "profiling.dense_update", str(config), "--steps", "6", "--rounds", "1",
+                           "--nproc", "2"], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
+    from profiling.dense_update import KINDS
+
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == list(KINDS)
+    assert rows[0].endswith("| 1.00x |")
