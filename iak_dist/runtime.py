@@ -34,6 +34,9 @@ def configure_environment() -> None:
         # Ray 2.60 heads require this token once it exists; clients send it only in token mode
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     logging.getLogger("torchrec").setLevel(logging.ERROR)
+    # TorchRec's train pipeline asks `is_fx_tracing`, which warns once per process about an API
+    # change meant for torch.export users
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     # Ray Train's placement-group safety net asks the State API, which lives in the dashboard that
     # an embedded local Ray runs without; it would warn every few seconds of every training phase.
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
