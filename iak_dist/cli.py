@@ -256,10 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
-        return run(args)
+        code = run(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
+    from iak_dist.distributed.context import exit_launched_rank, is_launched_rank
+
+    if is_launched_rank():
+        exit_launched_rank(code)  # see there: a gloo thread can abort Python's teardown
+    return code
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def main() -> None:
     from iak_dist.config import load_config
     from iak_dist.data.parquet import ParquetReader
     from iak_dist.data.schema import Schema
-    from iak_dist.distributed.context import close_distributed, init_distributed
+    from iak_dist.distributed.context import close_distributed, exit_launched_rank, init_distributed, is_launched_rank
     from iak_dist.distributed.sharding import EBC_PATH, init_tables, shard_ranker
     from iak_dist.distributed.zero import DenseEngine, deepspeed_config
     from iak_dist.model.backbone import Backbone
@@ -139,6 +139,8 @@ def main() -> None:
             print(f"| {kind} | {1000 * t['step']:.2f} | {t['step'] / ours:.2f}x |")
     ctx.barrier()
     close_distributed(ctx)
+    if is_launched_rank():
+        exit_launched_rank(0)
 
 
 if __name__ == "__main__":

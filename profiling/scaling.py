@@ -155,7 +155,7 @@ def rank_curve(dim: int) -> list[dict[str, Any]]:
 def ranks_worker(out: Path, dim: int) -> None:
     import torch.distributed as dist
 
-    from iak_dist.distributed.context import close_distributed, init_distributed
+    from iak_dist.distributed.context import close_distributed, exit_launched_rank, init_distributed
 
     ctx = init_distributed()
     step = measure({"x": (THREE_TABLES, 1, "none", 1024)}, dim, ctx, seed=ctx.rank)["x"]
@@ -166,12 +166,7 @@ def ranks_worker(out: Path, dim: int) -> None:
                                    "total_samples_per_s": ctx.world_size * 1024 / max(steps)}))
     ctx.barrier()
     close_distributed(ctx)
-    # Seen on a loaded machine only: a library thread still joinable at interpreter teardown makes
-    # the C++ runtime abort ("terminate called without an active exception") after the result is
-    # written. The result is on disk; skip the teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_launched_rank(0)
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -88,7 +88,7 @@ def run_restore(spec, cfg, ctx):
 def main():
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from iak_dist.config import load_config
-    from iak_dist.distributed.context import close_distributed, init_distributed
+    from iak_dist.distributed.context import close_distributed, exit_launched_rank, init_distributed
     from iak_dist.runtime import configure_environment
 
     configure_environment()
@@ -105,6 +105,7 @@ def main():
             ctx.barrier()
     finally:
         close_distributed(ctx)
+    exit_launched_rank(0)
 
 
 if __name__ == "__main__":
