@@ -10,7 +10,7 @@ def test_profile_reports_breakdown_baselines_finetune_loader_and_bandwidth(synth
     code = main(["profile", "configs/movielens_age.yaml", "--steps", "12", "--set", f"run_dir={tmp_path}",
                  "--set", "data.source=parquet", "--set", f"data.dir={synth_dir}", "--set", "pretrain.batch_size=128",
                  "--set", "finetune.optim.batch_size=128", "--set", "model.tower=[32, 16]",
-                 "--set", "distributed.checkpoint_every=50"])
+                 "--set", "distributed.checkpoint_every=50", "--trace"])
     assert code == 0
     result = json.loads((tmp_path / "profile" / "profile.json").read_text())
     assert result["world_size"] == 1 and len(result["ranks"]) == 1
@@ -36,6 +36,8 @@ def test_profile_reports_breakdown_baselines_finetune_loader_and_bandwidth(synth
         assert text in report, text
     assert (tmp_path / "profile" / "report.png").stat().st_size > 5000
     assert not (tmp_path / "profile" / "scratch").exists()
+    trace = json.loads((tmp_path / "profile" / "trace_rank0.json").read_text())
+    assert any("embedding" in e.get("name", "") for e in trace["traceEvents"])  # the lookup shows up
 
 
 def test_dense_update_benchmark_compares_every_update_on_two_ranks(synth_dir, tmp_path):
