@@ -141,9 +141,11 @@ def _plan(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def _profile(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from iak_dist.distributed.context import is_launched_rank, torchrun_command
+
     if args.nproc < 1:
         raise UserError(f"--nproc {args.nproc}: must be at least 1")
-    if args.nproc > 1 and "RANK" not in os.environ:
+    if args.nproc > 1 and not is_launched_rank():
         import subprocess
 
         argv, skip = [], False
@@ -151,8 +153,7 @@ def _profile(cfg: PipelineConfig, args: argparse.Namespace) -> int:
             if not skip and not arg.startswith("--nproc"):
                 argv.append(arg)
             skip = arg == "--nproc"
-        return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                f"--nproc-per-node={args.nproc}", "-m", "iak_dist.cli", *argv])
+        return subprocess.call(torchrun_command(args.nproc, "iak_dist.cli", argv))
     from profiling.throughput import run_profile
 
     out = run_profile(cfg, steps=args.steps, trace=args.trace)
@@ -209,7 +210,9 @@ def run(args: argparse.Namespace) -> int:
         return submit(args.address, cfg, follow=not args.no_follow)
     print(f"[iak-dist] {describe_stack()}", file=sys.stderr)
     if args.verb == "pipeline":
-        if args.no_ray or "RANK" in os.environ:  # under torchrun / srun the launcher made the ranks
+        from iak_dist.distributed.context import is_launched_rank
+
+        if args.no_ray or is_launched_rank():  # under torchrun / srun the launcher made the ranks
             from iak_dist.orchestration.local import run_pipeline
 
             run_pipeline(cfg)

@@ -29,24 +29,26 @@ KINDS = ("DenseEngine (ours)", "DeepSpeed ZeRO-0 defaults", "DMP + DDP, AdamW de
 
 
 def main() -> None:
-    import os
     import subprocess
     import sys
 
     import torch
-    import torch.distributed as dist
 
     from iak_dist.config import load_config
     from iak_dist.data.parquet import ParquetReader
     from iak_dist.data.schema import Schema
-    from iak_dist.distributed.context import close_distributed, exit_launched_rank, init_distributed, is_launched_rank
-    from iak_dist.distributed.sharding import EBC_PATH, init_tables, shard_ranker
-    from iak_dist.distributed.zero import DenseEngine, deepspeed_config
-    from iak_dist.model.backbone import Backbone
-    from iak_dist.model.ranker import Ranker
+    from iak_dist.distributed.context import (
+        close_distributed,
+        exit_launched_rank,
+        init_distributed,
+        is_launched_rank,
+        torchrun_command,
+    )
+    from iak_dist.distributed.zero import deepspeed_config
     from iak_dist.phases.loop import esmm_loss_per_row
+    from iak_dist.phases.pretrain import build_pretrain
     from iak_dist.runtime import configure_environment
-    from profiling.steps import clip_and_step, interleaved
+    from profiling.steps import interleaved, plain_torchrec_stepper
 
     configure_environment()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -55,32 +57,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--nproc", type=int, default=1, help="ranks on this machine (re-runs itself under torchrun)")
     args = parser.parse_args()
-    if args.nproc > 1 and "RANK" not in os.environ:
-        sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  f"--nproc-per-node={args.nproc}", "-m", "profiling.dense_update", args.config,
-                                  "--steps", str(args.steps), "--rounds", str(args.rounds)]))
+    if args.nproc > 1 and not is_launched_rank():
+        sys.exit(subprocess.call(torchrun_command(args.nproc, "profiling.dense_update", [
+            args.config, "--steps", str(args.steps), "--rounds", str(args.rounds)])))
     cfg = load_config(args.config)
     ctx = init_distributed()
     schema = Schema.load(Path(cfg.data.dir) / "schema.yaml")
-    bs, zero, lr = cfg.pretrain.batch_size, cfg.distributed.zero, cfg.pretrain.lr_dense
+    bs = cfg.pretrain.batch_size
     reader = ParquetReader(Path(cfg.data.dir) / "pretrain.parquet", schema, bs, ctx.rank, ctx.world_size,
                            shuffle=True, drop_last=True, split=cfg.distributed.data_split)
     batches = [b for b, _ in zip(reader.epoch(0), range(args.steps), strict=False)]
 
-    def ours_or_deepspeed(kind: str):
+    def engine_stepper(kind: str):
+        """Ours as the phases build it, or the same model under a DeepSpeed engine left to its defaults."""
         import deepspeed
 
         torch.manual_seed(0)
-        backbone = Backbone(schema, cfg.model, device=torch.device("meta"))
-        sharded = shard_ranker(Ranker(backbone), ctx, cfg.distributed.sharding, cfg.pretrain.lr_sparse, bs)
-        init_tables(sharded.model, sharded.ranker, 0)
-        if kind == KINDS[0]:
-            engine = DenseEngine(backbone.dense_modules(), lr, 0.0, zero, bs, ctx.world_size)
-        else:
-            params = backbone.dense_parameters()
+        sharded, engine = build_pretrain(schema, cfg.model, cfg.pretrain, cfg.distributed, 0, ctx)
+        if kind != KINDS[0]:
+            modules = engine.container
+            params = [p for p in modules.parameters() if p.requires_grad]
             engine, _, _, _ = deepspeed.initialize(
-                model=torch.nn.ModuleDict(backbone.dense_modules()), optimizer=torch.optim.AdamW(params, lr=lr),
-                model_parameters=params, config=deepspeed_config(zero, bs, ctx.world_size), dist_init_required=False)
+                model=modules, optimizer=torch.optim.AdamW(params, lr=cfg.pretrain.lr_dense), model_parameters=params,
+                config=deepspeed_config(cfg.distributed.zero, bs, ctx.world_size), dist_init_required=False)
 
         def step(batch) -> dict[str, float]:
             start = time.perf_counter()
@@ -90,45 +89,12 @@ def main() -> None:
 
         return step, sharded.plan
 
-    def plain(kind: str, plan):
-        from torchrec.distributed import DistributedModelParallel
-        from torchrec.distributed.types import ShardingPlan
-        from torchrec.optim import RowWiseAdagrad
-        from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-
-        torch.manual_seed(0)
-        backbone = Backbone(schema, cfg.model, device=torch.device("meta"))
-        apply_optimizer_in_backward(RowWiseAdagrad, backbone.embeddings.parameters(), {"lr": cfg.pretrain.lr_sparse})
-        ddp = "DDP" in kind
-        model = DistributedModelParallel(backbone, device=ctx.device, init_data_parallel=ddp,
-                                         plan=ShardingPlan({"embeddings": plan.plan[EBC_PATH]}))
-        params = backbone.dense_parameters()
-        ours = "our update" in kind
-        opt = torch.optim.AdamW(params, lr=lr, fused=True if ours else None)
-
-        def step(batch) -> dict[str, float]:
-            start = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            esmm_loss_per_row(model(batch.sparse, batch.dense), batch).mean().backward()
-            if not ddp and ctx.world_size > 1:  # DeepSpeed stage 0's way: average after backward
-                flat = torch.cat([p.grad.reshape(-1) for p in params])
-                dist.all_reduce(flat)
-                flat /= ctx.world_size
-                for p, g in zip(params, torch.split(flat, [p.numel() for p in params]), strict=True):
-                    p.grad.copy_(g.view_as(p))
-            if ours:
-                clip_and_step(params, opt, zero)
-            else:
-                opt.step()
-            return {"step": time.perf_counter() - start}
-
-        return step
-
     steppers = {}
     for kind in KINDS[:2]:
-        steppers[kind], plan = ours_or_deepspeed(kind)
+        steppers[kind], plan = engine_stepper(kind)
     for kind in KINDS[2:] if ctx.world_size > 1 else KINDS[2:4]:
-        steppers[kind] = plain(kind, plan)
+        steppers[kind] = plain_torchrec_stepper(cfg, schema, ctx, plan, ddp="DDP" in kind,
+                                                our_update="our update" in kind)
     times = interleaved(steppers, batches, args.rounds)
     if ctx.is_main:
         ours = times[KINDS[0]]["step"]

@@ -25,7 +25,6 @@ import gc
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -141,12 +140,13 @@ def domain_curve(ctx, dim: int) -> list[dict[str, Any]]:
 
 def rank_curve(dim: int) -> list[dict[str, Any]]:
     """1 and 2 ranks, each a fresh torchrun job running `--ranks-worker`."""
+    from iak_dist.distributed.context import torchrun_command
+
     out = []
     for n in (1, 2):
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "ranks.json"
-            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-                            "-m", "profiling.scaling", "--ranks-worker", str(result), "--dim", str(dim)],
+            subprocess.run(torchrun_command(n, "profiling.scaling", ["--ranks-worker", str(result), "--dim", str(dim)]),
                            check=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // n))})
             out.append(json.loads(result.read_text()))
     return out
@@ -169,35 +169,38 @@ def ranks_worker(out: Path, dim: int) -> None:
     exit_launched_rank(0)
 
 
+def _table(header: str, rows: list[str]) -> list[str]:
+    """A Markdown table: `header` cells separated by ` | `, the first left-aligned, the rest right."""
+    n = header.count("|") + 1
+    return [f"| {header} |", "|---|" + "---:|" * (n - 1), *rows, ""]
+
+
 def markdown(result: dict[str, Any]) -> str:
+    def vs(p: dict, c: list[dict], key: str) -> str:
+        return f"{p[key] / c[0][key]:.2f}x"
+
     lines: list[str] = []
     if "batch" in result:
         c = result["batch"]
-        lines += ["| pre-train batch | samples/s | vs first |", "|---:|---:|---:|"]
-        lines += [f"| {p['batch']} | {p['samples_per_s']:,.0f} | {p['samples_per_s'] / c[0]['samples_per_s']:.2f}x |"
-                  for p in c]
-        lines.append("")
+        lines += _table("pre-train batch | samples/s | vs first",
+                        [f"| {p['batch']} | {p['samples_per_s']:,.0f} | {vs(p, c, 'samples_per_s')} |" for p in c])
     if "tables" in result:
         c = result["tables"]
-        lines += ["| table rows | GiB (weights) | pre-train samples/s | vs first | full fine-tune ms "
-                  "| IAK fine-tune ms | IAK vs full |", "|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {p['rows']:,} | {p['table_gib']:.2f} | {p['samples_per_s']:,.0f} | "
-                  f"{p['samples_per_s'] / c[0]['samples_per_s']:.2f}x | {1000 * p['full_step_s']:.2f} | "
-                  f"{1000 * p['iak_step_s']:.2f} | {p['iak_step_s'] / p['full_step_s']:.2f}x |" for p in c]
-        lines.append("")
+        lines += _table("table rows | GiB (weights) | pre-train samples/s | vs first | full fine-tune ms "
+                        "| IAK fine-tune ms | IAK vs full",
+                        [f"| {p['rows']:,} | {p['table_gib']:.2f} | {p['samples_per_s']:,.0f} | "
+                         f"{vs(p, c, 'samples_per_s')} | {1000 * p['full_step_s']:.2f} | "
+                         f"{1000 * p['iak_step_s']:.2f} | {p['iak_step_s'] / p['full_step_s']:.2f}x |" for p in c])
     if "domains" in result:
         c = result["domains"]
-        lines += ["| IAK domains K | ms per fine-tune step | vs first |", "|---:|---:|---:|"]
-        lines += [f"| {p['domains']} | {1000 * p['iak_step_s']:.2f} | {p['iak_step_s'] / c[0]['iak_step_s']:.2f}x |"
-                  for p in c]
-        lines.append("")
+        lines += _table("IAK domains K | ms per fine-tune step | vs first",
+                        [f"| {p['domains']} | {1000 * p['iak_step_s']:.2f} | {vs(p, c, 'iak_step_s')} |" for p in c])
     if "ranks" in result:
         c = result["ranks"]
-        lines += ["| ranks | samples/s per rank | total samples/s | total vs 1 rank |", "|---:|---|---:|---:|"]
-        lines += [f"| {p['ranks']} | {', '.join(f'{s:,.0f}' for s in p['per_rank_samples_per_s'])} | "
-                  f"{p['total_samples_per_s']:,.0f} | {p['total_samples_per_s'] / c[0]['total_samples_per_s']:.2f}x |"
-                  for p in c]
-    return "\n".join(lines) + "\n"
+        lines += _table("ranks | samples/s per rank | total samples/s | total vs 1 rank",
+                        [f"| {p['ranks']} | {', '.join(f'{s:,.0f}' for s in p['per_rank_samples_per_s'])} | "
+                         f"{p['total_samples_per_s']:,.0f} | {vs(p, c, 'total_samples_per_s')} |" for p in c])
+    return "\n".join(lines)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

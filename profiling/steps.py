@@ -63,23 +63,6 @@ def clip_and_step(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, 
     opt.step()
 
 
-def build_pretrain(cfg: PipelineConfig, schema, ctx):
-    """The pre-train model exactly as `phases/pretrain.py` builds it: (sharded ranker, dense engine)."""
-    from iak_dist.distributed.sharding import init_tables, shard_ranker
-    from iak_dist.distributed.zero import DenseEngine
-    from iak_dist.model.backbone import Backbone
-    from iak_dist.model.ranker import Ranker
-
-    torch.manual_seed(0)
-    backbone = Backbone(schema, cfg.model, device=torch.device("meta"))
-    sharded = shard_ranker(Ranker(backbone), ctx, cfg.distributed.sharding, cfg.pretrain.lr_sparse,
-                           cfg.pretrain.batch_size)
-    init_tables(sharded.model, sharded.ranker, 0)
-    dense = DenseEngine(backbone.dense_modules(), cfg.pretrain.lr_dense, cfg.pretrain.weight_decay,
-                        cfg.distributed.zero, cfg.pretrain.batch_size, ctx.world_size)
-    return sharded, dense
-
-
 Stepper = Callable[[Batch], dict[str, float]]
 """Runs one training step on a batch and returns its timings in seconds, by part."""
 
@@ -153,10 +136,17 @@ def checkpoint_seconds(sharded, dense, ctx, root: Path, repeats: int = 3) -> flo
     return median(times)
 
 
-def plain_torchrec_stepper(cfg: PipelineConfig, schema, ctx, plan) -> Stepper:
+def plain_torchrec_stepper(cfg: PipelineConfig, schema, ctx, plan, ddp: bool = True,
+                           our_update: bool = True) -> Stepper:
     """A hand-written TorchRec DMP loop on the same model and sharding plan (`plan`: ours, from
-    `ShardedRanker.plan`): DMP (its default DDP around the dense part), fused row-wise Adagrad in
-    backward, torch AdamW with our clipping; nothing else."""
+    `ShardedRanker.plan`): fused row-wise Adagrad in backward, torch AdamW, nothing else.
+
+    Args:
+        ddp: DMP's default DDP around the dense part (all-reduces overlapped with backward); else one
+            all-reduce of the dense gradients after backward, as DeepSpeed does at stage 0.
+        our_update: fused AdamW and our clipping; else `torch.optim.AdamW`'s defaults, no clipping.
+    """
+    import torch.distributed as dist
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.types import ShardingPlan
     from torchrec.optim import RowWiseAdagrad
@@ -171,11 +161,24 @@ def plain_torchrec_stepper(cfg: PipelineConfig, schema, ctx, plan) -> Stepper:
     apply_optimizer_in_backward(RowWiseAdagrad, backbone.embeddings.parameters(), {"lr": cfg.pretrain.lr_sparse})
     # our plan is keyed by the Ranker's path to the tables, this model is the bare backbone
     same_plan = ShardingPlan({"embeddings": plan.plan[EBC_PATH]})
-    model = DistributedModelParallel(backbone, device=ctx.device, plan=same_plan)
+    model = DistributedModelParallel(backbone, device=ctx.device, plan=same_plan, init_data_parallel=ddp)
     params = backbone.dense_parameters()
-    opt = torch.optim.AdamW(params, lr=cfg.pretrain.lr_dense, fused=cfg.distributed.zero.fused_optimizer or None)
-    return plain_stepper(lambda b: esmm_loss_per_row(model(b.sparse, b.dense), b).mean(),
-                         lambda: clip_and_step(params, opt, cfg.distributed.zero), opt.zero_grad)
+    fused = cfg.distributed.zero.fused_optimizer if our_update else False
+    opt = torch.optim.AdamW(params, lr=cfg.pretrain.lr_dense, fused=fused or None)
+
+    def update() -> None:
+        if not ddp and ctx.world_size > 1:
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            dist.all_reduce(flat)
+            flat /= ctx.world_size
+            for p, g in zip(params, torch.split(flat, [p.numel() for p in params]), strict=True):
+                p.grad.copy_(g.view_as(p))
+        if our_update:
+            clip_and_step(params, opt, cfg.distributed.zero)
+        else:
+            opt.step()
+
+    return plain_stepper(lambda b: esmm_loss_per_row(model(b.sparse, b.dense), b).mean(), update, opt.zero_grad)
 
 
 def plain_pytorch_stepper(cfg: PipelineConfig, schema, ctx) -> Stepper:

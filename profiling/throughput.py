@@ -47,7 +47,7 @@ def run_profile(cfg: PipelineConfig, steps: int = 60, trace: bool = False) -> Pa
     from iak_dist.distributed.context import init_distributed
     from iak_dist.orchestration.local import ensure_data
     from iak_dist.phases.loop import train_loop
-    from iak_dist.phases.pretrain import batches_from
+    from iak_dist.phases.pretrain import batches_from, build_pretrain
 
     ctx = init_distributed()
     if ctx.is_main:
@@ -65,7 +65,8 @@ def run_profile(cfg: PipelineConfig, steps: int = 60, trace: bool = False) -> Pa
     batches = [b.to(ctx.device) for b, _ in zip(batches_from(reader(), 0), range(steps), strict=False)]
     mine: dict[str, Any] = {"rank": ctx.rank, "stream_copy_gbps": timed.stream_copy_gbps(),
                             "loader_samples_per_s": timed.loader_samples_per_s(reader(), steps)}
-    sharded, dense = timed.build_pretrain(cfg, schema, ctx)
+    torch.manual_seed(0)
+    sharded, dense = build_pretrain(schema, cfg.model, cfg.pretrain, cfg.distributed, 0, ctx)
     steppers = {"ours": timed.pretrain_stepper(sharded, dense, batches_from(reader(), steps)),
                 "plain_torchrec": timed.plain_torchrec_stepper(cfg, schema, ctx, sharded.plan),
                 "plain_pytorch_ddp": timed.plain_pytorch_stepper(cfg, schema, ctx)}

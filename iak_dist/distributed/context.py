@@ -68,6 +68,12 @@ def close_distributed(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
+def torchrun_command(nproc: int, module: str, args: list[str]) -> list[str]:
+    """`python -m torch.distributed.run` starting `nproc` ranks of `python -m module args` on this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", module, *args]
+
+
 def is_launched_rank() -> bool:
     """This process is one rank started by torchrun or srun (not the single-process case)."""
     return "RANK" in os.environ or ("SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ)

@@ -18,7 +18,7 @@ from iak_dist.data.parquet import ParquetReader
 from iak_dist.data.schema import Schema
 from iak_dist.distributed.checkpoint import CheckpointManager, export_backbone
 from iak_dist.distributed.context import DistContext
-from iak_dist.distributed.sharding import format_plan, init_tables, plan_rows, shard_ranker
+from iak_dist.distributed.sharding import ShardedRanker, format_plan, init_tables, plan_rows, shard_ranker
 from iak_dist.distributed.zero import DenseEngine
 from iak_dist.io import atomic_write_json
 from iak_dist.model.backbone import Backbone
@@ -47,6 +47,17 @@ def steps_for(cfg: OptimConfig, rows: int) -> int:
     return steps
 
 
+def build_pretrain(schema: Schema, model_cfg: ModelConfig, optim: OptimConfig, dist_cfg: DistributedConfig,
+                   seed: int, ctx: DistContext) -> tuple[ShardedRanker, DenseEngine]:
+    """The pre-train model: sharded tables (initialised from `seed`) and the dense engine."""
+    backbone = Backbone(schema, model_cfg, device=torch.device("meta"))
+    sharded = shard_ranker(Ranker(backbone), ctx, dist_cfg.sharding, optim.lr_sparse, optim.batch_size)
+    init_tables(sharded.model, sharded.ranker, seed)
+    dense = DenseEngine(backbone.dense_modules(), optim.lr_dense, optim.weight_decay, dist_cfg.zero,
+                        optim.batch_size, ctx.world_size)
+    return sharded, dense
+
+
 def pretrain(
     data_dir: str | Path, model_cfg: ModelConfig, optim: OptimConfig, dist_cfg: DistributedConfig, seed: int,
     out_dir: str | Path, ctx: DistContext, show_progress: bool = True,
@@ -63,13 +74,9 @@ def pretrain(
     reader = ParquetReader(data_dir / "pretrain.parquet", schema, optim.batch_size, ctx.rank, ctx.world_size,
                            shuffle=True, seed=seed, drop_last=True, split=dist_cfg.data_split)
     torch.manual_seed(seed)
-    backbone = Backbone(schema, model_cfg, device=torch.device("meta"))
-    sharded = shard_ranker(Ranker(backbone), ctx, dist_cfg.sharding, optim.lr_sparse, optim.batch_size)
-    init_tables(sharded.model, sharded.ranker, seed)
+    sharded, dense = build_pretrain(schema, model_cfg, optim, dist_cfg, seed, ctx)
     plan_text = format_plan(plan_rows(sharded.plan, sharded.ranker, ctx.world_size))
     say(f"[pretrain] sharding plan over {ctx.world_size} rank(s):\n{plan_text}", ctx.rank)
-    dense = DenseEngine(backbone.dense_modules(), optim.lr_dense, optim.weight_decay, dist_cfg.zero,
-                        optim.batch_size, ctx.world_size)
     checkpoints = CheckpointManager(out_dir / "checkpoints" / "pretrain", ctx, dist_cfg.keep_checkpoints)
     total = steps_for(optim, reader.num_rows)
     state = checkpoints.restore_latest(sharded.model, dense, warn=lambda m: say(m, ctx.rank),

@@ -107,7 +107,6 @@ class DomainLinear(nn.Module):
         return y * rows.known.to(y.dtype)
 
 
-
 class Adapter(nn.Module):
     """Base class: no adaptation. Subclasses override the hooks they need.
 
