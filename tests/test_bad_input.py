@@ -44,8 +44,17 @@ CASES = {
         "column 'user_id' has type string; single-hot IDs must be int64",
     ),
     "NaN label": (
-        lambda t: replace_column(t, "label_click", pa.array([float("nan")] + [0.0] * (t.num_rows - 1))),
-        "column 'label_click' has type double; labels must be int (0/1) or bool",
+        lambda t: replace_column(t, "label_click", pa.array([0.0, 1.0, float("nan")] + [0.0] * (t.num_rows - 3))),
+        "column 'label_click' row 2: label is NaN (1 NaN labels)",
+    ),
+    "float label not 0/1": (
+        lambda t: replace_column(t, "label_conversion",
+                                 pa.array([0.0] * 4 + [0.5] + [1.0] * (t.num_rows - 5), pa.float32())),
+        "column 'label_conversion' row 4: label 0.5 is not 0 or 1",
+    ),
+    "string label": (
+        lambda t: replace_column(t, "label_click", pa.array(["1"] * t.num_rows)),
+        "column 'label_click' has type string; labels must be int (0/1), bool or float (0.0/1.0)",
     ),
     "non-0/1 label": (
         lambda t: replace_column(t, "label_click", pa.array([0, 0, 2] + [1] * (t.num_rows - 3), pa.int8())),
@@ -96,6 +105,23 @@ def test_bad_parquet_is_reported_in_one_line_and_nothing_is_written(case, bad_di
     assert not (run_dir / "seed0" / "backbone").exists()
 
 
+def test_float_labels_holding_only_0_and_1_are_accepted_and_read_as_the_int_labels(bad_dir):
+    """A label column written as double 0.0 / 1.0 (pandas' default after a merge) is valid data."""
+    import pyarrow.compute as pc
+
+    from iak_dist.data.batch import arrow_to_batch
+    from iak_dist.data.parquet import read_table
+
+    path = bad_dir / "pretrain.parquet"
+    schema = Schema.load(bad_dir / "schema.yaml")
+    want = arrow_to_batch(read_table(path, schema), schema)
+    rewrite(path, lambda t: replace_column(t, "label_click", pc.cast(t.column("label_click"), pa.float64())))
+    assert pq.read_schema(path).field("label_click").type == pa.float64()
+    assert validate_file(path, schema) == []
+    got = arrow_to_batch(read_table(path, schema), schema)
+    assert got.click.sum() > 0 and bool((got.click == want.click).all())
+
+
 def test_unknown_domain_at_evaluation_names_the_domain(bad_dir, backbone_dir, small_cfg, ctx, tmp_path):
     from iak_dist.errors import UserError
     from iak_dist.phases.evaluate import evaluate
@@ -111,8 +137,9 @@ def test_unknown_domain_at_evaluation_names_the_domain(bad_dir, backbone_dir, sm
 
 
 @pytest.mark.parametrize("override, message", [
-    ("finetune.iak.widht=4", "key finetune.iak.widht: unknown key; valid keys here: width,"),
-    ("finetune.iak.width=four", "key finetune.iak.width: expected an integer, got 'four'"),
+    ("finetune.iak.widht=4", "--set finetune.iak.widht=4: unknown key finetune.iak.widht (did you mean width?); "
+                             "valid keys here: width,"),
+    ("finetune.iak.width=four", "--set finetune.iak.width=four: key finetune.iak.width: expected an integer"),
     ("model.interaction=attention", "key model.interaction: 'attention' is not one of 'dcn', 'dot'"),
     ("pretrain.lr_dense=[1]", "key pretrain.lr_dense: expected a number, got [1]"),
     ("finetune.strategies=[iak, prefix]", "finetune.strategies: unknown strategy 'prefix'"),

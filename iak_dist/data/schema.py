@@ -4,8 +4,8 @@ One row per impression:
 
 | column             | Parquet type           | meaning                                             |
 |--------------------|------------------------|-----------------------------------------------------|
-| `label_click`      | int (0/1) or bool      | the impression was clicked (CTR label)              |
-| `label_conversion` | int (0/1) or bool      | optional; clicked *and* converted (CTCVR label)     |
+| `label_click`      | int/bool/float, 0 or 1 | the impression was clicked (CTR label)              |
+| `label_conversion` | int/bool/float, 0 or 1 | optional; clicked *and* converted (CTCVR label)     |
 | `domain`           | string or int          | period / region / scene the impression belongs to   |
 | sparse ID columns  | int64, or list<int64>  | raw IDs (any int64; hashed into the table's size)   |
 | dense columns      | float or int           | numeric features, no NaN                            |

@@ -80,8 +80,8 @@ def _kind(col: str, schema: Schema) -> str:
 def _type_problem(path: Path, col: str, typ: pa.DataType, schema: Schema) -> str | None:
     kind = _kind(col, schema)
     where = f"{path}: column {col!r}"
-    if kind == "label" and not (pa.types.is_integer(typ) or pa.types.is_boolean(typ)):
-        return f"{where} has type {typ}; labels must be int (0/1) or bool"
+    if kind == "label" and not (pa.types.is_integer(typ) or pa.types.is_boolean(typ) or pa.types.is_floating(typ)):
+        return f"{where} has type {typ}; labels must be int (0/1), bool or float (0.0/1.0)"
     if kind == "domain" and not (pa.types.is_integer(typ) or pa.types.is_string(typ)
                                  or pa.types.is_large_string(typ) or pa.types.is_dictionary(typ)):
         return f"{where} has type {typ}; the domain must be a string or an int"
@@ -102,6 +102,30 @@ def _first_row(mask: pa.Array | pa.ChunkedArray | np.ndarray) -> int:
     return int(np.flatnonzero(arr)[0])
 
 
+def _label_problems(where: str, data: pa.ChunkedArray) -> list[str]:
+    """A label must be 0 or 1; float labels are accepted when exactly 0.0 / 1.0 (read as float anyway).
+
+    Trap: a float column cannot be cast to int to compare (0.5 and NaN fail the cast), so floats are
+    checked as floats, NaN first (NaN is not in any value set, and "label nan is not 0 or 1" hides why).
+    """
+    if pa.types.is_floating(data.type):
+        nan = pc.is_nan(data)
+        if pc.any(nan).as_py():
+            count = pc.sum(pc.cast(nan, pa.int64())).as_py()
+            return [f"{where} row {_first_row(nan)}: label is NaN ({count} NaN labels); "
+                    f"labels must be 0 or 1: fill or drop these rows"]
+        values = data
+        allowed = pa.array([0.0, 1.0], data.type)
+    else:
+        values = pc.cast(data, pa.int64())
+        allowed = pa.array([0, 1], pa.int64())
+    bad = pc.invert(pc.is_in(values, value_set=allowed))
+    if pc.any(bad).as_py():
+        row = _first_row(bad)
+        return [f"{where} row {row}: label {values[row].as_py()} is not 0 or 1"]
+    return []
+
+
 def _value_problems(path: Path, col: str, data: pa.ChunkedArray, schema: Schema) -> list[str]:
     kind = _kind(col, schema)
     where = f"{path}: column {col!r}"
@@ -111,11 +135,7 @@ def _value_problems(path: Path, col: str, data: pa.ChunkedArray, schema: Schema)
         out.append(f"{where} row {row}: null value ({data.null_count} nulls); fill or drop these rows")
         return out
     if kind == "label":
-        values = pc.cast(data, pa.int64())
-        bad = pc.invert(pc.is_in(values, value_set=pa.array([0, 1], pa.int64())))
-        if pc.any(bad).as_py():
-            row = _first_row(bad)
-            out.append(f"{where} row {row}: label {values[row].as_py()} is not 0 or 1")
+        out.extend(_label_problems(where, data))
     elif kind == "dense":
         if pa.types.is_floating(data.type):
             bad = pc.invert(pc.is_finite(data))
