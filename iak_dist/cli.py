@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _data_config(overrides: list[str]) -> DataConfig:
     raw: dict = {}
     for item in overrides:
-        apply_override(raw, item)
+        apply_override(raw, item, root=DataConfig)
     return from_dict(DataConfig, raw, "--set")
 
 

@@ -12,6 +12,7 @@ config validation stay fast.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from collections.abc import Mapping
@@ -24,6 +25,12 @@ import yaml
 from iak_dist.errors import UserError
 
 STRATEGY_NAMES = ("none", "full", "head", "lora", "patch", "iak")
+
+
+def _at_least(section: Any, **minimum: float) -> dict[str, str]:
+    """`{key: message}` for each numeric key of `section` below its minimum (used by `problems()`)."""
+    return {key: f"must be >= {low:g}, got {getattr(section, key)!r}"
+            for key, low in minimum.items() if not getattr(section, key) >= low}
 
 
 @dataclass
@@ -57,6 +64,10 @@ class DataConfig:
     row_group_size: int = 16_384
     """Rows per Parquet row group written by `prepare` (the reader streams row groups)."""
 
+    def problems(self) -> dict[str, str]:
+        return _at_least(self, negatives_per_positive=0, synth_rows=1, synth_domains=1, synth_id_space=1,
+                         row_group_size=1)
+
 
 @dataclass
 class ModelConfig:
@@ -72,6 +83,12 @@ class ModelConfig:
     """Low rank of each DCNv2 cross layer's weight."""
     tower: list[int] = field(default_factory=lambda: [128, 64])
     """Hidden widths of the MLP tower; the last one is the hidden `h` that kernels adapt."""
+
+    def problems(self) -> dict[str, str]:
+        found = _at_least(self, embedding_dim=1, cross_layers=0, cross_rank=1)
+        if not self.tower or min(self.tower) < 1:
+            found["tower"] = f"need at least one layer, every width >= 1, got {self.tower}"
+        return found
 
 
 @dataclass
@@ -93,6 +110,12 @@ class OptimConfig:
     log_every: int = 20
     """Steps between TensorBoard scalars."""
 
+    def problems(self) -> dict[str, str]:
+        found = _at_least(self, steps=0, batch_size=1, lr_dense=0.0, lr_sparse=0.0, weight_decay=0.0, log_every=1)
+        if self.steps == 0 and not self.epochs > 0:  # 0 epochs used to train one step anyway
+            found["epochs"] = f"must be > 0 (or give steps > 0), got {self.epochs}"
+        return found
+
 
 @dataclass
 class LoraConfig:
@@ -103,6 +126,9 @@ class LoraConfig:
     alpha: float = 8.0
     """Scale: the update is `(alpha / rank) * B_d A_d x`."""
 
+    def problems(self) -> dict[str, str]:
+        return _at_least(self, rank=1)
+
 
 @dataclass
 class PatchConfig:
@@ -110,6 +136,9 @@ class PatchConfig:
 
     bottleneck: int = 8
     """Width of the bottleneck; its up-projection starts at zero."""
+
+    def problems(self) -> dict[str, str]:
+        return _at_least(self, bottleneck=1)
 
 
 @dataclass
@@ -136,6 +165,12 @@ class IakConfig:
     every_layer +0.023 CTR-AUC over output, see docs/results.md)."""
     init_std: float = 0.01
     """Std of the Gaussian initialisation of encoder weights."""
+
+    def problems(self) -> dict[str, str]:
+        found = _at_least(self, width=1, beta_compression=0.0, beta_matching=0.0, init_std=0.0)
+        if not 0.0 <= self.compression_fraction <= 1.0:
+            found["compression_fraction"] = f"must be within [0, 1], got {self.compression_fraction}"
+        return found
 
 
 @dataclass
@@ -195,6 +230,12 @@ class ZeroConfig:
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Passed through into the DeepSpeed config (merged over what the keys above set)."""
 
+    def problems(self) -> dict[str, str]:
+        found = _at_least(self, gradient_clipping=0.0)
+        if self.stage not in (0, 1, 2, 3):
+            found["stage"] = f"must be 0, 1, 2 or 3, got {self.stage}"
+        return found
+
 
 @dataclass
 class DistributedConfig:
@@ -212,6 +253,9 @@ class DistributedConfig:
     """Steps between distributed checkpoints of a training phase (0: only at the end)."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept per phase (older ones are deleted once a newer one is complete)."""
+
+    def problems(self) -> dict[str, str]:
+        return _at_least(self, checkpoint_every=0, keep_checkpoints=1)
 
 
 PHASE_TYPES = ("prepare", "pretrain", "finetune", "evaluate", "export")
@@ -236,6 +280,9 @@ class PhaseSpec:
     max_failures: int = 2
     """Worker-group restarts Ray Train allows before the phase fails (each resumes from the last checkpoint)."""
 
+    def problems(self) -> dict[str, str]:
+        return _at_least(self, workers=1, max_failures=0)
+
 
 @dataclass
 class OrchestrationConfig:
@@ -248,6 +295,9 @@ class OrchestrationConfig:
     phases: list[PhaseSpec] = field(default_factory=list)
     """The phases and their dependencies; empty: prepare -> pretrain -> finetune -> evaluate -> export."""
 
+    def problems(self) -> dict[str, str]:
+        return _at_least(self, num_cpus=0)
+
 
 @dataclass
 class EvaluateConfig:
@@ -255,6 +305,9 @@ class EvaluateConfig:
 
     batch_size: int = 4096
     """Samples per scoring batch."""
+
+    def problems(self) -> dict[str, str]:
+        return _at_least(self, batch_size=1)
 
 
 @dataclass
@@ -298,36 +351,81 @@ def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read YAML `path` (or defaults if None), apply `key.path=value` overrides, validate."""
+    """Read YAML `path` (or defaults if None), apply `key.path=value` overrides, validate.
+
+    The file is validated on its own first, so an error names the file only for what the file
+    says; what the overrides break is named as `--set`.
+    """
     raw: dict[str, Any] = {}
+    source = "config"
     if path is not None:
         path = Path(path)
+        source = str(path)
         if not path.is_file():
             raise UserError(f"config {path}: no such file")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise UserError(f"config {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML") from exc
         except yaml.YAMLError as exc:
             raise UserError(f"config {path}: not valid YAML: {exc}".replace("\n", " ")) from exc
-        if loaded is not None and not isinstance(loaded, dict):
+        if loaded is None:
+            # an empty file would silently run every default in the current folder
+            raise UserError(f"config {path}: the file is empty; start from one in configs/, "
+                            "e.g. configs/movielens_age.yaml")
+        if not isinstance(loaded, dict):
             raise UserError(f"config {path}: the top level must be a mapping of sections")
-        raw = loaded or {}
-    for item in overrides or []:
+        raw = loaded
+        from_dict(PipelineConfig, raw, source)
+    for item in overrides or []:  # each checked as it is applied, so an error names its own --set
         apply_override(raw, item)
-    return from_dict(PipelineConfig, raw, str(path) if path is not None else "config")
+        source = f"--set {item}"
+        from_dict(PipelineConfig, raw, source)
+    return from_dict(PipelineConfig, raw, source)
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one `a.b.c=value` override (value parsed as YAML) to the raw mapping."""
+def apply_override(raw: dict[str, Any], item: str, root: type | None = None) -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to the raw mapping.
+
+    The key path is checked against the config classes (`root`, default `PipelineConfig`) here,
+    so a typo is named as the `--set` that holds it, with the closest valid key.
+    """
     if "=" not in item:
         raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. finetune.iak.width=16")
     key, value = item.split("=", 1)
     parts = key.strip().split(".")
+    _check_key_path(root or PipelineConfig, parts, f"--set {item}")
     node = raw
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise UserError(f"--set {key}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise UserError(f"--set {item}: the value is not valid YAML ({str(exc).splitlines()[0]})") from exc
+
+
+def _check_key_path(cls: type, parts: list[str], where: str) -> None:
+    """Every part of a dotted key must name a field of the section it is in (mappings take any key)."""
+    tp: Any = cls
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(tp):
+            if typing.get_origin(tp) is dict or tp is Any:
+                return  # a free mapping (sharding.plan, zero.deepspeed): its keys are data
+            raise UserError(f"{where}: {'.'.join(parts[:i])} is not a section")
+        names = [f.name for f in dataclasses.fields(tp)]
+        if part not in names:
+            raise UserError(f"{where}: unknown key {'.'.join(parts[:i + 1])}{_did_you_mean(part, names)}; "
+                            f"valid keys here: {', '.join(names)}")
+        tp = typing.get_type_hints(tp)[part]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def to_dict(cfg: Any) -> Any:
@@ -338,31 +436,50 @@ def to_dict(cfg: Any) -> Any:
 T = typing.TypeVar("T")
 
 
-def from_dict(cls: type[T], data: Any, source: str, prefix: str = "") -> T:
-    """Build dataclass `cls` from `data`; errors name `source` and the dotted key of the problem."""
+def from_dict(cls: type[T], data: Any, source: str, prefix: str = "", base: Any = None) -> T:
+    """Build dataclass `cls` from `data`; errors name `source` and the dotted key of the problem.
+
+    Keys not given keep their defaults, and the default of a nested section is the one its field
+    declares (`finetune.optim` starts from `OptimConfig(epochs=3.0, lr_dense=2e-3)`, not from a
+    plain `OptimConfig()`), so overriding one key of a section never changes its other keys.
+    `base` is that starting instance (None: the class's own defaults). After building, the
+    section's `problems()` (if it has one) are raised with their dotted keys.
+    """
     if not isinstance(data, Mapping):
         raise UserError(f"{_where(source, prefix)}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise UserError(f"{_where(source, dotted)}: unknown key; valid keys here: {', '.join(names)}")
-        kwargs[key] = _coerce(hints[key], value, source, dotted)
-    return cls(**kwargs)
+        if key not in fields:
+            raise UserError(f"{_where(source, dotted)}: unknown key{_did_you_mean(str(key), list(fields))}; "
+                            f"valid keys here: {', '.join(fields)}")
+        default = getattr(base, key) if base is not None else _field_default(fields[key])
+        kwargs[key] = _coerce(hints[key], value, source, dotted, default)
+    obj = dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    for key, message in getattr(obj, "problems", lambda: {})().items():
+        raise UserError(f"{_where(source, f'{prefix}.{key}' if prefix else key)}: {message}")
+    return obj
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def _where(source: str, key: str) -> str:
     return f"{source}: key {key}" if key else source
 
 
-def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
+def _coerce(tp: Any, value: Any, source: str, key: str, default: Any = None) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     where = _where(source, key)
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value if value is not None else {}, source, key)
+        base = default if dataclasses.is_dataclass(default) else None
+        return from_dict(tp, value if value is not None else {}, source, key, base)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
