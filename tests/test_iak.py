@@ -45,3 +45,12 @@ def test_inference_uses_the_mean_and_training_samples():
     kernel.train()
     c, _ = kernel(h, domain)
     assert not torch.allclose(a, c)
+
+
+def test_a_run_resumed_in_compression_freezes_the_decoder():
+    """A fresh process whose first step is past 0 but still in compression must apply the phase."""
+    adapter = IakAdapter(2, [8, 4], IakConfig(width=2, compression_fraction=0.5, beta_compression=2.0,
+                                              beta_matching=0.1))
+    logs = adapter.on_step(3, 10)
+    assert not adapter.kernels["0"].decoder.weight.requires_grad
+    assert adapter.beta == 2.0 and logs["iak/matching"] == 0.0

@@ -39,6 +39,37 @@ def sampled_batches(table: pa.Table, schema: Schema, sampler: DomainBatchSampler
         yield arrow_to_batch(table.take(sampler.next_batch()), schema)
 
 
+class PositionedBatches:
+    """Batches drawn by `sampler`, remembering the sampler state before each one.
+
+    Trap: the overlapped input pipeline (TorchRec's TrainPipelineSparseDist) pulls batches ahead of
+    the step it trains, so `sampler.state_dict()` at a step's end is already past untrained batches.
+    A checkpoint must save `state_before(steps_done)`: the position of the next untrained batch.
+    """
+
+    def __init__(self, table: pa.Table, schema: Schema, sampler: DomainBatchSampler, start: int) -> None:
+        self.table, self.schema, self.sampler = table, schema, sampler
+        self._next = start  # index (from the phase's step 0) of the next batch to draw
+        self._before: dict[int, dict] = {}
+
+    def __iter__(self) -> PositionedBatches:
+        return self
+
+    def __next__(self) -> Batch:
+        self._before[self._next] = self.sampler.state_dict()
+        self._next += 1
+        return arrow_to_batch(self.table.take(self.sampler.next_batch()), self.schema)
+
+    def state_before(self, index: int) -> dict:
+        """The sampler state from which batch `index` is drawn; forgets the states of earlier batches."""
+        if index == self._next:
+            return self.sampler.state_dict()
+        state = self._before[index]
+        for old in [k for k in self._before if k < index]:
+            del self._before[old]
+        return state
+
+
 @dataclass
 class FinetuneSetup:
     """Everything a fine-tune run holds, built before its loop (tests reuse it)."""
@@ -125,16 +156,18 @@ def finetune(
             sampler.load_state_dict(state["sampler"])
             say(f"[finetune {strategy}] resuming at step {start} from {state['path']}", ctx.rank)
 
+        batches = PositionedBatches(run.table, run.schema, sampler, start)
+
         def on_step_end(step: int) -> None:
             if dist_cfg.checkpoint_every and step % dist_cfg.checkpoint_every == 0 and step < total:
-                path = checkpoints.save(step, run.model, dense, {"step": step, "sampler": sampler.state_dict()},
+                path = checkpoints.save(step, run.model, dense, {"step": step, "sampler": batches.state_before(step)},
                                         data_parallel_optimizer=run.sharded.data_parallel_optimizer)
                 if on_checkpoint is not None:
                     on_checkpoint(step, path)
 
         writer = summary_writer(out_dir / "tb", ctx)
         try:
-            summary |= train_loop(run.model, dense, sampled_batches(run.table, run.schema, sampler), total,
+            summary |= train_loop(run.model, dense, batches, total,
                                   cfg.optim, desc=f"finetune {strategy} seed {seed}", start_step=start,
                                   data_parallel_optimizer=run.sharded.data_parallel_optimizer, writer=writer,
                                   adapter=run.adapter, num_domains=num_domains,

@@ -86,6 +86,7 @@ class IakAdapter(Adapter):
         self.kernels = nn.ModuleDict({str(i - 1): GaussianKernel(num_domains, tower_widths[i], cfg) for i in layers})
         self.beta = cfg.beta_compression
         self.phase = "compression"
+        self._phase_applied = False  # set_phase not yet run in this process (see on_step)
 
     def adapt_activation(self, layer, y, rows):
         kernel = self.kernels[str(layer)] if str(layer) in self.kernels else None
@@ -97,6 +98,7 @@ class IakAdapter(Adapter):
     def set_phase(self, phase: str) -> None:
         """Compression: encoder + prior (+ reconstruction) train; matching: the decoder joins."""
         self.phase = phase
+        self._phase_applied = True
         self.beta = self.cfg.beta_compression if phase == "compression" else self.cfg.beta_matching
         decoder_trains = phase == "matching" or self.cfg.decoder_in_compression
         for kernel in self.kernels.values():
@@ -105,7 +107,12 @@ class IakAdapter(Adapter):
                 kernel.match_in.requires_grad_(decoder_trains)
 
     def on_step(self, step: int, total_steps: int) -> dict[str, float]:
+        """The phase is a function of the step, so a resumed run derives it again from its first step.
+
+        Trap: a run resumed in compression starts with `phase == "compression"` already, but nothing
+        has frozen the decoder yet: the first call of a process must apply the phase, whatever it is.
+        """
         phase = "compression" if step < self.cfg.compression_fraction * total_steps else "matching"
-        if phase != self.phase or step == 0:
+        if phase != self.phase or not self._phase_applied:
             self.set_phase(phase)
         return {"iak/beta": self.beta, "iak/matching": float(phase == "matching")}
