@@ -1,6 +1,14 @@
-"""Ranking metrics: AUC (rank statistic with ties), GAUC (per-user AUC, impression-weighted), LogLoss."""
+"""Ranking metrics: AUC (rank statistic with ties), GAUC (per-user AUC, impression-weighted), LogLoss.
+
+A metric that cannot be computed is `None`, never NaN: NaN is not JSON (strict parsers reject the bare
+`NaN` token Python writes) and a NaN in a table reads as a number. `None` is written as `null` in
+JSON and shown as `n/a` in reports.
+"""
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import numpy as np
 
@@ -45,12 +53,40 @@ def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
     return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
 
 
-def ranking_metrics(click, conversion, p_ctr, p_ctcvr, user) -> dict[str, float]:
-    """The per-domain metric set of reports: CTR-AUC, CTCVR-AUC, GAUC (CTR, by user), LogLoss (CTR)."""
+def finite_or_none(value: float | None) -> float | None:
+    """`value`, or None where it is missing or not finite (a metric undefined on the rows given)."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def strict_json(data: Any) -> Any:
+    """`data` with every non-finite float replaced by None, so `json.dumps(allow_nan=False)` holds."""
+    if isinstance(data, dict):
+        return {k: strict_json(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [strict_json(v) for v in data]
+    if isinstance(data, float):
+        return finite_or_none(data)
+    return data
+
+
+def format_metric(value: float | None, spec: str = ".4f") -> str:
+    """A metric for text: `n/a` where it is not available (None or NaN)."""
+    value = finite_or_none(value)
+    return "n/a" if value is None else format(value, spec)
+
+
+def ranking_metrics(click: np.ndarray, conversion: np.ndarray | None, p_ctr: np.ndarray, p_ctcvr: np.ndarray,
+                    user: np.ndarray | None) -> dict[str, float | None]:
+    """The per-domain metric set of reports: CTR-AUC, CTCVR-AUC, GAUC (CTR, by user), LogLoss (CTR).
+
+    `conversion` None (the schema has no conversion label): CTCVR-AUC is None. `user` None (the
+    schema names no user column): GAUC is None; grouping every row into one user would silently
+    report the CTR-AUC under GAUC's name. An AUC over rows of one class is None too.
+    """
     return {
-        "ctr_auc": auc(click, p_ctr),
-        "ctcvr_auc": auc(conversion, p_ctcvr),
-        "gauc": gauc(click, p_ctr, user),
-        "logloss": logloss(click, p_ctr),
+        "ctr_auc": finite_or_none(auc(click, p_ctr)),
+        "ctcvr_auc": None if conversion is None else finite_or_none(auc(conversion, p_ctcvr)),
+        "gauc": None if user is None else finite_or_none(gauc(click, p_ctr, user)),
+        "logloss": finite_or_none(logloss(click, p_ctr)),
         "rows": float(len(click)),
     }

@@ -1,22 +1,38 @@
-"""The comparison report: strategies x domains, mean and std over seeds, as JSON, Markdown and PNG."""
+"""The comparison report: strategies x domains, mean and std over seeds, as JSON, Markdown and PNG.
+
+A metric that is not available (None in the evaluation's metrics: no conversion label, no user
+column, rows of one class) stays None: `null` in report.json (strict JSON, no bare NaN), `n/a` in
+report.md and on the plot. A domain some strategy never saw a fine-tune row of is marked with `†`
+and a footnote: its score is not a fine-tuning result.
+"""
 
 from __future__ import annotations
 
-import math
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from iak_dist.io import atomic_path, atomic_write_json, atomic_write_text
+from iak_dist.io import atomic_path, atomic_write_text
+from iak_dist.metrics import finite_or_none, format_metric, strict_json
 
 METRICS = ("ctr_auc", "ctcvr_auc", "gauc", "logloss")
+NOT_FINETUNED = "†"
+NA_REASONS = {
+    "ctr_auc": "the rows hold one class only",
+    "ctcvr_auc": "the schema has no conversion label (or the rows hold one class only)",
+    "gauc": "the schema names no user column (or no user has both classes)",
+    "logloss": "no rows",
+}
 
 
-def aggregate(results: dict[str, dict[int, dict[str, dict[str, float]]]], domain_order: list[str]) -> dict[str, Any]:
+def aggregate(results: dict[str, dict[int, dict[str, dict[str, Any]]]], domain_order: list[str]) -> dict[str, Any]:
     """`results[strategy][seed][domain][metric]` -> `{strategy: {domain: {metric: {mean, std, n}}}}`.
 
-    Domains follow `domain_order` (the schema's), then "overall".
+    Domains follow `domain_order` (the schema's), then "overall". `n` counts the seeds the metric
+    is available in; with none, mean and std are None. A domain that any seed's strategy did not
+    fine-tune (`finetuned: false` in its metrics) carries `finetuned: false` and that seed's note.
     """
     out: dict[str, Any] = {}
     for strategy, by_seed in results.items():
@@ -24,11 +40,16 @@ def aggregate(results: dict[str, dict[int, dict[str, dict[str, float]]]], domain
         domains = [d for d in [*domain_order, "overall"] if d in present]
         out[strategy] = {}
         for domain in domains:
+            entries = [by_seed[s][domain] for s in by_seed if domain in by_seed[s]]
             out[strategy][domain] = {}
             for metric in (*METRICS, "rows"):
-                values = np.array([by_seed[s][domain][metric] for s in by_seed if domain in by_seed[s]])
+                values = np.array([v for e in entries if (v := finite_or_none(e.get(metric))) is not None])
                 out[strategy][domain][metric] = {
-                    "mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
+                    "mean": float(np.mean(values)) if len(values) else None,
+                    "std": float(np.std(values)) if len(values) else None, "n": len(values)}
+            untrained = [e for e in entries if e.get("finetuned") is False]
+            if untrained:
+                out[strategy][domain] |= {"finetuned": False, "note": untrained[0].get("note", "no fine-tune rows")}
     return out
 
 
@@ -36,7 +57,7 @@ def markdown(agg: dict[str, Any], costs: dict[str, dict[str, float]], title: str
     strategies = list(agg)
     domains = list(next(iter(agg.values())).keys())
     lines = [f"# {title}", ""]
-    n_seeds = next(iter(next(iter(agg.values())).values()))["ctr_auc"]["n"]
+    n_seeds = agg[strategies[0]]["overall"]["rows"]["n"]
     lines.append(f"Mean ± std over {n_seeds} seed(s). Higher is better for AUCs, lower for LogLoss.")
     lines.append("")
     if costs:
@@ -48,19 +69,33 @@ def markdown(agg: dict[str, Any], costs: dict[str, dict[str, float]], title: str
             ratio = f"{c['seconds'] / full_t:.2f}x" if full_t and c.get("seconds") else "-"
             lines.append(f"| {s} | {int(c.get('trainable_params', 0)):,} | {ratio} |")
         lines.append("")
+    untrained = [(s, d, agg[s][d]["note"]) for s in strategies for d in domains if agg[s][d].get("finetuned") is False]
     for metric in METRICS:
         lines += [f"## {metric}", "", "| domain | rows | " + " | ".join(strategies) + " |",
                   "|---|---:|" + "---:|" * len(strategies)]
+        any_na = False
         for d in domains:
-            vals = [agg[s][d][metric] for s in strategies]
-            means = [v["mean"] for v in vals]
-            finite = [m for m in means if not math.isnan(m)]
-            best = (min(finite) if metric == "logloss" else max(finite)) if finite else None
-            cells = [f"{'**' if v['mean'] == best else ''}{v['mean']:.4f} ± {v['std']:.4f}"
-                     f"{'**' if v['mean'] == best else ''}" for v in vals]
-            rows = int(agg[strategies[0]][d]["rows"]["mean"])
+            means = [agg[s][d][metric]["mean"] for s in strategies]
+            known = [m for m in means if m is not None]
+            best = (min(known) if metric == "logloss" else max(known)) if known else None
+            cells = []
+            for s in strategies:
+                v = agg[s][d][metric]
+                mark = NOT_FINETUNED if agg[s][d].get("finetuned") is False else ""
+                if v["mean"] is None:
+                    any_na = True
+                    cells.append(f"n/a{mark}")
+                    continue
+                bold = "**" if v["mean"] == best else ""
+                cells.append(f"{bold}{format_metric(v['mean'])} ± {format_metric(v['std'])}{bold}{mark}")
+            rows = int(agg[strategies[0]][d]["rows"]["mean"] or 0)
             lines.append(f"| {d} | {rows:,} | " + " | ".join(cells) + " |")
         lines.append("")
+        if any_na:
+            lines += [f"n/a: not available: {NA_REASONS[metric]}.", ""]
+        if untrained:
+            lines += [f"{NOT_FINETUNED} not a fine-tuning result: "
+                      + "; ".join(f"`{s}` on {d}: {note}" for s, d, note in untrained) + ".", ""]
     return "\n".join(lines)
 
 
@@ -75,13 +110,17 @@ def plot(agg: dict[str, Any], path: Path, title: str) -> None:
     fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.3 * len(domains)), 8), sharex=True)
     x = np.arange(len(domains))
     width = 0.8 / len(strategies)
+    def values(s: str, metric: str, key: str) -> np.ndarray:  # None (not available) -> NaN: no bar
+        return np.array([np.nan if (v := agg[s][d][metric][key]) is None else v for d in domains], dtype=float)
+
     for ax, metric in zip(axes, ("ctr_auc", "ctcvr_auc"), strict=True):
-        base = np.array([agg["none"][d][metric]["mean"] for d in domains]) if "none" in agg else None
+        base = values("none", metric, "mean") if "none" in agg else None
         for i, s in enumerate(strategies):
-            mean = np.array([agg[s][d][metric]["mean"] for d in domains])
-            std = np.array([agg[s][d][metric]["std"] for d in domains])
-            shown = mean - base if base is not None else mean
-            ax.bar(x + i * width - 0.4 + width / 2, shown, width, yerr=std, label=s, capsize=2)
+            shown = values(s, metric, "mean") - base if base is not None else values(s, metric, "mean")
+            at = x + i * width - 0.4 + width / 2
+            ax.bar(at, shown, width, yerr=values(s, metric, "std"), label=s, capsize=2)
+            for xpos in at[np.isnan(shown)]:  # say so, where an empty slot would read as "no difference"
+                ax.text(xpos, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
         ax.set_xticks(x, domains, rotation=30, ha="right")
         ax.set_ylabel("AUC difference" if base is not None else "AUC")
         ax.axhline(0, color="black", linewidth=0.6)
@@ -97,8 +136,10 @@ def plot(agg: dict[str, Any], path: Path, title: str) -> None:
 
 def write_report(results, costs, out_dir: str | Path, title: str, domain_order: list[str]) -> dict[str, Any]:
     out_dir = Path(out_dir)
-    agg = aggregate(results, domain_order)
-    atomic_write_json(out_dir / "report.json", {"aggregate": agg, "costs": costs, "per_seed": results})
+    agg = aggregate(strict_json(results), domain_order)
+    # strict JSON: evaluations of older runs may hold NaN; allow_nan=False proves none is left
+    payload = strict_json({"aggregate": agg, "costs": costs, "per_seed": results})
+    atomic_write_text(out_dir / "report.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out_dir / "report.md", markdown(agg, costs, title))
     plot(agg, out_dir / "report.png", title)
     return agg

@@ -33,3 +33,19 @@ def test_gauc_weights_groups_by_size_and_skips_one_class_groups():
 
 def test_logloss_closed_form():
     assert logloss(np.array([1, 0]), np.array([0.8, 0.4])) == pytest.approx(-(np.log(0.8) + np.log(0.6)) / 2)
+
+
+def test_unavailable_metrics_are_none_not_nan_or_a_stand_in():
+    """No user column: GAUC is None (one all-rows group would repeat the CTR-AUC under GAUC's name);
+    no conversion label: CTCVR-AUC is None; one class only: the AUC is None, not NaN."""
+    from iak_dist.metrics import format_metric, ranking_metrics
+
+    rng = np.random.default_rng(1)
+    y, p = rng.integers(0, 2, 200), rng.random(200)
+    full = ranking_metrics(y, y, p, p, rng.integers(0, 5, 200))
+    assert all(isinstance(full[k], float) for k in ("ctr_auc", "ctcvr_auc", "gauc", "logloss"))
+    bare = ranking_metrics(y, None, p, p, None)
+    assert bare["gauc"] is None and bare["ctcvr_auc"] is None and bare["ctr_auc"] == full["ctr_auc"]
+    one_class = ranking_metrics(np.ones(10), np.ones(10), p[:10], p[:10], np.arange(10))
+    assert one_class["ctr_auc"] is None and one_class["ctcvr_auc"] is None and one_class["gauc"] is None
+    assert format_metric(None) == format_metric(float("nan")) == "n/a" and format_metric(0.5) == "0.5000"

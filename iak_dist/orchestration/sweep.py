@@ -15,6 +15,7 @@ from iak_dist.config import load_config
 from iak_dist.distributed.context import close_distributed, init_distributed
 from iak_dist.errors import UserError
 from iak_dist.io import atomic_write_json, atomic_write_text
+from iak_dist.metrics import format_metric
 from iak_dist.orchestration.local import log, run_pipeline
 
 
@@ -77,9 +78,10 @@ def _sweep(config, overrides, grid, strategies, base, ctx) -> Path:
     for name, agg in rows:
         for s in agg:
             o = agg[s]["overall"]
-            cells = [f"{agg[s][d]['ctr_auc']['mean']:.4f}" for d in domains if d != "overall"]
-            lines.append(f"| {name} | {s} | {o['ctr_auc']['mean']:.4f} ± {o['ctr_auc']['std']:.4f} | "
-                         f"{o['ctcvr_auc']['mean']:.4f} ± {o['ctcvr_auc']['std']:.4f} | " + " | ".join(cells) + " |")
+            cells = [format_metric(agg[s][d]['ctr_auc']['mean']) for d in domains if d != "overall"]
+            ctr, ctcvr = (f"{format_metric(o[m]['mean'])} ± {format_metric(o[m]['std'])}"
+                          for m in ("ctr_auc", "ctcvr_auc"))
+            lines.append(f"| {name} | {s} | {ctr} | {ctcvr} | " + " | ".join(cells) + " |")
     atomic_write_text(sweep_dir / "sweep.md", "\n".join(lines) + "\n")
     atomic_write_json(sweep_dir / "sweep.json", {name: agg for name, agg in rows})
     log(f"sweep table: {sweep_dir / 'sweep.md'}")

@@ -33,32 +33,55 @@ def score(model: torch.nn.Module, reader: ParquetReader, device: torch.device | 
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def metrics_by_domain(scores: dict[str, np.ndarray], domains: list[str]) -> dict[str, dict[str, float]]:
-    """`{"overall": {...}, "<domain>": {...}}` with CTR-AUC, CTCVR-AUC, GAUC, LogLoss and rows."""
-    def subset(mask):
-        return ranking_metrics(scores["click"][mask], scores["conversion"][mask], scores["p_ctr"][mask],
-                               scores["p_ctcvr"][mask], scores["user"][mask])
-    out = {"overall": subset(np.ones(len(scores["click"]), dtype=bool))}
+def metrics_by_domain(
+    scores: dict[str, np.ndarray], domains: list[str], has_conversion: bool = True, has_user: bool = True,
+    finetune_rows: dict[str, int] | None = None, strategy: str | None = None,
+) -> dict[str, dict]:
+    """`{"overall": {...}, "<domain>": {...}}` with CTR-AUC, CTCVR-AUC, GAUC, LogLoss and rows.
+
+    `has_conversion` / `has_user` False (the schema names no such column): CTCVR-AUC / GAUC are None
+    (the batches hold zeros there, which would score as a number). With `finetune_rows` (the
+    adapter's rows per domain) and a `strategy` that trains something, each domain says whether it
+    was fine-tuned: a domain with no fine-tune rows is scored with its never-trained adapter weights
+    (zero-initialised: the plain backbone), which must show in the report, not pass as a result.
+    """
+    def subset(mask: np.ndarray) -> dict:
+        return ranking_metrics(scores["click"][mask], scores["conversion"][mask] if has_conversion else None,
+                               scores["p_ctr"][mask], scores["p_ctcvr"][mask],
+                               scores["user"][mask] if has_user else None)
+    out: dict[str, dict] = {"overall": subset(np.ones(len(scores["click"]), dtype=bool))}
     for i, name in enumerate(domains):
         mask = scores["domain"] == i
         if mask.any():
             out[name] = subset(mask)
+            if finetune_rows is not None and strategy not in (None, "none"):
+                out[name] |= finetune_status(strategy, int(finetune_rows.get(name, 0)))
     return out
+
+
+def finetune_status(strategy: str, rows: int) -> dict:
+    """The metrics entry's record of whether `strategy` saw any fine-tune rows of the domain."""
+    if rows > 0:
+        return {"finetuned": True, "finetune_rows": rows}
+    note = ("no fine-tune rows: scored by the backbone fine-tuned on the other domains" if strategy == "full"
+            else "no fine-tune rows: plain backbone (its adapter weights never trained)")
+    return {"finetuned": False, "finetune_rows": 0, "note": note}
 
 
 def evaluate(
     data_dir: str | Path, backbone_dir: str | Path, adapter_dir: str | Path | None, ctx: DistContext,
     batch_size: int = 4096, split: str = "test", sharding: ShardingConfig | None = None,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict]:
     """Per-domain metrics of the backbone with the adapter in `adapter_dir` (None: backbone alone).
 
-    Each rank scores its own row groups; the scores are gathered so every rank returns the same metrics.
+    Metrics that cannot be computed are None (see `metrics_by_domain`). Each rank scores its own row
+    groups; the scores are gathered so every rank returns the same metrics.
     """
     data_dir = Path(data_dir)
     schema = Schema.load(data_dir / "schema.yaml")
     meta = read_backbone_meta(backbone_dir)
     check_schema_matches(schema, meta, data_dir)
-    adapter, override = None, None
+    adapter, override, adapter_cfg = None, None, None
     if adapter_dir is not None:
         adapter, override, adapter_cfg = load_adapter(adapter_dir, meta)
         unknown = sorted(set(schema.domains) - set(adapter_cfg["domains"]))
@@ -79,4 +102,9 @@ def evaluate(
         parts: list = [None] * ctx.world_size
         dist.all_gather_object(parts, scores)
         scores = {k: np.concatenate([p[k] for p in parts]) for k in scores}
-    return metrics_by_domain(scores, schema.domains)
+    finetune_rows = None
+    if adapter_cfg is not None and "rows_per_domain" in adapter_cfg:
+        finetune_rows = dict(zip(adapter_cfg["domains"], adapter_cfg["rows_per_domain"], strict=True))
+    return metrics_by_domain(scores, schema.domains, has_conversion=schema.conversion is not None,
+                             has_user=schema.user is not None, finetune_rows=finetune_rows,
+                             strategy=adapter_cfg["strategy"] if adapter_cfg is not None else None)
