@@ -93,9 +93,37 @@ def test_truncated_newest_checkpoint_falls_back_to_the_one_before(uninterrupted,
     warnings = []
     cfg = load_config(None, CKPT + plan_for("table_wise"))
     sharded, dense = build(cfg, Schema.load(synth_dir / "schema.yaml"), ctx)
-    state = CheckpointManager(root, ctx).restore_latest(sharded.model, dense, warn=warnings.append)
+    manager = CheckpointManager(root, ctx, keep=2)
+    state = manager.restore_latest(sharded.model, dense, warn=warnings.append)
     assert state["step"] == 30
-    assert len(warnings) == 1 and newest.name in warnings[0] and "falling back" in warnings[0]
+    assert newest.name in warnings[0] and "falling back" in warnings[0]
+    # the bad one is moved aside, so saving on keeps the good one and never re-uses the corrupt step
+    assert not newest.exists() and (root / f"{newest.name}.corrupt").is_dir()
+    assert manager.complete()[-1].name == "step_00000030"
+    manager.save(40, sharded.model, dense, {"step": 40})
+    assert [p.name for p in manager.complete()] == ["step_00000030", "step_00000040"]
+    warnings.clear()
+    assert manager.restore_latest(sharded.model, dense, warn=warnings.append)["step"] == 40 and not warnings
+
+
+def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(uninterrupted, synth_dir, ctx, tmp_path):
+    import shutil
+
+    from iak_dist.config import load_config
+    from iak_dist.data.schema import Schema
+    from iak_dist.distributed.checkpoint import CheckpointManager
+    from iak_dist.errors import UserError
+
+    root = tmp_path / "ckpts"
+    shutil.copytree(uninterrupted / "checkpoints" / "pretrain", root)
+    for f in root.glob("step_*/sparse/*.distcp"):
+        f.write_bytes(f.read_bytes()[:100])
+    sharded, dense = build(load_config(None, CKPT + plan_for("table_wise")), Schema.load(synth_dir / "schema.yaml"),
+                           ctx)
+    with pytest.raises(UserError, match=rf"^{root}: none of the 4 checkpoints here loads .*to start this phase") as e:
+        CheckpointManager(root, ctx).restore_latest(sharded.model, dense, warn=lambda m: None)
+    assert "\n" not in str(e.value)
+    assert len(CheckpointManager(root, ctx).complete()) == 4  # nothing moved: the user decides
 
 
 def test_checkpoint_of_another_model_config_names_the_tables(uninterrupted, synth_dir, ctx):

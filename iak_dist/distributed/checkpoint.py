@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,7 @@ def load_backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 SPARSE_PREFIX = "backbone.embeddings."
+_STEP_DIR = re.compile(r"step_\d+")
 
 
 def _sparse_state(model: nn.Module) -> dict[str, Any]:
@@ -150,10 +152,11 @@ class CheckpointManager:
         self.keep = keep
 
     def complete(self) -> list[Path]:
+        """Checkpoints marked complete, oldest first (`step_X.partial` / `step_X.corrupt` never count)."""
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.glob("step_*") if p.is_dir() and (p / "COMPLETE").is_file()
-                      and not p.name.endswith(".partial"))
+        return sorted(p for p in self.root.glob("step_*") if _STEP_DIR.fullmatch(p.name) and p.is_dir()
+                      and (p / "COMPLETE").is_file())
 
     def save(self, step: int, model: nn.Module, dense, extra: dict[str, Any], plan_text: str = "",
              data_parallel_optimizer=None) -> Path:
@@ -191,20 +194,59 @@ class CheckpointManager:
 
     def restore_latest(self, model: nn.Module, dense, warn=print,
                        data_parallel_optimizer=None) -> dict[str, Any] | None:
-        """Load the newest loadable checkpoint; returns its train state (None: start fresh)."""
-        for path in reversed(self.complete()):
-            try:
-                return self._load(path, model, dense, data_parallel_optimizer)
-            except UserError:
-                raise
-            except Exception as exc:  # noqa: BLE001  (CheckpointException derives from BaseException)
-                warn(f"[checkpoint] {path} cannot be loaded ({type(exc).__name__}: "
-                     f"{str(exc).splitlines()[0] if str(exc) else ''}); falling back to the one before")
-            except BaseException as exc:
-                if type(exc).__name__ != "CheckpointException":
-                    raise
-                warn(f"[checkpoint] {path} cannot be loaded (CheckpointException); falling back to the one before")
+        """Load the newest loadable checkpoint; returns its train state (None: no checkpoint, start fresh).
+
+        Newer checkpoints that fail to load are renamed `step_X.corrupt` once an older one has loaded:
+        left in place, they would count as the newest for retention, which would delete the good one.
+        When checkpoints exist but none loads, the phase is not silently restarted: UserError.
+        """
+        candidates = self.complete()
+        failed: list[tuple[Path, str]] = []
+        for path in reversed(candidates):
+            state, error = self._try_load(path, model, dense, data_parallel_optimizer)
+            if self._everywhere(error is None):  # sync point: every rank loads the same checkpoint
+                self._move_aside([p for p, _ in failed], warn)
+                return state
+            error = error or "it failed to load on another rank"
+            warn(f"[checkpoint] {path} cannot be loaded ({error}); falling back to the one before")
+            failed.append((path, error))
+        if failed:
+            raise UserError(
+                f"{self.root}: none of the {len(failed)} checkpoints here loads (newest {failed[0][0].name}: "
+                f"{failed[0][1]}); move {self.root} aside to start this phase from step 0"
+            )
         return None
+
+    def _try_load(self, path: Path, model: nn.Module, dense,
+                  data_parallel_optimizer) -> tuple[dict[str, Any] | None, str | None]:
+        """(train state, None), or (None, a one-line reason); a UserError (wrong model) is raised."""
+        try:
+            return self._load(path, model, dense, data_parallel_optimizer), None
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            return None, _one_line(exc)
+        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+            if type(exc).__name__ != "CheckpointException":
+                raise
+            return None, _one_line(exc)
+
+    def _everywhere(self, ok: bool) -> bool:
+        """True when `ok` holds on every rank (a rank-local failure must not split the ranks)."""
+        if self.ctx.world_size == 1:
+            return ok
+        flag = torch.tensor([int(ok)], device=self.ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _move_aside(self, paths: list[Path], warn) -> None:
+        if not self.ctx.is_main:
+            return
+        for path in paths:
+            target = path.with_name(path.name + ".corrupt")
+            _remove_tree(target)  # an earlier corrupt copy of the same step
+            path.rename(target)
+            warn(f"[checkpoint] moved {path} aside to {target.name} (it does not load)")
 
     def _load(self, path: Path, model: nn.Module, dense, data_parallel_optimizer=None) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
@@ -240,6 +282,18 @@ class CheckpointManager:
             data_parallel_optimizer.load_state_dict(state.pop("dp_optimizer"))
         state["path"] = str(path)
         return state
+
+
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    """The cause of a failed load in one short line.
+
+    DCP's CheckpointException text is every rank's traceback: its last line holds the cause.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[-1] if type(exc).__name__ == "CheckpointException" else f"{type(exc).__name__}: {lines[0]}"
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def _table_shapes(model: nn.Module) -> dict[str, list[int]]:
