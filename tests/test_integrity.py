@@ -44,3 +44,75 @@ def test_iak_finetune_resumed_in_compression_and_matching_is_bitwise_equal(small
     assert got.keys() == want.keys()
     for key in want:
         assert torch.equal(got[key], want[key]), key
+
+
+@pytest.fixture
+def other_backbone(backbone_dir, tmp_path):
+    """A copy of the backbone whose `model.safetensors` is another seed's: same shapes, other values."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other_backbone"
+    shutil.copytree(backbone_dir, other)
+    tensors = load_file(str(other / "model.safetensors"))
+    tensors["tower.0.weight"] = tensors["tower.0.weight"] + 0.01
+    save_file(tensors, str(other / "model.safetensors"))
+    return other
+
+
+def test_backbone_weights_swapped_or_damaged_are_refused(other_backbone, backbone_dir, ctx):
+    import json
+
+    from iak_dist.distributed.checkpoint import file_hash, load_backbone_weights
+    from iak_dist.errors import UserError
+    from iak_dist.phases.common import build_from_backbone
+
+    weights = other_backbone / "model.safetensors"
+    with pytest.raises(UserError, match=rf"^{weights}: weights hash \w+ differs from \w+ recorded in backbone.json"):
+        build_from_backbone(other_backbone, None, ctx, train_embeddings=False)
+    weights.write_bytes((backbone_dir / "model.safetensors").read_bytes()[:1000])  # truncated
+    with pytest.raises(UserError, match=rf"^{weights}: weights hash .* \(the file was replaced or damaged\)"):
+        load_backbone_weights(other_backbone)
+    # a damaged file whose hash was recorded as it is: still one line, not a SafetensorError traceback
+    meta = json.loads((other_backbone / "backbone.json").read_text())
+    (other_backbone / "backbone.json").write_text(json.dumps(dict(meta, weights=file_hash(weights))))
+    with pytest.raises(UserError, match=rf"^{weights}: not a readable safetensors file"):
+        load_backbone_weights(other_backbone)
+    assert torch.equal(load_backbone_weights(backbone_dir)["tower.0.weight"],
+                       load_file(str(backbone_dir / "model.safetensors"))["tower.0.weight"])
+
+
+def test_adapter_weights_of_another_run_or_damaged_are_refused(small_cfg, backbone_dir, tmp_path):
+    import json
+
+    from iak_dist.distributed.checkpoint import read_backbone_meta
+    from iak_dist.errors import UserError
+    from iak_dist.model.backbone import tower_widths
+    from iak_dist.model.strategies import build_adapter
+    from iak_dist.model.strategies.saving import load_adapter, save_adapter
+
+    meta = read_backbone_meta(backbone_dir)
+    domains = meta["schema_obj"].domains
+    for seed in (0, 1):  # two seeds' adapters: the same shapes
+        torch.manual_seed(seed)
+        adapter = build_adapter("iak", len(domains), tower_widths(meta["schema_obj"], meta["model_obj"]),
+                                small_cfg.finetune)
+        save_adapter(tmp_path / f"seed{seed}", adapter, domains, meta)
+    mine, theirs = tmp_path / "seed0", tmp_path / "seed1"
+    load_adapter(mine, meta)  # loads as saved
+    weights = mine / "adapter_model.safetensors"
+    weights.write_bytes((theirs / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(UserError, match=rf"^{weights}: weights hash .* recorded in adapter_config.json"):
+        load_adapter(mine, meta)
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(UserError, match=rf"^{weights}: weights hash"):
+        load_adapter(mine, meta)
+    config = json.loads((theirs / "adapter_config.json").read_text())
+    del config["adapter_weights"]  # an adapter written before the hash was stamped
+    (theirs / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"adapter_config.json: no adapter_weights .*fine-tune this strategy again"):
+        load_adapter(theirs, meta)
+    (theirs / "adapter_config.json").write_text('{"strategy": "ia')
+    with pytest.raises(UserError, match=r"adapter_config.json: not valid JSON"):
+        load_adapter(theirs, meta)

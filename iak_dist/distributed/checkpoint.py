@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -76,6 +77,7 @@ def load_plain_state_dict(model: nn.Module, state: dict[str, torch.Tensor], pref
 
 
 def file_hash(path: str | Path) -> str:
+    """First 16 hex digits of the file's SHA-256, read in 1 MiB blocks (weights files can be large)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -104,14 +106,44 @@ def read_backbone_meta(path: str | Path) -> dict[str, Any]:
     meta_path = Path(path) / "backbone.json"
     if not meta_path.is_file():
         raise UserError(f"{path}: no exported backbone here (backbone.json missing); run pre-training first")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path, "re-export the backbone (run pre-training again)")
     meta["schema_obj"] = from_dict(Schema, meta["schema"], str(meta_path))
     meta["model_obj"] = from_dict(ModelConfig, meta["model"], str(meta_path))
     return meta
 
 
-def load_backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(path) / "model.safetensors"))
+def read_json(path: Path, remedy: str) -> dict[str, Any]:
+    """A JSON file we wrote; unreadable (truncated, edited) -> UserError naming it and `remedy`."""
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({str(exc).splitlines()[0]}); {remedy}") from None
+
+
+def load_verified(path: Path, expected_hash: str, recorded_in: Path, remedy: str) -> dict[str, torch.Tensor]:
+    """Tensors of the safetensors file `path` after checking its hash against the one `recorded_in` holds.
+
+    The JSON files name the weights they go with; comparing only their strings would let a weights file
+    swapped in from another seed or backbone (same shapes) load silently. `file_hash` streams the file.
+    """
+    if not path.is_file():
+        raise UserError(f"{path}: missing; {remedy}")
+    actual = file_hash(path)
+    if actual != expected_hash:
+        raise UserError(f"{path}: weights hash {actual} differs from {expected_hash} recorded in {recorded_in.name} "
+                        f"(the file was replaced or damaged); {remedy}")
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise UserError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]}); {remedy}") from None
+
+
+def load_backbone_weights(path: str | Path, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The exported backbone's tensors, verified against the weights hash in its `backbone.json`."""
+    path = Path(path)
+    meta = read_backbone_meta(path) if meta is None else meta
+    return load_verified(path / "model.safetensors", meta["weights"], path / "backbone.json",
+                         "re-export the backbone (run pre-training again)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,11 +41,11 @@ def build_from_backbone(
     meta = read_backbone_meta(backbone_dir)
     if meta["identity"] != backbone_identity(meta["schema_obj"], meta["model_obj"]):
         raise UserError(f"{backbone_dir}: backbone.json is inconsistent (identity hash does not match)")
+    weights = load_backbone_weights(backbone_dir, meta)  # verified before the costly sharding
     backbone = Backbone(meta["schema_obj"], meta["model_obj"], device=torch.device("meta"))
     ranker = Ranker(backbone, adapter, freeze_embeddings=not train_embeddings)
     sharded = shard_ranker(ranker, ctx, sharding or ShardingConfig(), lr_sparse if train_embeddings else None,
                            batch_size)
-    weights = load_backbone_weights(backbone_dir)
     if backbone_override:
         weights.update(backbone_override)
     load_plain_state_dict(sharded.model, weights, prefix="backbone.")

@@ -1,21 +1,22 @@
 """Adapters as small files: `adapter_config.json` + `adapter_model.safetensors` (HF PEFT layout).
 
-The config is stamped with the backbone's identity (hash of schema + model config) and the hash of
-its weights, so an adapter is never silently loaded onto the wrong backbone. A strategy that
+The config is stamped with the backbone's identity (hash of schema + model config), the hash of
+its weights and the hash of the adapter's own weights file, so an adapter is never silently loaded
+onto the wrong backbone, nor another run's weights file under this config. A strategy that
 trains backbone weights (`full`) saves them under `backbone.` keys in the same file.
 """
 
 from __future__ import annotations
 
-import json
 import typing
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from iak_dist.config import FinetuneConfig, from_dict, to_dict
+from iak_dist.distributed.checkpoint import file_hash, load_verified, read_json
 from iak_dist.errors import UserError
 from iak_dist.io import atomic_path, atomic_write_json
 from iak_dist.model.strategies import build_adapter
@@ -42,6 +43,7 @@ def save_adapter(
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp))
+        weights_hash = file_hash(tmp)
     atomic_write_json(out_dir / CONFIG_FILE, {
         "strategy": adapter.name,
         "strategy_config": to_dict(adapter.cfg) if adapter.cfg is not None else None,
@@ -49,6 +51,7 @@ def save_adapter(
         "tower_widths": adapter.tower_widths,
         "backbone_identity": backbone_meta["identity"],
         "backbone_weights": backbone_meta["weights"],
+        "adapter_weights": weights_hash,  # load_adapter checks the weights file against it
         **(extra or {}),
     })
 
@@ -58,7 +61,12 @@ def load_adapter(path: str | Path, backbone_meta: dict[str, Any]) -> tuple[Adapt
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
         raise UserError(f"{path}: no {CONFIG_FILE}; not an adapter folder")
-    config = json.loads((path / CONFIG_FILE).read_text())
+    config = read_json(path / CONFIG_FILE, "fine-tune this strategy again")
+    missing = sorted({"strategy", "domains", "tower_widths", "backbone_identity", "backbone_weights",
+                      "adapter_weights"} - config.keys())
+    if missing:
+        raise UserError(f"{path / CONFIG_FILE}: no {', '.join(missing)} (written by another version of "
+                        "iak-dist?); fine-tune this strategy again")
     for key, meta_key in (("backbone_identity", "identity"), ("backbone_weights", "weights")):
         if config[key] != backbone_meta[meta_key]:
             raise UserError(
@@ -72,7 +80,8 @@ def load_adapter(path: str | Path, backbone_meta: dict[str, Any]) -> tuple[Adapt
     if section is not None:
         setattr(holder, name, section)
     adapter = build_adapter(name, len(config["domains"]), config["tower_widths"], holder)
-    tensors = load_file(str(path / WEIGHTS_FILE))
+    tensors = load_verified(path / WEIGHTS_FILE, config["adapter_weights"], path / CONFIG_FILE,
+                            "fine-tune this strategy again")
     own = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
     adapter.load_state_dict(own, strict=True)
     backbone = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
