@@ -26,7 +26,6 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -82,18 +81,17 @@ def build_model(table_rows: tuple[int, ...], dim: int, domains: int, strategy: s
 
 def stepper(sharded, dense):
     """One training step of a synthetic model, timed whole (a `profiling.steps.Stepper`)."""
-    from iak_dist.phases.loop import esmm_loss_per_row
+    from iak_dist.phases.step import train_step
+    from profiling.steps import clock
 
     sharded.model.train()
+    adapter = sharded.ranker.adapter
+    num_domains = adapter.num_domains if adapter is not None else None  # fine-tuning: per-domain means
 
     def step(b) -> dict[str, float]:
-        start = time.perf_counter()
-        out = sharded.model(b)
-        dense.backward(esmm_loss_per_row(out, b).mean() + out.aux_loss)
-        dense.step()
-        if sharded.data_parallel_optimizer is not None:  # small tables the planner replicated
-            sharded.data_parallel_optimizer.step()
-        return {"step": time.perf_counter() - start}
+        start = clock(b.dense.device)
+        train_step(sharded.model, dense, b, num_domains, sharded.data_parallel_optimizer)
+        return {"step": clock(b.dense.device) - start}
 
     return step
 

@@ -28,6 +28,17 @@ STEP_PARTS = ("data", "input distribution", "embedding lookup", "dense forward",
 """The parts an iak-dist pre-train step is timed by (checkpointing is timed on its own)."""
 
 
+def clock(device: torch.device) -> float:
+    """`time.perf_counter()` once the work queued on `device` is done.
+
+    Trap: CUDA kernels run asynchronously; without the synchronize a timer measures the launches,
+    and the queued work lands in whichever later part first waits for a result.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def stream_copy_gbps(megabytes: int = 512, repeats: int = 5) -> float:
     """STREAM-like copy: bytes read + written per second by a large tensor copy."""
     src = torch.ones(megabytes * 2**20 // 4)
@@ -93,30 +104,31 @@ def pretrain_stepper(sharded, dense, loader_batches) -> Stepper:
     table) and `compute_and_output_dist` (FBGEMM lookup + pooled embeddings back). `data` is the
     loader producing one more batch from Parquet, measured in the same step.
     """
-    from iak_dist.phases.loop import esmm_loss_per_row
+    from iak_dist.phases.step import task_loss
 
     backbone = sharded.ranker.backbone
     tables = backbone.embeddings
 
     def step(batch: Batch) -> dict[str, float]:
-        t0 = time.perf_counter()
+        device = batch.dense.device  # on CUDA every part boundary synchronises (see `clock`)
+        t0 = clock(device)
         next(loader_batches)
-        t1 = time.perf_counter()
+        t1 = clock(device)
         context = tables.create_context()
         dist_input = tables.input_dist(context, batch.sparse).wait().wait()
-        t2 = time.perf_counter()
+        t2 = clock(device)
         pooled = tables.compute_and_output_dist(context, dist_input).wait().to_dict()
         embedded = torch.stack([pooled[name] for name in backbone.feature_names], dim=1)
-        t3 = time.perf_counter()
+        t3 = clock(device)
         out = backbone.dense_part(embedded, batch.dense)
-        loss = esmm_loss_per_row(out, batch).mean()
-        t4 = time.perf_counter()
+        loss = task_loss(out, batch, None) + out.aux_loss  # pre-training's loss: the mean over rows
+        t4 = clock(device)
         dense.backward(loss)
-        t5 = time.perf_counter()
+        t5 = clock(device)
         dense.step()
         if sharded.data_parallel_optimizer is not None:
             sharded.data_parallel_optimizer.step()
-        t6 = time.perf_counter()
+        t6 = clock(device)
         return dict(zip(STEP_PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5), strict=True))
 
     return step
@@ -215,34 +227,39 @@ def plain_stepper(loss_fn: Callable[[Batch], torch.Tensor], update: Callable[[],
                   zero_grad: Callable[..., None]) -> Stepper:
     """A plain loop's step (forward, backward, optimizer), timed whole."""
     def step(batch: Batch) -> dict[str, float]:
-        start = time.perf_counter()
+        start = clock(batch.dense.device)
         loss = loss_fn(batch)
         zero_grad(set_to_none=True)
         loss.backward()
         update()
-        return {"step": time.perf_counter() - start}
+        return {"step": clock(batch.dense.device) - start}
 
     return step
 
 
-def finetune_stepper(run, dense, total_steps: int) -> Stepper:
-    """One fine-tune step of a strategy (`FinetuneSetup` + its dense engine), its schedule included."""
-    from iak_dist.phases.loop import esmm_loss_per_row
+def finetune_stepper(run, dense, total_steps: int, losses: list[torch.Tensor] | None = None) -> Stepper:
+    """One fine-tune step of a strategy (`FinetuneSetup` + its dense engine), its schedule included.
+
+    The step is the fine-tune loop's own (`phases.step.train_step`: each domain's mean loss averaged,
+    plus the adapter's auxiliary loss). With `losses`, each step's loss tensor is appended there
+    (not read: that would add a host sync to the timed step).
+    """
+    from iak_dist.phases.step import train_step
 
     run.model.train()
+    num_domains = len(run.schema.domains)
     done = 0
 
     def step(batch: Batch) -> dict[str, float]:
         nonlocal done
-        start = time.perf_counter()
+        start = clock(batch.dense.device)
         run.adapter.on_step(done % total_steps, total_steps)
-        out = run.model(batch)
-        dense.backward(esmm_loss_per_row(out, batch).mean() + out.aux_loss)
-        dense.step()
-        if run.sharded.data_parallel_optimizer is not None:
-            run.sharded.data_parallel_optimizer.step()
+        loss = train_step(run.model, dense, batch, num_domains, run.sharded.data_parallel_optimizer)
+        seconds = clock(batch.dense.device) - start
+        if losses is not None:
+            losses.append(loss.detach())
         done += 1
-        return {"step": time.perf_counter() - start}
+        return {"step": seconds}
 
     return step
 

@@ -58,3 +58,35 @@ def test_dense_update_benchmark_compares_every_update_on_two_ranks(synth_dir, tm
 
     assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == list(KINDS)
     assert rows[0].endswith("| 1.00x |")
+
+
+def test_profiled_finetune_step_is_the_fine_tune_loops_step(synth_dir, backbone_dir, small_cfg, ctx):
+    """The profiler times the step that trains: same batch and weights give the loop's loss exactly
+    (each domain's mean loss averaged + the adapter's auxiliary loss, not a plain mean over rows)."""
+    import torch
+
+    from iak_dist.data.sampler import DomainBatchSampler
+    from iak_dist.distributed.zero import DenseEngine
+    from iak_dist.phases.finetune import build_finetune, sampled_batches
+    from iak_dist.phases.loop import train_loop
+    from profiling.steps import finetune_stepper
+
+    ft = small_cfg.finetune
+
+    def setup():
+        torch.manual_seed(0)  # same adapter init and same IAK samples in both runs
+        run = build_finetune(synth_dir, backbone_dir, "iak", ft, ctx, small_cfg.distributed)
+        return run, DenseEngine(run.trainable, ft.optim.lr_dense, ft.optim.weight_decay, small_cfg.distributed.zero,
+                                ft.optim.batch_size, ctx.world_size)
+
+    run, dense = setup()
+    num_domains = len(run.schema.domains)
+    sampler = DomainBatchSampler(run.domains, num_domains, ft.optim.batch_size, 0.0, seed=0)
+    batch = next(sampled_batches(run.table, run.schema, sampler))
+    assert len(set(torch.bincount(batch.domain).tolist())) > 1  # unequal domains: the two means differ
+    losses: list = []
+    finetune_stepper(run, dense, 1, losses)(batch)
+    run, dense = setup()
+    loop = train_loop(run.model, dense, [batch], 1, ft.optim, desc="t", adapter=run.adapter, num_domains=num_domains,
+                      data_parallel_optimizer=run.sharded.data_parallel_optimizer, show_progress=False)
+    assert float(losses[0]) == loop["train/losses"][0]
