@@ -116,3 +116,32 @@ def test_adapter_weights_of_another_run_or_damaged_are_refused(small_cfg, backbo
     (theirs / "adapter_config.json").write_text('{"strategy": "ia')
     with pytest.raises(UserError, match=r"adapter_config.json: not valid JSON"):
         load_adapter(theirs, meta)
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_written_files_get_the_umask_mode_and_are_fsynced_before_the_rename(umask, mode, tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from safetensors.torch import save_file
+
+    from iak_dist.io import atomic_path, atomic_write_json
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(
+        "fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    old = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "out" / "report.json", {"a": 1})
+        with atomic_path(tmp_path / "out" / "w.safetensors") as tmp:
+            save_file({"x": torch.arange(3.0)}, str(tmp))
+    finally:
+        os.umask(old)
+    for name in ("report.json", "w.safetensors"):
+        assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == mode, name
+    assert (tmp_path / "out" / "report.json").read_text() == '{\n  "a": 1\n}\n'
+    assert torch.equal(load_file(str(tmp_path / "out" / "w.safetensors"))["x"], torch.arange(3.0))
+    assert events == ["fsync file", "replace", "fsync dir"] * 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json", "w.safetensors"]  # no temp left

@@ -24,7 +24,7 @@ from iak_dist.config import ModelConfig, from_dict, to_dict
 from iak_dist.data.schema import Schema
 from iak_dist.errors import UserError
 from iak_dist.faults import fault_point
-from iak_dist.io import atomic_path, atomic_write_json
+from iak_dist.io import atomic_path, atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
 from iak_dist.model.backbone import backbone_identity
 
 
@@ -215,10 +215,12 @@ class CheckpointManager:
                    partial / f"train_state_rank{self.ctx.rank}.pt")
         self.ctx.barrier()
         if self.ctx.is_main:
-            (partial / "plan.txt").write_text(plan_text)
-            (partial / "tables.json").write_text(json.dumps(_table_shapes(model)))
-            (partial / "COMPLETE").write_text(f"{self.ctx.world_size}\n")
+            atomic_write_text(partial / "plan.txt", plan_text, durable=False)
+            atomic_write_text(partial / "tables.json", json.dumps(_table_shapes(model)), durable=False)
+            fsync_tree(partial)  # every rank's files are on disk before COMPLETE can be
+            atomic_write_text(partial / "COMPLETE", f"{self.ctx.world_size}\n")
             partial.rename(final)
+            fsync_dir(self.root)
             for old in self.complete()[:-self.keep]:
                 _remove_tree(old)
         self.ctx.barrier()

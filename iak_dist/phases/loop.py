@@ -108,7 +108,7 @@ def train_loop(
             if progress_path is not None:
                 atomic_write_json(progress_path, {
                     "desc": desc, "step": step + 1, "total": total_steps, "loss": ema, "updated": time.time(),
-                    "samples_per_s": samples / max(time.perf_counter() - start, 1e-9)})
+                    "samples_per_s": samples / max(time.perf_counter() - start, 1e-9)}, durable=False)
         fault_point("step", step + 1, int(os.environ.get("RANK", "0")))
         if on_step_end is not None:
             on_step_end(step + 1)
