@@ -74,6 +74,7 @@ def train_loop(
     model.train()
     samples, start = 0, time.perf_counter()
     ema, losses = None, []
+    pending: list[torch.Tensor] = []  # losses of the steps since the last log point, still on the device
     bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", disable=not show_progress,
                mininterval=2.0)
     it: Iterator[Batch] = iter(batches)
@@ -93,11 +94,17 @@ def train_loop(
             if data_parallel_optimizer is not None:
                 data_parallel_optimizer.step()
         samples += len(batch)
-        value = float(loss.detach())
-        losses.append(value)
-        ema = value if ema is None else 0.98 * ema + 0.02 * value
+        pending.append(loss.detach())
         bar.update(1)
         if step % cfg.log_every == 0 or step == total_steps - 1:
+            # sync point: the losses reach the host once per log_every steps (float(loss) each step
+            # would stall a GPU's queue every step)
+            values = torch.stack(pending).tolist()
+            pending.clear()
+            for value in values:
+                ema = value if ema is None else 0.98 * ema + 0.02 * value
+            losses.extend(values)
+            value = values[-1]
             bar.set_postfix(loss=f"{ema:.4f}")
             if writer is not None:
                 writer.add_scalar("train/loss", value, step)
