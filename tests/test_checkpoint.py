@@ -163,3 +163,30 @@ def test_two_rank_checkpoint_loads_on_two_ranks_with_another_plan(uninterrupted,
     for rank in range(2):
         got = json.loads((tmp_path / "restore" / f"result_rank{rank}.json").read_text())
         assert got == {"step": 40, "equal": True, "plan": "column_wise"}
+
+
+def test_tables_are_gathered_on_the_shards_device(backbone_dir, ctx, monkeypatch):
+    """NCCL refuses CPU tensors: the all-reduce that assembles a table runs where its shards live."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    from iak_dist.distributed import checkpoint
+    from iak_dist.phases.common import build_from_backbone
+
+    model = build_from_backbone(backbone_dir, None, ctx, train_embeddings=False)[0].model
+    table = next(v for v in model.state_dict().values() if isinstance(v, ShardedTensor))
+    assert checkpoint.collective_device(table) == table.local_shards()[0].tensor.device
+
+    class NoShards:
+        def local_shards(self):
+            return []
+
+    monkeypatch.setattr(checkpoint.dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(checkpoint.torch.cuda, "current_device", lambda: 0)
+    assert checkpoint.collective_device(NoShards()) == torch.device("cuda", 0)
+    # on a world of two, the all-reduce gets the tensor assembled on that device; the result is on the CPU
+    reduced = []
+    monkeypatch.setattr(checkpoint.dist, "get_world_size", lambda *a: 2)
+    monkeypatch.setattr(checkpoint.dist, "all_reduce", lambda t, *a, **k: reduced.append(t.device))
+    state = checkpoint.plain_state_dict(model, prefix="backbone.")
+    assert reduced and set(reduced) == {table.local_shards()[0].tensor.device}
+    assert all(v.device.type == "cpu" for v in state.values())

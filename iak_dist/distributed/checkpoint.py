@@ -39,16 +39,30 @@ def plain_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch.Tens
             continue
         name = key[len(prefix):]
         if isinstance(value, ShardedTensor):
-            full = torch.zeros(value.size(), dtype=value.dtype)
+            full = torch.zeros(value.size(), dtype=value.dtype, device=collective_device(value))
             for shard in value.local_shards():
                 off, size = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                full[off[0]:off[0] + size[0], off[1]:off[1] + size[1]] = shard.tensor.detach().cpu()
+                full[off[0]:off[0] + size[0], off[1]:off[1] + size[1]] = shard.tensor.detach()
             if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(full)  # shards are disjoint: the sum assembles the table
-            out[name] = full
+            out[name] = full.cpu()
         else:
             out[name] = value.detach().cpu().clone()
     return out
+
+
+def collective_device(value: ShardedTensor) -> torch.device:
+    """Where a collective over `value`'s full tensor must run.
+
+    Trap: NCCL only takes CUDA tensors, so the table is assembled on the shards' device (or the
+    rank's GPU when it holds no shard of it) and moved to the CPU after the all-reduce.
+    """
+    shards = value.local_shards()
+    if shards:
+        return shards[0].tensor.device
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 @torch.no_grad()
