@@ -20,6 +20,16 @@ def _drop_fbgemm_info(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or "fbgemm_gpu" not in record.pathname
 
 
+def nvidia_device_present() -> bool:
+    """A cheap guess (no torch import, which takes seconds) at whether this process can see an NVIDIA GPU.
+
+    Reads the device nodes the driver creates, honouring `CUDA_VISIBLE_DEVICES=""` / `-1` (GPUs hidden).
+    """
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+
+
 def configure_environment() -> None:
     """Process-wide settings that must precede heavy imports.
 
@@ -28,7 +38,11 @@ def configure_environment() -> None:
     keep its errors only, so a user sees our progress, not its chatter.
     """
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not nvidia_device_present():
+        # no GPU: say so, or DeepSpeed probes every accelerator it knows and warns on each start
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # else leave it unset: DeepSpeed detects CUDA through torch (and falls back to the CPU when this
+    # torch has no CUDA); `DenseEngine` then checks that its accelerator is the model's device
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if os.path.isfile(os.path.expanduser("~/.ray/auth_token")) or "RAY_AUTH_TOKEN" in os.environ:
         # Ray 2.60 heads require this token once it exists; clients send it only in token mode

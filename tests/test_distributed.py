@@ -143,3 +143,33 @@ def test_whole_pipeline_under_torchrun_on_two_ranks(tmp_path, synth_dir):
     assert result.stderr.count("seed 0: pre-training on all domains pooled") == 1  # rank 0 logs alone
     rows = pq.read_metadata(synth_dir / "test.parquet").num_rows
     assert all(report["aggregate"][s]["overall"]["rows"]["mean"] == rows for s in ("none", "lora", "iak"))
+
+
+def test_step_count_reduction_uses_the_process_groups_device(monkeypatch):
+    """NCCL rejects CPU tensors: the min-steps all-reduce puts its tensor on the backend's device."""
+    import iak_dist.phases.pretrain as pretrain_module
+    from iak_dist.config import OptimConfig
+
+    dist = pretrain_module.dist
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert pretrain_module.collective_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+    assert pretrain_module.collective_device() == torch.device("cpu")
+
+    seen = []
+
+    class Reduced(Exception):
+        pass
+
+    def all_reduce(tensor, op=None):
+        seen.append(tensor.device)
+        raise Reduced  # a meta tensor has no value to read back
+
+    monkeypatch.setattr(pretrain_module, "collective_device", lambda: torch.device("meta"))
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    with pytest.raises(Reduced):
+        pretrain_module.steps_for(OptimConfig(steps=7), 100)
+    assert seen == [torch.device("meta")]

@@ -66,3 +66,29 @@ def test_grouped_path_on_cuda_matches_the_reference(dtype):
     torch.testing.assert_close(got.float().cpu(), want.detach(), **tol)
     got.float().sum().backward()
     assert gpu.weight.grad is not None and torch.isfinite(gpu.weight.grad.float()).all()
+
+
+def test_domain_rows_need_no_host_sync():
+    """The per-forward grouping has fixed shapes (K offsets): it runs on meta tensors, which refuse any
+    op whose output size depends on the data (`bincount`, `nonzero`): on CUDA each is a host sync."""
+    domain = torch.tensor([2, -1, 0, 2, 2, 0])
+    rows = DomainRows.of(domain, 4)
+    assert rows.offsets.tolist() == [3, 3, 6, 6]  # -1 counts with domain 0 (masked out by `known`)
+    assert rows.offsets.dtype == torch.int32 and rows.index[rows.order].tolist() == [0, 0, 0, 2, 2, 2]
+    on_meta = DomainRows.of(domain.to("meta"), 4)
+    assert on_meta.offsets.shape == (4,) and on_meta.order.shape == (6,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_domain_rows_and_domain_loss_do_not_sync_on_cuda():
+    from iak_dist.data.sampler import domain_normalised_mean
+
+    domain = torch.randint(-1, 8, (1024,), device="cuda")
+    loss = torch.rand(1024, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        DomainRows.of(domain, 8)
+        domain_normalised_mean(loss, domain, 8)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

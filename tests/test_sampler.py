@@ -43,3 +43,16 @@ def test_domain_normalised_mean_averages_domain_means():
     domain = torch.tensor([0, 0, 2, 2])
     # domain 0 mean 2, domain 2 mean 5, domain 1 absent -> (2 + 5) / 2
     assert float(domain_normalised_mean(loss, domain, 3)) == pytest.approx(3.5)
+
+
+def test_domain_normalised_mean_has_no_data_dependent_shape():
+    """Meta tensors carry no data: an op whose output size depends on the values (`bincount`, boolean-mask
+    indexing) cannot run on them, and on CUDA each such op is a host sync per training step."""
+    loss = torch.tensor([1.0, 3.0, 10.0, 0.0, 4.0], requires_grad=True)
+    domain = torch.tensor([0, 0, 2, 2, 2])
+    value = domain_normalised_mean(loss, domain, 4)
+    assert float(value) == pytest.approx((2.0 + 14.0 / 3) / 2)
+    value.backward()  # each row weighs 1 / (rows of its domain * domains present)
+    torch.testing.assert_close(loss.grad, torch.tensor([1 / 4, 1 / 4, 1 / 6, 1 / 6, 1 / 6]))
+    on_meta = domain_normalised_mean(loss.detach().to("meta"), domain.to("meta"), 4)
+    assert on_meta.shape == () and on_meta.device.type == "meta"

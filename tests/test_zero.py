@@ -38,3 +38,67 @@ def test_clipping_passed_through_to_deepspeed_wins(ctx):
     for a, b in zip(train(zero), train(dataclasses.replace(zero, deepspeed={}, gradient_clipping=0.0)),
                     strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("zero, where", [
+    (ZeroConfig(bf16=True), "distributed.zero.bf16"),
+    (ZeroConfig(deepspeed={"bf16": {"enabled": True}}), "distributed.zero.deepspeed.bf16"),
+    (ZeroConfig(stage=2, deepspeed={"fp16": {"enabled": True}}), "distributed.zero.deepspeed.fp16"),
+])
+def test_mixed_precision_is_refused_in_one_line_before_deepspeed_starts(ctx, zero, where):
+    """bf16 dense weights fed the float32 activations of the embeddings failed at the first step with
+    "Float and BFloat16": refused at engine build, naming the key."""
+    from iak_dist.errors import UserError
+
+    with pytest.raises(UserError, match=f"^{where}: mixed precision of the dense part is not supported") as err:
+        DenseEngine({"mlp": torch.nn.Linear(4, 1)}, 0.1, 0.0, zero, micro_batch=8, world_size=1)
+    assert "\n" not in str(err.value)
+
+
+def test_pretrain_with_bf16_is_a_one_line_error(synth_dir, tmp_path, capsys):
+    from iak_dist.cli import main
+
+    code = main(["pretrain", "configs/movielens_age.yaml", "--set", f"run_dir={tmp_path / 'run'}",
+                 "--set", "data.source=parquet", "--set", f"data.dir={synth_dir}",
+                 "--set", "distributed.zero.bf16=true"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: distributed.zero.bf16: mixed precision")
+    assert not (tmp_path / "run" / "seed0" / "checkpoints").exists()
+
+
+def test_deepspeed_accelerator_must_be_the_models_device(ctx, monkeypatch):
+    """With DS_ACCELERATOR=cpu on a CUDA machine, DeepSpeed would move the dense modules to the CPU while the
+    tables sit on the GPU: a mismatch between its accelerator and the modules' device is refused."""
+    import deepspeed.accelerator
+
+    from iak_dist.errors import UserError
+
+    class Cuda:
+        def device_name(self, index=None):
+            return "cuda"
+
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: Cuda())
+    with pytest.raises(UserError, match="DeepSpeed's accelerator is cuda .* but the model is on cpu"):
+        DenseEngine({"mlp": torch.nn.Linear(4, 1)}, 0.1, 0.0, ZeroConfig(), micro_batch=8, world_size=1)
+
+
+@pytest.mark.parametrize("devices, hidden, expected", [
+    ((), None, "cpu"),                          # no NVIDIA device node: tell DeepSpeed (no probing, no warning)
+    (("/dev/nvidiactl", "/dev/nvidia0"), None, None),  # a GPU: DeepSpeed detects CUDA itself
+    (("/dev/nvidiactl", "/dev/nvidia0"), "", "cpu"),   # GPUs hidden with CUDA_VISIBLE_DEVICES=""
+])
+def test_ds_accelerator_follows_the_machine(monkeypatch, devices, hidden, expected):
+    import os
+
+    from iak_dist import runtime
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    if hidden is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+    real_exists = os.path.exists
+    monkeypatch.setattr(runtime.os.path, "exists",
+                        lambda p: p in devices or (not str(p).startswith("/dev/nvidia") and real_exists(p)))
+    runtime.configure_environment()
+    assert os.environ.get("DS_ACCELERATOR") == expected

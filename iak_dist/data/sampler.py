@@ -83,9 +83,13 @@ class DomainBatchSampler:
 
 
 def domain_normalised_mean(per_row: torch.Tensor, domain: torch.Tensor, num_domains: int) -> torch.Tensor:
-    """Mean over the domains present in the batch of each domain's mean loss."""
+    """Mean over the domains present in the batch of each domain's mean loss.
+
+    Every shape here is fixed by `num_domains`: no `bincount` (its output size is data-dependent)
+    and no boolean-mask indexing (a `nonzero`), each of which is a host sync per step on CUDA.
+    """
     idx = domain.clamp(min=0)
-    sums = torch.zeros(num_domains, dtype=per_row.dtype, device=per_row.device).index_add(0, idx, per_row)
-    counts = torch.bincount(idx, minlength=num_domains).to(per_row.dtype)
-    present = counts > 0
-    return (sums[present] / counts[present]).mean()
+    sums = per_row.new_zeros(num_domains).index_add(0, idx, per_row)
+    counts = per_row.new_zeros(num_domains).index_add(0, idx, torch.ones_like(per_row))
+    present = (counts > 0).to(per_row.dtype)
+    return (sums / counts.clamp(min=1)).sum() / present.sum()

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from typing import Any
 
 import torch
 from torch import nn
 
 from iak_dist.config import ZeroConfig
+from iak_dist.errors import UserError
 
 
 def deepspeed_config(cfg: ZeroConfig, micro_batch: int, world_size: int) -> dict[str, Any]:
@@ -56,6 +58,27 @@ def register_container_parameters(root: nn.Module) -> None:
                     register_external_parameter(module, param)
 
 
+def refuse_mixed_precision(cfg: ZeroConfig, config: dict[str, Any]) -> None:
+    """bf16 / fp16 DeepSpeed casts the dense weights, but the embeddings and the adapters feed them
+    float32 activations: the first matmul fails ("Float and BFloat16"). Refuse it up front, in one line."""
+    for key in ("bf16", "fp16"):
+        if config.get(key, {}).get("enabled"):
+            where = "distributed.zero.bf16" if key == "bf16" and cfg.bf16 else f"distributed.zero.deepspeed.{key}"
+            raise UserError(f"{where}: mixed precision of the dense part is not supported (the embeddings feed it "
+                            f"float32 activations, which {key} weights refuse); train in float32: set it to false")
+
+
+def check_accelerator(device: torch.device) -> None:
+    """DeepSpeed's accelerator must be the device the dense modules live on, else it moves them (to the
+    CPU while the tables stay on the GPU, say). It is fixed once per process by `DS_ACCELERATOR`."""
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    if device.type in ("cpu", "cuda") and name != device.type:
+        raise UserError(f"DeepSpeed's accelerator is {name} (DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR', '')!r}) "
+                        f"but the model is on {device.type}: set DS_ACCELERATOR={device.type} or unset it")
+
+
 class DenseEngine:
     """Backward and optimizer step of the dense side, through a DeepSpeed engine.
 
@@ -69,14 +92,20 @@ class DenseEngine:
 
     def __init__(self, modules: dict[str, nn.Module], lr: float, weight_decay: float, cfg: ZeroConfig,
                  micro_batch: int, world_size: int) -> None:
+        config = deepspeed_config(cfg, micro_batch, world_size)
+        refuse_mixed_precision(cfg, config)
+        self.container = nn.ModuleDict(modules)
+        params = [p for p in self.container.parameters() if p.requires_grad]
+        device = params[0].device if params else torch.device("cpu")
+        if device.type in ("cpu", "cuda"):
+            # before DeepSpeed picks its accelerator (once per process, at first use)
+            os.environ.setdefault("DS_ACCELERATOR", device.type)
         import deepspeed
 
-        self.container = nn.ModuleDict(modules)
+        check_accelerator(device)
         if cfg.stage == 3:
             register_container_parameters(self.container)
-        params = [p for p in self.container.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=cfg.fused_optimizer or None)
-        config = deepspeed_config(cfg, micro_batch, world_size)
         # Stage 0 in fp32: DeepSpeed would clip with a Python loop over the parameters plus an
         # all-reduce of the norm every step (0.4 ms of a 2.8 ms step on MovieLens-100K). Its
         # gradients are already averaged over the ranks after backward, so PyTorch's one-kernel

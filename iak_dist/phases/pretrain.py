@@ -37,13 +37,24 @@ def batches_from(reader: ParquetReader, step: int) -> Iterator[Batch]:
         epoch, skip = epoch + 1, 0
 
 
+def collective_device() -> torch.device:
+    """Where a tensor must live to go through the default process group's collectives.
+
+    Trap: NCCL takes CUDA tensors only (a CPU tensor fails the collective); gloo takes CPU ones.
+    The launcher set the rank's CUDA device (`torch.cuda.set_device`) before any collective.
+    """
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def steps_for(cfg: OptimConfig, rows: int) -> int:
     """Steps of a phase; every rank must run the same number (collectives), so the fewest wins."""
     steps = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * rows / cfg.batch_size))
     if dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([steps])
+        t = torch.tensor([steps], device=collective_device())
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        steps = int(t.item())
+        steps = int(t.item())  # once per phase: the host sync does not matter
     return steps
 
 

@@ -43,8 +43,11 @@ class DomainRows(NamedTuple):
 
     @staticmethod
     def of(domain: torch.Tensor, num_domains: int) -> DomainRows:
+        """No host sync: the counts are an `index_add` into K slots (`bincount`'s output size depends
+        on the data, so on CUDA it reads the maximum back every forward); `F.grouped_mm` takes the
+        offsets on the device."""
         index = domain.clamp(min=0)
-        offsets = torch.bincount(index, minlength=num_domains).cumsum(0).to(torch.int32)
+        offsets = index.new_zeros(num_domains).index_add(0, index, torch.ones_like(index)).cumsum(0).to(torch.int32)
         known = (domain >= 0).unsqueeze(1).to(torch.get_default_dtype())
         return DomainRows(domain, index, known, torch.argsort(index, stable=True), offsets)
 
