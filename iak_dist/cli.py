@@ -211,15 +211,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"[iak-dist] {describe_stack()}", file=sys.stderr)
     if args.verb == "pipeline":
         from iak_dist.distributed.context import is_launched_rank
+        from iak_dist.orchestration.driver import run_pipeline
+        from iak_dist.orchestration.outcome import Interrupted
+        from iak_dist.runtime import say
 
-        if args.no_ray or is_launched_rank():  # under torchrun / srun the launcher made the ranks
-            from iak_dist.orchestration.local import run_pipeline
-
-            run_pipeline(cfg)
-        else:
-            from iak_dist.orchestration.ray_pipeline import run_ray_pipeline
-
-            run_ray_pipeline(cfg, args.address)
+        try:  # under torchrun / srun the launcher made the ranks: phases run in each of them
+            run_pipeline(cfg, use_ray=not (args.no_ray or is_launched_rank()), address=args.address)
+        except Interrupted as exc:  # SIGTERM / SIGINT: the manifest says what to resume
+            say(f"error: {exc.message}")
+            return exc.exit_code
         return 0
     if args.verb == "sweep":
         from iak_dist.orchestration.sweep import run_sweep

@@ -44,14 +44,22 @@ def test_pipeline_end_to_end_and_rerun_skips_finished_work(tmp_path, synth_dir, 
     assert (run / "report.png").stat().st_size > 10_000
     assert "| overall |" in (run / "report.md").read_text()
     assert list((run / "seed0" / "backbone").glob("*")) and list((run / "seed0" / "tb" / "pretrain").glob("events*"))
+    # the same driver as with Ray: resolved config, manifest with metrics, export
+    assert (run / "config.yaml").is_file()
+    manifest = json.loads((run / "manifest.json").read_text())["phases"]
+    assert list(manifest) == ["prepare", "pretrain", "finetune", "evaluate", "export"]
+    assert all(p["state"] == "done" and p["attempts"] == 1 for p in manifest.values())
+    assert set(manifest["pretrain"]["metrics"]) == {"pretrain/loss/seed0", "pretrain/loss/seed1"}
+    assert manifest["evaluate"]["metrics"]["eval/ctr_auc/iak"] == agg["iak"]["overall"]["ctr_auc"]["mean"]
+    assert json.loads((run / "export" / "bundle.json").read_text())["strategies"] == STRATEGIES
     adapter = run / "seed0" / "adapters" / "iak" / "adapter_model.safetensors"
     stamp = adapter.stat().st_mtime_ns
     capsys.readouterr()
 
     assert main(["pipeline", "run", "--no-ray", str(config)]) == 0
     err = capsys.readouterr().err
-    assert "seed 1: pre-trained backbone found, skipping pre-training" in err
-    assert "fine-tuning every domain" not in err
+    assert err.count("done in an earlier run, skipping") == 5
+    assert "fine-tuning every domain" not in err and "pre-training" not in err
     assert adapter.stat().st_mtime_ns == stamp
 
 

@@ -57,6 +57,12 @@ def test_phases_run_as_ray_tasks_and_train_runs(finished_run):
     assert list(manifest) == [p["name"] for p in PHASES]
     assert all(p["state"] == "done" and p["attempts"] == 1 for p in manifest.values())
     assert manifest["pretrain"]["checkpoint"], "the pretrain phase reported its distributed checkpoint to Ray"
+    # final metrics reported without a checkpoint are recorded (Ray's Result.metrics lacks them)
+    assert set(manifest["pretrain"]["metrics"]) == {"pretrain/loss/seed0"}
+    assert set(manifest["finetune-iak"]["metrics"]) == {"finetune/loss/iak/seed0"}
+    assert sorted(manifest["evaluate"]["metrics"]) == ["eval/ctr_auc/iak", "eval/ctr_auc/lora", "eval/ctr_auc/none"]
+    # Ray's copies of the 4 reported pre-training checkpoints are bounded
+    assert len(list((run / "ray" / "pretrain").glob("checkpoint_*"))) == 1
     assert "over 2 rank(s)" in result.stderr  # pre-training ran on a 2-worker Ray Train group
     report = json.loads((run / "report.json").read_text())
     assert sorted(report["aggregate"]) == ["iak", "lora", "none"]
@@ -90,6 +96,8 @@ def test_killed_worker_mid_pretraining_is_retried_and_ends_like_an_uninterrupted
     ckpts = tmp_path / "run" / "seed0" / "checkpoints" / "pretrain"
     assert [p.name for p in sorted(ckpts.glob("step_*"))] == [f"step_{s:08d}" for s in (10, 20, 30, 40)]
     assert "resuming at step 20" in result.stderr
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())["phases"]
+    assert manifest["pretrain"]["state"] == "done" and manifest["pretrain"]["attempts"] == 2  # the restart counts
     from safetensors.torch import load_file
 
     got = load_file(str(tmp_path / "run" / "seed0" / "backbone" / "model.safetensors"))

@@ -1,24 +1,33 @@
-"""The whole pipeline in this process: prepare -> pre-train -> fine-tune every strategy -> evaluate -> report.
+"""What each phase does, and the in-process executor that runs phases in this process.
 
-Each step writes its outputs atomically and is skipped when they already exist, so re-running a
-run continues where it stopped. (The Ray-scheduled pipeline builds on the same phase functions.)
+`run_phase` is the body of every phase type (prepare, pretrain, finetune, evaluate, export); the
+in-process executor calls it here (alone, or on every rank under torchrun / srun, where phases are
+collective), the Ray executor in its Ray tasks and Ray Train workers. Inside a phase, finished
+work (a seed's backbone, a strategy's adapter, an evaluation) is skipped, so a restarted phase
+continues where it stopped. The driver (`driver.py`) decides which phases run.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as futures
 import json
+import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
-import yaml
-
-from iak_dist.config import PipelineConfig, to_dict
+from iak_dist.config import PhaseSpec, PipelineConfig
 from iak_dist.data.prepare import is_prepared, prepare
 from iak_dist.data.schema import Schema
 from iak_dist.distributed.context import DistContext, close_distributed, init_distributed
 from iak_dist.errors import UserError
-from iak_dist.io import atomic_write_json, atomic_write_text
+from iak_dist.io import atomic_write_json
+from iak_dist.orchestration.outcome import Interrupted
 from iak_dist.runtime import say
+
+T = TypeVar("T")
+OnCheckpoint = Callable[[int, Path], None]
 
 
 def log(message: str) -> None:
@@ -41,30 +50,91 @@ def ensure_data(cfg: PipelineConfig) -> Path:
     return data_dir
 
 
-def train_all(cfg: PipelineConfig, ctx: DistContext, show_progress: bool = True) -> None:
-    """Pre-train each seed's backbone and fine-tune every strategy on it (skipping finished work)."""
-    from iak_dist.phases.finetune import finetune
-    from iak_dist.phases.pretrain import pretrain
+def on_main(ctx: DistContext | None, fn: Callable[[], T], share: bool = False) -> T | None:
+    """Run `fn` on rank 0 only; its failure is raised on every rank (else the others would wait
+    at the next collective forever). With `share`, every rank gets rank 0's (picklable) result."""
+    if ctx is None or ctx.world_size == 1:
+        return fn()
+    import torch.distributed as dist
 
-    for seed in cfg.seeds:
-        backbone_dir = seed_dir(cfg, seed) / "backbone"
-        if (backbone_dir / "backbone.json").is_file():
-            log(f"seed {seed}: pre-trained backbone found, skipping pre-training")
-        else:
+    result: Any = None
+    failure: BaseException | None = None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001  (re-raised below, after the others know)
+            failure = exc
+    box = [(result if share else None, None if failure is None else
+            (isinstance(failure, UserError), str(failure).splitlines()[0] if str(failure) else type(failure).__name__))]
+    dist.broadcast_object_list(box, src=0)
+    value, failed = box[0]
+    if failure is not None:
+        raise failure
+    if failed is not None:
+        is_user, message = failed
+        raise UserError(message) if is_user else RuntimeError(f"rank 0 failed: {message}")
+    return result if ctx.is_main else value
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Strict JSON has no NaN: a metric that is not a finite number is recorded as null."""
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()
+            if isinstance(v, (int, float, str)) or v is None}
+
+
+def run_phase(cfg: PipelineConfig, phase: PhaseSpec, ctx: DistContext | None, show_progress: bool = False,
+              on_checkpoint: OnCheckpoint | None = None) -> dict[str, Any]:
+    """One phase's work on this process (every rank of a training phase calls it).
+
+    Returns {"metrics": {...}, "checkpoint": path or None}; `ctx` may be None for prepare / export,
+    which run on one process.
+    """
+    if phase.type == "prepare":
+        on_main(ctx, lambda: ensure_data(cfg))
+        return {"metrics": {}, "checkpoint": None}
+    if phase.type == "export":
+        from iak_dist.serving.export import export_run
+
+        out = on_main(ctx, lambda: str(export_run(cfg)), share=True)
+        log(f"export: {out}")
+        return {"metrics": {}, "checkpoint": out}
+    assert ctx is not None, f"a {phase.type} phase needs a process group"
+    metrics: dict[str, Any] = {}
+    if phase.type == "pretrain":
+        from iak_dist.phases.pretrain import pretrain
+
+        for seed in cfg.seeds:
+            if (seed_dir(cfg, seed) / "backbone" / "backbone.json").is_file():
+                log(f"seed {seed}: pre-trained backbone found, skipping pre-training")
+                continue
             log(f"seed {seed}: pre-training on all domains pooled")
-            pretrain(cfg.data.dir, cfg.model, cfg.pretrain, cfg.distributed, seed, seed_dir(cfg, seed), ctx,
-                     show_progress)
-        for strategy in cfg.finetune.strategies:
-            adapter_dir = seed_dir(cfg, seed) / "adapters" / strategy
-            if not (adapter_dir / "adapter_config.json").is_file():
+            summary = pretrain(cfg.data.dir, cfg.model, cfg.pretrain, cfg.distributed, seed, seed_dir(cfg, seed),
+                               ctx, show_progress, on_checkpoint=on_checkpoint)
+            metrics[f"pretrain/loss/seed{seed}"] = summary["train/loss_ema"]
+    elif phase.type == "finetune":
+        from iak_dist.phases.finetune import finetune
+
+        for seed in cfg.seeds:
+            for strategy in phase.strategies or cfg.finetune.strategies:
+                adapter_dir = seed_dir(cfg, seed) / "adapters" / strategy
+                if (adapter_dir / "adapter_config.json").is_file():
+                    continue
                 log(f"seed {seed}: fine-tuning every domain with `{strategy}`")
-                finetune(cfg.data.dir, backbone_dir, strategy, cfg.finetune, seed, adapter_dir, ctx, show_progress,
-                         cfg.distributed)
+                summary = finetune(cfg.data.dir, seed_dir(cfg, seed) / "backbone", strategy, cfg.finetune, seed,
+                                   adapter_dir, ctx, show_progress, cfg.distributed, on_checkpoint=on_checkpoint)
+                if "train/loss_ema" in summary:
+                    metrics[f"finetune/loss/{strategy}/seed{seed}"] = summary["train/loss_ema"]
+    elif phase.type == "evaluate":
+        run_dir = evaluate_and_report(cfg, ctx)
+        agg = json.loads((run_dir / "report.json").read_text())["aggregate"]
+        metrics = {f"eval/ctr_auc/{s}": agg[s]["overall"]["ctr_auc"]["mean"] for s in agg}
+    else:
+        raise UserError(f"phase {phase.name}: unknown type {phase.type!r}")
+    return {"metrics": _finite(metrics), "checkpoint": None}
 
 
 def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext) -> Path:
     """Evaluate every fine-tuned (seed, strategy) on the test split and write the comparison report."""
-    from iak_dist.metrics import format_metric
     from iak_dist.phases.evaluate import evaluate
     from iak_dist.report import write_report
 
@@ -84,8 +154,8 @@ def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext) -> Path:
                 if ctx.is_main:
                     atomic_write_json(eval_file, metrics)
                 ctx.barrier()
-                log(f"seed {seed}: `{strategy}` test CTR-AUC {format_metric(metrics['overall']['ctr_auc'])} "
-                    f"CTCVR-AUC {format_metric(metrics['overall']['ctcvr_auc'])}")
+                log(f"seed {seed}: `{strategy}` test CTR-AUC {metrics['overall']['ctr_auc']:.4f} "
+                    f"CTCVR-AUC {metrics['overall']['ctcvr_auc']:.4f}")
             results[strategy][seed] = json.loads(eval_file.read_text())
             summary = json.loads((adapter_dir / "train_summary.json").read_text())
             costs[strategy]["seconds"] += summary.get("train/seconds", 0.0) / len(cfg.seeds)
@@ -94,27 +164,57 @@ def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext) -> Path:
              else f"{cfg.data.source} data")
     if ctx.is_main:
         write_report(results, costs, run_dir, title, Schema.load(Path(cfg.data.dir) / "schema.yaml").domains)
+    ctx.barrier()
     log(f"report: {run_dir / 'report.md'} and {run_dir / 'report.png'}")
     return run_dir
 
 
-def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, ctx: DistContext | None = None) -> Path:
-    """The whole pipeline; alone or under torchrun / SLURM (rank 0 prepares data and writes reports).
+class InProcessExecutor:
+    """Phases in this process, one after another: alone, or as one rank of a torchrun / srun launch
+    (every rank runs the driver loop in the same order; only rank 0 writes the manifest).
 
     Pass `ctx` to run several pipelines in one process (a sweep): the process group, and the
     DeepSpeed groups cached on it, must then outlive each pipeline.
     """
-    run_dir = Path(cfg.run_dir)
-    own_ctx = ctx is None
-    ctx = ctx or init_distributed()
-    try:
-        if ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            ensure_data(cfg)
-        ctx.barrier()
-        train_all(cfg, ctx, show_progress)
-        return evaluate_and_report(cfg, ctx)
-    finally:
-        if own_ctx:
-            close_distributed(ctx)
+
+    name = "in-process"
+
+    def __init__(self, cfg: PipelineConfig, show_progress: bool = True, ctx: DistContext | None = None) -> None:
+        self.cfg = cfg
+        self.show_progress = show_progress
+        self.ctx = ctx
+        self._own_ctx = ctx is None
+
+    def __enter__(self) -> InProcessExecutor:
+        if self.ctx is None:
+            self.ctx = init_distributed()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._own_ctx and self.ctx is not None:
+            close_distributed(self.ctx)
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx is None or self.ctx.is_main
+
+    def main_only(self, fn: Callable[[], T], share: bool = False) -> T | None:
+        return on_main(self.ctx, fn, share)
+
+    def start(self, lock: Any) -> None:
+        """Nothing to start: the process group exists since `__enter__`."""
+
+    def submit(self, phase: PhaseSpec) -> futures.Future:
+        """Run `phase` now; its result or error comes back as a finished future. An interruption
+        (a BaseException such as the driver's `Interrupted`) propagates at once."""
+        fut: futures.Future = futures.Future()
+        try:
+            fut.set_result(run_phase(self.cfg, phase, self.ctx, self.show_progress))
+        except (KeyboardInterrupt, SystemExit, Interrupted):
+            raise
+        except BaseException as exc:  # noqa: BLE001  (the driver records it; DCP's CheckpointException is a BaseException)
+            fut.set_exception(exc)
+        return fut
+
+    def stop(self) -> None:
+        """Nothing to stop."""

@@ -1,55 +1,193 @@
-"""The pipeline as phases scheduled by Ray: an embedded local Ray by default, or a cluster.
+"""The Ray executor: phases scheduled on an embedded local Ray (the default) or on a cluster.
 
 Each training phase (pretrain, finetune, evaluate) is a Ray Train `TorchTrainer` whose workers
-run the same phase functions as the in-process pipeline, on a process group Ray Train set up
-(gloo on CPU, NCCL on GPU). Workers report every distributed checkpoint with `ray.train.report`;
-a crashed worker group is restarted by `FailureConfig` and resumes from the last complete
-checkpoint. The driver keeps `manifest.json` in the run directory: a re-run skips finished phases
-and restarts unfinished ones, which resume from their own checkpoints. Phases whose dependencies
+run `local.run_phase` on the process group Ray Train set up (gloo on CPU, NCCL on GPU); prepare
+and export are plain Ray tasks. Workers report every distributed checkpoint with
+`ray.train.report`; a crashed worker group is restarted by `FailureConfig` and resumes from the
+last complete checkpoint. The driver (`driver.py`) decides what runs; phases whose dependencies
 are done run concurrently when Ray has the resources.
+
+Traps, measured on Ray 2.60:
+- `ray.init()` without an address joins any Ray it finds (RAY_ADDRESS, /tmp/ray's last cluster),
+  then refuses our `num_cpus`. The embedded Ray is started with `address="local"` in its own temp
+  folder, and its processes get RAY_ADDRESS = its own GCS (on a port chosen here): Ray Train's
+  placement-group cleaner resolves the State API from the environment and, with two Rays on the
+  machine, failed with a traceback per phase.
+- `Result.metrics` holds only metrics reported with a checkpoint; the worker function's return
+  value (rank 0's) is `Result.return_value`: the phase's final metrics come back that way.
+- A `UserError` raised in a worker would be retried `max_failures` times, each with a traceback:
+  workers catch it (and storage faults), return it, and the driver fails the phase at once.
+- Ray Train copies every reported checkpoint into `RUN_DIR/ray/`; `num_to_keep` bounds the copies
+  (our own checkpoints, which phases resume from, live in the run directory).
+- Each Train run's PreemptionWatcher actor logs an error-level C++ line (`... max_restarts > 0`);
+  nothing on one machine can be preempted, so the embedded Ray runs without it.
+- When the driver dies, Ray's agents and a training worker outlived it: see `watchdog.py`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as futures
-import time
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
-from iak_dist.config import PhaseSpec, PipelineConfig, from_dict, to_dict, with_absolute_paths
-from iak_dist.data.prepare import is_prepared
+from iak_dist.config import PhaseSpec, PipelineConfig, from_dict, to_dict
 from iak_dist.errors import UserError
-from iak_dist.orchestration.local import log, seed_dir
-from iak_dist.orchestration.manifest import Manifest
-from iak_dist.orchestration.spec import phases_of
-from iak_dist.orchestration.status import progress_line
+from iak_dist.orchestration.local import log, run_phase
+from iak_dist.orchestration.outcome import guarded
+from iak_dist.orchestration.watchdog import TAG_VARIABLE
+
+RAY_CHECKPOINTS_TO_KEEP = 1
+"""Ray's copies of reported checkpoints kept per phase (TODO config knob: orchestration.ray_checkpoints_to_keep)."""
 
 
-def start_ray(address: str, num_cpus: int) -> bool:
-    """Connect to `address`, or start an embedded Ray bound to 127.0.0.1. Returns True if we started it."""
+class PhaseBook:
+    """Bookkeeping of one Ray-run phase beside the run: `RUN_DIR/.phases/NAME/`.
+
+    `starts`: one line per worker-group start (rank 0 writes it), so the driver can count Ray Train
+    restarts; `user_error.txt`: the one line of a worker's bad-input / storage failure.
+    """
+
+    def __init__(self, run_dir: Path, name: str) -> None:
+        self.dir = run_dir / ".phases" / name
+
+    def count_start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "starts", "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    def starts(self) -> int:
+        path = self.dir / "starts"
+        return len(path.read_text().splitlines()) if path.is_file() else 0
+
+    def set_user_error(self, line: str) -> None:
+        from iak_dist.io import atomic_write_text
+
+        atomic_write_text(self.dir / "user_error.txt", line + "\n")
+
+    def user_error(self) -> str | None:
+        path = self.dir / "user_error.txt"
+        return path.read_text().strip() if path.is_file() else None
+
+    def clear_user_error(self) -> None:
+        (self.dir / "user_error.txt").unlink(missing_ok=True)
+
+
+class EmbeddedRay:
+    """A local Ray of our own: own temp folder, own GCS port, never another instance; ended with
+    the driver by a watchdog process (see `watchdog.py`)."""
+
+    def __init__(self, temp_dir: str, watchdog: subprocess.Popen) -> None:
+        self.temp_dir = temp_dir
+        self.watchdog = watchdog
+
+    @staticmethod
+    def start(num_cpus: int, lock_fd: int = -1) -> EmbeddedRay:
+        import psutil
+        import ray
+
+        temp_dir = tempfile.mkdtemp(prefix="iak-dist-ray-")  # short: Ray's socket paths live under it
+        tag = uuid.uuid4().hex
+        port = _free_port()
+        env = {TAG_VARIABLE: tag, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_GCS_SERVER_PORT": str(port),
+               "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+        watchdog = subprocess.Popen(
+            [sys.executable, "-m", "iak_dist.orchestration.watchdog", tag, temp_dir],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, pass_fds=(lock_fd,) if lock_fd >= 0 else (),
+            env={k: v for k, v in os.environ.items() if k != TAG_VARIABLE})
+        embedded = EmbeddedRay(temp_dir, watchdog)
+        saved = {k: os.environ.get(k) for k in env}
+        before = {c.pid for c in psutil.Process().children()}
+        # ray.init installs a SIGTERM handler (sys.exit) that would replace the driver's
+        handlers = _signal_handlers()
+        os.environ.update(env)  # inherited by every process of this Ray (and only by them: restored below)
+        try:
+            ray.init(address="local", num_cpus=num_cpus or None, include_dashboard=False,
+                     _node_ip_address="127.0.0.1", _temp_dir=temp_dir, log_to_driver=True, configure_logging=False,
+                     runtime_env={"worker_process_setup_hook": "iak_dist.runtime.configure_environment"})
+        except BaseException:
+            embedded.stop()
+            raise
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            _restore_signal_handlers(handlers)
+            for child in psutil.Process().children():
+                if child.pid not in before and child.pid != watchdog.pid:
+                    embedded._watch(child.pid)
+        log(f"embedded Ray at 127.0.0.1:{port} (temp {temp_dir}), its own instance")
+        return embedded
+
+    def _watch(self, pid: int) -> None:
+        try:
+            assert self.watchdog.stdin is not None
+            self.watchdog.stdin.write(f"watch {pid}\n".encode())
+            self.watchdog.stdin.flush()
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        """Shut Ray down, then let the watchdog end whatever outlived that and wait for it."""
+        import ray
+
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            if self.watchdog.stdin is not None:
+                self.watchdog.stdin.close()
+            try:
+                self.watchdog.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.watchdog.kill()
+
+
+def _signal_handlers() -> dict:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_signal_handlers(handlers: dict) -> None:
+    for s, handler in handlers.items():
+        if handler is not None:
+            signal.signal(s, handler)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connect_ray(address: str) -> None:
+    """Join the Ray cluster at `address` (only an explicit address ever joins one)."""
     import ray
 
-    if ray.is_initialized():
-        return False
-    if address:
-        _check_reachable(address)
-        try:
-            ray.init(address=address, log_to_driver=True)
-        except Exception as exc:  # ConnectionError, TimeoutError, ValueError from Ray's client
-            raise UserError(f"orchestration.address {address!r}: no Ray cluster answers there "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
-        return False
-    # every worker quiets the stack's import-time chatter (FBGEMM logs each library it loads) first
-    ray.init(num_cpus=num_cpus or None, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=True, configure_logging=False,
-             runtime_env={"worker_process_setup_hook": "iak_dist.runtime.configure_environment"})
-    return True
+    _check_reachable(address)
+    handlers = _signal_handlers()
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except Exception as exc:  # ConnectionError, TimeoutError, ValueError from Ray's client
+        raise UserError(f"orchestration.address {address!r}: no Ray cluster answers there "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    finally:
+        _restore_signal_handlers(handlers)
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail fast on a dead address: Ray's own client retries for minutes before giving up."""
-    import socket
-
     if address == "auto":
         return
     hostport = address.split("://", 1)[-1].rstrip("/")
@@ -63,80 +201,74 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
                         f"start one with `ray start --head` or leave the address empty for an embedded Ray") from exc
 
 
-def run_ray_pipeline(cfg: PipelineConfig, address: str | None = None) -> Path:
-    cfg = with_absolute_paths(cfg)  # Ray tasks and Train workers run in other folders
-    run_dir = Path(cfg.run_dir)
-    backbones = all((seed_dir(cfg, s) / "backbone" / "backbone.json").is_file() for s in cfg.seeds)
-    phases = phases_of(cfg, backbones_exist=backbones, data_exists=is_prepared(cfg.data.dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest.open(run_dir, [p.name for p in phases])
-    address = cfg.orchestration.address if address is None else address
-    started = start_ray(address, cfg.orchestration.num_cpus)
-    try:
-        _schedule(cfg, phases, manifest, run_dir)
-    finally:
-        if started:
+class RayExecutor:
+    """Phases as Ray tasks / Ray Train runs, each waited for in a daemon thread of the driver
+    (daemon: an interrupted driver must not wait for them at exit). Ray starts with the first phase."""
+
+    name = "Ray"
+    is_main = True
+
+    def __init__(self, cfg: PipelineConfig, address: str | None = None) -> None:
+        self.cfg = cfg
+        self.address = cfg.orchestration.address if address is None else address
+        self.embedded: EmbeddedRay | None = None
+        self.connected = False
+        self.lock_fd = -1
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def main_only(self, fn, share: bool = False):
+        return fn()
+
+    def start(self, lock: Any) -> None:
+        self.lock_fd = lock.fd if lock is not None else -1
+
+    def _ensure_ray(self) -> None:
+        import ray
+
+        if self.embedded is not None or self.connected or ray.is_initialized():
+            return
+        if self.address:
+            connect_ray(self.address)
+            self.connected = True
+        else:
+            self.embedded = EmbeddedRay.start(self.cfg.orchestration.num_cpus, self.lock_fd)
+
+    def submit(self, phase: PhaseSpec) -> futures.Future:
+        self._ensure_ray()
+        fut: futures.Future = futures.Future()
+
+        def body() -> None:
+            try:
+                fut.set_result(_run_phase(self.cfg, phase, Path(self.cfg.run_dir)))
+            except BaseException as exc:  # noqa: BLE001  (handed to the driver)
+                fut.set_exception(exc)
+
+        threading.Thread(target=body, name=f"phase-{phase.name}", daemon=True).start()
+        return fut
+
+    def stop(self) -> None:
+        """End the embedded Ray (its workers with it), or leave the cluster."""
+        if self.embedded is not None:
+            embedded, self.embedded = self.embedded, None
+            embedded.stop()
+        elif self.connected:
             import ray
 
+            self.connected = False
             ray.shutdown()
-    return run_dir
 
 
-def _schedule(cfg: PipelineConfig, phases: list[PhaseSpec], manifest: Manifest, run_dir: Path) -> None:
-    by_name = {p.name: p for p in phases}
-    for p in phases:
-        if manifest.state(p.name) == "done":
-            log(f"phase {p.name}: done in an earlier run, skipping")
-    running: dict[futures.Future, str] = {}
-    failed: list[str] = []
-    with futures.ThreadPoolExecutor(max_workers=len(phases)) as pool:
-        while True:
-            if not failed:
-                for p in phases:
-                    active = set(running.values())
-                    if (manifest.state(p.name) != "done" and p.name not in active
-                            and all(manifest.state(d) == "done" for d in p.after)):
-                        manifest.start(p.name)
-                        log(f"phase {p.name} ({p.type}): started, attempt {manifest.phases[p.name]['attempts']}")
-                        running[pool.submit(_run_phase, cfg, p, run_dir)] = p.name
-            if not running:
-                break
-            done, _ = futures.wait(running, timeout=15, return_when=futures.FIRST_COMPLETED)
-            if not done:  # progress of the running training loops, read from their progress.json
-                for name in running.values():
-                    line = progress_line(run_dir, manifest.phases[name]["started"])
-                    if line:
-                        log(f"phase {name}: {line}")
-            for fut in done:
-                name = running.pop(fut)
-                try:
-                    metrics = fut.result()
-                except Exception as exc:  # noqa: BLE001  (a failed phase must not lose the others)
-                    message = _explain(exc)
-                    manifest.update(name, state="failed", finished=time.time(), error=message)
-                    log(f"phase {name}: FAILED: {message}")
-                    failed.append(name)
-                    continue
-                manifest.update(name, state="done", finished=time.time(), metrics=metrics.get("metrics", {}),
-                                checkpoint=metrics.get("checkpoint"))
-                entry = manifest.phases[name]
-                log(f"phase {name}: done in {entry['finished'] - entry['started']:.0f} s")
-    if failed:
-        raise UserError(f"phase {failed[0]} ({by_name[failed[0]].type}) failed: "
-                        f"{manifest.phases[failed[0]]['error']}; fix it and run the same command again to resume "
-                        f"(finished phases are kept)")
-    log(f"pipeline done: {run_dir / 'report.md'}")
+class PhaseFailed(Exception):
+    """A phase's own one-line failure (bad input or storage), with the worker-group restarts seen."""
 
-
-def _explain(exc: BaseException) -> str:
-    """One line for a failed phase: a worker's `UserError` message if there is one, else the first line."""
-    text = str(exc)
-    marker = "UserError: "
-    found = [line.split(marker, 1)[1].strip() for line in text.splitlines() if marker in line]
-    if found:
-        return found[-1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    def __init__(self, line: str, restarts: int = 0) -> None:
+        super().__init__(line)
+        self.restarts = restarts
 
 
 def _run_phase(cfg: PipelineConfig, phase: PhaseSpec, run_dir: Path) -> dict[str, Any]:
@@ -144,24 +276,42 @@ def _run_phase(cfg: PipelineConfig, phase: PhaseSpec, run_dir: Path) -> dict[str
 
     payload = {"config": to_dict(cfg), "phase": to_dict(phase)}
     if phase.type in ("prepare", "export"):
-        task = ray.remote(num_cpus=1)(_driverless_phase)
-        return ray.get(task.remote(payload))
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+        task = ray.remote(num_cpus=1)(_task_phase)
+        outcome = ray.get(task.remote(payload))
+        if outcome.get("user_error"):
+            raise PhaseFailed(outcome["user_error"])
+        return outcome
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    book = PhaseBook(run_dir, phase.name)
+    book.clear_user_error()
+    before = book.starts()
     trainer = TorchTrainer(
         _train_worker, train_loop_config=payload,
         torch_config=TorchConfig(backend="nccl" if phase.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=phase.workers, use_gpu=phase.use_gpu,
                                      resources_per_worker={"GPU": 1} if phase.use_gpu else {"CPU": 1}),
         run_config=RunConfig(storage_path=str(run_dir / "ray"), name=phase.name,
-                             failure_config=FailureConfig(max_failures=phase.max_failures)),
+                             failure_config=FailureConfig(max_failures=phase.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=RAY_CHECKPOINTS_TO_KEEP)),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    return {"metrics": dict(result.metrics or {}),
-            "checkpoint": result.checkpoint.path if result.checkpoint is not None else None}
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except BaseException as exc:
+        exc.restarts = max(0, book.starts() - before - 1)  # type: ignore[attr-defined]
+        raise
+    restarts = max(0, book.starts() - before - 1)
+    outcome = dict(result.return_value or {})
+    line = outcome.get("user_error") or book.user_error()
+    if line:
+        raise PhaseFailed(line, restarts)
+    if result.checkpoint is not None:
+        outcome["checkpoint"] = result.checkpoint.path
+    outcome["restarts"] = restarts
+    return outcome
 
 
 def _configs(payload: dict[str, Any]) -> tuple[PipelineConfig, PhaseSpec]:
@@ -172,24 +322,26 @@ def _configs(payload: dict[str, Any]) -> tuple[PipelineConfig, PhaseSpec]:
             from_dict(PhaseSpec, payload["phase"], "phase"))
 
 
-def _driverless_phase(payload: dict[str, Any]) -> dict[str, Any]:
+def _task_phase(payload: dict[str, Any]) -> dict[str, Any]:
     """prepare and export: a plain Ray task."""
     cfg, phase = _configs(payload)
-    if phase.type == "prepare":
-        from iak_dist.orchestration.local import ensure_data
-
-        ensure_data(cfg)
-        return {"metrics": {}}
-    from iak_dist.serving.export import export_run
-
-    return {"metrics": {}, "checkpoint": str(export_run(cfg))}
+    outcome, line = guarded(lambda: run_phase(cfg, phase, None))
+    return {"user_error": line} if line is not None else outcome  # type: ignore[return-value]
 
 
-def _train_worker(payload: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: one phase on the process group Ray Train set up."""
+def _train_worker(payload: dict[str, Any]) -> dict[str, Any]:
+    """Runs on every Ray Train worker: one phase on the process group Ray Train set up.
+
+    Returns the phase's outcome (Ray hands rank 0's to the driver as `Result.return_value`). Bad
+    input and storage faults are returned as `user_error`, not raised: raised, Ray Train would
+    retry them `max_failures` times with a traceback each.
+    """
     import ray.train
 
     cfg, phase = _configs(payload)
+    book = PhaseBook(Path(cfg.run_dir), phase.name)
+    if ray.train.get_context().get_world_rank() == 0:
+        book.count_start()
     from iak_dist.distributed.context import init_distributed
 
     ctx = init_distributed()
@@ -199,32 +351,8 @@ def _train_worker(payload: dict[str, Any]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(path)) if ctx.is_main else None
         ray.train.report({"step": step, "phase": phase.name}, checkpoint=checkpoint)
 
-    metrics: dict[str, Any] = {}
-    if phase.type == "pretrain":
-        from iak_dist.phases.pretrain import pretrain
-
-        for seed in cfg.seeds:
-            if (seed_dir(cfg, seed) / "backbone" / "backbone.json").is_file():
-                continue
-            summary = pretrain(cfg.data.dir, cfg.model, cfg.pretrain, cfg.distributed, seed, seed_dir(cfg, seed),
-                               ctx, show_progress=False, on_checkpoint=report_checkpoint)
-            metrics[f"pretrain/loss/seed{seed}"] = summary["train/loss_ema"]
-    elif phase.type == "finetune":
-        from iak_dist.phases.finetune import finetune
-
-        for seed in cfg.seeds:
-            for strategy in phase.strategies or cfg.finetune.strategies:
-                adapter_dir = seed_dir(cfg, seed) / "adapters" / strategy
-                if (adapter_dir / "adapter_config.json").is_file():
-                    continue
-                finetune(cfg.data.dir, seed_dir(cfg, seed) / "backbone", strategy, cfg.finetune, seed, adapter_dir,
-                         ctx, show_progress=False, dist_cfg=cfg.distributed, on_checkpoint=report_checkpoint)
-    elif phase.type == "evaluate":
-        import json
-
-        from iak_dist.orchestration.local import evaluate_and_report
-
-        run_dir = evaluate_and_report(cfg, ctx)
-        agg = json.loads((run_dir / "report.json").read_text())["aggregate"]
-        metrics = {f"eval/ctr_auc/{s}": agg[s]["overall"]["ctr_auc"]["mean"] for s in agg}
-    ray.train.report(metrics)
+    outcome, line = guarded(lambda: run_phase(cfg, phase, ctx, False, report_checkpoint))
+    if line is not None:
+        book.set_user_error(line)  # any rank: rank 0's return value alone reaches the driver
+        return {"user_error": line}
+    return outcome  # type: ignore[return-value]

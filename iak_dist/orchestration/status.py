@@ -12,7 +12,7 @@ from iak_dist.orchestration.manifest import Manifest
 def format_status(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     phases = Manifest.read(run_dir)
-    lines = [f"{'phase':<22} {'state':<8} {'attempts':>8} {'time':>8}  progress / result"]
+    lines = [f"{'phase':<22} {'state':<11} {'attempts':>8} {'time':>8}  progress / result"]
     now = time.time()
     for name, p in phases.items():
         took = ""
@@ -23,7 +23,7 @@ def format_status(run_dir: str | Path) -> str:
             detail = progress_line(run_dir, p["started"]) or "starting"
         elif p["state"] == "done" and p["metrics"]:
             detail = ", ".join(f"{k}={v:.4f}" for k, v in list(p["metrics"].items())[:3] if isinstance(v, float))
-        lines.append(f"{name:<22} {p['state']:<8} {p['attempts']:>8} {took:>8}  {detail}")
+        lines.append(f"{name:<22} {p['state']:<11} {p['attempts']:>8} {took:>8}  {detail}")
     return "\n".join(lines)
 
 

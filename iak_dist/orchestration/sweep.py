@@ -16,7 +16,8 @@ from iak_dist.distributed.context import close_distributed, init_distributed
 from iak_dist.errors import UserError
 from iak_dist.io import atomic_write_json, atomic_write_text
 from iak_dist.metrics import format_metric
-from iak_dist.orchestration.local import log, run_pipeline
+from iak_dist.orchestration.driver import run_pipeline
+from iak_dist.orchestration.local import log
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:

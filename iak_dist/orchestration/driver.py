@@ -1,0 +1,205 @@
+"""The pipeline driver: one loop for every way of running, with two executors.
+
+`run_pipeline` validates the phase graph (`spec.phases_of`) before anything is written, locks
+the run directory (`lock.py`), writes the resolved `config.yaml`, opens `manifest.json`, then
+runs the phases in topological order: each phase starts when its dependencies are done; a phase
+done in an earlier run with the same spec is skipped; state, attempts, metrics and errors are
+recorded. The executor runs the phases:
+
+- in-process (`local.InProcessExecutor`): `--no-ray`, and every rank of a torchrun / srun launch
+  (every rank runs this loop; only rank 0 writes files; phases are collective);
+- Ray (`ray_pipeline.RayExecutor`): Ray Train runs and Ray tasks on an embedded Ray or a cluster.
+
+SIGTERM / SIGINT stop the running phases (Ray: shutting Ray down ends its workers; in-process: an
+exception at the next Python step of the phase), mark them `interrupted`, stop the embedded Ray
+and raise `Interrupted`, which the CLI turns into one line and exit code 128 + signal.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from iak_dist.config import PhaseSpec, PipelineConfig, to_dict, with_absolute_paths
+from iak_dist.data.prepare import is_prepared
+from iak_dist.distributed.context import DistContext
+from iak_dist.errors import UserError
+from iak_dist.io import atomic_write_text
+from iak_dist.orchestration.local import InProcessExecutor, log, seed_dir
+from iak_dist.orchestration.lock import RunLock
+from iak_dist.orchestration.manifest import Manifest
+from iak_dist.orchestration.outcome import Interrupted, last_line, os_error_line, user_facing
+from iak_dist.orchestration.spec import phases_of
+from iak_dist.orchestration.status import progress_line
+
+PROGRESS_EVERY_S = 15.0
+
+
+def run_pipeline(cfg: PipelineConfig, use_ray: bool = False, address: str | None = None,
+                 show_progress: bool = True, ctx: DistContext | None = None) -> Path:
+    """Run (or resume) the pipeline of `cfg`; returns the run directory.
+
+    `use_ray`: phases on Ray (`address`, else `orchestration.address`, else an embedded Ray);
+    otherwise in this process, on `ctx` if given (a sweep reuses one process group).
+    """
+    cfg = with_absolute_paths(cfg)  # Ray tasks and workers run in other folders; the manifest outlives cwd
+    if use_ray:
+        from iak_dist.orchestration.ray_pipeline import RayExecutor
+
+        executor: Any = RayExecutor(cfg, address)
+    else:
+        executor = InProcessExecutor(cfg, show_progress, ctx)
+    with executor:
+        return Driver(cfg, executor).run()
+
+
+def phase_spec(cfg: PipelineConfig, phase: PhaseSpec) -> dict[str, Any]:
+    """What a phase covers: when it changes (other seeds, strategies), a done phase runs again
+    (and skips the seeds and strategies it finished before)."""
+    covers: dict[str, Any] = {} if phase.type == "prepare" else {"seeds": list(cfg.seeds)}
+    if phase.type in ("finetune", "evaluate", "export"):
+        covers["strategies"] = list(phase.strategies or cfg.finetune.strategies)
+    return {"phase": to_dict(phase), **covers}
+
+
+class Driver:
+    def __init__(self, cfg: PipelineConfig, executor: Any) -> None:
+        self.cfg = cfg
+        self.executor = executor
+        self.run_dir = Path(cfg.run_dir)
+        self.running: set[str] = set()
+
+    def run(self) -> Path:
+        cfg, ex = self.cfg, self.executor
+        backbones = all((seed_dir(cfg, s) / "backbone" / "backbone.json").is_file() for s in cfg.seeds)
+        phases = phases_of(cfg, backbones_exist=backbones, data_exists=is_prepared(cfg.data.dir))
+        specs = {p.name: phase_spec(cfg, p) for p in phases}
+        lock = ex.main_only(lambda: RunLock.acquire(self.run_dir, log))
+        try:
+            manifest = self._open(specs)
+            with _signals_raise_interrupted():
+                ex.start(lock)
+                try:
+                    self._schedule(phases, specs, manifest)
+                except Interrupted as exc:
+                    stopped = sorted(self.running)
+                    for name in stopped:
+                        with contextlib.suppress(UserError):  # a full disk must not hide the interruption
+                            manifest.update(name, state="interrupted", finished=time.time(),
+                                            error=f"interrupted by {exc}")
+                    ex.stop()
+                    exc.message = (f"interrupted by {exc}: " + (f"phase {', '.join(stopped)} stopped and marked "
+                                   f"interrupted" if stopped else "no phase was running")
+                                   + f"; run the same command again to resume ({self.run_dir})")
+                    raise
+                finally:
+                    ex.stop()
+        finally:
+            if lock is not None:
+                lock.release()
+        return self.run_dir
+
+    def _open(self, specs: dict[str, Any]) -> Manifest:
+        """Rank 0 writes config.yaml and the manifest; every rank gets the manifest's phases."""
+
+        def write() -> dict:
+            try:
+                atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            except OSError as exc:
+                raise UserError(os_error_line(exc, "cannot write the resolved config")) from exc
+            return Manifest.open(self.run_dir, specs).phases
+
+        phases = self.executor.main_only(write, share=True)
+        return Manifest(self.run_dir / "manifest.json", phases, writable=self.executor.is_main)
+
+    def _schedule(self, phases: list[PhaseSpec], specs: dict[str, Any], manifest: Manifest) -> None:
+        by_name = {p.name: p for p in phases}
+        done = {p.name for p in phases if manifest.is_done(p.name, specs[p.name])}
+        for p in phases:
+            if p.name in done:
+                log(f"phase {p.name}: done in an earlier run, skipping")
+        running: dict[futures.Future, str] = {}
+        failed: list[str] = []
+        while True:
+            for p in phases:
+                if failed:
+                    break
+                if p.name in done or p.name in self.running or not all(d in done for d in p.after):
+                    continue
+                manifest.start(p.name, specs[p.name])
+                log(f"phase {p.name} ({p.type}): started on {self.executor.name}, "
+                    f"attempt {manifest.phases[p.name]['attempts']}")
+                self.running.add(p.name)
+                fut = self.executor.submit(p)  # in-process: runs now, returns a finished future
+                running[fut] = p.name
+                if fut.done():
+                    self._finish(fut, running, manifest, done, failed)
+            if not running:
+                break
+            finished, _ = futures.wait(running, timeout=PROGRESS_EVERY_S, return_when=futures.FIRST_COMPLETED)
+            if not finished:  # progress of the running training loops, read from their progress.json
+                for name in running.values():
+                    line = progress_line(self.run_dir, manifest.phases[name]["started"])
+                    if line:
+                        log(f"phase {name}: {line}")
+            for fut in finished:
+                self._finish(fut, running, manifest, done, failed)
+        if failed:
+            name = failed[0]
+            raise UserError(f"phase {name} ({by_name[name].type}) failed: {manifest.phases[name]['error']}; "
+                            f"fix it and run the same command again to resume (finished phases are kept)")
+        log(f"pipeline done: {self.run_dir / 'report.md'}")
+
+    def _finish(self, fut: futures.Future, running: dict, manifest: Manifest, done: set, failed: list) -> None:
+        name = running.pop(fut)
+        self.running.discard(name)
+        entry = manifest.phases[name]
+        exc = fut.exception()
+        if exc is None:
+            outcome = fut.result() or {}
+            manifest.update(name, state="done", finished=time.time(), metrics=outcome.get("metrics", {}),
+                            checkpoint=outcome.get("checkpoint"),
+                            attempts=entry["attempts"] + int(outcome.get("restarts", 0)))
+            done.add(name)
+            restarts = f", {outcome['restarts']} worker-group restart(s)" if outcome.get("restarts") else ""
+            log(f"phase {name}: done in {entry['finished'] - entry['started']:.0f} s{restarts}")
+            return
+        line = user_facing(exc)
+        message = line or last_line(exc)
+        manifest.update(name, state="failed", finished=time.time(), error=message,
+                        attempts=entry["attempts"] + int(getattr(exc, "restarts", 0) or 0))
+        log(f"phase {name}: FAILED: {message}")
+        if line is None and self.executor.name != "Ray":
+            raise exc  # a bug in this process: its traceback is the report (Ray's arrive as text)
+        failed.append(name)
+
+
+@contextlib.contextmanager
+def _signals_raise_interrupted() -> Iterator[None]:
+    """SIGTERM / SIGINT raise `Interrupted` in the main thread, once; repeats during the clean-up
+    are ignored (SIGKILL still works, and the embedded Ray's watchdog then ends Ray)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if fired:
+            return
+        fired.append(signum)
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
