@@ -64,13 +64,16 @@ def other_backbone(backbone_dir, tmp_path):
 def test_backbone_weights_swapped_or_damaged_are_refused(other_backbone, backbone_dir, ctx):
     import json
 
-    from iak_dist.distributed.checkpoint import file_hash, load_backbone_weights
+    from iak_dist.distributed.checkpoint import file_hash, load_backbone_weights, verify_backbone
     from iak_dist.errors import UserError
     from iak_dist.phases.common import build_from_backbone
 
     weights = other_backbone / "model.safetensors"
     with pytest.raises(UserError, match=rf"^{weights}: weights hash \w+ differs from \w+ recorded in backbone.json"):
         build_from_backbone(other_backbone, None, ctx, train_embeddings=False)
+    with pytest.raises(UserError, match=rf"^{weights}: weights hash"):
+        verify_backbone(other_backbone)  # what a copy (export) checks
+    assert verify_backbone(backbone_dir)["weights"] == file_hash(backbone_dir / "model.safetensors")
     weights.write_bytes((backbone_dir / "model.safetensors").read_bytes()[:1000])  # truncated
     with pytest.raises(UserError, match=rf"^{weights}: weights hash .* \(the file was replaced or damaged\)"):
         load_backbone_weights(other_backbone)
@@ -90,7 +93,7 @@ def test_adapter_weights_of_another_run_or_damaged_are_refused(small_cfg, backbo
     from iak_dist.errors import UserError
     from iak_dist.model.backbone import tower_widths
     from iak_dist.model.strategies import build_adapter
-    from iak_dist.model.strategies.saving import load_adapter, save_adapter
+    from iak_dist.model.strategies.saving import load_adapter, save_adapter, verify_adapter
 
     meta = read_backbone_meta(backbone_dir)
     domains = meta["schema_obj"].domains
@@ -105,6 +108,8 @@ def test_adapter_weights_of_another_run_or_damaged_are_refused(small_cfg, backbo
     weights.write_bytes((theirs / "adapter_model.safetensors").read_bytes())
     with pytest.raises(UserError, match=rf"^{weights}: weights hash .* recorded in adapter_config.json"):
         load_adapter(mine, meta)
+    with pytest.raises(UserError, match=rf"^{weights}: weights hash"):
+        verify_adapter(mine, meta)
     weights.write_bytes(weights.read_bytes()[:200])
     with pytest.raises(UserError, match=rf"^{weights}: weights hash"):
         load_adapter(mine, meta)

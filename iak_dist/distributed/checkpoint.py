@@ -116,11 +116,14 @@ def export_backbone(model: nn.Module, schema: Schema, cfg: ModelConfig, out_dir:
     })
 
 
+_REEXPORT = "re-export the backbone (run pre-training again)"
+
+
 def read_backbone_meta(path: str | Path) -> dict[str, Any]:
     meta_path = Path(path) / "backbone.json"
     if not meta_path.is_file():
         raise UserError(f"{path}: no exported backbone here (backbone.json missing); run pre-training first")
-    meta = read_json(meta_path, "re-export the backbone (run pre-training again)")
+    meta = read_json(meta_path, _REEXPORT)
     meta["schema_obj"] = from_dict(Schema, meta["schema"], str(meta_path))
     meta["model_obj"] = from_dict(ModelConfig, meta["model"], str(meta_path))
     return meta
@@ -134,8 +137,8 @@ def read_json(path: Path, remedy: str) -> dict[str, Any]:
         raise UserError(f"{path}: not valid JSON ({str(exc).splitlines()[0]}); {remedy}") from None
 
 
-def load_verified(path: Path, expected_hash: str, recorded_in: Path, remedy: str) -> dict[str, torch.Tensor]:
-    """Tensors of the safetensors file `path` after checking its hash against the one `recorded_in` holds.
+def check_weights_hash(path: Path, expected_hash: str, recorded_in: Path, remedy: str) -> None:
+    """UserError unless `path` exists and its `file_hash` is the one recorded in the JSON file `recorded_in`.
 
     The JSON files name the weights they go with; comparing only their strings would let a weights file
     swapped in from another seed or backbone (same shapes) load silently. `file_hash` streams the file.
@@ -146,6 +149,18 @@ def load_verified(path: Path, expected_hash: str, recorded_in: Path, remedy: str
     if actual != expected_hash:
         raise UserError(f"{path}: weights hash {actual} differs from {expected_hash} recorded in {recorded_in.name} "
                         f"(the file was replaced or damaged); {remedy}")
+
+
+def verify_backbone(path: str | Path) -> dict[str, Any]:
+    """The backbone's meta after checking its weights file, without loading it (for copies: export)."""
+    path = Path(path)
+    meta = read_backbone_meta(path)
+    check_weights_hash(path / "model.safetensors", meta["weights"], path / "backbone.json", _REEXPORT)
+    return meta
+
+
+def load_safetensors(path: Path, remedy: str) -> dict[str, torch.Tensor]:
+    """Tensors of `path`; an unreadable (damaged) file is a UserError naming it, not a SafetensorError."""
     try:
         return load_file(str(path))
     except SafetensorError as exc:
@@ -156,8 +171,8 @@ def load_backbone_weights(path: str | Path, meta: dict[str, Any] | None = None) 
     """The exported backbone's tensors, verified against the weights hash in its `backbone.json`."""
     path = Path(path)
     meta = read_backbone_meta(path) if meta is None else meta
-    return load_verified(path / "model.safetensors", meta["weights"], path / "backbone.json",
-                         "re-export the backbone (run pre-training again)")
+    check_weights_hash(path / "model.safetensors", meta["weights"], path / "backbone.json", _REEXPORT)
+    return load_safetensors(path / "model.safetensors", _REEXPORT)
 
 
 # ---------------------------------------------------------------------------------------------
