@@ -55,19 +55,17 @@ class PositionedBatches:
     def __iter__(self) -> PositionedBatches:
         return self
 
+    keep = 8  # states remembered: more than the pipeline's read-ahead (two batches)
+
     def __next__(self) -> Batch:
         self._before[self._next] = self.sampler.state_dict()
+        self._before.pop(self._next - self.keep, None)
         self._next += 1
         return arrow_to_batch(self.table.take(self.sampler.next_batch()), self.schema)
 
     def state_before(self, index: int) -> dict:
-        """The sampler state from which batch `index` is drawn; forgets the states of earlier batches."""
-        if index == self._next:
-            return self.sampler.state_dict()
-        state = self._before[index]
-        for old in [k for k in self._before if k < index]:
-            del self._before[old]
-        return state
+        """The sampler state from which batch `index` is drawn (`index` at most `keep` batches back)."""
+        return self.sampler.state_dict() if index == self._next else self._before[index]
 
 
 @dataclass
