@@ -9,13 +9,22 @@
 - `torchrun_phase.sbatch`: one phase (`pretrain`, `finetune --strategy S`, or the pipeline
   without Ray) under `srun` + `torchrun`, one task per node, `--procs-per-node` ranks per node.
 
+Resources and preemption: `--gres` (e.g. `gpu:4`), `--mem` (e.g. `64G`), `--account`, `--signal`
+(e.g. `B:TERM@120`: SIGTERM to the batch shell 120 s before the time limit, which passes it on to the
+pipeline so it can stop at a checkpoint) and `--requeue` (a preempted job goes back to the queue and
+its re-run resumes from the run folder's checkpoints).
+
 With `--submit` it also checks the partition, runs `sbatch`, waits for the job and returns its
-final state (exit code 0 only for COMPLETED).
+final state (exit code 0 only for COMPLETED). Once SLURM forgets a finished job (`MinJobAge`),
+`scontrol` no longer knows it: the state then comes from `sacct`, or the wait ends with UNKNOWN and
+a line saying where its log is.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +41,8 @@ from launchers.submit import resolved_config
 
 @dataclass
 class SlurmOptions:
+    """What the sbatch headers ask SLURM for (the `iak-dist slurm` flags of the same names)."""
+
     nodes: int = 1
     cpus_per_task: int = 2
     partition: str = ""
@@ -40,15 +51,61 @@ class SlurmOptions:
     procs_per_node: int = 1
     phase: str = "pretrain"
     strategy: str = "iak"
+    gres: str = ""
+    """Generic resources per node, e.g. `gpu:4` (empty: none asked for)."""
+    mem: str = ""
+    """Memory per node, e.g. `64G` (empty: the partition's default, often far less than a job needs)."""
+    account: str = ""
+    """Account to charge (empty: the user's default account)."""
+    signal: str = ""
+    """Warning signal before the time limit, SLURM's `[B:]SIG[@seconds]`, e.g. `B:TERM@120` (empty: none)."""
+    requeue: bool = False
+    """Put the job back in the queue when it is preempted or its node fails (it resumes from checkpoints)."""
+
+
+MEMORY = re.compile(r"^\d+[KMGT]?$")
+SIGNAL = re.compile(r"^(?:[BR]{1,2}:)?(?:SIG)?[A-Z0-9]+(?:@\d+)?$")
+
+
+def check_options(opts: SlurmOptions) -> None:
+    """Refuse what sbatch would refuse, in one line naming the flag, before anything is written."""
+    if opts.phase not in ("pretrain", "finetune", "pipeline"):
+        raise UserError(f"--phase {opts.phase}: expected pretrain, finetune or pipeline")
+    if opts.mem and not MEMORY.match(opts.mem):
+        raise UserError(f"--mem {opts.mem}: expected a size such as 4000M or 64G")
+    if opts.signal and not SIGNAL.match(opts.signal):
+        raise UserError(f"--signal {opts.signal}: expected SLURM's [B:]SIG[@seconds], e.g. B:TERM@120")
+    for flag, value in (("--gres", opts.gres), ("--account", opts.account), ("--partition", opts.partition)):
+        if any(c.isspace() for c in value):
+            raise UserError(f"{flag} {value!r}: no spaces allowed")
 
 
 def _header(name: str, opts: SlurmOptions, out: Path) -> str:
     lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --nodes={opts.nodes}",
              "#SBATCH --ntasks-per-node=1", f"#SBATCH --cpus-per-task={opts.cpus_per_task}",
              f"#SBATCH --time={opts.time_limit}", f"#SBATCH --output={out / (name + '-%j.log')}"]
-    if opts.partition:
-        lines.append(f"#SBATCH --partition={opts.partition}")
-    return "\n".join(lines) + "\nset -euo pipefail\n"
+    for flag, value in (("partition", opts.partition), ("account", opts.account), ("gres", opts.gres),
+                        ("mem", opts.mem), ("signal", opts.signal)):
+        if value:
+            lines.append(f"#SBATCH --{flag}={value}")
+    if opts.requeue:
+        lines.append("#SBATCH --requeue")
+    return "\n".join(lines) + "\nset -euo pipefail\n" + FORWARD_SIGNALS
+
+
+FORWARD_SIGNALS = """
+# Run a command in the background and pass SIGTERM / SIGINT / SIGUSR1 on to it: bash runs no trap
+# while a foreground child runs, so a signal for the batch shell (scancel, --signal=B:...) would
+# otherwise never reach the pipeline, which stops at a checkpoint when it gets one.
+forward_signals() {
+  "$@" &
+  local pid=$!
+  trap 'echo "[slurm] signal received: SIGTERM to $1 (PID $pid)" >&2; kill -TERM "$pid" 2>/dev/null' TERM INT USR1
+  while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done  # a trapped signal ends a wait early
+  trap - TERM INT USR1
+  wait "$pid"  # the command's exit status (bash keeps it once the child is reaped)
+}
+"""
 
 
 def ray_pipeline_script(out: Path, opts: SlurmOptions) -> str:
@@ -75,7 +132,7 @@ done
 for _ in $(seq 120); do {ray} status --address="$address" >/dev/null 2>&1 && break; sleep 1; done
 {ray} status --address="$address" >/dev/null
 status=0
-{python} -m iak_dist.cli pipeline run {config} --address "$address" || status=$?
+forward_signals {python} -m iak_dist.cli pipeline run {config} --address "$address" || status=$?
 {ray} stop --force >/dev/null 2>&1 || true
 kill $(jobs -p) 2>/dev/null || true
 wait || true
@@ -92,14 +149,13 @@ def torchrun_phase_script(out: Path, opts: SlurmOptions) -> str:
                   '--rdzv_backend=c10d --rdzv_endpoint="$head:29500" --rdzv_id="$SLURM_JOB_ID"')
     return _header(f"iak-dist-{opts.phase}", opts, out) + f"""
 head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-srun {python} -m torch.distributed.run --nnodes="$SLURM_NNODES" --nproc_per_node={opts.procs_per_node} \\
-    {rendezvous} -m iak_dist.cli {verb}
+forward_signals srun {python} -m torch.distributed.run --nnodes="$SLURM_NNODES" \\
+    --nproc_per_node={opts.procs_per_node} {rendezvous} -m iak_dist.cli {verb}
 """
 
 
 def write_scripts(cfg: PipelineConfig, out: str | Path, opts: SlurmOptions) -> dict[str, Path]:
-    if opts.phase not in ("pretrain", "finetune", "pipeline"):
-        raise UserError(f"--phase {opts.phase}: expected pretrain, finetune or pipeline")
+    check_options(opts)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(resolved_config(cfg), sort_keys=False))
@@ -118,7 +174,12 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
         raise UserError(f"{cmd[0]}: not found; install SLURM's client tools (Debian: slurm-client)") from exc
 
 
-def submit_and_wait(script: Path, partition: str, poll_s: float = 2.0) -> tuple[str, str]:
+ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
+                 "SIGNALING", "STAGE_OUT")
+"""Job states after which the job still runs (again); any other state is final."""
+
+
+def submit_and_wait(script: Path, partition: str, poll_s: float = 2.0, requeue: bool = False) -> tuple[str, str]:
     """sbatch `script`, wait for the job to end; returns (job id, final state)."""
     if partition:
         known = _run(["sinfo", "-h", "-o", "%R"]).stdout.split()
@@ -130,11 +191,52 @@ def submit_and_wait(script: Path, partition: str, poll_s: float = 2.0) -> tuple[
         raise UserError(f"sbatch {script}: {submitted.stderr.strip().splitlines()[-1]}")
     job = submitted.stdout.strip().split(";")[0]
     print(f"[slurm] submitted job {job}: {script}", file=sys.stderr, flush=True)
-    state = "PENDING"
+    return job, wait_for_job(job, poll_s, requeue, log_hint=str(script.parent / f"*-{job}.log"))
+
+
+def wait_for_job(job: str, poll_s: float = 2.0, requeue: bool = False, log_hint: str = "",
+                 max_errors: int = 30) -> str:
+    """Poll `scontrol` until job `job` ends; returns its final state.
+
+    A requeued job (`requeue`) that was preempted is waited for again. When `scontrol` does not know
+    the job (SLURM forgets finished jobs after `MinJobAge`; or the id is wrong) the state comes from
+    `sacct`; without accounting the wait returns "UNKNOWN" at once with a line saying so (it used to
+    poll forever). `scontrol` failing otherwise (slurmctld unreachable) is retried `max_errors` times.
+    """
+    state, errors = "PENDING", 0
     while True:
-        shown = _run(["scontrol", "show", "job", job]).stdout
-        fields = dict(f.split("=", 1) for f in shown.split() if "=" in f)
+        shown = _run(["scontrol", "show", "job", job])
+        if shown.returncode != 0:
+            if "invalid job id" not in shown.stderr.lower():
+                errors += 1
+                if errors > max_errors:
+                    raise UserError(f"scontrol show job {job}: {(shown.stderr.strip() or 'failed').splitlines()[-1]}"
+                                    f" ({errors} times in a row); is slurmctld up?")
+                time.sleep(poll_s)
+                continue
+            final = sacct_state(job)
+            if final is not None:
+                return final
+            where = f"; its log: {log_hint}" if log_hint else ""
+            print(f"[slurm] job {job}: scontrol no longer knows it and sacct has no record of it (accounting off?); "
+                  f"last seen {state}, final state unknown{where}", file=sys.stderr, flush=True)
+            return "UNKNOWN"
+        errors = 0
+        fields = dict(f.split("=", 1) for f in shown.stdout.split() if "=" in f)
         state = fields.get("JobState", state)
-        if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED"):
-            return job, state
+        if state not in ACTIVE_STATES and not (requeue and state == "PREEMPTED"):
+            return state
         time.sleep(poll_s)
+
+
+def sacct_state(job: str) -> str | None:
+    """The job's state from SLURM's accounting, or None without accounting or a record."""
+    if shutil.which("sacct") is None:
+        return None
+    try:
+        found = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "State"], capture_output=True,
+                               text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return None
+    lines = [line.split()[0] for line in found.stdout.splitlines() if line.strip()]
+    return lines[-1] if found.returncode == 0 and lines else None  # "CANCELLED by 0" -> CANCELLED
