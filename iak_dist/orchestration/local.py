@@ -135,6 +135,7 @@ def run_phase(cfg: PipelineConfig, phase: PhaseSpec, ctx: DistContext | None, sh
 
 def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext) -> Path:
     """Evaluate every fine-tuned (seed, strategy) on the test split and write the comparison report."""
+    from iak_dist.metrics import format_metric
     from iak_dist.phases.evaluate import evaluate
     from iak_dist.report import write_report
 
@@ -154,8 +155,8 @@ def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext) -> Path:
                 if ctx.is_main:
                     atomic_write_json(eval_file, metrics)
                 ctx.barrier()
-                log(f"seed {seed}: `{strategy}` test CTR-AUC {metrics['overall']['ctr_auc']:.4f} "
-                    f"CTCVR-AUC {metrics['overall']['ctcvr_auc']:.4f}")
+                log(f"seed {seed}: `{strategy}` test CTR-AUC {format_metric(metrics['overall']['ctr_auc'])} "
+                    f"CTCVR-AUC {format_metric(metrics['overall']['ctcvr_auc'])}")  # None: n/a
             results[strategy][seed] = json.loads(eval_file.read_text())
             summary = json.loads((adapter_dir / "train_summary.json").read_text())
             costs[strategy]["seconds"] += summary.get("train/seconds", 0.0) / len(cfg.seeds)
