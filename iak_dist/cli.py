@@ -242,7 +242,10 @@ def run(args: argparse.Namespace) -> int:
 
             if args.strategy not in known_strategies():
                 raise UserError(f"--strategy {args.strategy}: unknown; known: {', '.join(known_strategies())}")
+            from iak_dist.phases.common import check_model_matches
+
             seed_dir = run_dir / f"seed{seed}"
+            check_model_matches(cfg.model, seed_dir / "backbone")
             finetune(cfg.data.dir, seed_dir / "backbone", args.strategy, cfg.finetune, seed,
                      seed_dir / "adapters" / args.strategy, ctx, dist_cfg=cfg.distributed)
         elif args.verb == "evaluate":

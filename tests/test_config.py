@@ -84,3 +84,19 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path, capsys):
     code, err = run_cli(["pipeline", "run", str(path)], capsys)
     assert (code, len(err)) == (2, 1)
     assert err[0] == f"error: config {path}: not UTF-8 text (byte 17); save it as UTF-8 YAML"
+
+
+def test_a_model_section_that_differs_from_the_backbones_is_named(backbone_dir, tmp_path, capsys):
+    """Fine-tuning builds the model from backbone.json: a config that says otherwise must not pass silently."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(backbone_dir, run_dir / "seed0" / "backbone")
+    code, err = run_cli(["finetune", "configs/movielens_age.yaml", "--strategy", "head", "--seed", "0",
+                         "--set", f"run_dir={run_dir}", "--set", "model.tower=[32, 16]",
+                         "--set", "model.embedding_dim=12"], capsys)
+    assert code == 2 and err[0].startswith("[iak-dist] torch")  # the stack line, then the one error
+    backbone = run_dir / "seed0" / "backbone"
+    assert err[1:] == [f"error: model.embedding_dim: the config says 12, the backbone in {backbone} "
+                      "was pre-trained with 8; use the backbone's value or pre-train again (another run_dir)"]
+    assert not (run_dir / "seed0" / "adapters").exists()

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from iak_dist.config import ShardingConfig
+from iak_dist.config import ModelConfig, ShardingConfig, to_dict
 from iak_dist.data.schema import Schema
 from iak_dist.distributed.checkpoint import load_backbone_weights, load_plain_state_dict, read_backbone_meta
 from iak_dist.distributed.context import DistContext
@@ -25,6 +25,22 @@ def check_schema_matches(data_schema: Schema, meta: dict[str, Any], data_dir: st
     if theirs != mine:
         diff = sorted(set(theirs.items()) ^ set(mine.items()))
         raise UserError(f"{data_dir}: the data's sparse features differ from the backbone's: {diff[:4]}")
+
+
+def check_model_matches(model_cfg: ModelConfig, backbone_dir: str | Path) -> None:
+    """The config's `model` section must be the one the backbone was pre-trained with.
+
+    Fine-tuning, evaluation and export build the model from `backbone.json`; a config whose model
+    section says otherwise (changed after pre-training) would silently not be what runs.
+    """
+    meta = read_backbone_meta(backbone_dir)
+    mine, theirs = to_dict(model_cfg), meta["model"]
+    diff = [k for k in mine if mine[k] != theirs.get(k)]
+    if diff:
+        key = diff[0]
+        raise UserError(f"model.{key}: the config says {mine[key]!r}, the backbone in {backbone_dir} was "
+                        f"pre-trained with {theirs.get(key)!r}; use the backbone's value or pre-train again "
+                        f"(another run_dir)")
 
 
 def build_from_backbone(
