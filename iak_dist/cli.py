@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--phase", default="pretrain", help="torchrun launcher: pretrain, finetune or pipeline")
     slurm.add_argument("--strategy", default="iak", help="torchrun launcher with --phase finetune")
     slurm.add_argument("--procs-per-node", type=int, default=1, help="torchrun launcher: ranks per node")
+    slurm.add_argument("--gres", default="", help="generic resources per node, e.g. gpu:4")
+    slurm.add_argument("--mem", default="", help="memory per node, e.g. 64G")
+    slurm.add_argument("--account", default="", help="account to charge")
+    slurm.add_argument("--signal", default="", help="warning signal before the time limit, e.g. B:TERM@120")
+    slurm.add_argument("--requeue", action="store_true", help="requeue the job when preempted (it resumes)")
     slurm.add_argument("--submit", choices=["ray", "torchrun"], help="sbatch this launcher and wait for the job")
 
     sweep = verbs.add_parser("sweep", help="run the pipeline over a grid of overrides; tabulate results")
@@ -193,13 +198,14 @@ def run(args: argparse.Namespace) -> int:
 
         opts = SlurmOptions(nodes=args.nodes, cpus_per_task=args.cpus_per_task, partition=args.partition,
                             time_limit=args.time, procs_per_node=args.procs_per_node, phase=args.phase,
-                            strategy=args.strategy)
+                            strategy=args.strategy, gres=args.gres, mem=args.mem, account=args.account,
+                            signal=args.signal, requeue=args.requeue)
         scripts = write_scripts(cfg, args.out, opts)
         for kind, path in scripts.items():
             print(f"{kind}: sbatch {path}")
         if not args.submit:
             return 0
-        job, state = submit_and_wait(scripts[args.submit], args.partition)
+        job, state = submit_and_wait(scripts[args.submit], args.partition, requeue=args.requeue)
         print(f"[slurm] job {job}: {state}", file=sys.stderr)
         return 0 if state == "COMPLETED" else 1
     if args.verb == "profile":

@@ -220,7 +220,8 @@ class ZeroConfig:
     stage: int = 0
     """ZeRO stage 0-3: 0 replicates everything, 1 shards optimizer state, 2 + gradients, 3 + parameters."""
     bf16: bool = False
-    """Train the dense modules in bfloat16 (fp32 master weights)."""
+    """Train the dense modules in bfloat16. Not supported yet: the embeddings and adapters feed the
+    dense part float32 activations, so `true` is refused in one line when the engine is built."""
     gradient_clipping: float = 1.0
     """Clip the dense gradients' global norm to this (0 turns clipping off). 1.0 is DeepSpeed's own
     default, written here so that it is visible; it costs a norm over every dense gradient per step."""

@@ -166,7 +166,7 @@ def plain_torchrec_stepper(cfg: PipelineConfig, schema, ctx, plan, ddp: bool = T
 
     from iak_dist.distributed.sharding import EBC_PATH
     from iak_dist.model.backbone import Backbone
-    from iak_dist.phases.loop import esmm_loss_per_row
+    from iak_dist.phases.step import esmm_loss_per_row
 
     torch.manual_seed(0)
     backbone = Backbone(schema, cfg.model, device=torch.device("meta"))
@@ -198,7 +198,7 @@ def plain_pytorch_stepper(cfg: PipelineConfig, schema, ctx) -> Stepper:
     from torch.nn.parallel import DistributedDataParallel
 
     from iak_dist.model.backbone import Backbone
-    from iak_dist.phases.loop import esmm_loss_per_row
+    from iak_dist.phases.step import esmm_loss_per_row
 
     torch.manual_seed(0)
     backbone = Backbone(schema, cfg.model)
@@ -254,7 +254,7 @@ def finetune_stepper(run, dense, total_steps: int, losses: list[torch.Tensor] | 
         nonlocal done
         start = clock(batch.dense.device)
         run.adapter.on_step(done % total_steps, total_steps)
-        loss = train_step(run.model, dense, batch, num_domains, run.sharded.data_parallel_optimizer)
+        loss, _ = train_step(run.model, dense, batch, num_domains, run.sharded.data_parallel_optimizer)
         seconds = clock(batch.dense.device) - start
         if losses is not None:
             losses.append(loss.detach())

@@ -121,6 +121,18 @@ def test_headers_ask_for_resources_and_preemption_handling(tmp_path):
         assert not any(f in header for f in ("--gres", "--mem", "--account", "--signal", "--requeue"))
 
 
+def test_the_cli_flags_reach_the_headers(tmp_path, capsys):
+    from iak_dist.cli import main
+
+    out = tmp_path / "job"
+    assert main(["slurm", "configs/movielens_age.yaml", "--out", str(out), "--gres", "gpu:2", "--mem", "64G",
+                 "--account", "proj-a", "--signal", "B:TERM@120", "--requeue"]) == 0
+    for text in texts({p.name: p for p in out.glob("*.sbatch")}).values():
+        for line in ("--gres=gpu:2", "--mem=64G", "--account=proj-a", "--signal=B:TERM@120", "--requeue"):
+            assert f"#SBATCH {line}\n" in text, line
+    assert len(list(out.glob("*.sbatch"))) == 2
+
+
 @pytest.mark.parametrize("option, message", [
     ({"mem": "lots"}, "--mem lots: expected a size such as 4000M or 64G"),
     ({"signal": "TERM in 2 min"}, "--signal TERM in 2 min: expected SLURM's [B:]SIG[@seconds]"),

@@ -2,33 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from iak_dist.config import OptimConfig
 from iak_dist.data.batch import Batch
-from iak_dist.data.sampler import domain_normalised_mean
 from iak_dist.distributed.sharding import DataParallelTableOptimizer
 from iak_dist.distributed.zero import DenseEngine
 from iak_dist.faults import fault_point
 from iak_dist.io import atomic_write_json
-from iak_dist.model.backbone import ModelOutput
 from iak_dist.model.strategies.base import Adapter
-
-
-def esmm_loss_per_row(out: ModelOutput, batch: Batch) -> torch.Tensor:
-    """BCE(p_ctr, click) + BCE(p_ctcvr, click AND convert), per row (ESMM's two supervised tasks)."""
-    ctr = F.binary_cross_entropy_with_logits(out.ctr_logit, batch.click, reduction="none")
-    log_p = F.logsigmoid(out.ctr_logit) + F.logsigmoid(out.cvr_logit)  # log p_ctcvr, stable
-    log_not_p = torch.log1p(-log_p.exp().clamp(max=1 - 1e-7))
-    ctcvr = -(batch.conversion * log_p + (1 - batch.conversion) * log_not_p)
-    return ctr + ctcvr
+from iak_dist.phases.step import forward_loss, train_step
 
 
 def train_loop(
@@ -59,18 +49,12 @@ def train_loop(
     With `overlap_input_dist`, steps run through TorchRec's sparse-dist train pipeline (the next
     batch's input distribution overlaps this batch's compute); the arithmetic is the same.
     """
-    def forward_loss(batch: Batch) -> tuple[torch.Tensor, tuple[Batch, torch.Tensor, ModelOutput]]:
-        out = model(batch)
-        per_row = esmm_loss_per_row(out, batch)
-        task = domain_normalised_mean(per_row, batch.domain, num_domains) if num_domains else per_row.mean()
-        return task + out.aux_loss, (batch, task, out)
-
     pipeline = None
     if overlap_input_dist:
         from iak_dist.distributed.pipeline import SparseDistPipeline
 
-        pipeline = SparseDistPipeline(model, forward_loss, dense, data_parallel_optimizer,
-                                      device or torch.device("cpu"))
+        pipeline = SparseDistPipeline(model, functools.partial(forward_loss, model, num_domains=num_domains), dense,
+                                      data_parallel_optimizer, device or torch.device("cpu"))
     model.train()
     samples, start = 0, time.perf_counter()
     ema, losses = None, []
@@ -85,14 +69,9 @@ def train_loop(
             loss = task + out.aux_loss
         else:
             batch = next(it)
-            loss, (batch, task, out) = forward_loss(batch if device is None else batch.to(device, non_blocking=True))
-            if dense is not None:
-                dense.backward(loss)  # sync point: the fused sparse update and the dense all-reduce
-                dense.step()
-            else:
-                loss.backward()
-            if data_parallel_optimizer is not None:
-                data_parallel_optimizer.step()
+            loss, (batch, task, out) = train_step(model, dense, batch if device is None
+                                                  else batch.to(device, non_blocking=True),
+                                                  num_domains, data_parallel_optimizer)
         samples += len(batch)
         pending.append(loss.detach())
         bar.update(1)

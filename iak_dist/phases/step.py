@@ -8,13 +8,22 @@ profiled step is the step that trains: fine-tuning averages each domain's mean l
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from iak_dist.data.batch import Batch
 from iak_dist.data.sampler import domain_normalised_mean
 from iak_dist.distributed.sharding import DataParallelTableOptimizer
 from iak_dist.distributed.zero import DenseEngine
 from iak_dist.model.backbone import ModelOutput
-from iak_dist.phases.loop import esmm_loss_per_row
+
+
+def esmm_loss_per_row(out: ModelOutput, batch: Batch) -> torch.Tensor:
+    """BCE(p_ctr, click) + BCE(p_ctcvr, click AND convert), per row (ESMM's two supervised tasks)."""
+    ctr = F.binary_cross_entropy_with_logits(out.ctr_logit, batch.click, reduction="none")
+    log_p = F.logsigmoid(out.ctr_logit) + F.logsigmoid(out.cvr_logit)  # log p_ctcvr, stable
+    log_not_p = torch.log1p(-log_p.exp().clamp(max=1 - 1e-7))
+    ctcvr = -(batch.conversion * log_p + (1 - batch.conversion) * log_not_p)
+    return ctr + ctcvr
 
 
 def task_loss(out: ModelOutput, batch: Batch, num_domains: int | None) -> torch.Tensor:
@@ -34,10 +43,11 @@ def forward_loss(model: torch.nn.Module, batch: Batch, num_domains: int | None,
 
 
 def train_step(model: torch.nn.Module, dense: DenseEngine | None, batch: Batch, num_domains: int | None,
-               data_parallel_optimizer: DataParallelTableOptimizer | None = None) -> torch.Tensor:
-    """One un-pipelined step (forward, backward with the fused sparse update, dense step); returns the
-    loss, not synchronised (reading it is a host sync on CUDA)."""
-    loss, _ = forward_loss(model, batch, num_domains)
+               data_parallel_optimizer: DataParallelTableOptimizer | None = None,
+               ) -> tuple[torch.Tensor, tuple[Batch, torch.Tensor, ModelOutput]]:
+    """One un-pipelined step (forward, backward with the fused sparse update, dense step); returns what
+    `forward_loss` does, not synchronised (reading the loss is a host sync on CUDA)."""
+    loss, extras = forward_loss(model, batch, num_domains)
     if dense is not None:
         dense.backward(loss)  # sync point: the fused sparse update and the dense all-reduce
         dense.step()
@@ -45,4 +55,4 @@ def train_step(model: torch.nn.Module, dense: DenseEngine | None, batch: Batch, 
         loss.backward()
     if data_parallel_optimizer is not None:
         data_parallel_optimizer.step()
-    return loss
+    return loss, extras
