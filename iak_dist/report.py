@@ -9,6 +9,7 @@ and a footnote: its score is not a fine-tuning result.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +54,34 @@ def aggregate(results: dict[str, dict[int, dict[str, dict[str, Any]]]], domain_o
     return out
 
 
+def seeds_per_strategy(agg: dict[str, Any]) -> dict[str, int]:
+    """How many seeds each strategy's report holds (its overall row count is there once per seed)."""
+    return {s: int(by_domain["overall"]["rows"]["n"]) if "overall" in by_domain else 0 for s, by_domain in agg.items()}
+
+
+def _seeds_line(agg: dict[str, Any]) -> str:
+    """The one line that says what a cell is: a mean ± std over seeds, or one seed's score."""
+    counts = seeds_per_strategy(agg)
+    if len(set(counts.values())) == 1:
+        n = next(iter(counts.values()))
+        what = "1 seed: each cell is that seed's score" if n == 1 else f"Mean ± std over {n} seeds"
+    else:
+        what = ("Mean ± std over each strategy's seeds (" + ", ".join(f"{s}: {n}" for s, n in counts.items())
+                + "); a strategy with 1 seed shows that seed's score")
+    return f"{what}. Higher is better for AUCs, lower for LogLoss."
+
+
+def _cell(v: dict[str, Any]) -> str:
+    # one seed has no spread: `± 0.0000` would read as a measured, perfectly stable score
+    if v["n"] > 1:
+        return f"{format_metric(v['mean'])} ± {format_metric(v['std'])}"
+    return format_metric(v["mean"])
+
+
 def markdown(agg: dict[str, Any], costs: dict[str, dict[str, float]], title: str) -> str:
     strategies = list(agg)
     domains = list(next(iter(agg.values())).keys())
-    lines = [f"# {title}", ""]
-    n_seeds = agg[strategies[0]]["overall"]["rows"]["n"]
-    lines.append(f"Mean ± std over {n_seeds} seed(s). Higher is better for AUCs, lower for LogLoss.")
-    lines.append("")
+    lines = [f"# {title}", "", _seeds_line(agg), ""]
     if costs:
         lines += ["## Cost of fine-tuning", "",
                   "| strategy | trainable params | fine-tune time vs `full` |", "|---|---:|---:|"]
@@ -87,7 +109,7 @@ def markdown(agg: dict[str, Any], costs: dict[str, dict[str, float]], title: str
                     cells.append(f"n/a{mark}")
                     continue
                 bold = "**" if v["mean"] == best else ""
-                cells.append(f"{bold}{format_metric(v['mean'])} ± {format_metric(v['std'])}{bold}{mark}")
+                cells.append(f"{bold}{_cell(v)}{bold}{mark}")
             rows = int(agg[strategies[0]][d]["rows"]["mean"] or 0)
             lines.append(f"| {d} | {rows:,} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -99,36 +121,73 @@ def markdown(agg: dict[str, Any], costs: dict[str, dict[str, float]], title: str
     return "\n".join(lines)
 
 
-def plot(agg: dict[str, Any], path: Path, title: str) -> None:
+def plain_text(text: str) -> str:
+    """`text` without Markdown's inline marks (code backticks, bold / italic stars): plot titles
+    are drawn as is, so a backtick would show."""
+    return re.sub(r"[`*]", "", text)
+
+
+def build_figure(agg: dict[str, Any], title: str):
+    """The report's figure (a matplotlib `Figure`, not yet saved): per domain, each strategy's CTR-
+    and CTCVR-AUC as its gain over `none` (the pre-trained backbone, whose own AUC is written under
+    each domain's name: its gain would be 0 by definition, so it has no bar and no legend entry).
+    Error bars (± std over seeds) only where a mean has more than one seed behind it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    strategies = list(agg)
+    base_name = "none" if "none" in agg and len(agg) > 1 else None  # `none` alone: its absolute AUCs
+    strategies = [s for s in agg if s != base_name]
     domains = list(next(iter(agg.values())).keys())
-    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.3 * len(domains)), 8), sharex=True)
+    counts = seeds_per_strategy(agg)
+    low, high = min(counts.values()), max(counts.values())
+    seeds_text = "1 seed" if high == 1 else f"mean ± std over {low if low == high else f'{low}-{high}'} seeds"
+    # constrained layout makes room for the legend outside the axes (it covered the last bars)
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.3 * len(domains)) + 1.5, 8),
+                             layout="constrained")  # not sharex: each axes names its own `none` AUCs
     x = np.arange(len(domains))
-    width = 0.8 / len(strategies)
+    width = 0.8 / max(1, len(strategies))
+
     def values(s: str, metric: str, key: str) -> np.ndarray:  # None (not available) -> NaN: no bar
         return np.array([np.nan if (v := agg[s][d][metric][key]) is None else v for d in domains], dtype=float)
 
+    def spread_of(s: str, metric: str) -> np.ndarray | None:
+        n = values(s, metric, "n")
+        if not (n > 1).any():
+            return None  # one seed: no spread, and a zero-length bar would still draw its caps
+        return np.where(n > 1, values(s, metric, "std"), np.nan)
+
     for ax, metric in zip(axes, ("ctr_auc", "ctcvr_auc"), strict=True):
-        base = values("none", metric, "mean") if "none" in agg else None
+        base = values(base_name, metric, "mean") if base_name else None
         for i, s in enumerate(strategies):
             shown = values(s, metric, "mean") - base if base is not None else values(s, metric, "mean")
             at = x + i * width - 0.4 + width / 2
-            ax.bar(at, shown, width, yerr=values(s, metric, "std"), label=s, capsize=2)
+            ax.bar(at, shown, width, yerr=spread_of(s, metric), label=s, capsize=2,
+                   color=f"C{list(agg).index(s)}")  # the colour it has in every report
             for xpos in at[np.isnan(shown)]:  # say so, where an empty slot would read as "no difference"
                 ax.text(xpos, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(x, domains, rotation=30, ha="right")
-        ax.set_ylabel("AUC difference" if base is not None else "AUC")
+        if base is not None:
+            labels = [f"{d}\n{base_name} {format_metric(b, '.3f')}" for d, b in zip(domains, base, strict=True)]
+            ax.set_xticks(x, labels, fontsize=8)
+            ax.set_ylabel("AUC gain over none")
+            ax.set_title(f"{metric}: gain over none, the pre-trained backbone (its AUC under each domain); "
+                         f"{seeds_text}", fontsize=10)
+        else:
+            ax.set_xticks(x, domains, rotation=30, ha="right")
+            ax.set_ylabel("AUC")
+            ax.set_title(f"{metric}, {seeds_text}", fontsize=10)
         ax.axhline(0, color="black", linewidth=0.6)
-        ax.set_title(f"{metric} minus `none`" if base is not None else metric)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8, ncol=3)
-    fig.suptitle(title)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8, title="strategy")
+    fig.suptitle(plain_text(title))
+    return fig
+
+
+def plot(agg: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = build_figure(agg, title)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

@@ -96,3 +96,54 @@ def test_schema_without_user_or_conversion_reports_n_a_and_strict_json(data_copy
         assert " ± " in table_cells(md, "ctr_auc", domain)[0]
     assert "n/a: not available: the schema names no user column" in md
     assert (out / "report.png").stat().st_size > 5000
+
+
+def fake_results(seeds: int, strategies=("none", "full", "iak"), domains=("d0", "d1")) -> dict:
+    """Evaluation metrics of `seeds` seeds: each strategy a bit better than the one before."""
+    out = {}
+    for i, s in enumerate(strategies):
+        out[s] = {seed: {d: {"ctr_auc": 0.70 + 0.01 * i + 0.001 * seed, "ctcvr_auc": 0.65 + 0.01 * i,
+                             "gauc": 0.6, "logloss": 0.5, "rows": 100} for d in (*domains, "overall")}
+                  for seed in range(seeds)}
+    return out
+
+
+def test_one_seed_reports_scores_without_spread():
+    from iak_dist.report import aggregate, markdown
+
+    md = markdown(aggregate(fake_results(1), ["d0", "d1"]), {}, "t")
+    assert "±" not in md and md.count("1 seed") == 1, md
+    assert table_cells(md, "ctr_auc", "d0") == ["0.7000", "0.7100", "**0.7200**"]
+    three = markdown(aggregate(fake_results(3), ["d0", "d1"]), {}, "t")
+    assert "Mean ± std over 3 seeds" in three and table_cells(three, "ctr_auc", "d0")[0] == "0.7010 ± 0.0008"
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_report_figure_legend_titles_and_error_bars(seeds):
+    import matplotlib.pyplot as plt
+
+    from iak_dist.report import aggregate, build_figure
+
+    fig = build_figure(aggregate(fake_results(seeds), ["d0", "d1"]), "movielens `zip` **domains**")
+    try:
+        titles = [fig._suptitle.get_text()] + [ax.get_title() for ax in fig.axes]
+        assert titles[0] == "movielens zip domains" and not any("`" in t for t in titles), titles
+        assert all(ax.get_legend() is None for ax in fig.axes)  # one legend, outside the axes
+        (legend,) = fig.legends
+        # `none` is the baseline every bar is measured against: no bar, so no legend entry
+        assert [t.get_text() for t in legend.get_texts()] == ["full", "iak"]
+        fig.canvas.draw()
+        box = legend.get_window_extent()
+        assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)
+        from matplotlib.container import BarContainer
+
+        bars = [c for ax in fig.axes for c in ax.containers if isinstance(c, BarContainer)]
+        assert len(bars) == 4  # 2 strategies x 2 metrics
+        # one seed has no spread: no error bars (they drew flat caps)
+        assert all((c.errorbar is None) == (seeds == 1) for c in bars)
+        assert all(("1 seed" in t) == (seeds == 1) for t in titles[1:])
+        # the baseline's own AUC is shown where its bar would be: under each domain
+        mean_none = 0.70 + 0.001 * (seeds - 1) / 2
+        assert fig.axes[0].get_xticklabels()[0].get_text() == f"d0\nnone {mean_none:.3f}"
+    finally:
+        plt.close(fig)
