@@ -2,11 +2,17 @@
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
+import psutil
+import pyarrow.parquet as pq
 import pytest
 import yaml
+from ray_head import RayHead
 
 from iak_dist.cli import main
 
@@ -43,11 +49,23 @@ def run_cli(args, env=None, timeout=900):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, synth_dir):
+    """The whole pipeline on an embedded Ray, while another Ray runs on the machine and RAY_ADDRESS
+    names it (a user's own cluster): the embedded Ray must be its own instance and leave the other be."""
     tmp = tmp_path_factory.mktemp("ray_e2e")
     config = write_config(tmp, synth_dir)
-    result = run_cli(["pipeline", "run", str(config)])
-    assert result.returncode == 0, result.stderr[-4000:]
+    with RayHead(num_cpus=1) as other:
+        result = run_cli(["pipeline", "run", str(config)], env={"RAY_ADDRESS": other.address})
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert other.alive()
     return tmp, config, result
+
+
+def test_embedded_ray_is_its_own_instance_beside_another_ray(finished_run):
+    _, _, result = finished_run
+    for noise in ("Connecting to existing Ray cluster", "Found multiple active Ray instances", "Traceback",
+                  "PlacementGroupCleaner", "PreemptionWatcher"):
+        assert noise not in result.stderr, noise
+    assert "its own instance" in result.stderr
 
 
 def test_phases_run_as_ray_tasks_and_train_runs(finished_run):
@@ -62,7 +80,7 @@ def test_phases_run_as_ray_tasks_and_train_runs(finished_run):
     assert set(manifest["finetune-iak"]["metrics"]) == {"finetune/loss/iak/seed0"}
     assert sorted(manifest["evaluate"]["metrics"]) == ["eval/ctr_auc/iak", "eval/ctr_auc/lora", "eval/ctr_auc/none"]
     # Ray's copies of the 4 reported pre-training checkpoints are bounded
-    assert len(list((run / "ray" / "pretrain").glob("checkpoint_*"))) == 1
+    assert len([p for p in (run / "ray" / "pretrain").glob("checkpoint_*") if p.is_dir()]) == 1
     assert "over 2 rank(s)" in result.stderr  # pre-training ran on a 2-worker Ray Train group
     report = json.loads((run / "report.json").read_text())
     assert sorted(report["aggregate"]) == ["iak", "lora", "none"]
@@ -130,37 +148,94 @@ def test_cluster_address_that_does_not_answer(tmp_path, synth_dir):
     assert len(errors) == 1 and "orchestration.address '127.0.0.1:1': no Ray cluster answers there" in errors[0]
 
 
-def test_driver_killed_mid_pipeline_resumes_without_redoing_finished_phases(synth_dir, tmp_path):
-    import signal
-    import time
+def test_bad_data_in_a_ray_worker_fails_the_phase_at_once_in_one_line(tmp_path, synth_dir):
+    """A UserError is not a fault: no retries, no worker tracebacks, the manifest says why."""
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    broken = data / "pretrain.parquet"
+    pq.write_table(pq.read_table(broken).drop_columns(["item_id"]), broken)
+    config = write_config(tmp_path, data, phases=[{"name": "pretrain", "type": "pretrain", "workers": 2,
+                                                    "max_failures": 2}])
+    result = run_cli(["pipeline", "run", str(config)])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(errors) == 1 and "column 'item_id' is missing" in errors[0] and str(broken) in errors[0], errors
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    phase = json.loads((tmp_path / "run" / "manifest.json").read_text())["phases"]["pretrain"]
+    assert phase["state"] == "failed" and phase["attempts"] == 1 and "column 'item_id' is missing" in phase["error"]
 
-    config = write_config(tmp_path, synth_dir, phases=PHASES[:3] + [
+
+def start_driver(config, stderr_path):
+    with open(stderr_path, "w") as err:
+        return subprocess.Popen([sys.executable, "-m", "iak_dist.cli", "pipeline", "run", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+
+
+def wait_until_training(driver, run_dir, phase, progress, min_step=0):
+    """Until `phase` is running and its training loop has reported step `min_step` (its workers are up)."""
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        manifest = run_dir / "manifest.json"
+        entry = json.loads(manifest.read_text())["phases"].get(phase, {}) if manifest.is_file() else {}
+        if (entry.get("state") == "running" and progress.is_file()
+                and progress.stat().st_mtime >= entry["started"]
+                and json.loads(progress.read_text())["step"] >= min_step):
+            return
+        assert driver.poll() is None, "the pipeline ended before it could be stopped"
+        time.sleep(0.5)
+    pytest.fail(f"{phase} never trained")
+
+
+def test_driver_stopped_or_killed_mid_phase_leaves_no_process_and_resumes(finished_run, synth_dir, tmp_path):
+    """SIGTERM (SLURM's preemption signal): one line, exit 143, phase marked interrupted, Ray gone.
+    SIGKILL of the driver alone: its embedded Ray and the training worker end with it. Then the
+    same command resumes without redoing finished phases."""
+    reference, _, _ = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference / "run" / "seed0" / "backbone", run_dir / "seed0" / "backbone")
+    config = write_config(tmp_path, synth_dir, phases=[
+        {"name": "prepare", "type": "prepare"},
+        {"name": "finetune-iak", "type": "finetune", "strategies": ["iak"], "after": ["prepare"]},
         {"name": "evaluate", "type": "evaluate", "after": ["finetune-iak"]}],
-        finetune={"strategies": ["iak"], "optim": {"steps": 400, "batch_size": 128}})
-    manifest_path = tmp_path / "run" / "manifest.json"
-    driver = subprocess.Popen([sys.executable, "-m", "iak_dist.cli", "pipeline", "run", str(config)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        finetune={"strategies": ["iak"], "optim": {"steps": 150, "batch_size": 128}})
+    progress = run_dir / "seed0" / "adapters" / "progress.json"
+    stderr_path = tmp_path / "driver.err"
+    started: list[psutil.Process] = []
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            phases = json.loads(manifest_path.read_text())["phases"] if manifest_path.is_file() else {}
-            if phases.get("finetune-iak", {}).get("state") == "running":
-                break
-            assert driver.poll() is None, "the pipeline ended before it could be killed"
-            time.sleep(0.5)
-        else:
-            pytest.fail("fine-tuning never started")
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
+        driver = start_driver(config, stderr_path)
+        wait_until_training(driver, run_dir, "finetune-iak", progress)
+        started = psutil.Process(driver.pid).children(recursive=True)
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=120) == 128 + signal.SIGTERM
+        err = stderr_path.read_text()
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "interrupted by SIGTERM: phase finetune-iak stopped" in errors[0], err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        entry = json.loads((run_dir / "manifest.json").read_text())["phases"]["finetune-iak"]
+        assert entry["state"] == "interrupted" and entry["attempts"] == 1
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, f"outlived the stopped driver: {[p.name() for p in alive]}"
+
+        driver = start_driver(config, stderr_path)
+        wait_until_training(driver, run_dir, "finetune-iak", progress, min_step=12)  # past a checkpoint
+        started = psutil.Process(driver.pid).children(recursive=True)
+        assert any("RayTrainWorker" in p.name() for p in started), [p.name() for p in started]
+        os.kill(driver.pid, signal.SIGKILL)  # the driver alone, as the OOM killer would
         driver.wait()
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, f"outlived the killed driver: {[p.name() for p in alive]}"
     finally:
-        subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"],
-                       capture_output=True, timeout=120)
-    killed = json.loads(manifest_path.read_text())["phases"]
-    assert killed["pretrain"]["state"] == "done" and killed["finetune-iak"]["state"] == "running"
+        for proc in started:  # only what this test started
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+    assert json.loads((run_dir / "manifest.json").read_text())["phases"]["finetune-iak"]["state"] == "running"
 
     again = run_cli(["pipeline", "run", str(config)])
     assert again.returncode == 0, again.stderr[-3000:]
-    phases = json.loads(manifest_path.read_text())["phases"]
-    assert phases["prepare"]["attempts"] == 1 and phases["pretrain"]["attempts"] == 1  # not redone
-    assert phases["finetune-iak"]["attempts"] == 2 and all(p["state"] == "done" for p in phases.values())
-    assert "phase pretrain: done in an earlier run, skipping" in again.stderr
+    phases = json.loads((run_dir / "manifest.json").read_text())["phases"]
+    assert phases["prepare"]["attempts"] == 1  # not redone
+    assert phases["finetune-iak"]["attempts"] == 3 and all(p["state"] == "done" for p in phases.values())
+    assert "phase prepare: done in an earlier run, skipping" in again.stderr
+    assert "[finetune iak] resuming at step" in again.stderr

@@ -1,35 +1,21 @@
 """`iak-dist submit` against a real Ray head started here on 127.0.0.1."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-VENV_BIN = Path(sys.executable).parent
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ray_head import RayHead
 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    dashboard = free_port()
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-           "--include-dashboard=true", "--disable-usage-stats"]
-    started = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
-    assert started.returncode == 0, started.stderr[-2000:]
-    yield f"http://127.0.0.1:{dashboard}"
-    subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+    """A head of this test's own (stopped by PID: `ray stop` would stop every Ray on the machine)."""
+    with RayHead(num_cpus=2, dashboard=True) as head:
+        yield head.dashboard_url
+        assert head.alive(), "the head died during the test"
 
 
 def test_submitted_pipeline_runs_to_completion_with_streamed_logs(ray_head, synth_dir, tmp_path):

@@ -90,6 +90,7 @@ class Driver:
                 try:
                     self._schedule(phases, specs, manifest)
                 except Interrupted as exc:
+                    _close_progress_bars()
                     stopped = sorted(self.running)
                     for name in stopped:
                         with contextlib.suppress(UserError):  # a full disk must not hide the interruption
@@ -114,7 +115,7 @@ class Driver:
             try:
                 atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             except OSError as exc:
-                raise UserError(os_error_line(exc, "cannot write the resolved config")) from exc
+                raise UserError(os_error_line(exc, "cannot write the resolved config", resume=True)) from exc
             return Manifest.open(self.run_dir, specs).phases
 
         phases = self.executor.main_only(write, share=True)
@@ -172,6 +173,7 @@ class Driver:
             restarts = f", {outcome['restarts']} worker-group restart(s)" if outcome.get("restarts") else ""
             log(f"phase {name}: done in {entry['finished'] - entry['started']:.0f} s{restarts}")
             return
+        _close_progress_bars()
         line = user_facing(exc)
         message = line or last_line(exc)
         manifest.update(name, state="failed", finished=time.time(), error=message,
@@ -203,3 +205,12 @@ def _signals_raise_interrupted() -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _close_progress_bars() -> None:
+    """End a failed phase's progress bar now: left open, it ends its line after our error line."""
+    import sys
+
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()

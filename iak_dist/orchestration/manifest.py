@@ -85,7 +85,7 @@ class Manifest:
         except OSError as exc:
             if exc.filename is None:
                 exc.filename = str(self.path)
-            raise UserError(os_error_line(exc, "cannot write the run's manifest")) from exc
+            raise UserError(os_error_line(exc, "cannot write the run's manifest", resume=True)) from exc
 
 
 def _load(path: Path) -> dict[str, dict[str, Any]]:

@@ -39,14 +39,15 @@ _DENIED = {errno.EROFS, errno.EACCES, errno.EPERM}
 STORAGE_ERRNOS = _FULL | _DENIED | {errno.ENOTDIR, errno.EISDIR, errno.EIO, errno.ENAMETOOLONG}
 
 
-def os_error_line(exc: OSError, doing: str = "") -> str:
-    """`PATH: [doing: ]cause (ENOSPC)` plus what to do, for a storage fault."""
+def os_error_line(exc: OSError, doing: str = "", resume: bool = False) -> str:
+    """`PATH: [doing: ]cause (ENOSPC); what to do`, for a storage fault."""
     path = exc.filename if exc.filename is not None else "?"
     name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
     what = f"{doing}: " if doing else ""
     fix = ("free space" if exc.errno in _FULL else "make it writable" if exc.errno in _DENIED
            else "fix the path")
-    return f"{path}: {what}{exc.strerror or exc} ({name}); {fix}, then run the same command again to resume"
+    return f"{path}: {what}{exc.strerror or exc} ({name}); {fix}" + (
+        ", then run the same command again to resume" if resume else "")
 
 
 def _causes(exc: BaseException) -> list[BaseException]:

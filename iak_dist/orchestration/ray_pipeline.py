@@ -84,9 +84,10 @@ class EmbeddedRay:
     """A local Ray of our own: own temp folder, own GCS port, never another instance; ended with
     the driver by a watchdog process (see `watchdog.py`)."""
 
-    def __init__(self, temp_dir: str, watchdog: subprocess.Popen) -> None:
+    def __init__(self, temp_dir: str, watchdog: subprocess.Popen, saved_env: dict[str, str | None]) -> None:
         self.temp_dir = temp_dir
         self.watchdog = watchdog
+        self.saved_env = saved_env
 
     @staticmethod
     def start(num_cpus: int, lock_fd: int = -1) -> EmbeddedRay:
@@ -99,16 +100,16 @@ class EmbeddedRay:
         env = {TAG_VARIABLE: tag, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_GCS_SERVER_PORT": str(port),
                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
         watchdog = subprocess.Popen(
-            [sys.executable, "-m", "iak_dist.orchestration.watchdog", tag, temp_dir],
+            [sys.executable, "-m", "iak_dist.orchestration.watchdog", tag, temp_dir, str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, pass_fds=(lock_fd,) if lock_fd >= 0 else (),
             env={k: v for k, v in os.environ.items() if k != TAG_VARIABLE})
-        embedded = EmbeddedRay(temp_dir, watchdog)
-        saved = {k: os.environ.get(k) for k in env}
+        # inherited by every process of this Ray; in the driver until `stop` (then restored), so
+        # that nothing here resolves another Ray either
+        embedded = EmbeddedRay(temp_dir, watchdog, {k: os.environ.get(k) for k in env})
         before = {c.pid for c in psutil.Process().children()}
-        # ray.init installs a SIGTERM handler (sys.exit) that would replace the driver's
-        handlers = _signal_handlers()
-        os.environ.update(env)  # inherited by every process of this Ray (and only by them: restored below)
+        handlers = _signal_handlers()  # ray.init installs a SIGTERM handler (sys.exit) over the driver's
+        os.environ.update(env)
         try:
             ray.init(address="local", num_cpus=num_cpus or None, include_dashboard=False,
                      _node_ip_address="127.0.0.1", _temp_dir=temp_dir, log_to_driver=True, configure_logging=False,
@@ -117,11 +118,6 @@ class EmbeddedRay:
             embedded.stop()
             raise
         finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
             _restore_signal_handlers(handlers)
             for child in psutil.Process().children():
                 if child.pid not in before and child.pid != watchdog.pid:
@@ -134,7 +130,7 @@ class EmbeddedRay:
             assert self.watchdog.stdin is not None
             self.watchdog.stdin.write(f"watch {pid}\n".encode())
             self.watchdog.stdin.flush()
-        except OSError:
+        except (OSError, ValueError):  # the watchdog is gone, or its pipe closed by `stop`
             pass
 
     def stop(self) -> None:
@@ -145,6 +141,11 @@ class EmbeddedRay:
             if ray.is_initialized():
                 ray.shutdown()
         finally:
+            for key, value in self.saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
             if self.watchdog.stdin is not None:
                 self.watchdog.stdin.close()
             try:

@@ -13,7 +13,7 @@ embedded Ray's tag (Ray workers inherit it; a worker started in the last half se
 that way), then deletes the embedded Ray's temp folder. It shares the run directory's lock, so
 the lock ends only when the Ray is gone.
 
-Run as `python -m iak_dist.orchestration.watchdog TAG TEMP_DIR` (stdlib and psutil only).
+Run as `python -m iak_dist.orchestration.watchdog TAG TEMP_DIR DRIVER_PID` (stdlib and psutil only).
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ import time
 TAG_VARIABLE = "IAK_DIST_EMBEDDED_RAY"
 
 
-def _tagged(tag: str) -> list:
+def _tagged(tag: str, spare: set[int]) -> list:
     import psutil
 
     found = []
     for proc in psutil.process_iter():
-        if proc.pid == os.getpid():
+        if proc.pid in spare:
             continue
         try:
             if proc.environ().get(TAG_VARIABLE) == tag:
@@ -56,8 +56,10 @@ def _kill(procs) -> int:
     return killed
 
 
-def main(tag: str, temp_dir: str) -> None:
+def main(tag: str, temp_dir: str, driver_pid: int) -> None:
     import psutil
+
+    spare = {os.getpid(), driver_pid}  # the driver, when it closed the pipe itself, is still alive
 
     roots: list = []
     known: dict[int, psutil.Process] = {}
@@ -93,10 +95,10 @@ def main(tag: str, temp_dir: str) -> None:
     _kill(known.values())
     deadline, quiet = time.time() + 20, 0
     while time.time() < deadline and quiet < 2:
-        quiet = quiet + 1 if _kill(_tagged(tag)) == 0 else 0
+        quiet = quiet + 1 if _kill(_tagged(tag, spare)) == 0 else 0
         time.sleep(0.2)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
