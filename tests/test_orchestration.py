@@ -190,7 +190,8 @@ def test_sigterm_stops_an_in_process_run_marks_it_and_the_rerun_resumes(tmp_path
             driver.kill()
     assert driver.returncode == 128 + signal.SIGTERM, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "interrupted by SIGTERM: phase pretrain stopped and marked interrupted" in errors[0], err[-2000:]
+    assert len(errors) == 1, err[-2000:]
+    assert "interrupted by SIGTERM: phase pretrain stopped and marked interrupted" in errors[0]
     assert "Traceback" not in err
     assert manifest_of(run)["pretrain"]["state"] == "interrupted"
     assert (run / "driver.lock").read_text() == ""
@@ -200,3 +201,24 @@ def test_sigterm_stops_an_in_process_run_marks_it_and_the_rerun_resumes(tmp_path
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[pretrain] resuming at step 20" in again.stderr
     assert manifest_of(run)["pretrain"]["state"] == "done" and manifest_of(run)["pretrain"]["attempts"] == 2
+
+
+def test_a_done_phase_runs_again_when_it_covers_other_seeds_or_strategies(tmp_path):
+    """A sweep pre-trains its base run with strategies [none]; a later full run there must fine-tune the rest."""
+    import dataclasses
+
+    from iak_dist.config import PhaseSpec, load_config
+    from iak_dist.orchestration.driver import phase_spec
+    from iak_dist.orchestration.manifest import Manifest
+
+    one = load_config(None, ["finetune.strategies=[none]"])
+    phase = PhaseSpec("finetune", "finetune", after=["pretrain"])
+    manifest = Manifest.open(tmp_path, {"finetune": phase_spec(one, phase)})
+    manifest.start("finetune", phase_spec(one, phase))
+    manifest.update("finetune", state="done")
+    again = Manifest.open(tmp_path, {"finetune": phase_spec(one, phase)})
+    assert again.is_done("finetune", phase_spec(one, phase))
+    assert again.is_done("finetune", phase_spec(one, dataclasses.replace(phase, workers=2, max_failures=5)))
+    assert not again.is_done("finetune", phase_spec(load_config(None, ["finetune.strategies=[none,iak]"]), phase))
+    assert not again.is_done("finetune", phase_spec(load_config(None, ["finetune.strategies=[none]", "seeds=[0,1]"]),
+                                                    phase))

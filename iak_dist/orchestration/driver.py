@@ -62,12 +62,15 @@ def run_pipeline(cfg: PipelineConfig, use_ray: bool = False, address: str | None
 
 
 def phase_spec(cfg: PipelineConfig, phase: PhaseSpec) -> dict[str, Any]:
-    """What a phase covers: when it changes (other seeds, strategies), a done phase runs again
-    (and skips the seeds and strategies it finished before)."""
-    covers: dict[str, Any] = {} if phase.type == "prepare" else {"seeds": list(cfg.seeds)}
+    """What a phase produces: when it changes (another type, other seeds or strategies), a done
+    phase runs again (and skips the seeds and strategies it finished before). Workers, GPUs and
+    retries change how, not what: they do not count."""
+    spec: dict[str, Any] = {"type": phase.type}
+    if phase.type != "prepare":
+        spec["seeds"] = list(cfg.seeds)
     if phase.type in ("finetune", "evaluate", "export"):
-        covers["strategies"] = list(phase.strategies or cfg.finetune.strategies)
-    return {"phase": to_dict(phase), **covers}
+        spec["strategies"] = list(phase.strategies or cfg.finetune.strategies)
+    return spec
 
 
 class Driver:
