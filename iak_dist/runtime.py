@@ -16,8 +16,38 @@ def say(message: str, rank: int | None = None) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _drop_fbgemm_info(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or "fbgemm_gpu" not in record.pathname
+# (path fragment of the logging call, start of the message or "" for any, highest level dropped):
+# third-party lines logged through the *root* logger on every successful run
+_QUIET_ROOT_RECORDS = (
+    # FBGEMM: "Successfully loaded: 'fbgemm_gpu_*.so'" per library at import, kernel arguments
+    (f"fbgemm_gpu{os.sep}", "", logging.INFO),
+    # TorchRec's plan validation, for every data-parallel table: such a table has no sharding spec
+    # by design (it is replicated); a table really missing from the plan raises a PlannerError
+    (os.path.join("torchrec", "distributed", "planner", "planners.py"), "Sharding spec not found for ",
+     logging.WARNING),
+)
+
+
+def _quiet_root_record(record: logging.LogRecord) -> bool:
+    """A root-logger filter: False drops the record (see `_QUIET_ROOT_RECORDS`)."""
+    for path, start, level in _QUIET_ROOT_RECORDS:
+        if record.levelno <= level and path in record.pathname and str(record.msg).startswith(start):
+            return False
+    return True
+
+
+def quiet_root_logging() -> None:
+    """Drop the third-party root-logger lines of `_QUIET_ROOT_RECORDS`; idempotent and cheap.
+
+    Called when `iak_dist` is imported (its `__init__`), not only by `configure_environment`: a
+    Ray worker on a cluster that was joined with `ray.init(address=...)` has no setup hook of
+    ours, sets the root logger at INFO, and imports FBGEMM while it unpickles our phase function,
+    before any of our code runs. A filter on the root logger survives Ray Train re-configuring
+    it (`dictConfig` replaces handlers and the level, never filters).
+    """
+    root = logging.getLogger()
+    if not any(f is _quiet_root_record for f in root.filters):
+        root.addFilter(_quiet_root_record)
 
 
 def nvidia_device_present() -> bool:
@@ -60,12 +90,21 @@ def configure_environment() -> None:
     # on the root logger (which re-configuring keeps) drops FBGEMM's INFO records there too.
     root = logging.getLogger()
     root.setLevel(max(root.level, logging.WARNING))
-    if not any(f is _drop_fbgemm_info for f in root.filters):
-        root.addFilter(_drop_fbgemm_info)
+    quiet_root_logging()
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category, module=r"torchrec\..*")
     warnings.filterwarnings("ignore", message=".*ShardedTensor.*")
     warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
+    # DeepSpeed's ZeRO collectives call torch's old names (once per call site and rank: a dozen
+    # lines under torchrun); the warning points into torch's c10d_logger, hence by message
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=rf"`torch\.distributed\.{name}` is deprecated",
+                                category=FutureWarning)
+    # data-parallel tables run FBGEMM's dense kernel, which builds its autograd graph inside its
+    # CPU kernel rather than under the Autograd key: torch warns at backward, yet the gradients are
+    # right (tests/test_distributed.py compares data-parallel training with one process)
+    warnings.filterwarnings("ignore", message=r"fbgemm::dense_embedding_codegen_lookup_function: an autograd "
+                            r"kernel was not registered", category=UserWarning)
 
 
 def describe_stack() -> str:

@@ -132,7 +132,8 @@ def finetune(
 ) -> dict[str, float]:
     """Fine-tune `strategy` on `data_dir/finetune.parquet`; save the adapter to `out_dir`.
 
-    `on_checkpoint(step, path)` runs on every rank after each checkpoint.
+    `on_checkpoint(step, path)` runs on every rank after each checkpoint. `show_progress`: a progress
+    bar, and a closing line saying where the adapter went (pipelines log their own lines instead).
     """
     dist_cfg = dist_cfg or DistributedConfig()
     out_dir = Path(out_dir)
@@ -186,4 +187,6 @@ def finetune(
                      extra={"rows_per_domain": rows_per_domain.tolist()}, state=adapter_state)
         atomic_write_json(out_dir / "train_summary.json", summary)
     ctx.barrier()
+    if show_progress:
+        say(f"[finetune {strategy}] seed {seed}: adapter written to {out_dir}", ctx.rank)
     return summary

@@ -20,7 +20,7 @@ from iak_dist.distributed.checkpoint import CheckpointManager, export_backbone
 from iak_dist.distributed.context import DistContext
 from iak_dist.distributed.sharding import ShardedRanker, format_plan, init_tables, plan_rows, shard_ranker
 from iak_dist.distributed.zero import DenseEngine
-from iak_dist.io import atomic_write_json
+from iak_dist.io import atomic_write_json, atomic_write_text
 from iak_dist.model.backbone import Backbone
 from iak_dist.model.ranker import Ranker
 from iak_dist.phases.loop import train_loop
@@ -69,6 +69,33 @@ def build_pretrain(schema: Schema, model_cfg: ModelConfig, optim: OptimConfig, d
     return sharded, dense
 
 
+PLAN_RECORD = "sharding_plan.txt"
+"""In the run folder (the seeds' parent): the sharding plan as last printed, for the other seeds."""
+_printed_plans: set[str] = set()  # plans this process printed (torchrun / --no-ray: one process, every seed)
+
+
+def show_plan(plan_text: str, world_size: int, run_dir: Path, ctx: DistContext) -> None:
+    """Print the sharding plan once, not once per seed: every seed of a run gets the same plan.
+
+    A plan this process printed, or that another seed's pre-training recorded in
+    `run_dir/sharding_plan.txt` (Ray runs each phase in fresh worker processes), gets one line
+    saying where it is. Two seeds starting at the same instant may both print it.
+    """
+    if not ctx.is_main:
+        return
+    header = f"sharding plan over {world_size} rank(s)"
+    text = f"{header}:\n{plan_text}\n"
+    record = run_dir / PLAN_RECORD
+    recorded = record.is_file() and record.read_text() == text
+    if text in _printed_plans or recorded:
+        say(f"[pretrain] {header}: the same as before, in {record}")
+    else:
+        say(f"[pretrain] {text.rstrip()}")
+    if not recorded:
+        atomic_write_text(record, text, durable=False)  # a courtesy to the next seed, not a result
+    _printed_plans.add(text)
+
+
 def pretrain(
     data_dir: str | Path, model_cfg: ModelConfig, optim: OptimConfig, dist_cfg: DistributedConfig, seed: int,
     out_dir: str | Path, ctx: DistContext, show_progress: bool = True,
@@ -78,7 +105,8 @@ def pretrain(
 
     Checkpoints go to `out_dir/checkpoints/pretrain` every `dist_cfg.checkpoint_every` steps (and at
     the end); a re-run resumes from the newest complete one. `on_checkpoint(step, path)` runs on
-    every rank after each checkpoint (Ray Train reports it there).
+    every rank after each checkpoint (Ray Train reports it there). `show_progress`: a progress bar,
+    and a closing line saying where the backbone went (pipelines log their own lines instead).
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     schema = Schema.load(data_dir / "schema.yaml")
@@ -87,7 +115,7 @@ def pretrain(
     torch.manual_seed(seed)
     sharded, dense = build_pretrain(schema, model_cfg, optim, dist_cfg, seed, ctx)
     plan_text = format_plan(plan_rows(sharded.plan, sharded.ranker, ctx.world_size))
-    say(f"[pretrain] sharding plan over {ctx.world_size} rank(s):\n{plan_text}", ctx.rank)
+    show_plan(plan_text, ctx.world_size, out_dir.parent, ctx)
     checkpoints = CheckpointManager(out_dir / "checkpoints" / "pretrain", ctx, dist_cfg.keep_checkpoints)
     total = steps_for(optim, reader.num_rows)
     state = checkpoints.restore_latest(sharded.model, dense, warn=lambda m: say(m, ctx.rank),
@@ -119,9 +147,11 @@ def pretrain(
             export_backbone(sharded.model, schema, model_cfg, out_dir / "backbone", ctx.rank)
         if ctx.is_main:
             atomic_write_json(out_dir / "backbone" / "train_summary.json", summary)
-            (out_dir / "backbone" / "plan.txt").write_text(plan_text + "\n")
+            atomic_write_text(out_dir / "backbone" / "plan.txt", plan_text + "\n")
         ctx.barrier()  # sync point: other ranks go on to read the exported backbone
     finally:
         if writer is not None:
             writer.close()
+    if show_progress:
+        say(f"[pretrain] seed {seed}: backbone written to {out_dir / 'backbone'}", ctx.rank)
     return summary
