@@ -15,7 +15,8 @@ tower [128, 64]. The points of a curve are built side by side and take turns ove
 - ranks: pre-train samples/s per rank and in total on 1 and 2 ranks (torchrun, gloo on CPU,
   NCCL on GPUs), each rank with its own batch of 1024 (weak scaling).
 
-Writes `--out/scaling.json` and `scaling.png`, and prints Markdown tables.
+Says on stderr what each curve measures before it starts and prints each point as soon as it is
+measured; writes `--out/scaling.json` and `scaling.png`, and prints Markdown tables at the end.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,41 +114,86 @@ def measure(configs: dict[str, tuple[tuple[int, ...], int, str, int]], dim: int,
     return {name: t["step"] for name, t in interleaved(steppers, batches, rounds).items()}
 
 
-def batch_curve(ctx, dim: int) -> list[dict[str, Any]]:
-    sizes = (256, 512, 1024, 2048, 4096)
-    steps = measure({str(b): (THREE_TABLES, 1, "none", b) for b in sizes}, dim, ctx)
-    return [{"batch": b, "samples_per_s": b / steps[str(b)]} for b in sizes]
+# Each curve yields its points as they are measured (the points of one `measure` call come together).
+BATCH_SIZES = (256, 512, 1024, 2048, 4096)
+DOMAIN_COUNTS = (2, 8, 32, 128, 512)
+RANK_COUNTS = (1, 2)
 
 
-def table_curve(ctx, dim: int, max_rows: int) -> list[dict[str, Any]]:
-    sizes = [10**e for e in range(5, 10) if 10**e <= max_rows]
+def table_sizes(max_rows: int) -> list[int]:
+    return [10**e for e in range(5, 10) if 10**e <= max_rows]
+
+
+def batch_curve(ctx, dim: int) -> Iterator[dict[str, Any]]:
+    steps = measure({str(b): (THREE_TABLES, 1, "none", b) for b in BATCH_SIZES}, dim, ctx)
+    for b in BATCH_SIZES:
+        yield {"batch": b, "samples_per_s": b / steps[str(b)]}
+
+
+def table_curve(ctx, dim: int, max_rows: int) -> Iterator[dict[str, Any]]:
+    sizes = table_sizes(max_rows)
     # pre-training: every size at once, taking turns; then full against IAK, size by size
     pretrain = measure({str(rows): ((rows,), 8, "none", 2048) for rows in sizes}, dim, ctx)
-    out = []
     for rows in sizes:
         finetune = measure({"full": ((rows,), 8, "full", 2048), "iak": ((rows,), 8, "iak", 2048)}, dim, ctx)
-        out.append({"rows": rows, "table_gib": rows * dim * 4 / 2**30, "samples_per_s": 2048 / pretrain[str(rows)],
-                    "full_step_s": finetune["full"], "iak_step_s": finetune["iak"]})
-    return out
+        yield {"rows": rows, "table_gib": rows * dim * 4 / 2**30, "samples_per_s": 2048 / pretrain[str(rows)],
+               "full_step_s": finetune["full"], "iak_step_s": finetune["iak"]}
 
 
-def domain_curve(ctx, dim: int) -> list[dict[str, Any]]:
-    ks = (2, 8, 32, 128, 512)
-    steps = measure({str(k): (THREE_TABLES, k, "iak", 1024) for k in ks}, dim, ctx)
-    return [{"domains": k, "iak_step_s": steps[str(k)]} for k in ks]
+def domain_curve(ctx, dim: int) -> Iterator[dict[str, Any]]:
+    steps = measure({str(k): (THREE_TABLES, k, "iak", 1024) for k in DOMAIN_COUNTS}, dim, ctx)
+    for k in DOMAIN_COUNTS:
+        yield {"domains": k, "iak_step_s": steps[str(k)]}
 
 
-def rank_curve(dim: int) -> list[dict[str, Any]]:
+def rank_curve(dim: int) -> Iterator[dict[str, Any]]:
     """1 and 2 ranks, each a fresh torchrun job running `--ranks-worker`."""
     from iak_dist.distributed.context import torchrun_command
 
-    out = []
-    for n in (1, 2):
+    for n in RANK_COUNTS:
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "ranks.json"
             subprocess.run(torchrun_command(n, "profiling.scaling", ["--ranks-worker", str(result), "--dim", str(dim)]),
                            check=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // n))})
-            out.append(json.loads(result.read_text()))
+            yield json.loads(result.read_text())
+
+
+def announce(curve: str, dim: int, max_rows: int) -> str:
+    """What `curve` measures, said before it starts (a curve takes from seconds to minutes)."""
+    sizes = ", ".join(f"{r:,}" for r in table_sizes(max_rows))
+    return {
+        "ranks": f"ranks: pre-train samples/s on {' then '.join(map(str, RANK_COUNTS))} rank(s) "
+                 "(torchrun, batch 1024 per rank)",
+        "batch": f"batch: pre-train samples/s at batch {', '.join(map(str, BATCH_SIZES))} (taking turns)",
+        "domains": f"domains: IAK fine-tune step (batch 1024) with K = {', '.join(map(str, DOMAIN_COUNTS))} "
+                   "domains (taking turns)",
+        "tables": f"tables: pre-train samples/s with one table of {sizes} rows, then a full against an IAK "
+                  "fine-tune step, size by size (batch 2048)",
+    }[curve] + f", dim {dim}..."
+
+
+def point_line(curve: str, p: dict[str, Any]) -> str:
+    """One measured point, for the progress output."""
+    if curve == "batch":
+        return f"batch {p['batch']}: {p['samples_per_s']:,.0f} samples/s"
+    if curve == "tables":
+        return (f"{p['rows']:,} rows ({p['table_gib']:.2f} GiB): pre-train {p['samples_per_s']:,.0f} samples/s; "
+                f"fine-tune step full {1000 * p['full_step_s']:.2f} ms, IAK {1000 * p['iak_step_s']:.2f} ms")
+    if curve == "domains":
+        return f"K = {p['domains']}: IAK fine-tune step {1000 * p['iak_step_s']:.2f} ms"
+    per_rank = ", ".join(f"{s:,.0f}" for s in p["per_rank_samples_per_s"])
+    return f"{p['ranks']} rank(s): {p['total_samples_per_s']:,.0f} samples/s in total ({per_rank} per rank)"
+
+
+def collect(curve: str, points: Iterator[dict[str, Any]], dim: int, max_rows: int) -> list[dict[str, Any]]:
+    """The points of `curve`, each printed (stderr, flushed) as soon as it is measured."""
+    from iak_dist.runtime import say
+
+    say(f"[scaling] {announce(curve, dim, max_rows)}")
+    out = []
+    for point in points:
+        say(f"[scaling]   {point_line(curve, point)}")
+        out.append(point)
     return out
 
 
@@ -242,7 +289,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main() -> None:
     from iak_dist.distributed.context import init_distributed
     from iak_dist.io import atomic_write_json
-    from iak_dist.runtime import configure_environment
+    from iak_dist.runtime import configure_environment, say
 
     configure_environment()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -256,20 +303,25 @@ def main() -> None:
         ranks_worker(args.ranks_worker, args.dim)
         return
     curves = args.curves.split(",")
+    unknown = [c for c in curves if c not in ("batch", "tables", "domains", "ranks")]
+    if unknown:
+        parser.error(f"--curves: unknown {', '.join(unknown)}; known: batch, tables, domains, ranks")
     result: dict[str, Any] = {"dim": args.dim}
+    dim, rows = args.dim, args.max_rows
     if "ranks" in curves:  # first: its ranks start from a fresh process, before this one holds big tables
-        result["ranks"] = rank_curve(args.dim)
+        result["ranks"] = collect("ranks", rank_curve(dim), dim, rows)
     ctx = init_distributed()
     if "batch" in curves:
-        result["batch"] = batch_curve(ctx, args.dim)
+        result["batch"] = collect("batch", batch_curve(ctx, dim), dim, rows)
     if "domains" in curves:
-        result["domains"] = domain_curve(ctx, args.dim)
+        result["domains"] = collect("domains", domain_curve(ctx, dim), dim, rows)
     if "tables" in curves:
-        result["tables"] = table_curve(ctx, args.dim, args.max_rows)
+        result["tables"] = collect("tables", table_curve(ctx, dim, rows), dim, rows)
     out = Path(args.out)
     atomic_write_json(out / "scaling.json", result)
     plot(result, out / "scaling.png")
-    print(markdown(result))
+    say(f"[scaling] wrote {out / 'scaling.json'} and {out / 'scaling.png'}")
+    print(markdown(result), flush=True)
 
 
 if __name__ == "__main__":

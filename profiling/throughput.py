@@ -31,6 +31,7 @@ import torch
 
 from iak_dist.config import PipelineConfig
 from iak_dist.io import atomic_path, atomic_write_json, atomic_write_text
+from iak_dist.runtime import say
 from profiling import steps as timed
 
 FINETUNE_STRATEGIES = ("full", "iak")
@@ -103,6 +104,8 @@ def run_profile(cfg: PipelineConfig, steps: int = 60, trace: bool = False) -> Pa
         atomic_write_text(out_dir / "report.md", markdown(result))
         plot(result, out_dir / "report.png")
         shutil.rmtree(scratch, ignore_errors=True)
+        traces = ", trace_rank*.json (chrome://tracing)" if trace else ""
+        say(f"[profile] wrote report.md, report.png, profile.json{traces} to {out_dir}", ctx.rank)
     ctx.barrier()
     return out_dir
 

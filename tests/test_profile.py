@@ -6,12 +6,15 @@ from iak_dist.cli import main
 from profiling.steps import STEP_PARTS
 
 
-def test_profile_reports_breakdown_baselines_finetune_loader_and_bandwidth(synth_dir, tmp_path):
+def test_profile_reports_breakdown_baselines_finetune_loader_and_bandwidth(synth_dir, tmp_path, capsys):
     code = main(["profile", "configs/movielens_age.yaml", "--steps", "12", "--set", f"run_dir={tmp_path}",
                  "--set", "data.source=parquet", "--set", f"data.dir={synth_dir}", "--set", "pretrain.batch_size=128",
                  "--set", "finetune.optim.batch_size=128", "--set", "model.tower=[32, 16]",
                  "--set", "distributed.checkpoint_every=50", "--trace"])
     assert code == 0
+    # it says where its files went (the report itself goes to stdout)
+    assert f"[profile] wrote report.md, report.png, profile.json, trace_rank*.json (chrome://tracing) to " \
+        f"{tmp_path / 'profile'}\n" in capsys.readouterr().err
     result = json.loads((tmp_path / "profile" / "profile.json").read_text())
     assert result["world_size"] == 1 and len(result["ranks"]) == 1
     rank0 = result["ranks"][0]

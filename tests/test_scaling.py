@@ -27,3 +27,13 @@ def test_every_curve_runs_and_reports(tmp_path):
                 assert all(v > 0 for k, v in point.items() if k != "per_rank_samples_per_s"), point
     assert "| IAK domains K |" in proc.stdout and "| ranks |" in proc.stdout
     assert (out / "scaling.png").stat().st_size > 5000
+    # stderr is progress only (no third-party warnings): what each curve measures, then its points as
+    # they come (the ranks' points before the next curve starts), then where the results went
+    lines = proc.stderr.splitlines()
+    assert all(line.startswith("[scaling] ") for line in lines), proc.stderr[-3000:]
+    starts = [i for i, line in enumerate(lines) if not line.startswith("[scaling]   ")]
+    heads = [lines[i] for i in starts]
+    assert [h.split(":")[0] for h in heads[:-1]] == [f"[scaling] {c}" for c in ("ranks", "batch", "domains", "tables")]
+    assert heads[-1] == f"[scaling] wrote {out / 'scaling.json'} and {out / 'scaling.png'}"
+    assert [b - a - 1 for a, b in zip(starts, starts[1:], strict=False)] == [2, 5, 5, 1]  # points per curve
+    assert lines[1].startswith("[scaling]   1 rank(s): ") and lines[starts[1] + 1].startswith("[scaling]   batch 256: ")
