@@ -146,6 +146,8 @@ def test_cluster_address_that_does_not_answer(tmp_path, synth_dir):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2
     assert len(errors) == 1 and "orchestration.address '127.0.0.1:1': no Ray cluster answers there" in errors[0]
+    phases = json.loads((tmp_path / "run" / "manifest.json").read_text())["phases"]
+    assert {p["state"] for p in phases.values()} == {"pending"}  # nothing marked running that never ran
 
 
 def test_bad_data_in_a_ray_worker_fails_the_phase_at_once_in_one_line(tmp_path, synth_dir):

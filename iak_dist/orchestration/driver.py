@@ -138,6 +138,7 @@ class Driver:
                     break
                 if p.name in done or p.name in self.running or not all(d in done for d in p.after):
                     continue
+                self.executor.ready()  # Ray starts with the first phase that runs (a bad address fails here)
                 manifest.start(p.name, specs[p.name])
                 log(f"phase {p.name} ({p.type}): started on {self.executor.name}, "
                     f"attempt {manifest.phases[p.name]['attempts']}")

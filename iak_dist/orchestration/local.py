@@ -205,6 +205,9 @@ class InProcessExecutor:
     def start(self, lock: Any) -> None:
         """Nothing to start: the process group exists since `__enter__`."""
 
+    def ready(self) -> None:
+        """Always ready."""
+
     def submit(self, phase: PhaseSpec) -> futures.Future:
         """Run `phase` now; its result or error comes back as a finished future. An interruption
         (a BaseException such as the driver's `Interrupted`) propagates at once."""

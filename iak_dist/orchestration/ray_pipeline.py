@@ -228,7 +228,8 @@ class RayExecutor:
     def start(self, lock: Any) -> None:
         self.lock_fd = lock.fd if lock is not None else -1
 
-    def _ensure_ray(self) -> None:
+    def ready(self) -> None:
+        """Start (or join) Ray if not yet done."""
         import ray
 
         if self.embedded is not None or self.connected or ray.is_initialized():
@@ -240,7 +241,7 @@ class RayExecutor:
             self.embedded = EmbeddedRay.start(self.cfg.orchestration.num_cpus, self.lock_fd)
 
     def submit(self, phase: PhaseSpec) -> futures.Future:
-        self._ensure_ray()
+        self.ready()
         fut: futures.Future = futures.Future()
 
         def body() -> None:
