@@ -116,6 +116,11 @@ def test_headers_ask_for_resources_and_preemption_handling(tmp_path):
         header = [line for line in text.splitlines() if line.startswith("#SBATCH")]
         for line in ("--gres=gpu:2", "--mem=64G", "--account=proj-a", "--signal=B:TERM@120", "--requeue"):
             assert f"#SBATCH {line}" in header, line
+    ray_script = texts(write(tmp_path))["ray"]
+    # the job ends only its own Ray nodes (its srun steps): `ray stop` stops every Ray on the machine
+    commands = [line for line in ray_script.splitlines() if not line.lstrip().startswith("#")]
+    assert not [c for c in commands if "ray" in c and " stop" in c]
+    assert "kill $(jobs -p) 2>/dev/null || true" in commands
     for text in texts(write(tmp_path)).values():  # nothing asked for: SLURM's defaults
         header = "\n".join(line for line in text.splitlines() if line.startswith("#SBATCH"))
         assert not any(f in header for f in ("--gres", "--mem", "--account", "--signal", "--requeue"))

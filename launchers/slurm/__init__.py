@@ -133,7 +133,7 @@ for _ in $(seq 120); do {ray} status --address="$address" >/dev/null 2>&1 && bre
 {ray} status --address="$address" >/dev/null
 status=0
 forward_signals {python} -m iak_dist.cli pipeline run {config} --address "$address" || status=$?
-{ray} stop --force >/dev/null 2>&1 || true
+# only this job's Ray nodes: `ray stop` would stop every Ray on the machine (another job's, a user's)
 kill $(jobs -p) 2>/dev/null || true
 wait || true
 exit $status
