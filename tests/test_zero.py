@@ -102,3 +102,22 @@ def test_ds_accelerator_follows_the_machine(monkeypatch, devices, hidden, expect
                         lambda p: p in devices or (not str(p).startswith("/dev/nvidia") and real_exists(p)))
     runtime.configure_environment()
     assert os.environ.get("DS_ACCELERATOR") == expected
+
+
+def test_a_stale_deepspeed_extension_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A process killed while DeepSpeed loads its shm comm op leaves a lock every later run waits on forever."""
+    import os
+    import time
+
+    from iak_dist.distributed.zero import STALE_LOCK_S, clear_stale_extension_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    fresh = tmp_path / "py312_cpu" / "deepspeed_shm_comm" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.write_text("")
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(stale, (old, old))
+    assert clear_stale_extension_locks() == [stale]
+    assert not stale.exists() and fresh.exists()  # a build in progress keeps its lock

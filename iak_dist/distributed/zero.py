@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +21,7 @@ from torch import nn
 
 from iak_dist.config import ZeroConfig
 from iak_dist.errors import UserError
+from iak_dist.runtime import say
 
 
 def deepspeed_config(cfg: ZeroConfig, micro_batch: int, world_size: int) -> dict[str, Any]:
@@ -68,6 +71,31 @@ def refuse_mixed_precision(cfg: ZeroConfig, config: dict[str, Any]) -> None:
                             f"float32 activations, which {key} weights refuse); train in float32: set it to false")
 
 
+STALE_LOCK_S = 600.0
+"""A lock of DeepSpeed's JIT-built ops older than this is a dead process's (a build takes about a minute)."""
+
+
+def clear_stale_extension_locks(max_age_s: float = STALE_LOCK_S) -> list[Path]:
+    """Remove lock files that a killed process left in DeepSpeed's JIT extension folders.
+
+    Trap: every process that loads DeepSpeed's CPU shared-memory comm op takes
+    `torch_extensions/<py>_cpu/deepspeed_shm_comm/lock` for a moment (torch's FileBaton); one
+    killed in that window leaves the file, and every later run waits on it forever, silently.
+    """
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    removed = []
+    for lock in root.glob("*/deepspeed_shm_comm/lock"):
+        try:
+            age = time.time() - lock.stat().st_mtime
+            if age > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                say(f"[zero] removed {lock}: a stale lock ({age / 60:.0f} min old) left by a killed process")
+        except FileNotFoundError:  # another process took or removed it meanwhile
+            continue
+    return removed
+
+
 def check_accelerator(device: torch.device) -> None:
     """DeepSpeed's accelerator must be the device the dense modules live on, else it moves them (to the
     CPU while the tables stay on the GPU, say). It is fixed once per process by `DS_ACCELERATOR`."""
@@ -100,6 +128,7 @@ class DenseEngine:
         if device.type in ("cpu", "cuda"):
             # before DeepSpeed picks its accelerator (once per process, at first use)
             os.environ.setdefault("DS_ACCELERATOR", device.type)
+        clear_stale_extension_locks()
         import deepspeed
 
         check_accelerator(device)
