@@ -296,8 +296,12 @@ class OrchestrationConfig:
     phases: list[PhaseSpec] = field(default_factory=list)
     """The phases and their dependencies; empty: prepare -> pretrain -> finetune -> evaluate -> export."""
 
+    ray_checkpoints_to_keep: int = 1
+    """Ray Train's copies of each phase's reported checkpoints kept in `RUN_DIR/ray/` (the phase's own
+    checkpoints are kept by `distributed.keep_checkpoints`; Ray's copies only serve its worker restarts)."""
+
     def problems(self) -> dict[str, str]:
-        return _at_least(self, num_cpus=0)
+        return _at_least(self, num_cpus=0, ray_checkpoints_to_keep=1)
 
 
 @dataclass

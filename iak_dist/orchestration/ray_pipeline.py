@@ -44,9 +44,6 @@ from iak_dist.orchestration.local import log, run_phase
 from iak_dist.orchestration.outcome import guarded
 from iak_dist.orchestration.watchdog import TAG_VARIABLE
 
-RAY_CHECKPOINTS_TO_KEEP = 1
-"""Ray's copies of reported checkpoints kept per phase (TODO config knob: orchestration.ray_checkpoints_to_keep)."""
-
 
 class PhaseBook:
     """Bookkeeping of one Ray-run phase beside the run: `RUN_DIR/.phases/NAME/`.
@@ -296,7 +293,8 @@ def _run_phase(cfg: PipelineConfig, phase: PhaseSpec, run_dir: Path) -> dict[str
                                      resources_per_worker={"GPU": 1} if phase.use_gpu else {"CPU": 1}),
         run_config=RunConfig(storage_path=str(run_dir / "ray"), name=phase.name,
                              failure_config=FailureConfig(max_failures=phase.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=RAY_CHECKPOINTS_TO_KEEP)),
+                             checkpoint_config=CheckpointConfig(
+                                 num_to_keep=cfg.orchestration.ray_checkpoints_to_keep)),
     )
     try:
         result = trainer.fit()
