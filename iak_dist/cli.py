@@ -13,7 +13,7 @@ from pathlib import Path
 
 from iak_dist.config import DataConfig, PipelineConfig, apply_override, from_dict, load_config
 from iak_dist.errors import UserError
-from iak_dist.runtime import configure_environment, describe_stack
+from iak_dist.runtime import configure_environment, describe_stack, say
 
 
 def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -60,8 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument("--strategy", required=True)
     fin.add_argument("--seed", type=int, default=None)
 
-    ev = verbs.add_parser("evaluate", help="evaluate fine-tuned strategies; writes JSON, Markdown and PNG")
+    ev = verbs.add_parser("evaluate", help="evaluate what is fine-tuned; writes the report as JSON, Markdown and PNG")
     _add_config(ev)
+    ev.add_argument("--seed", type=int, action="append", help="only this seed (repeatable; default: the config's)")
+    ev.add_argument("--strategy", action="append",
+                    help="only this strategy (repeatable; default: finetune.strategies of the config)")
 
     plan = verbs.add_parser("plan", help="print the sharding plan and per-rank memory without allocating tables")
     _add_config(plan)
@@ -219,7 +222,6 @@ def run(args: argparse.Namespace) -> int:
         from iak_dist.distributed.context import is_launched_rank
         from iak_dist.orchestration.driver import run_pipeline
         from iak_dist.orchestration.outcome import Interrupted
-        from iak_dist.runtime import say
 
         try:  # under torchrun / srun the launcher made the ranks: phases run in each of them
             run_pipeline(cfg, use_ray=not (args.no_ray or is_launched_rank()), address=args.address)
@@ -235,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
     from iak_dist.distributed.context import close_distributed, init_distributed
 
     run_dir = Path(cfg.run_dir)
-    seed = args.seed if getattr(args, "seed", None) is not None else cfg.seeds[0]
+    seed = args.seed if isinstance(getattr(args, "seed", None), int) else cfg.seeds[0]  # pretrain, finetune
     ctx = init_distributed()
     try:
         if args.verb == "pretrain":
@@ -255,9 +257,14 @@ def run(args: argparse.Namespace) -> int:
             finetune(cfg.data.dir, seed_dir / "backbone", args.strategy, cfg.finetune, seed,
                      seed_dir / "adapters" / args.strategy, ctx, dist_cfg=cfg.distributed)
         elif args.verb == "evaluate":
+            from iak_dist.model.strategies import known_strategies
             from iak_dist.orchestration.local import evaluate_and_report
 
-            evaluate_and_report(cfg, ctx)
+            unknown = [s for s in args.strategy or [] if s not in known_strategies()]
+            if unknown:
+                raise UserError(f"--strategy {unknown[0]}: unknown; known: {', '.join(known_strategies())}")
+            evaluate_and_report(cfg, ctx, seeds=args.seed, strategies=args.strategy, require_all=False,
+                                say_line=lambda line: say(f"[evaluate] {line}", ctx.rank))
     finally:
         close_distributed(ctx)
     return 0

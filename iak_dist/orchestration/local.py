@@ -105,6 +105,7 @@ def run_phase(cfg: PipelineConfig, phase: PhaseSpec, ctx: DistContext | None, sh
 
         for seed in cfg.seeds:
             if (seed_dir(cfg, seed) / "backbone" / "backbone.json").is_file():
+                backbone_of(cfg, seed)  # the config must still describe it
                 log(f"seed {seed}: pre-trained backbone found, skipping pre-training")
                 continue
             log(f"seed {seed}: pre-training on all domains pooled")
@@ -120,7 +121,7 @@ def run_phase(cfg: PipelineConfig, phase: PhaseSpec, ctx: DistContext | None, sh
                 if (adapter_dir / "adapter_config.json").is_file():
                     continue
                 log(f"seed {seed}: fine-tuning every domain with `{strategy}`")
-                summary = finetune(cfg.data.dir, seed_dir(cfg, seed) / "backbone", strategy, cfg.finetune, seed,
+                summary = finetune(cfg.data.dir, backbone_of(cfg, seed), strategy, cfg.finetune, seed,
                                    adapter_dir, ctx, show_progress, cfg.distributed, on_checkpoint=on_checkpoint)
                 if "train/loss_ema" in summary:
                     metrics[f"finetune/loss/{strategy}/seed{seed}"] = summary["train/loss_ema"]
@@ -133,40 +134,72 @@ def run_phase(cfg: PipelineConfig, phase: PhaseSpec, ctx: DistContext | None, sh
     return {"metrics": _finite(metrics), "checkpoint": None}
 
 
-def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext) -> Path:
-    """Evaluate every fine-tuned (seed, strategy) on the test split and write the comparison report."""
+def backbone_of(cfg: PipelineConfig, seed: int) -> Path:
+    """The seed's pre-trained backbone folder, after checking the config's model section is its own."""
+    from iak_dist.phases.common import check_model_matches
+
+    backbone = seed_dir(cfg, seed) / "backbone"
+    check_model_matches(cfg.model, backbone)
+    return backbone
+
+
+def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext, seeds: list[int] | None = None,
+                        strategies: list[str] | None = None, require_all: bool = True,
+                        say_line: Callable[[str], None] = log) -> Path:
+    """Evaluate the fine-tuned (seed, strategy) pairs on the test split and write the comparison report.
+
+    Every adapter is checked (backbone, weights hash) before any is scored, so a bad one writes
+    nothing. With `require_all` (the pipeline), a pair not fine-tuned yet is an error; otherwise
+    (`iak-dist evaluate`) what exists is evaluated and the missing pairs are listed in one line.
+    """
+    from iak_dist.distributed.checkpoint import read_backbone_meta
     from iak_dist.metrics import format_metric
+    from iak_dist.model.strategies.saving import verify_adapter
     from iak_dist.phases.evaluate import evaluate
     from iak_dist.report import write_report
 
     run_dir = Path(cfg.run_dir)
-    results: dict = {s: {} for s in cfg.finetune.strategies}
-    costs: dict = {s: {"seconds": 0.0, "trainable_params": 0.0} for s in cfg.finetune.strategies}
-    for seed in cfg.seeds:
-        for strategy in cfg.finetune.strategies:
-            adapter_dir = seed_dir(cfg, seed) / "adapters" / strategy
-            if not (adapter_dir / "adapter_config.json").is_file():
-                raise UserError(f"{adapter_dir}: `{strategy}` (seed {seed}) is not fine-tuned yet; "
-                                f"run `iak-dist finetune CONFIG --strategy {strategy} --seed {seed}` first")
-            eval_file = adapter_dir / "eval.json"
-            if not eval_file.is_file():
-                metrics = evaluate(cfg.data.dir, seed_dir(cfg, seed) / "backbone", adapter_dir, ctx,
-                                   cfg.evaluate.batch_size, sharding=cfg.distributed.sharding)
-                if ctx.is_main:
-                    atomic_write_json(eval_file, metrics)
-                ctx.barrier()
-                log(f"seed {seed}: `{strategy}` test CTR-AUC {format_metric(metrics['overall']['ctr_auc'])} "
-                    f"CTCVR-AUC {format_metric(metrics['overall']['ctcvr_auc'])}")  # None: n/a
-            results[strategy][seed] = json.loads(eval_file.read_text())
-            summary = json.loads((adapter_dir / "train_summary.json").read_text())
-            costs[strategy]["seconds"] += summary.get("train/seconds", 0.0) / len(cfg.seeds)
-            costs[strategy]["trainable_params"] = summary["finetune/trainable_params"]
+    seeds = list(seeds if seeds is not None else cfg.seeds)
+    strategies = list(strategies or cfg.finetune.strategies)
+    pairs = [(seed, s) for seed in seeds for s in strategies]
+    missing = [(seed, s) for seed, s in pairs
+               if not (seed_dir(cfg, seed) / "adapters" / s / "adapter_config.json").is_file()]
+    if missing and (require_all or len(missing) == len(pairs)):
+        seed, strategy = missing[0]
+        raise UserError(f"{seed_dir(cfg, seed) / 'adapters' / strategy}: `{strategy}` (seed {seed}) is not "
+                        f"fine-tuned yet; run `iak-dist finetune CONFIG --strategy {strategy} --seed {seed}` first")
+    if missing:
+        say_line("not fine-tuned yet, left out of the report: "
+                 + ", ".join(f"`{s}` seed {seed}" for seed, s in missing))
+    present = [pair for pair in pairs if pair not in missing]
+    for seed in sorted({seed for seed, _ in present}):
+        meta = read_backbone_meta(backbone_of(cfg, seed))
+        for _, strategy in (pair for pair in present if pair[0] == seed):
+            verify_adapter(seed_dir(cfg, seed) / "adapters" / strategy, meta)
+    results: dict = {s: {} for s in strategies if any(p[1] == s for p in present)}
+    costs: dict = {s: {"seconds": 0.0, "trainable_params": 0.0} for s in results}
+    for seed, strategy in present:
+        adapter_dir = seed_dir(cfg, seed) / "adapters" / strategy
+        eval_file = adapter_dir / "eval.json"
+        if not eval_file.is_file():
+            metrics = evaluate(cfg.data.dir, seed_dir(cfg, seed) / "backbone", adapter_dir, ctx,
+                               cfg.evaluate.batch_size, sharding=cfg.distributed.sharding)
+            if ctx.is_main:
+                atomic_write_json(eval_file, metrics)
+            ctx.barrier()
+            say_line(f"seed {seed}: `{strategy}` test CTR-AUC {format_metric(metrics['overall']['ctr_auc'])} "
+                     f"CTCVR-AUC {format_metric(metrics['overall']['ctcvr_auc'])}")  # None: n/a
+        results[strategy][seed] = json.loads(eval_file.read_text())
+        summary = json.loads((adapter_dir / "train_summary.json").read_text())
+        runs = sum(1 for p in present if p[1] == strategy)
+        costs[strategy]["seconds"] += summary.get("train/seconds", 0.0) / runs
+        costs[strategy]["trainable_params"] = summary["finetune/trainable_params"]
     title = (f"{cfg.data.source} ({cfg.data.domain} domains)" if cfg.data.source == "movielens-100k"
              else f"{cfg.data.source} data")
     if ctx.is_main:
         write_report(results, costs, run_dir, title, Schema.load(Path(cfg.data.dir) / "schema.yaml").domains)
     ctx.barrier()
-    log(f"report: {run_dir / 'report.md'} and {run_dir / 'report.png'}")
+    say_line(f"report: {run_dir / 'report.md'} and {run_dir / 'report.png'}")
     return run_dir
 
 

@@ -22,25 +22,29 @@ def export_run(cfg: PipelineConfig) -> Path:
     source = run_dir / f"seed{seed}"
     if not (source / "backbone" / "backbone.json").is_file():
         raise UserError(f"{source / 'backbone'}: nothing to export; run pre-training first")
+    from iak_dist.distributed.checkpoint import verify_backbone
+    from iak_dist.model.strategies.saving import verify_adapter
+
+    meta = verify_backbone(source / "backbone")  # a copy must be what its files claim: checked first
+    adapters = [s for s in cfg.finetune.strategies if (source / "adapters" / s / "adapter_config.json").is_file()]
+    for strategy in adapters:
+        verify_adapter(source / "adapters" / strategy, meta)
     out = run_dir / "export"
     staging = run_dir / "export.partial"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(source / "backbone", staging / "backbone",
                     ignore=shutil.ignore_patterns("train_summary.json", "progress.json"))
-    strategies = []
-    for strategy in cfg.finetune.strategies:
-        adapter = source / "adapters" / strategy
-        if (adapter / "adapter_config.json").is_file():
-            shutil.copytree(adapter, staging / "adapters" / strategy,
-                            ignore=shutil.ignore_patterns("tb", "train_summary.json"))
-            strategies.append(strategy)
+    for strategy in adapters:
+        shutil.copytree(source / "adapters" / strategy, staging / "adapters" / strategy,
+                        ignore=shutil.ignore_patterns("tb", "train_summary.json"))
     best = None
     report = run_dir / "report.json"
     if report.is_file():
         agg = json.loads(report.read_text())["aggregate"]
-        best = max(agg, key=lambda s: agg[s]["overall"]["ctr_auc"]["mean"])
+        scored = [s for s in agg if agg[s]["overall"]["ctr_auc"]["mean"] is not None]  # None: one-class test
+        best = max(scored, key=lambda s: agg[s]["overall"]["ctr_auc"]["mean"]) if scored else None
     domains = json.loads((source / "backbone" / "backbone.json").read_text())["schema"]["domains"]
-    atomic_write_json(staging / "bundle.json", {"seed": seed, "domains": domains, "strategies": strategies,
+    atomic_write_json(staging / "bundle.json", {"seed": seed, "domains": domains, "strategies": adapters,
                                                 "best_by_test_ctr_auc": best})
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
