@@ -62,6 +62,15 @@ def test_pipeline_end_to_end_and_rerun_skips_finished_work(tmp_path, synth_dir, 
     assert "fine-tuning every domain" not in err and "pre-training" not in err
     assert adapter.stat().st_mtime_ns == stamp
 
+    # a finished run still says how fast and how well each phase went
+    assert main(["pipeline", "status", str(run)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "pretrain seed 1: step 40/40 (100 %)" in rows["pretrain"] and "samples/s" in rows["pretrain"]
+    assert f"pretrain/loss/seed0={manifest['pretrain']['metrics']['pretrain/loss/seed0']:.4f}" in rows["pretrain"]
+    assert "finetune iak seed 1: step 20/20 (100 %)" in rows["finetune"]  # the last loop the phase ran
+    assert f"eval/ctr_auc/none={agg['none']['overall']['ctr_auc']['mean']:.4f}" in rows["evaluate"]
+    assert "(+2 more in manifest.json)" in rows["evaluate"]  # 6 strategies, 4 shown
+
 
 def test_sweep_tabulates_every_grid_point_and_reuses_backbones(tmp_path, synth_dir):
     config = write_config(tmp_path, synth_dir)
