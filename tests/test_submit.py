@@ -42,3 +42,23 @@ def test_submit_to_an_address_that_does_not_answer():
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1
     assert errors[0].startswith("error: --address http://127.0.0.1:1: no Ray job server answers there")
+
+
+def test_a_head_whose_python_lacks_the_stack_is_named_before_anything_is_submitted(tmp_path):
+    """A head started as `.venv/bin/ray start` without the venv on PATH runs jobs with another `python`."""
+    import os
+
+    from ray_head import VENV_BIN
+
+    bare = RayHead(num_cpus=1, dashboard=True)
+    bare.env["PATH"] = os.pathsep.join(p for p in bare.env["PATH"].split(os.pathsep) if Path(p) != VENV_BIN)
+    with bare:
+        result = subprocess.run([sys.executable, "-m", "iak_dist.cli", "submit", "--address", bare.dashboard_url,
+                                 "configs/movielens_age.yaml", "--set", f"run_dir={tmp_path / 'run'}"],
+                                capture_output=True, text=True, timeout=600,
+                                cwd=Path(__file__).resolve().parent.parent)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith(f"error: --address {bare.dashboard_url}: the cluster's python (")
+    assert "cannot import the stack" in errors[0] and "start the Ray head from the project's venv" in errors[0]
+    assert "[submit] job" not in result.stderr  # nothing was submitted
