@@ -71,7 +71,7 @@ def _seeds_line(agg: dict[str, Any]) -> str:
     return f"{what}. Higher is better for AUCs, lower for LogLoss."
 
 
-def _cell(v: dict[str, Any]) -> str:
+def metric_cell(v: dict[str, Any]) -> str:
     # one seed has no spread: `± 0.0000` would read as a measured, perfectly stable score
     if v["n"] > 1:
         return f"{format_metric(v['mean'])} ± {format_metric(v['std'])}"
@@ -109,7 +109,7 @@ def markdown(agg: dict[str, Any], costs: dict[str, dict[str, float]], title: str
                     cells.append(f"n/a{mark}")
                     continue
                 bold = "**" if v["mean"] == best else ""
-                cells.append(f"{bold}{_cell(v)}{bold}{mark}")
+                cells.append(f"{bold}{metric_cell(v)}{bold}{mark}")
             rows = int(agg[strategies[0]][d]["rows"]["mean"] or 0)
             lines.append(f"| {d} | {rows:,} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -35,17 +35,24 @@ PROBE = ("python -c \"import sys; print(sys.executable); import importlib; "
          f"[importlib.import_module(m) for m in {list(STACK)!r}]\"")
 
 
-def submit_job(client, wait_s: float = 120.0, **job) -> str:
+def submit_job(client, wait_s: float = 300.0, **job) -> str:
     """`client.submit_job(**job)`, waiting while a head that just started has no job agent up yet
-    (its job server answers "No available agent to submit job" for a few seconds)."""
-    deadline = time.monotonic() + wait_s
+    (its job server answers "No available agent to submit job" for seconds, minutes on a busy machine)."""
+    deadline, said = time.monotonic() + wait_s, False
     while True:
         try:
             return client.submit_job(**job)
         except RuntimeError as exc:
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+            if "No available agent" not in str(exc):
                 raise
-            time.sleep(1.0)
+            if time.monotonic() > deadline:
+                raise UserError(f"the cluster's job agent did not come up in {wait_s:.0f} s; check the head's "
+                                "dashboard_agent.log (in its session folder, logs/)") from exc
+            if not said:
+                print("[submit] waiting for the cluster's job agent (a head that just started has none yet)",
+                      file=sys.stderr, flush=True)
+                said = True
+            time.sleep(2.0)
 
 
 def check_cluster_python(client, address: str, modules: list[str], timeout_s: float = 300.0) -> None:

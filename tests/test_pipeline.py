@@ -68,6 +68,7 @@ def test_pipeline_end_to_end_and_rerun_skips_finished_work(tmp_path, synth_dir, 
     assert "pretrain seed 1: step 40/40 (100 %)" in rows["pretrain"] and "samples/s" in rows["pretrain"]
     assert f"pretrain/loss/seed0={manifest['pretrain']['metrics']['pretrain/loss/seed0']:.4f}" in rows["pretrain"]
     assert "finetune iak seed 1: step 20/20 (100 %)" in rows["finetune"]  # the last loop the phase ran
+    assert "finetune" not in rows["pretrain"] and "samples/s" not in rows["evaluate"]  # each phase its own
     assert f"eval/ctr_auc/none={agg['none']['overall']['ctr_auc']['mean']:.4f}" in rows["evaluate"]
     assert "(+2 more in manifest.json)" in rows["evaluate"]  # 6 strategies, 4 shown
 
@@ -79,6 +80,11 @@ def test_sweep_tabulates_every_grid_point_and_reuses_backbones(tmp_path, synth_d
     sweep = tmp_path / "run" / "sweep"
     table = (sweep / "sweep.md").read_text()
     assert "| beta_matching=0 | iak |" in table and "| beta_matching=0.1 | iak |" in table
+    # the pre-trained model is every point's row to compare with, scored once (linked); one seed: no ± 0.0000
+    assert "| beta_matching=0 | none |" in table and "| beta_matching=0.1 | none |" in table and "±" not in table
+    none_eval = [sweep / point / "seed0" / "adapters" / "none" / "eval.json"
+                 for point in ("beta_matching=0", "beta_matching=0.1")]
+    assert none_eval[0].stat().st_ino == none_eval[1].stat().st_ino
     shared = tmp_path / "run" / "seed0" / "backbone" / "model.safetensors"
     linked = sweep / "beta_matching=0" / "seed0" / "backbone" / "model.safetensors"
     assert linked.stat().st_ino == shared.stat().st_ino  # hard link: pre-trained once

@@ -200,7 +200,7 @@ def test_driver_stopped_or_killed_mid_phase_leaves_no_process_and_resumes(finish
         {"name": "finetune-iak", "type": "finetune", "strategies": ["iak"], "after": ["prepare"]},
         {"name": "evaluate", "type": "evaluate", "after": ["finetune-iak"]}],
         finetune={"strategies": ["iak"], "optim": {"steps": 150, "batch_size": 128}})
-    progress = run_dir / "seed0" / "adapters" / "progress.json"
+    progress = run_dir / "seed0" / "adapters" / "iak" / "progress.json"
     stderr_path = tmp_path / "driver.err"
     started: list[psutil.Process] = []
     try:

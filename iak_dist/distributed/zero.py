@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import os
 import time
 from pathlib import Path
@@ -144,10 +145,13 @@ class DenseEngine:
         self.clip_norm = float(config["gradient_clipping"]) if cfg.stage == 0 and plain_fp32 else 0.0
         if self.clip_norm:
             config["gradient_clipping"] = 0.0
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.container, optimizer=optimizer, model_parameters=params, config=config,
-            dist_init_required=False,
-        )
+        # DeepSpeed prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" to
+        # stdout once per process (a plain print, not a log record): our stdout is for results
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=self.container, optimizer=optimizer, model_parameters=params, config=config,
+                dist_init_required=False,
+            )
         if world_size == 1 and cfg.stage == 0:
             # one replica: DeepSpeed's gradient all-reduce would flatten, reduce over one rank and
             # copy every gradient back each step for nothing (measured in docs/performance.md)

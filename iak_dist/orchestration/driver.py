@@ -152,7 +152,7 @@ class Driver:
             finished, _ = futures.wait(running, timeout=PROGRESS_EVERY_S, return_when=futures.FIRST_COMPLETED)
             if not finished:  # progress of the running training loops, read from their progress.json
                 for name in running.values():
-                    line = progress_line(self.run_dir, manifest.phases[name]["started"])
+                    line = progress_line(self.run_dir, manifest.phases[name], manifest.phases[name]["started"])
                     if line:
                         log(f"phase {name}: {line}")
             for fut in finished:

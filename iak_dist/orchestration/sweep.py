@@ -18,6 +18,7 @@ from iak_dist.io import atomic_write_json, atomic_write_text
 from iak_dist.metrics import format_metric
 from iak_dist.orchestration.driver import run_pipeline
 from iak_dist.orchestration.local import log
+from iak_dist.report import metric_cell
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -57,16 +58,19 @@ def _sweep(config, overrides, grid, strategies, base, ctx) -> Path:
     for values in itertools.product(*[v for _, v in grid]):
         point = [f"{key}={value}" for (key, _), value in zip(grid, values, strict=True)]
         name = ",".join(f"{key.split('.')[-1]}={value}" for (key, _), value in zip(grid, values, strict=True))
-        extra = [f"run_dir={sweep_dir / name}"]
-        if strategies:
-            extra.append(f"finetune.strategies=[{','.join(strategies)}]")
+        # every point has the pre-trained model (`none`) as the row to compare with
+        chosen = ["none", *[s for s in strategies or base.finetune.strategies if s != "none"]]
+        extra = [f"run_dir={sweep_dir / name}", f"finetune.strategies=[{','.join(chosen)}]"]
         cfg = load_config(config, overrides + point + extra)
         if shares_backbone:
             for seed in cfg.seeds:
-                shared = Path(base.run_dir) / f"seed{seed}" / "backbone"
-                if not (shared / "backbone.json").is_file():
+                shared = Path(base.run_dir) / f"seed{seed}"
+                if not (shared / "backbone" / "backbone.json").is_file():
                     run_pipeline(load_config(config, overrides + ["finetune.strategies=[none]"]), ctx=ctx)
-                _link_tree(shared, Path(cfg.run_dir) / f"seed{seed}" / "backbone")
+                # the backbone and `none` (fine-tuned and scored) are the same at every point: linked, not redone
+                for part in ("backbone", "adapters/none"):
+                    if (shared / part).is_dir():
+                        _link_tree(shared / part, Path(cfg.run_dir) / f"seed{seed}" / part)
         log(f"sweep point {name}")
         run_dir = run_pipeline(cfg, ctx=ctx)
         agg = json.loads((run_dir / "report.json").read_text())["aggregate"]
@@ -80,8 +84,7 @@ def _sweep(config, overrides, grid, strategies, base, ctx) -> Path:
         for s in agg:
             o = agg[s]["overall"]
             cells = [format_metric(agg[s][d]['ctr_auc']['mean']) for d in domains if d != "overall"]
-            ctr, ctcvr = (f"{format_metric(o[m]['mean'])} ± {format_metric(o[m]['std'])}"
-                          for m in ("ctr_auc", "ctcvr_auc"))
+            ctr, ctcvr = (metric_cell(o[m]) for m in ("ctr_auc", "ctcvr_auc"))  # one seed: no `± 0.0000`
             lines.append(f"| {name} | {s} | {ctr} | {ctcvr} | " + " | ".join(cells) + " |")
     atomic_write_text(sweep_dir / "sweep.md", "\n".join(lines) + "\n")
     atomic_write_json(sweep_dir / "sweep.json", {name: agg for name, agg in rows})

@@ -171,7 +171,7 @@ def finetune(
                                   data_parallel_optimizer=run.sharded.data_parallel_optimizer, writer=writer,
                                   adapter=run.adapter, num_domains=num_domains,
                                   show_progress=show_progress and ctx.is_main, on_step_end=on_step_end,
-                                  progress_path=out_dir.parent / "progress.json" if ctx.is_main else None,
+                                  progress_path=out_dir / "progress.json" if ctx.is_main else None,
                                   overlap_input_dist=dist_cfg.overlap_input_dist, device=ctx.device)
         finally:
             if writer is not None:

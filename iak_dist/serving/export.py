@@ -36,7 +36,7 @@ def export_run(cfg: PipelineConfig) -> Path:
                     ignore=shutil.ignore_patterns("train_summary.json", "progress.json"))
     for strategy in adapters:
         shutil.copytree(source / "adapters" / strategy, staging / "adapters" / strategy,
-                        ignore=shutil.ignore_patterns("tb", "train_summary.json"))
+                        ignore=shutil.ignore_patterns("tb", "train_summary.json", "progress.json"))
     best = None
     report = run_dir / "report.json"
     if report.is_file():
