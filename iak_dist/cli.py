@@ -221,13 +221,9 @@ def run(args: argparse.Namespace) -> int:
     if args.verb == "pipeline":
         from iak_dist.distributed.context import is_launched_rank
         from iak_dist.orchestration.driver import run_pipeline
-        from iak_dist.orchestration.outcome import Interrupted
 
-        try:  # under torchrun / srun the launcher made the ranks: phases run in each of them
-            run_pipeline(cfg, use_ray=not (args.no_ray or is_launched_rank()), address=args.address)
-        except Interrupted as exc:  # SIGTERM / SIGINT: the manifest says what to resume
-            say(f"error: {exc.message}")
-            return exc.exit_code
+        # under torchrun / srun the launcher made the ranks: phases run in each of them
+        run_pipeline(cfg, use_ray=not (args.no_ray or is_launched_rank()), address=args.address)
         return 0
     if args.verb == "sweep":
         from iak_dist.orchestration.sweep import run_sweep
@@ -274,11 +270,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv
+    from iak_dist.orchestration.outcome import Interrupted
+
     try:
         code = run(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
+    except Interrupted as exc:  # SIGTERM / SIGINT in a pipeline or a sweep: the manifest says what to resume
+        say(f"error: {exc.message}")
+        code = exc.exit_code
     from iak_dist.distributed.context import exit_launched_rank, is_launched_rank
 
     if is_launched_rank():

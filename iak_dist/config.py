@@ -233,6 +233,9 @@ class ZeroConfig:
 
     def problems(self) -> dict[str, str]:
         found = _at_least(self, gradient_clipping=0.0)
+        if self.bf16:  # refused before anything runs (distributed/zero.py says why)
+            found["bf16"] = ("mixed precision of the dense part is not supported (the embeddings feed it float32 "
+                             "activations, which bf16 weights refuse); train in float32: set it to false")
         if self.stage not in (0, 1, 2, 3):
             found["stage"] = f"must be 0, 1, 2 or 3, got {self.stage}"
         return found
@@ -381,12 +384,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(loaded, dict):
             raise UserError(f"config {path}: the top level must be a mapping of sections")
         raw = loaded
-        from_dict(PipelineConfig, raw, source)
+    cfg = from_dict(PipelineConfig, raw, source)
     for item in overrides or []:  # each checked as it is applied, so an error names its own --set
         apply_override(raw, item)
-        source = f"--set {item}"
-        from_dict(PipelineConfig, raw, source)
-    return from_dict(PipelineConfig, raw, source)
+        cfg = from_dict(PipelineConfig, raw, f"--set {item}")
+    return cfg
 
 
 def apply_override(raw: dict[str, Any], item: str, root: type | None = None) -> None:

@@ -4,6 +4,7 @@ storage faults. The Ray executor shares this driver (tests/test_ray_pipeline.py 
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -199,7 +200,9 @@ def test_sigterm_stops_an_in_process_run_marks_it_and_the_rerun_resumes(tmp_path
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "[pretrain] resuming at step 20" in again.stderr
+    # from the newest checkpoint before the signal (sent past step 20; how far it got depends on the load)
+    resumed = re.search(r"\[pretrain\] resuming at step (\d+)", again.stderr)
+    assert resumed and int(resumed.group(1)) >= 20, again.stderr[-3000:]
     assert manifest_of(run)["pretrain"]["state"] == "done" and manifest_of(run)["pretrain"]["attempts"] == 2
 
 

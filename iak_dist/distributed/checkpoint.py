@@ -240,7 +240,10 @@ class CheckpointManager:
             dense.engine.save_checkpoint(str(partial / "dense"), tag="state")
         if data_parallel_optimizer is not None:
             extra = {**extra, "dp_optimizer": data_parallel_optimizer.state_dict()}
-        torch.save({"world_size": self.ctx.world_size, "rng": torch.get_rng_state(), **extra},
+        rng = {"rng": torch.get_rng_state()}
+        if self.ctx.device.type == "cuda":  # IAK samples its noise on the device: resume must restore it too
+            rng["cuda_rng"] = torch.cuda.get_rng_state(self.ctx.device)
+        torch.save({"world_size": self.ctx.world_size, **rng, **extra},
                    partial / f"train_state_rank{self.ctx.rank}.pt")
         self.ctx.barrier()
         if self.ctx.is_main:
@@ -341,6 +344,9 @@ class CheckpointManager:
         rank_file = path / f"train_state_rank{min(self.ctx.rank, saved_world - 1)}.pt"
         state = torch.load(rank_file, weights_only=True)
         torch.set_rng_state(state.pop("rng"))
+        if "cuda_rng" in state and self.ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(state.pop("cuda_rng"), self.ctx.device)
+        state.pop("cuda_rng", None)
         if data_parallel_optimizer is not None and "dp_optimizer" in state:
             data_parallel_optimizer.load_state_dict(state.pop("dp_optimizer"))
         state["path"] = str(path)

@@ -10,6 +10,7 @@ continues where it stopped. The driver (`driver.py`) decides which phases run.
 from __future__ import annotations
 
 import concurrent.futures as futures
+import functools
 import json
 import math
 import time
@@ -184,9 +185,8 @@ def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext, seeds: list[int] 
         if not eval_file.is_file():
             metrics = evaluate(cfg.data.dir, seed_dir(cfg, seed) / "backbone", adapter_dir, ctx,
                                cfg.evaluate.batch_size, sharding=cfg.distributed.sharding)
-            if ctx.is_main:
-                atomic_write_json(eval_file, metrics)
-            ctx.barrier()
+            # rank 0 writes; a failure (a full disk) is raised on every rank, not left to a collective's timeout
+            on_main(ctx, functools.partial(atomic_write_json, eval_file, metrics))
             say_line(f"seed {seed}: `{strategy}` test CTR-AUC {format_metric(metrics['overall']['ctr_auc'])} "
                      f"CTCVR-AUC {format_metric(metrics['overall']['ctcvr_auc'])}")  # None: n/a
         results[strategy][seed] = json.loads(eval_file.read_text())
@@ -196,9 +196,8 @@ def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext, seeds: list[int] 
         costs[strategy]["trainable_params"] = summary["finetune/trainable_params"]
     title = (f"{cfg.data.source} ({cfg.data.domain} domains)" if cfg.data.source == "movielens-100k"
              else f"{cfg.data.source} data")
-    if ctx.is_main:
-        write_report(results, costs, run_dir, title, Schema.load(Path(cfg.data.dir) / "schema.yaml").domains)
-    ctx.barrier()
+    on_main(ctx, lambda: write_report(results, costs, run_dir, title,
+                                      Schema.load(Path(cfg.data.dir) / "schema.yaml").domains))
     say_line(f"report: {run_dir / 'report.md'} and {run_dir / 'report.png'}")
     return run_dir
 

@@ -62,8 +62,8 @@ class RunLock:
 
     def _write(self, holder: dict) -> None:
         data = (json.dumps(holder) + "\n").encode() if holder else b""
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, data, 0)
+        os.pwrite(self.fd, data, 0)  # then cut the rest: a reader never sees an empty holder in between
+        os.ftruncate(self.fd, len(data))
 
     def release(self) -> None:
         if self.fd < 0:
