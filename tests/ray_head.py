@@ -41,7 +41,11 @@ class RayHead:
         self.cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                     f"--port={self.port}", f"--temp-dir={self.temp_dir}", f"--num-cpus={num_cpus}",
                     "--disable-usage-stats", f"--include-dashboard={'true' if dashboard else 'false'}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                    # a second head on the machine would otherwise find its agents' default ports taken
+                    # (its job agent never comes up: "No available agent to submit job")
+                    f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                    f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> RayHead:

@@ -190,3 +190,16 @@ def test_tables_are_gathered_on_the_shards_device(backbone_dir, ctx, monkeypatch
     state = checkpoint.plain_state_dict(model, prefix="backbone.")
     assert reduced and set(reduced) == {table.local_shards()[0].tensor.device}
     assert all(v.device.type == "cpu" for v in state.values())
+
+
+def test_a_storage_fault_on_one_rank_is_raised_on_every_rank(synth_dir, tmp_path):
+    """Rank 1 cannot write its part of checkpoint 20: rank 0 must not wait in the next collective for
+    gloo's 30-minute timeout (under Ray Train nothing else would end it), it raises too."""
+    run = tmp_path / "run"
+    result = torchrun(spec(synth_dir, run), tmp_path, name="enospc",
+                      env={"IAK_DIST_FAULT": "save_state:20:1", "IAK_DIST_FAULT_KIND": "enospc"})
+    assert result.returncode != 0
+    assert "another rank failed to write its part of the checkpoint" in result.stderr, result.stderr[-3000:]
+    assert "No space left on device" in result.stderr
+    ckpts = run / "checkpoints" / "pretrain"
+    assert (ckpts / "step_00000010" / "COMPLETE").is_file() and not (ckpts / "step_00000020").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -229,10 +230,12 @@ class CheckpointManager:
         partial = self.root / f"step_{step:08d}.partial"
         if (final / "COMPLETE").is_file():
             return final  # this step was saved before a restart
-        if self.ctx.is_main:
-            _remove_tree(partial)  # left by a crash during an earlier save of this step
-            partial.mkdir(parents=True)
-        self.ctx.barrier()
+        def prepare() -> None:
+            if self.ctx.is_main:
+                _remove_tree(partial)  # left by a crash during an earlier save of this step
+                partial.mkdir(parents=True)
+
+        self._together(prepare)
         dcp.save({"model": _sparse_state(model), "optim": _fused_optimizer_state(model)},
                  checkpoint_id=str(partial / "sparse"))
         fault_point("save", step, self.ctx.rank)
@@ -243,20 +246,43 @@ class CheckpointManager:
         rng = {"rng": torch.get_rng_state()}
         if self.ctx.device.type == "cuda":  # IAK samples its noise on the device: resume must restore it too
             rng["cuda_rng"] = torch.cuda.get_rng_state(self.ctx.device)
-        torch.save({"world_size": self.ctx.world_size, **rng, **extra},
-                   partial / f"train_state_rank{self.ctx.rank}.pt")
-        self.ctx.barrier()
-        if self.ctx.is_main:
-            atomic_write_text(partial / "plan.txt", plan_text, durable=False)
-            atomic_write_text(partial / "tables.json", json.dumps(_table_shapes(model)), durable=False)
-            fsync_tree(partial)  # every rank's files are on disk before COMPLETE can be
-            atomic_write_text(partial / "COMPLETE", f"{self.ctx.world_size}\n")
-            partial.rename(final)
-            fsync_dir(self.root)
-            for old in self.complete()[:-self.keep]:
-                _remove_tree(old)
-        self.ctx.barrier()
+        def save_state() -> None:
+            fault_point("save_state", step, self.ctx.rank)
+            torch.save({"world_size": self.ctx.world_size, **rng, **extra},
+                       partial / f"train_state_rank{self.ctx.rank}.pt")
+
+        self._together(save_state)
+
+        def complete() -> None:
+            if self.ctx.is_main:
+                atomic_write_text(partial / "plan.txt", plan_text, durable=False)
+                atomic_write_text(partial / "tables.json", json.dumps(_table_shapes(model)), durable=False)
+                fsync_tree(partial)  # every rank's files are on disk before COMPLETE can be
+                atomic_write_text(partial / "COMPLETE", f"{self.ctx.world_size}\n")
+                partial.rename(final)
+                fsync_dir(self.root)
+                for old in self.complete()[:-self.keep]:
+                    _remove_tree(old)
+
+        self._together(complete)
         return final
+
+    def _together(self, write: Callable[[], None]) -> None:
+        """Run `write` on this rank; if it fails on any rank, raise on every rank.
+
+        Sync point. A rank-local failure (a full disk, a read-only folder) would otherwise leave
+        the other ranks waiting in the next collective until its timeout (30 min), with the cause
+        lost; here the failing rank raises its own error and the others say which path it was.
+        """
+        error: BaseException | None = None
+        try:
+            write()
+        except Exception as exc:  # noqa: BLE001  (re-raised below, once every rank knows)
+            error = exc
+        if not self._everywhere(error is None):
+            if error is not None:
+                raise error
+            raise UserError(f"{self.root}: another rank failed to write its part of the checkpoint (see its error)")
 
     def restore_latest(self, model: nn.Module, dense, warn=print,
                        data_parallel_optimizer=None) -> dict[str, Any] | None:
