@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 
 from iak_dist.errors import UserError
 
@@ -58,6 +60,37 @@ def nvidia_device_present() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
         return False
     return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+
+
+_critical_depth = 0
+_deferred: list[Callable[[], None]] = []
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """A section a signal must not cut in half (a checkpoint being written): an interruption that
+    arrives inside it (`interrupt_or_defer`) happens when the section ends, on the main thread.
+
+    Trap: an exception raised by a signal handler inside DCP's writer tore a file mid-write and
+    came out as a `CheckpointException` (a traceback, exit 1) instead of the interruption.
+    """
+    global _critical_depth
+    _critical_depth += 1
+    try:
+        yield
+    finally:
+        _critical_depth -= 1
+        if _critical_depth == 0 and _deferred:
+            _deferred.pop()()
+
+
+def interrupt_or_defer(interrupt: Callable[[], None]) -> None:
+    """Run `interrupt` (which raises) now, or at the end of the `uninterrupted` section we are in."""
+    if _critical_depth > 0:
+        if not _deferred:
+            _deferred.append(interrupt)
+        return
+    interrupt()
 
 
 def configure_environment() -> None:

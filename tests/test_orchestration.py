@@ -225,3 +225,25 @@ def test_a_done_phase_runs_again_when_it_covers_other_seeds_or_strategies(tmp_pa
     assert not again.is_done("finetune", phase_spec(load_config(None, ["finetune.strategies=[none,iak]"]), phase))
     assert not again.is_done("finetune", phase_spec(load_config(None, ["finetune.strategies=[none]", "seeds=[0,1]"]),
                                                     phase))
+
+
+def test_a_signal_during_a_checkpoint_save_interrupts_after_it(monkeypatch):
+    """The interruption waits for the section a signal must not cut (a checkpoint being written): raised
+    inside DCP's writer it tore a file and came out as a CheckpointException, exit 1, with a traceback."""
+    from iak_dist.orchestration.driver import _signals_raise_interrupted
+    from iak_dist.orchestration.outcome import Interrupted
+    from iak_dist.runtime import uninterrupted
+
+    done = []
+    with pytest.raises(Interrupted), _signals_raise_interrupted():
+        with uninterrupted():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler has run by now
+            done.append("the save completed")
+        done.append("not reached")
+    assert done == ["the save completed"]
+    with pytest.raises(Interrupted), _signals_raise_interrupted():  # outside a section: at once
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+        done.append("not reached")
+    assert done == ["the save completed"]

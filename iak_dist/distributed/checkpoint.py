@@ -27,6 +27,7 @@ from iak_dist.errors import UserError
 from iak_dist.faults import fault_point
 from iak_dist.io import atomic_path, atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
 from iak_dist.model.backbone import backbone_identity
+from iak_dist.runtime import uninterrupted
 
 
 def plain_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -224,6 +225,11 @@ class CheckpointManager:
              data_parallel_optimizer=None) -> Path:
         """Checkpoint `step`: sparse shards + fused optimizer, the dense engine, `extra` train state and
         the optimizer of data-parallel tables (which TorchRec's fused optimizer does not cover)."""
+        with uninterrupted():  # SIGTERM waits for the checkpoint to be complete (or not started)
+            return self._save(step, model, dense, extra, plan_text, data_parallel_optimizer)
+
+    def _save(self, step: int, model: nn.Module, dense, extra: dict[str, Any], plan_text: str,
+              data_parallel_optimizer) -> Path:
         import torch.distributed.checkpoint as dcp
 
         final = self.root / f"step_{step:08d}"

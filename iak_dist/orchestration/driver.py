@@ -39,6 +39,7 @@ from iak_dist.orchestration.manifest import Manifest
 from iak_dist.orchestration.outcome import Interrupted, last_line, os_error_line, user_facing
 from iak_dist.orchestration.spec import phases_of
 from iak_dist.orchestration.status import progress_line
+from iak_dist.runtime import interrupt_or_defer
 
 PROGRESS_EVERY_S = 15.0
 
@@ -201,7 +202,11 @@ def _signals_raise_interrupted() -> Iterator[None]:
         if fired:
             return
         fired.append(signum)
-        raise Interrupted(signum)
+
+        def interrupt() -> None:
+            raise Interrupted(signum)
+
+        interrupt_or_defer(interrupt)  # not in the middle of a checkpoint being written
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
