@@ -100,7 +100,6 @@ class Driver:
                         with contextlib.suppress(UserError):  # a full disk must not hide the interruption
                             manifest.update(name, state="interrupted", finished=time.time(),
                                             error=f"interrupted by {exc}")
-                    ex.stop()
                     exc.message = (f"interrupted by {exc}: " + (f"phase {', '.join(stopped)} stopped and marked "
                                    f"interrupted" if stopped else "no phase was running")
                                    + f"; run the same command again to resume ({self.run_dir})")
