@@ -16,41 +16,75 @@ import numpy as np
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve = P(score of a random positive > a random negative), ties count 1/2.
 
-    NaN when only one class is present.
+    NaN when only one class is present. Exact and independent of row order: ranks are summed as
+    integers (doubled, so tie averages stay integral), so rows gathered from ranks in any order give
+    the same bits.
     """
     labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores)
     n_pos = int(labels.sum())
     n_neg = len(labels) - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     order = np.argsort(scores, kind="mergesort")
-    sorted_scores = np.asarray(scores)[order]
-    ranks = np.empty(len(scores), dtype=np.float64)
-    # average rank within runs of equal scores
-    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [len(scores)]])
-    avg = (starts + ends - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, ends - starts)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    sorted_scores = scores[order]
+    run_first = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    run_end = np.r_[run_first[1:], len(scores)]
+    positives_before = np.r_[0, np.cumsum(labels[order], dtype=np.int64)]
+    # a run of equal scores at 0-based positions [a, b) has average rank (a + b + 1) / 2
+    run_positives = positives_before[run_end] - positives_before[run_first]
+    doubled_rank_sum = int(np.sum((run_first + run_end + 1) * run_positives))
+    return float((doubled_rank_sum / 2 - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
-    """Mean of per-group AUCs weighted by group size, over groups holding both classes."""
-    order = np.argsort(groups, kind="mergesort")
-    g, y, s = groups[order], labels[order], scores[order]
-    cuts = np.flatnonzero(np.diff(g)) + 1
-    total, weight = 0.0, 0
-    for yy, ss in zip(np.split(y, cuts), np.split(s, cuts), strict=True):
-        if 0 < yy.sum() < len(yy):
-            total += auc(yy, ss) * len(yy)
-            weight += len(yy)
-    return total / weight if weight else float("nan")
+    """Mean of per-group AUCs (ties 1/2) weighted by group size, over groups holding both classes.
+
+    Vectorised: one sort by (group, score), then integer rank sums per run of equal scores and per
+    group (`np.add.reduceat`), no Python loop over groups. Equal, bit for bit, to summing `auc` of
+    each group times its size in ascending group order (the weighted sum is a sequential
+    `np.cumsum`, the order of that loop), and independent of row order.
+    """
+    labels = np.asarray(labels).astype(bool)
+    scores, groups = np.asarray(scores), np.asarray(groups)
+    n = len(labels)
+    if n == 0:
+        return float("nan")
+    order = np.lexsort((scores, groups))  # by group, then score
+    g, s = groups[order], scores[order]
+    group_starts = np.r_[True, g[1:] != g[:-1]]
+    run_starts = group_starts | np.r_[True, s[1:] != s[:-1]]
+    group_first = np.flatnonzero(group_starts)
+    group_end = np.r_[group_first[1:], n]
+    run_first = np.flatnonzero(run_starts)
+    run_end = np.r_[run_first[1:], n]
+    positives_before = np.r_[0, np.cumsum(labels[order], dtype=np.int64)]
+    run_positives = positives_before[run_end] - positives_before[run_first]
+    run_group = np.cumsum(group_starts)[run_first] - 1
+    # positions within the group: a run at [a, b) has average rank (a + b + 1) / 2
+    offset = group_first[run_group]
+    doubled = (run_first - offset + run_end - offset + 1) * run_positives
+    doubled_rank_sum = np.add.reduceat(doubled, np.flatnonzero(group_starts[run_first]))
+    size = group_end - group_first
+    n_pos = positives_before[group_end] - positives_before[group_first]
+    both = (n_pos > 0) & (n_pos < size)
+    if not both.any():
+        return float("nan")
+    n_pos, size, doubled_rank_sum = n_pos[both], size[both], doubled_rank_sum[both]
+    group_auc = (doubled_rank_sum / 2 - n_pos * (n_pos + 1) / 2.0) / (n_pos * (size - n_pos)).astype(np.float64)
+    return float(np.cumsum(group_auc * size)[-1] / int(size.sum()))
 
 
 def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
-    p = np.clip(probs, eps, 1 - eps)
-    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+    """Mean binary cross-entropy, probabilities clipped to [eps, 1 - eps].
+
+    Summed in float64 over the sorted per-row terms, so the value does not depend on row order
+    (ranks' rows are gathered in rank order, not file order).
+    """
+    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
+    y = np.asarray(labels, dtype=np.float64)
+    terms = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    return float(np.sum(np.sort(terms)) / len(terms)) if len(terms) else float("nan")
 
 
 def finite_or_none(value: float | None) -> float | None:

@@ -31,6 +31,47 @@ def test_gauc_weights_groups_by_size_and_skips_one_class_groups():
     assert gauc(y, s, g) == pytest.approx(expected)
 
 
+def loop_gauc(labels, scores, groups):
+    """The per-user loop GAUC was before it was vectorised: the reference the vectorised one must equal."""
+    order = np.argsort(groups, kind="mergesort")
+    g, y, s = groups[order], labels[order], scores[order]
+    cuts = np.flatnonzero(np.diff(g)) + 1
+    total, weight = 0.0, 0
+    for yy, ss in zip(np.split(y, cuts), np.split(s, cuts), strict=True):
+        if 0 < yy.sum() < len(yy):
+            total += auc(yy, ss) * len(yy)
+            weight += len(yy)
+    return total / weight if weight else float("nan")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_vectorised_gauc_equals_the_per_user_loop(seed):
+    """Many ties (scores on a coarse grid), users of one class only, users of one row, unsorted ids."""
+    rng = np.random.default_rng(seed)
+    n = 20_000
+    users = rng.permutation(4000)[rng.integers(0, 4000, n)] * 7919 - 10**6  # sparse, negative ids too
+    y = (rng.random(n) < rng.choice([0.0, 0.3, 1.0], 4000)[users % 4000]).astype(np.float32)
+    s = np.round(rng.random(n) + 0.2 * y, 1).astype(np.float32)
+    assert len(np.unique(s)) <= 13
+    want = loop_gauc(y, s, users)
+    assert gauc(y, s, users) == pytest.approx(want, abs=1e-12, rel=0)
+    shuffled = rng.permutation(n)  # row order does not matter (rows come gathered in rank order)
+    assert gauc(y[shuffled], s[shuffled], users[shuffled]) == gauc(y, s, users)
+
+
+def test_gauc_without_any_two_class_group_is_nan():
+    assert np.isnan(gauc(np.array([1, 1, 0]), np.array([0.1, 0.2, 0.3]), np.array([1, 1, 2])))
+    assert np.isnan(gauc(np.array([]), np.array([]), np.array([], dtype=np.int64)))
+
+
+def test_metrics_do_not_depend_on_row_order():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 5000).astype(np.int8)
+    p = rng.random(5000).astype(np.float32)
+    perm = rng.permutation(5000)
+    assert auc(y[perm], p[perm]) == auc(y, p) and logloss(y[perm], p[perm]) == logloss(y, p)
+
+
 def test_logloss_closed_form():
     assert logloss(np.array([1, 0]), np.array([0.8, 0.4])) == pytest.approx(-(np.log(0.8) + np.log(0.6)) / 2)
 
