@@ -75,6 +75,10 @@ class ModelConfig:
 
     embedding_dim: int = 16
     """Width of every embedding table."""
+    table_dtype: Literal["fp32", "fp16"] = "fp32"
+    """Storage precision of the embedding tables (FBGEMM weights precision). `fp16` halves their
+    memory; the fused row-wise Adagrad still updates them (its per-row state stays fp32) and the
+    pooled embeddings fed to the dense part stay fp32. Part of the backbone's identity."""
     interaction: Literal["dcn", "dot"] = "dcn"
     """`dcn`: DCNv2 cross layers over [embeddings, dense]; `dot`: DLRM pairwise dot products."""
     cross_layers: int = 2

@@ -17,6 +17,7 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.modules.embedding_configs import data_type_to_dtype
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
@@ -39,23 +40,34 @@ def supported_sharding_types(device_type: str) -> list[str]:
 
 
 def plan_constraints(table_names: list[str], cfg: ShardingConfig, device_type: str,
-                     world_size: int = 2) -> dict[str, ParameterConstraints]:
+                     world_size: int = 2, table_dtype: str = "fp32") -> dict[str, ParameterConstraints]:
     """Planner constraints from the config; an unknown feature, type or kernel is a `UserError`.
 
     On one rank, unlisted tables default to table-wise: splitting a table into column shards there
     buys nothing and adds split / output-dist work on every step (measured: `iak-dist profile`).
+    fp16 tables are never data-parallel: those are plain weights stepped by a torch optimizer whose
+    state would be fp16 too (row-wise Adagrad's eps underflows: NaN within 10 steps, measured); the
+    fused kernels keep fp32 optimizer state.
     """
     supported = supported_sharding_types(device_type)
+    if table_dtype != "fp32":
+        supported = [kind for kind in supported if kind != "data_parallel"]
     features = {t[len("t_"):]: t for t in table_names}
     for feature, table_plan in cfg.plan.items():
         if feature not in features:
             raise UserError(f"distributed.sharding.plan.{feature}: no such sparse feature; "
                             f"features: {', '.join(features)}")
+        if table_plan.sharding_type == "data_parallel" and table_dtype != "fp32":
+            raise UserError(f"distributed.sharding.plan.{feature}: data_parallel tables must be fp32 "
+                            f"(model.table_dtype is {table_dtype}); pick another sharding type")
         _check_type(table_plan.sharding_type, supported, device_type, f"distributed.sharding.plan.{feature}")
         if table_plan.compute_kernel not in COMPUTE_KERNELS:
             raise UserError(f"distributed.sharding.plan.{feature}.compute_kernel: {table_plan.compute_kernel!r} "
                             f"is not one of {', '.join(COMPUTE_KERNELS)}")
     for kind in cfg.sharding_types:
+        if kind == "data_parallel" and table_dtype != "fp32":
+            raise UserError(f"distributed.sharding.sharding_types: data_parallel tables must be fp32 "
+                            f"(model.table_dtype is {table_dtype}); leave it out")
         _check_type(kind, supported, device_type, "distributed.sharding.sharding_types")
     out = {}
     for feature, table in features.items():
@@ -77,7 +89,7 @@ def _check_type(kind: str, supported: list[str], device_type: str, key: str) -> 
 
 
 def make_planner(world_size: int, device_type: str, cfg: ShardingConfig, batch_size: int,
-                 table_names: list[str]) -> EmbeddingShardingPlanner:
+                 table_names: list[str], table_dtype: str = "fp32") -> EmbeddingShardingPlanner:
     cap = int(cfg.memory_budget_gb * 1024**3) if cfg.memory_budget_gb > 0 else None
     # ranks per host: what the launcher says, else one host on CPU and 8-GPU hosts on CUDA
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or (min(8, world_size) if device_type == "cuda" else world_size)
@@ -85,8 +97,8 @@ def make_planner(world_size: int, device_type: str, cfg: ShardingConfig, batch_s
         world_size=world_size, compute_device=device_type, local_world_size=local,
         hbm_cap=cap if device_type == "cuda" else None, ddr_cap=cap if device_type != "cuda" else None,
     )
-    return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size,
-                                    constraints=plan_constraints(table_names, cfg, device_type, world_size))
+    constraints = plan_constraints(table_names, cfg, device_type, world_size, table_dtype)
+    return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
 
 
 @dataclass
@@ -133,7 +145,8 @@ def shard_ranker(ranker: Ranker, ctx: DistContext, cfg: ShardingConfig, lr_spars
     optimizer_cls = SPARSE_OPTIMIZERS[cfg.sparse_optimizer]
     if lr_sparse is not None:
         apply_optimizer_in_backward(optimizer_cls, ebc.parameters(), {"lr": lr_sparse})
-    planner = make_planner(ctx.world_size, ctx.device.type, cfg, batch_size, table_names)
+    planner = make_planner(ctx.world_size, ctx.device.type, cfg, batch_size, table_names,
+                           ranker.backbone.table_dtype)
     sharders = [EmbeddingBagCollectionSharder()]
     try:
         if ctx.world_size > 1:
@@ -160,19 +173,21 @@ def shard_ranker(ranker: Ranker, ctx: DistContext, cfg: ShardingConfig, lr_spars
 
 
 def plan_rows(plan: ShardingPlan, ranker: Ranker, world_size: int) -> list[dict[str, Any]]:
-    """One row per table: rows, dim, sharding, kernel, ranks and bytes held by each rank."""
+    """One row per table: rows, dim, dtype, sharding, kernel, ranks and weight bytes held by each rank."""
     configs = {c.name: c for c in ranker.backbone.table_configs}
     rows = []
     for table, ps in plan.plan[EBC_PATH].items():
         cfg = configs[table]
+        width = data_type_to_dtype(cfg.data_type).itemsize
         per_rank = [0] * world_size
         if ps.sharding_type == "data_parallel":
             for r in range(world_size):
-                per_rank[r] = cfg.num_embeddings * cfg.embedding_dim * 4
+                per_rank[r] = cfg.num_embeddings * cfg.embedding_dim * width
         else:
             for shard in ps.sharding_spec.shards:
-                per_rank[shard.placement.rank()] += shard.shard_sizes[0] * shard.shard_sizes[1] * 4
+                per_rank[shard.placement.rank()] += shard.shard_sizes[0] * shard.shard_sizes[1] * width
         rows.append({"table": table, "rows": cfg.num_embeddings, "dim": cfg.embedding_dim,
+                     "dtype": ranker.backbone.table_dtype,
                      "sharding": ps.sharding_type, "kernel": ps.compute_kernel,
                      "ranks": sorted(set(ps.ranks or range(world_size))), "bytes_per_rank": per_rank})
     return rows
@@ -183,7 +198,7 @@ def format_plan(rows: list[dict[str, Any]]) -> str:
 
     Up to 8 ranks every rank's MiB is listed; beyond, the range over the ranks holding the table.
     """
-    header = ["table", "rows", "dim", "sharding", "kernel", "ranks", "MiB per rank"]
+    header = ["table", "rows", "dim", "dtype", "sharding", "kernel", "ranks", "MiB per rank"]
 
     def ranks(r):
         rs = r["ranks"]
@@ -195,7 +210,7 @@ def format_plan(rows: list[dict[str, Any]]) -> str:
             return " ".join(f"{b / 2**20:.1f}" for b in r["bytes_per_rank"])
         return f"{min(held) / 2**20:,.1f}..{max(held) / 2**20:,.1f}" if held else "0"
 
-    body = [[r["table"], f"{r['rows']:,}", str(r["dim"]), r["sharding"], r["kernel"], ranks(r), per_rank(r)]
+    body = [[r["table"], f"{r['rows']:,}", str(r["dim"]), r["dtype"], r["sharding"], r["kernel"], ranks(r), per_rank(r)]
             for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
@@ -249,7 +264,7 @@ def dry_run_plan(ranker: Ranker, cfg: ShardingConfig, world_size: int, device_ty
     Returns the plan rows and a report: the plan table plus each rank's total table bytes.
     """
     table_names = [c.name for c in ranker.backbone.table_configs]
-    planner = make_planner(world_size, device_type, cfg, batch_size, table_names)
+    planner = make_planner(world_size, device_type, cfg, batch_size, table_names, ranker.backbone.table_dtype)
     try:
         plan = planner.plan(ranker, [EmbeddingBagCollectionSharder()])
     except (PlannerError, RuntimeError) as exc:

@@ -14,13 +14,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torchrec.modules.crossnet import LowRankCrossNet
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from iak_dist.config import ModelConfig, to_dict
 from iak_dist.data.schema import Schema
 from iak_dist.model.strategies.base import DomainRows
+
+# `model.table_dtype` -> TorchRec's table data type, which FBGEMM takes as its weights precision
+TABLE_DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 
 
 @dataclass
@@ -91,11 +94,12 @@ class Backbone(nn.Module):
         tables = [
             EmbeddingBagConfig(
                 name=f"t_{f.name}", embedding_dim=d, num_embeddings=f.table_size,
-                feature_names=[f.name], pooling=PoolingType.SUM,
+                feature_names=[f.name], pooling=PoolingType.SUM, data_type=TABLE_DATA_TYPES[cfg.table_dtype],
             )
             for f in schema.sparse
         ]
         self.table_configs = tables  # kept: a sharded collection no longer exposes them
+        self.table_dtype = cfg.table_dtype
         self.embeddings = EmbeddingBagCollection(tables=tables, device=device)
         self.dense_proj = nn.Linear(max(len(schema.dense), 1), d)
         num_vectors = len(self.feature_names) + 1
@@ -119,9 +123,11 @@ class Backbone(nn.Module):
 
         Trap: a sharded EmbeddingBagCollection returns its features in plan order, not config
         order, so the KeyedTensor is read by feature name, never by position.
+        fp16 tables pool into fp32 (FBGEMM's output dtype); an unsharded fp16 collection pools into
+        fp16, so the result is cast: the dense part always sees fp32.
         """
         pooled = self.embeddings(sparse).to_dict()
-        return torch.stack([pooled[name] for name in self.feature_names], dim=1)
+        return torch.stack([pooled[name] for name in self.feature_names], dim=1).float()
 
     def dense_part(self, embedded: torch.Tensor, dense: torch.Tensor, adapter=None, domain=None) -> ModelOutput:
         """Everything after the embedding lookup: interaction, tower (with adapter hooks), heads."""
@@ -165,6 +171,13 @@ def tower_widths(schema: Schema, cfg: ModelConfig) -> list[int]:
 
 
 def backbone_identity(schema: Schema, cfg: ModelConfig) -> str:
-    """A short hash of what defines the backbone's shapes (schema tables + model config)."""
-    blob = json.dumps({"schema": to_dict(schema), "model": to_dict(cfg)}, sort_keys=True)
+    """A short hash of what defines the backbone (schema tables + model config).
+
+    `table_dtype` came later: at its default (fp32) it is left out, so the identities stamped on
+    backbones and adapters written before it existed still match.
+    """
+    model = to_dict(cfg)
+    if model["table_dtype"] == "fp32":
+        del model["table_dtype"]
+    blob = json.dumps({"schema": to_dict(schema), "model": model}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
