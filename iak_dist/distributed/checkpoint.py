@@ -1,23 +1,33 @@
-"""Plain (unsharded) weights in and out of a sharded model, and the backbone export format.
+"""Backbone weights in and out of a sharded model without gathering a table, and training checkpoints.
 
-An exported backbone is a folder with `model.safetensors` (full tables, every dense weight) and
-`backbone.json` (schema, model config, identity hash, weights hash). It loads onto any sharding
-plan at any world size: each rank copies its own shards out of the full tensors.
+An exported backbone is a folder with `backbone.json` (schema, model config, identity hash, the
+layout of its weights) and the weights as per-rank shard files that every rank writes in parallel:
+
+    backbone.json
+    dense.safetensors                    rank 0: every replicated tensor (dense weights, data-parallel tables)
+    shards/rank-00000-of-00002.safetensors   rank 0's table shards
+    shards/rank-00001-of-00002.safetensors   rank 1's table shards
+
+`backbone.json["layout"]` gives each tensor's global shape and dtype and which file holds which
+row/column range of it (`pieces`), and the SHA-256 (first 16 hex digits) of every file. Loading at
+any world size and plan reads, on each rank, only the rows of the shards that rank owns, in chunks
+of at most `CHUNK_BYTES`, and checks the hash of each file it reads first. Backbones exported
+before (one `model.safetensors` of full tensors) still load, the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
@@ -29,11 +39,334 @@ from iak_dist.io import atomic_path, atomic_write_json, atomic_write_text, fsync
 from iak_dist.model.backbone import backbone_identity
 from iak_dist.runtime import uninterrupted
 
+CHUNK_BYTES = 32 << 20
+"""Most bytes of one tensor held at once beyond the model itself while exporting or loading."""
+DENSE_FILE, SHARD_DIR, LEGACY_FILE = "dense.safetensors", "shards", "model.safetensors"
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+_TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
+
+
+def shard_file(rank: int, world_size: int) -> str:
+    return f"{SHARD_DIR}/rank-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+def _rows(shape: torch.Size | list[int]) -> tuple[int, int]:
+    """A tensor seen as a matrix: (rows, row length); pieces and chunks split the rows."""
+    shape = list(shape)
+    if not shape:
+        return 1, 1
+    return shape[0], math.prod(shape[1:])
+
+
+def _chunk_rows(row_bytes: int) -> int:
+    return max(1, CHUNK_BYTES // max(1, row_bytes))
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Write `tensors` as a safetensors file row chunk by row chunk; returns the file's `file_hash`.
+
+    Trap: safetensors' `save_file` turns every tensor into a `bytes` copy first, so its peak memory is
+    twice what it writes; here at most one chunk (`CHUNK_BYTES`) is copied, and only when a chunk is
+    not contiguous or not on the CPU. The hash is taken as the bytes go out (no second read).
+    """
+    header: dict[str, Any] = {}
+    offset = 0
+    for key, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes
+    digest = hashlib.sha256()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        def out(data) -> None:
+            digest.update(data)
+            f.write(data)
+
+        out(struct.pack("<Q", len(raw)) + raw)
+        for tensor in tensors.values():
+            rows, width = _rows(tensor.shape)
+            flat = tensor.detach().reshape(rows, width)
+            step = _chunk_rows(width * tensor.element_size())
+            for start in range(0, rows, step):
+                chunk = flat[start:start + step].cpu().contiguous()
+                out(chunk.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()[:16]
+
+
+class SafetensorsFile:
+    """Reads row ranges of the tensors of one safetensors file with plain file reads.
+
+    Not `safe_open`: it memory-maps the file, and every page read through the map counts in the
+    process's RSS until the map is closed; a seek and a read into a fresh tensor hold one chunk.
+    """
+
+    def __init__(self, path: Path, remedy: str) -> None:
+        self.path, self.remedy = path, remedy
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if length > size - 8:
+                    raise ValueError(f"header of {length} bytes in a file of {size}")
+                header = json.loads(f.read(length))
+            header.pop("__metadata__", None)
+            self.start = 8 + length
+            self.entries = {k: (_TORCH_DTYPES[v["dtype"]], list(v["shape"]), v["data_offsets"])
+                            for k, v in header.items()}
+            end = max((e[2][1] for e in self.entries.values()), default=0)
+            if self.start + end != size:
+                raise ValueError(f"{size} bytes, the header describes {self.start + end}")
+        except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise self.error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+    def error(self, what: str) -> UserError:
+        return UserError(f"{self.path}: not a readable safetensors file ({what}); {self.remedy}")
+
+    def read(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor `key` seen as a matrix (`_rows`)."""
+        if key not in self.entries:
+            raise self.error(f"no tensor {key}")
+        dtype, shape, (begin, _) = self.entries[key]
+        _, width = _rows(shape)
+        out = torch.empty(stop - start, width, dtype=dtype)
+        row_bytes = width * out.element_size()
+        with open(self.path, "rb") as f:
+            f.seek(self.start + begin + start * row_bytes)
+            if f.readinto(out.view(torch.uint8).numpy()) != out.numel() * out.element_size():
+                raise self.error(f"tensor {key} ends early")
+        return out
+
+
+class ShardedWeights:
+    """Stored tensors, each as pieces (row/column ranges) in safetensors files under `root`.
+
+    `layout` is the `layout` of `backbone.json` (or of a `full` adapter's config): tensors
+    {name: {shape, dtype, pieces: [{file, key, rows: [r0, r1], cols: [c0, c1]}]}} (a tensor of other than
+    2 dimensions is seen as a matrix of its first dimension's rows) and files {relative path: hash}.
+    Each file is checked against its hash the first time it is read (`recorded_in` names where the
+    hash was recorded, `remedy` what to do about a mismatch).
+    """
+
+    def __init__(self, root: Path, layout: dict[str, Any], recorded_in: Path, remedy: str) -> None:
+        self.root, self.layout, self.recorded_in, self.remedy = Path(root), layout, recorded_in, remedy
+        self.tensors: dict[str, dict[str, Any]] = layout["tensors"]
+        self._files: dict[str, SafetensorsFile] = {}
+
+    @classmethod
+    def single_file(cls, root: Path, file: str, file_hash_: str, recorded_in: Path, remedy: str,
+                    prefix: str = "") -> ShardedWeights:
+        """Full tensors under keys `prefix + name` in one file (backbones exported before the shards)."""
+        weights = cls(root, {"tensors": {}, "files": {file: file_hash_}}, recorded_in, remedy)
+        for key, (dtype, shape, _) in weights.file(file).entries.items():
+            if key.startswith(prefix):
+                rows, width = _rows(shape)
+                weights.tensors[key[len(prefix):]] = {
+                    "shape": shape, "dtype": _DTYPES[dtype],
+                    "pieces": [{"file": file, "key": key, "rows": [0, rows], "cols": [0, width]}]}
+        return weights
+
+    def file(self, name: str) -> SafetensorsFile:
+        """The file `name`, its hash checked against the recorded one on first use."""
+        if name not in self._files:
+            check_weights_hash(self.root / name, self.layout["files"][name], self.recorded_in, self.remedy)
+            self._files[name] = SafetensorsFile(self.root / name, self.remedy)
+        return self._files[name]
+
+    def verify(self) -> None:
+        """Check every file's hash (a copy must be what its files claim; reads whole files, holds nothing)."""
+        for name in self.layout["files"]:
+            self.file(name)
+
+    def read_into(self, name: str, target: torch.Tensor, offsets: tuple[int, int] = (0, 0)) -> None:
+        """Fill `target`, the block of tensor `name` at (row, column) `offsets`, from the pieces it overlaps.
+
+        Reads only those rows, at most `CHUNK_BYTES` of one piece at a time.
+        """
+        info = self.tensors[name]
+        dtype = _TORCH_DTYPES[info["dtype"]]
+        matrix = target if target.dim() == 2 else target.view(*_rows(target.shape))
+        r0, c0 = offsets
+        r1, c1 = r0 + matrix.shape[0], c0 + matrix.shape[1]
+        covered = 0
+        for piece in info["pieces"]:
+            (pr0, pr1), (pc0, pc1) = piece["rows"], piece["cols"]
+            lo, hi, left, right = max(r0, pr0), min(r1, pr1), max(c0, pc0), min(c1, pc1)
+            if lo >= hi or left >= right:
+                continue
+            covered += (hi - lo) * (right - left)
+            source = self.file(piece["file"])
+            step = _chunk_rows((pc1 - pc0) * dtype.itemsize)
+            for start in range(lo, hi, step):
+                stop = min(hi, start + step)
+                chunk = source.read(piece["key"], start - pr0, stop - pr0)
+                if chunk.shape[1] != pc1 - pc0:
+                    raise source.error(f"tensor {piece['key']} has rows of {chunk.shape[1]}, "
+                                       f"{self.recorded_in.name} says {pc1 - pc0}")
+                matrix[start - r0:stop - r0, left - c0:right - c0].copy_(chunk[:, left - pc0:right - pc0])
+        if covered != matrix.numel():
+            raise UserError(f"{self.recorded_in}: the stored pieces of {name} do not cover rows {r0}:{r1}, "
+                            f"columns {c0}:{c1}; {self.remedy}")
+
+    def full(self, name: str) -> torch.Tensor:
+        """Tensor `name` whole, in memory (for small tensors and one-process consumers)."""
+        info = self.tensors[name]
+        out = torch.empty(info["shape"], dtype=_TORCH_DTYPES[info["dtype"]])
+        self.read_into(name, out)
+        return out
+
+    def row_chunks(self, name: str, rows: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, rows) of tensor `name` in chunks of `rows` rows (default: `CHUNK_BYTES`'s worth).
+
+        How a one-process consumer (serving) reads a whole table without holding it.
+        """
+        info = self.tensors[name]
+        total, width = _rows(info["shape"])
+        rows = rows or _chunk_rows(width * _TORCH_DTYPES[info["dtype"]].itemsize)
+        for start in range(0, total, rows):
+            out = torch.empty(min(rows, total - start), *info["shape"][1:], dtype=_TORCH_DTYPES[info["dtype"]])
+            self.read_into(name, out, (start, 0))
+            yield start, out
+
+
+def _on_every_rank(action: Callable[[], Any], what: str) -> Any:
+    """`action()` on this rank; if it fails on any rank, every rank raises (the failing rank its own error).
+
+    Sync point. Each rank reads or writes its own files, so a damaged file or a full disk may hit one
+    rank only; the others would wait in the next collective until its timeout (30 min). The first
+    failure's one line goes to every rank, so each names the file.
+    """
+    error: BaseException | None = None
+    result = None
+    try:
+        result = action()
+    except Exception as exc:  # noqa: BLE001  (re-raised below, once every rank knows)
+        error = exc
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        line = None
+        if error is not None:
+            line = str(error) if isinstance(error, UserError) else f"{what}: rank {dist.get_rank()}: {_one_line(error)}"
+        lines: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(lines, line)
+        failed = [text for text in lines if text is not None]
+        if failed and error is None:
+            raise UserError(failed[0])
+    if error is not None:
+        raise error
+    return result
+
+
+def save_sharded(model: nn.Module, prefix: str, root: Path, folder: str = "",
+                 rank: int | None = None) -> dict[str, Any]:
+    """Write the tensors of `model.state_dict()` under `prefix` into `root/folder`: each rank its own shards.
+
+    Collective: every rank calls it. Rank r writes its local table shards to `shard_file(r, N)`;
+    rank 0 also writes the replicated tensors (dense weights, data-parallel tables) to `DENSE_FILE`.
+    Returns the layout (see `ShardedWeights`), the same on every rank, paths relative to `root`.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = (dist.get_rank() if dist.is_initialized() else 0) if rank is None else rank
+    base = f"{folder}/" if folder else ""
+    mine, replicated, tensors = {}, {}, {}
+    pieces: dict[str, list[dict[str, Any]]] = {}
+    for key, value in model.state_dict().items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        if isinstance(value, ShardedTensor):
+            props = value.metadata().tensor_properties
+            tensors[name] = {"shape": list(value.size()), "dtype": _DTYPES[props.dtype]}
+            shards = value.local_shards()
+            for i, shard in enumerate(shards):
+                (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                part = name if len(shards) == 1 else f"{name}#{i}"  # a rank may hold two column blocks
+                mine[part] = shard.tensor
+                pieces.setdefault(name, []).append({"file": base + shard_file(rank, world), "key": part,
+                                                    "rows": [r0, r0 + nr], "cols": [c0, c0 + nc]})
+        else:
+            rows, width = _rows(value.shape)
+            tensors[name] = {"shape": list(value.shape), "dtype": _DTYPES[value.dtype]}
+            replicated[name] = value
+            if rank == 0:
+                pieces[name] = [{"file": base + DENSE_FILE, "key": name, "rows": [0, rows], "cols": [0, width]}]
+
+    def write() -> dict[str, str]:
+        written = {}
+        if mine:
+            written[base + shard_file(rank, world)] = write_safetensors(root / base / shard_file(rank, world), mine)
+        if rank == 0:
+            written[base + DENSE_FILE] = write_safetensors(root / base / DENSE_FILE, replicated)
+        return written
+
+    files = _on_every_rank(write, str(root / folder))
+    parts = [(pieces, files)]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, (pieces, files))  # sync point: every rank's files are written
+    layout: dict[str, Any] = {"tensors": tensors, "files": {}}
+    for rank_pieces, rank_files in parts:
+        layout["files"].update(rank_files)
+        for name, found in rank_pieces.items():
+            tensors[name].setdefault("pieces", []).extend(found)
+    return layout
+
+
+def layout_hash(layout: dict[str, Any]) -> str:
+    """One hash for a sharded state (its files' hashes and their layout): what adapters are stamped with."""
+    return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def remove_stale_shards(root: Path, layout: dict[str, Any], folder: str = "") -> None:
+    """Delete shard files in `root/folder` that `layout` does not name (an export at another world size)."""
+    base = root / folder
+    keep = {root / name for name in layout["files"]}
+    for path in [base / LEGACY_FILE, *(base / SHARD_DIR).glob("rank-*-of-*.safetensors")]:
+        if path not in keep:
+            path.unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def load_sharded(model: nn.Module, weights: ShardedWeights, prefix: str = "",
+                 override: ShardedWeights | None = None) -> None:
+    """Copy stored tensors into `model` in place; each rank reads only the rows of the shards it owns.
+
+    `override`'s tensors replace `weights`' (a `full` adapter carries its own backbone). Collective:
+    a file that fails to load on one rank is raised on every rank.
+    """
+    sources = {name: weights for name in weights.tensors}
+    if override is not None:
+        sources |= {name: override for name in override.tensors}
+    own = {k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+    def load() -> None:
+        missing, unexpected = sorted(own.keys() - sources.keys()), sorted(sources.keys() - own.keys())
+        if missing or unexpected:
+            raise UserError(f"{weights.recorded_in}: the stored weights do not match the model: "
+                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for name, target in own.items():
+            source = sources[name]
+            stored = source.tensors[name]["shape"]
+            if list(target.size()) != list(stored):
+                raise UserError(f"{source.recorded_in}: tensor {name} has shape {tuple(stored)}, the model "
+                                f"expects {tuple(target.size())} (a different model config or schema)")
+            if isinstance(target, ShardedTensor):
+                for shard in target.local_shards():
+                    source.read_into(name, shard.tensor, tuple(shard.metadata.shard_offsets))
+            else:
+                source.read_into(name, target)
+
+    _on_every_rank(load, str(weights.root))
+
 
 def plain_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     """Full tensors of `model.state_dict()` whose keys start with `prefix` (prefix removed).
 
-    Sharded tables are gathered to full tensors on every rank (collective: all ranks must call).
+    Gathers every sharded table whole on every rank (collective: all ranks must call): for tests and
+    checks on small models only. Phases never call it: exports and adapters write per-rank shards
+    (`save_sharded`).
     """
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
@@ -67,31 +400,6 @@ def collective_device(value: ShardedTensor) -> torch.device:
     return torch.device("cpu")
 
 
-@torch.no_grad()
-def load_plain_state_dict(model: nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> None:
-    """Copy full tensors into `model` in place, each rank taking its own shard of sharded tables."""
-    own = model.state_dict()
-    expected = {k[len(prefix):] for k in own if k.startswith(prefix)}
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or unexpected:
-        raise UserError(
-            f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    for name in expected:
-        target, source = own[prefix + name], state[name]
-        if tuple(target.size()) != tuple(source.shape):
-            raise UserError(
-                f"checkpoint tensor {name} has shape {tuple(source.shape)}, the model expects "
-                f"{tuple(target.size())} (a different model config or schema)"
-            )
-        if isinstance(target, ShardedTensor):
-            for shard in target.local_shards():
-                off, size = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                shard.tensor.copy_(source[off[0]:off[0] + size[0], off[1]:off[1] + size[1]])
-        else:
-            target.copy_(source)
-
-
 def file_hash(path: str | Path) -> str:
     """First 16 hex digits of the file's SHA-256, read in 1 MiB blocks (weights files can be large)."""
     digest = hashlib.sha256()
@@ -102,20 +410,25 @@ def file_hash(path: str | Path) -> str:
 
 
 def export_backbone(model: nn.Module, schema: Schema, cfg: ModelConfig, out_dir: str | Path, rank: int = 0) -> None:
-    """Write the backbone of a (sharded) Ranker as a plain, world-size-free folder."""
-    state = plain_state_dict(model, prefix="backbone.")
+    """Write the backbone of a (sharded) Ranker as a world-size-free folder, each rank its own shards.
+
+    Collective: every rank calls it. `backbone.json` is written last (by rank 0), after every rank's
+    files: its presence means the export is complete.
+    """
+    out_dir = Path(out_dir)
+    if rank == 0:
+        (out_dir / "backbone.json").unlink(missing_ok=True)  # a crash below must not leave the old one
+    layout = save_sharded(model, "backbone.", out_dir, rank=rank)
     if rank != 0:
         return
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     atomic_write_json(out_dir / "backbone.json", {
         "schema": to_dict(schema),
         "model": to_dict(cfg),
         "identity": backbone_identity(schema, cfg),
-        "weights": file_hash(out_dir / "model.safetensors"),
+        "weights": layout_hash(layout),
+        "layout": layout,
     })
+    remove_stale_shards(out_dir, layout)
 
 
 _REEXPORT = "re-export the backbone (run pre-training again)"
@@ -153,28 +466,34 @@ def check_weights_hash(path: Path, expected_hash: str, recorded_in: Path, remedy
                         f"(the file was replaced or damaged); {remedy}")
 
 
-def verify_backbone(path: str | Path) -> dict[str, Any]:
-    """The backbone's meta after checking its weights file, without loading it (for copies: export)."""
+def backbone_weights(path: str | Path, meta: dict[str, Any] | None = None) -> ShardedWeights:
+    """The exported backbone's stored tensors (nothing is read yet but the layout).
+
+    A backbone exported before the shards (one `model.safetensors`) is checked against its hash here,
+    since every rank reads that one file.
+    """
     path = Path(path)
+    meta = read_backbone_meta(path) if meta is None else meta
+    if "layout" in meta:
+        return ShardedWeights(path, meta["layout"], path / "backbone.json", _REEXPORT)
+    return ShardedWeights.single_file(path, LEGACY_FILE, meta["weights"], path / "backbone.json", _REEXPORT)
+
+
+def verify_backbone(path: str | Path) -> dict[str, Any]:
+    """The backbone's meta after checking every weights file's hash, without loading them (for copies: export)."""
     meta = read_backbone_meta(path)
-    check_weights_hash(path / "model.safetensors", meta["weights"], path / "backbone.json", _REEXPORT)
+    backbone_weights(path, meta).verify()
     return meta
 
 
-def load_safetensors(path: Path, remedy: str) -> dict[str, torch.Tensor]:
-    """Tensors of `path`; an unreadable (damaged) file is a UserError naming it, not a SafetensorError."""
-    try:
-        return load_file(str(path))
-    except SafetensorError as exc:
-        raise UserError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]}); {remedy}") from None
-
-
 def load_backbone_weights(path: str | Path, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
-    """The exported backbone's tensors, verified against the weights hash in its `backbone.json`."""
-    path = Path(path)
-    meta = read_backbone_meta(path) if meta is None else meta
-    check_weights_hash(path / "model.safetensors", meta["weights"], path / "backbone.json", _REEXPORT)
-    return load_safetensors(path / "model.safetensors", _REEXPORT)
+    """Every tensor of the exported backbone whole, each file verified against its hash.
+
+    Holds every table in memory: for one process and small backbones (tests, inspection). Phases load
+    with `load_sharded` (owned rows only); a consumer of a large table reads `row_chunks`.
+    """
+    weights = backbone_weights(path, meta)
+    return {name: weights.full(name) for name in weights.tensors}
 
 
 # ---------------------------------------------------------------------------------------------

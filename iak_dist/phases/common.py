@@ -9,7 +9,7 @@ import torch
 
 from iak_dist.config import ModelConfig, ShardingConfig, to_dict
 from iak_dist.data.schema import Schema
-from iak_dist.distributed.checkpoint import load_backbone_weights, load_plain_state_dict, read_backbone_meta
+from iak_dist.distributed.checkpoint import ShardedWeights, backbone_weights, load_sharded, read_backbone_meta
 from iak_dist.distributed.context import DistContext
 from iak_dist.distributed.sharding import ShardedRanker, shard_ranker
 from iak_dist.errors import UserError
@@ -46,23 +46,22 @@ def check_model_matches(model_cfg: ModelConfig, backbone_dir: str | Path) -> Non
 def build_from_backbone(
     backbone_dir: str | Path, adapter: Adapter | None, ctx: DistContext, train_embeddings: bool,
     sharding: ShardingConfig | None = None, lr_sparse: float | None = None,
-    backbone_override: dict[str, torch.Tensor] | None = None, batch_size: int = 512,
+    backbone_override: ShardedWeights | None = None, batch_size: int = 512,
 ) -> tuple[ShardedRanker, dict[str, Any]]:
     """Sharded Ranker holding the exported backbone's weights, with `adapter` attached.
 
-    Returns (sharded model, backbone meta). The exported backbone is world-size free: each rank
-    copies its own shards out of the full tensors, whatever the plan. `backbone_override` replaces
-    backbone tensors (an adapter of the `full` strategy carries its own backbone).
+    Returns (sharded model, backbone meta). The exported backbone is world-size free: whatever the
+    plan, each rank reads only the rows of the shards it owns (and the small replicated tensors).
+    `backbone_override` replaces backbone tensors (an adapter of the `full` strategy carries its
+    own backbone: `load_adapter`).
     """
     meta = read_backbone_meta(backbone_dir)
     if meta["identity"] != backbone_identity(meta["schema_obj"], meta["model_obj"]):
         raise UserError(f"{backbone_dir}: backbone.json is inconsistent (identity hash does not match)")
-    weights = load_backbone_weights(backbone_dir, meta)  # verified before the costly sharding
+    weights = backbone_weights(backbone_dir, meta)  # the layout (a single-file backbone: verified) first
     backbone = Backbone(meta["schema_obj"], meta["model_obj"], device=torch.device("meta"))
     ranker = Ranker(backbone, adapter, freeze_embeddings=not train_embeddings)
     sharded = shard_ranker(ranker, ctx, sharding or ShardingConfig(), lr_sparse if train_embeddings else None,
                            batch_size)
-    if backbone_override:
-        weights.update(backbone_override)
-    load_plain_state_dict(sharded.model, weights, prefix="backbone.")
+    load_sharded(sharded.model, weights, prefix="backbone.", override=backbone_override)
     return sharded, meta

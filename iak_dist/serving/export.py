@@ -3,6 +3,9 @@
 `<run>/export/` holds the backbone of the first seed and, per strategy, its adapter (domain
 kernels stacked `[K, ...]`: one graph scores every domain, each row activating its own domain's
 kernel), with `bundle.json` naming the domains and the strategy measured best on the test split.
+Every weights file (the backbone's shards, a `full` adapter's shards) is checked against its recorded
+hash before anything is copied; the copies keep the per-rank layout (a server reads it by row chunks:
+`ShardedWeights.row_chunks`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def export_run(cfg: PipelineConfig) -> Path:
     meta = verify_backbone(source / "backbone")  # a copy must be what its files claim: checked first
     adapters = [s for s in cfg.finetune.strategies if (source / "adapters" / s / "adapter_config.json").is_file()]
     for strategy in adapters:
-        verify_adapter(source / "adapters" / strategy, meta)
+        verify_adapter(source / "adapters" / strategy, meta, every_file=True)
     out = run_dir / "export"
     staging = run_dir / "export.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -43,9 +46,8 @@ def export_run(cfg: PipelineConfig) -> Path:
         agg = json.loads(report.read_text())["aggregate"]
         scored = [s for s in agg if agg[s]["overall"]["ctr_auc"]["mean"] is not None]  # None: one-class test
         best = max(scored, key=lambda s: agg[s]["overall"]["ctr_auc"]["mean"]) if scored else None
-    domains = json.loads((source / "backbone" / "backbone.json").read_text())["schema"]["domains"]
-    atomic_write_json(staging / "bundle.json", {"seed": seed, "domains": domains, "strategies": adapters,
-                                                "best_by_test_ctr_auc": best})
+    atomic_write_json(staging / "bundle.json", {"seed": seed, "domains": meta["schema"]["domains"],
+                                                "strategies": adapters, "best_by_test_ctr_auc": best})
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return out

@@ -3,7 +3,9 @@
 The config is stamped with the backbone's identity (hash of schema + model config), the hash of
 its weights and the hash of the adapter's own weights file, so an adapter is never silently loaded
 onto the wrong backbone, nor another run's weights file under this config. A strategy that
-trains backbone weights (`full`) saves them under `backbone.` keys in the same file.
+trains backbone weights (`full`) saves them as the exported backbone does: per-rank shards under
+`backbone/` written by every rank (`save_backbone_state`), their layout and hashes in the config
+(`backbone_state`). Adapters saved before that, with `backbone.` keys in their weights file, load too.
 """
 
 from __future__ import annotations
@@ -13,17 +15,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from torch import nn
 
 from iak_dist.config import FinetuneConfig, from_dict, to_dict
-from iak_dist.distributed.checkpoint import check_weights_hash, file_hash, load_safetensors, read_json
+from iak_dist.distributed.checkpoint import (
+    SafetensorsFile,
+    ShardedWeights,
+    check_weights_hash,
+    read_json,
+    remove_stale_shards,
+    save_sharded,
+    write_safetensors,
+)
 from iak_dist.errors import UserError
-from iak_dist.io import atomic_path, atomic_write_json
+from iak_dist.io import atomic_write_json
 from iak_dist.model.strategies import build_adapter
 from iak_dist.model.strategies.base import Adapter
 
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+CONFIG_FILE, WEIGHTS_FILE, BACKBONE_FOLDER = "adapter_config.json", "adapter_model.safetensors", "backbone"
 _REFINETUNE = "fine-tune this strategy again"
+
+
+def save_backbone_state(model: nn.Module, out_dir: str | Path, rank: int | None = None) -> dict[str, Any]:
+    """Write the backbone weights a `full` adapter trained into `out_dir/backbone/`, each rank its own shards.
+
+    Collective: every rank calls it (no table is gathered). Returns the layout to pass to `save_adapter`.
+    """
+    return save_sharded(model, "backbone.", Path(out_dir), BACKBONE_FOLDER, rank)
 
 
 def save_adapter(
@@ -31,20 +49,18 @@ def save_adapter(
     adapter: Adapter,
     domains: list[str],
     backbone_meta: dict[str, Any],
-    backbone_state: dict[str, torch.Tensor] | None = None,
+    backbone_state: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write the adapter (`state`, default its state_dict) and its stamped config into `out_dir`."""
+    """Write the adapter (`state`, default its state_dict) and its stamped config into `out_dir`.
+
+    `backbone_state`: the layout `save_backbone_state` returned, for a strategy that trains the backbone.
+    """
     out_dir = Path(out_dir)
     state = adapter.state_dict() if state is None else state
     tensors = {f"adapter.{k}": v.detach().cpu().float().contiguous() for k, v in state.items()}
-    for k, v in (backbone_state or {}).items():
-        tensors[f"backbone.{k}"] = v.contiguous()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp))
-        weights_hash = file_hash(tmp)
+    weights_hash = write_safetensors(out_dir / WEIGHTS_FILE, tensors)
     atomic_write_json(out_dir / CONFIG_FILE, {
         "strategy": adapter.name,
         "strategy_config": to_dict(adapter.cfg) if adapter.cfg is not None else None,
@@ -53,14 +69,17 @@ def save_adapter(
         "backbone_identity": backbone_meta["identity"],
         "backbone_weights": backbone_meta["weights"],
         "adapter_weights": weights_hash,  # load_adapter checks the weights file against it
+        **({"backbone_state": backbone_state} if backbone_state is not None else {}),
         **(extra or {}),
     })
+    remove_stale_shards(out_dir, backbone_state or {"files": {}}, BACKBONE_FOLDER)
 
 
-def verify_adapter(path: str | Path, backbone_meta: dict[str, Any]) -> dict[str, Any]:
+def verify_adapter(path: str | Path, backbone_meta: dict[str, Any], every_file: bool = False) -> dict[str, Any]:
     """The adapter's config after checking it goes with this backbone and with its own weights file.
 
-    Cheap (no model is built): check every adapter before scoring or copying any.
+    Cheap (no model is built): check every adapter before scoring or copying any. `every_file`: also
+    hash the backbone shards a `full` adapter carries (before a copy; a load checks each shard it reads).
     """
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
@@ -78,11 +97,16 @@ def verify_adapter(path: str | Path, backbone_meta: dict[str, Any]) -> dict[str,
                 f"this backbone has {backbone_meta[meta_key]}; load it onto the backbone it was fine-tuned from"
             )
     check_weights_hash(path / WEIGHTS_FILE, config["adapter_weights"], path / CONFIG_FILE, _REFINETUNE)
+    if every_file and "backbone_state" in config:
+        ShardedWeights(path, config["backbone_state"], path / CONFIG_FILE, _REFINETUNE).verify()
     return config
 
 
-def load_adapter(path: str | Path, backbone_meta: dict[str, Any]) -> tuple[Adapter, dict[str, torch.Tensor], dict]:
-    """Rebuild the adapter saved in `path`; returns (adapter, backbone tensors it overrides, config)."""
+def load_adapter(path: str | Path, backbone_meta: dict[str, Any]) -> tuple[Adapter, ShardedWeights | None, dict]:
+    """Rebuild the adapter saved in `path`; returns (adapter, the backbone tensors it overrides, config).
+
+    The override is not read here: `build_from_backbone` reads each rank's rows of it.
+    """
     path = Path(path)
     config = verify_adapter(path, backbone_meta)
     name = config["strategy"]
@@ -92,8 +116,15 @@ def load_adapter(path: str | Path, backbone_meta: dict[str, Any]) -> tuple[Adapt
     if section is not None:
         setattr(holder, name, section)
     adapter = build_adapter(name, len(config["domains"]), config["tower_widths"], holder)
-    tensors = load_safetensors(path / WEIGHTS_FILE, _REFINETUNE)  # its hash was checked above
-    own = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
+    weights = SafetensorsFile(path / WEIGHTS_FILE, _REFINETUNE)  # its hash was checked above
+    own = {k[len("adapter."):]: weights.read(k, 0, shape[0] if shape else 1).view(shape)
+           for k, (_, shape, _) in weights.entries.items() if k.startswith("adapter.")}
     adapter.load_state_dict(own, strict=True)
-    backbone = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
-    return adapter, backbone, config
+    if "backbone_state" in config:
+        override = ShardedWeights(path, config["backbone_state"], path / CONFIG_FILE, _REFINETUNE)
+    elif any(k.startswith("backbone.") for k in weights.entries):  # saved before the shards
+        override = ShardedWeights.single_file(path, WEIGHTS_FILE, config["adapter_weights"], path / CONFIG_FILE,
+                                              _REFINETUNE, prefix="backbone.")
+    else:
+        override = None
+    return adapter, override, config
