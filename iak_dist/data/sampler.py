@@ -1,8 +1,10 @@
 """Dynamic batch-aware domain sampler: every domain fine-tunes in one job, none is drowned.
 
 Each row of a batch picks its domain with probability `p_d ∝ n_d ** alpha` (alpha = 1: as in the
-data, alpha = 0: uniform), then takes the domain's next row from a per-domain shuffled order
-(reshuffled when used up). Small domains are seen more often than their share but cycle through
+data, alpha = 0: uniform; `DomainPicks`), then takes the domain's next row: here from a per-domain
+shuffled order of an in-memory table's rows (`DomainBatchSampler`, for small tables: tests,
+profiling), in the fine-tune phase from a per-domain stream over the rank's share of the split
+(`data/domain_streams.py`). Small domains are seen more often than their share but cycle through
 their own rows; the loss then averages each domain's mean loss (see `domain_normalised_mean`), so
 a batch's gradient is not dominated by whichever domain is largest.
 """
@@ -22,8 +24,37 @@ def domain_probabilities(counts: np.ndarray, alpha: float) -> np.ndarray:
     return weights / weights.sum()
 
 
+class DomainPicks:
+    """The domain of every row of each batch: `p_d ∝ counts_d ** alpha`, seeded, resumable.
+
+    Args:
+        counts: rows per domain, shape [K] (a domain with 0 rows is never picked).
+        alpha: the exponent of `n_d` (see module docstring).
+        batch_size: rows per batch.
+        seed: makes the sequence of picks reproducible; `state_dict` captures the position.
+    """
+
+    def __init__(self, counts: np.ndarray, alpha: float, batch_size: int, seed: int) -> None:
+        if np.sum(counts) == 0:
+            raise ValueError("no rows with a known domain to sample from")
+        self.probs = domain_probabilities(counts, alpha)
+        self.batch_size = batch_size
+        self._rng = np.random.default_rng(seed)
+
+    def next_batch(self) -> list[tuple[int, np.ndarray]]:
+        """`(domain, slots)` for each domain in the next batch: the batch positions its rows fill."""
+        picks = self._rng.choice(len(self.probs), size=self.batch_size, p=self.probs)
+        return [(int(d), np.flatnonzero(picks == d)) for d in np.unique(picks)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._rng.bit_generator.state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._rng.bit_generator.state = state
+
+
 class DomainBatchSampler:
-    """Yields batches of row indices drawn across domains with `p_d ∝ n_d ** alpha`.
+    """Yields batches of row indices of an in-memory table drawn across domains (`DomainPicks`).
 
     Args:
         domains: domain index of every row, shape [N].
@@ -38,10 +69,8 @@ class DomainBatchSampler:
         self.seed = seed
         self.rows = [np.flatnonzero(domains == d) for d in range(num_domains)]
         self.counts = np.array([len(r) for r in self.rows])
-        if self.counts.sum() == 0:
-            raise ValueError("no rows with a known domain to sample from")
-        self.probs = domain_probabilities(self.counts, alpha)
-        self._rng = np.random.default_rng(seed)
+        self.picks = DomainPicks(self.counts, alpha, batch_size, seed)
+        self.probs = self.picks.probs
         self._order = [self._perm(d, 0) for d in range(num_domains)]
         self._pos = np.zeros(num_domains, dtype=np.int64)
         self._round = np.zeros(num_domains, dtype=np.int64)
@@ -51,11 +80,9 @@ class DomainBatchSampler:
         return self.rows[domain][rng.permutation(len(self.rows[domain]))]
 
     def next_batch(self) -> np.ndarray:
-        picks = self._rng.choice(len(self.probs), size=self.batch_size, p=self.probs)
         out = np.empty(self.batch_size, dtype=np.int64)
-        for d in np.unique(picks):
-            slots = np.flatnonzero(picks == d)
-            out[slots] = self._take(int(d), len(slots))
+        for d, slots in self.picks.next_batch():
+            out[slots] = self._take(d, len(slots))
         return out
 
     def _take(self, d: int, n: int) -> np.ndarray:
@@ -73,10 +100,10 @@ class DomainBatchSampler:
         return np.concatenate(taken)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self._rng.bit_generator.state, "pos": self._pos.tolist(), "round": self._round.tolist()}
+        return {"rng": self.picks.state_dict(), "pos": self._pos.tolist(), "round": self._round.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._rng.bit_generator.state = state["rng"]
+        self.picks.load_state_dict(state["rng"])
         self._pos = np.array(state["pos"], dtype=np.int64)
         self._round = np.array(state["round"], dtype=np.int64)
         self._order = [self._perm(d, int(r)) for d, r in enumerate(self._round)]
