@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -38,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="data.* override, e.g. --set synth_rows=1000000 --set synth_domain_shift=2")
     val = data_verbs.add_parser("validate", help="report every problem of Parquet files against a schema")
-    val.add_argument("path", help="a Parquet file, or a data folder (checks every split)")
-    val.add_argument("--schema", help="schema file (default: schema.yaml beside the data)")
+    val.add_argument("path", help="a data folder (checks every split), or one split: a Parquet file, a folder, "
+                                   "a glob or a URI")
+    val.add_argument("--schema", help="schema file (default: schema.yaml in or beside the data; required for a URI)")
 
     pipe = verbs.add_parser("pipeline", help="run the whole pipeline")
     pipe_verbs = pipe.add_subparsers(dest="pipeline_verb", required=True)
@@ -116,18 +118,37 @@ def _data_config(overrides: list[str]) -> DataConfig:
     return from_dict(DataConfig, raw, "--set")
 
 
-def _validate(path: Path, schema_path: str | None) -> int:
+def _validate(location: str, schema_path: str | None) -> int:
+    """Stream every split named by `location` through the checks; print each problem, then a summary."""
     from iak_dist.data.schema import Schema
-    from iak_dist.data.validate import validate_file
+    from iak_dist.data.source import SPLITS, split_location, split_locations, validate
 
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    if not files:
-        raise UserError(f"{path}: no Parquet files here")
-    schema = Schema.load(schema_path or (path if path.is_dir() else path.parent) / "schema.yaml")
-    problems = [p for f in files for p in validate_file(f, schema)]
+    local = "://" not in location
+    if local and Path(location, "schema.yaml").is_file():  # a data folder: every split
+        folder = Path(location)
+        listed = split_locations(folder / "schema.yaml")
+        targets = [split_location(folder, s) for s in (listed or SPLITS)]
+        schema_path = schema_path or str(folder / "schema.yaml")
+    else:
+        targets = [location]
+    if schema_path is None:
+        if not local:
+            raise UserError(f"{location}: give the schema file with --schema (a URI has no folder to look in)")
+        static = Path(re.split(r"[*?\[]", location, maxsplit=1)[0] or ".")  # a glob's folder part
+        near = static if static.is_dir() else static.parent
+        beside = [f / "schema.yaml" for f in (near, near.parent) if (f / "schema.yaml").is_file()]
+        schema_path = str(beside[0] if beside else near / "schema.yaml")  # (Schema.load names what is missing)
+    schema = Schema.load(schema_path)
+    files = rows = 0
+    problems: list[str] = []
+    for target in targets:
+        split, split_problems = validate(target, schema, progress=True)
+        problems.extend(split_problems)
+        if split is not None:
+            files, rows = files + len(split.files), rows + split.num_rows
     for p in problems:
         print(p)
-    print(f"{len(files)} file(s), {len(problems)} problem(s)", file=sys.stderr)
+    print(f"{files} file(s), {rows} row(s), {len(problems)} problem(s)", file=sys.stderr)
     return 1 if problems else 0
 
 
@@ -174,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     configure_environment()
     if args.verb == "data":
         if args.data_verb == "validate":
-            return _validate(Path(args.path), args.schema)
+            return _validate(args.path, args.schema)
         from iak_dist.data.prepare import prepare
 
         cfg = _data_config(args.set)
@@ -266,6 +287,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _close_progress_bars() -> None:
+    """End the progress bars an error interrupted, so that the error starts a line of its own.
+
+    Trap: a bar held by the traceback's frames is closed only when the exception is freed, after
+    the message: `data ...: 0%| | 0/82error: <file> row 2: ...` (a bad row found while streaming).
+    """
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
@@ -275,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = run(args)
     except UserError as exc:
+        _close_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         code = 2
     except Interrupted as exc:  # SIGTERM / SIGINT in a pipeline or a sweep: the manifest says what to resume

@@ -8,7 +8,7 @@ import pytest
 
 from iak_dist.cli import main
 from iak_dist.data.schema import Schema
-from iak_dist.data.validate import validate_file
+from iak_dist.data.source import validate
 
 
 @pytest.fixture()
@@ -91,7 +91,7 @@ def test_bad_parquet_is_reported_in_one_line_and_nothing_is_written(case, bad_di
     breaker, message = CASES[case]
     path = bad_dir / "pretrain.parquet"
     rewrite(path, breaker)
-    problems = validate_file(path, Schema.load(bad_dir / "schema.yaml"))
+    _, problems = validate(path, Schema.load(bad_dir / "schema.yaml"))
     assert any(message in p and str(path) in p for p in problems), problems
 
     code, err = run_cli(["data", "validate", str(path)], capsys)
@@ -117,7 +117,7 @@ def test_float_labels_holding_only_0_and_1_are_accepted_and_read_as_the_int_labe
     want = arrow_to_batch(read_table(path, schema), schema)
     rewrite(path, lambda t: replace_column(t, "label_click", pc.cast(t.column("label_click"), pa.float64())))
     assert pq.read_schema(path).field("label_click").type == pa.float64()
-    assert validate_file(path, schema) == []
+    assert validate(path, schema)[1] == []
     got = arrow_to_batch(read_table(path, schema), schema)
     assert got.click.sum() > 0 and bool((got.click == want.click).all())
 

@@ -1,46 +1,71 @@
-"""Streaming Parquet reader: row groups -> shuffled `Batch`es, split across ranks by row group."""
+"""Streaming Parquet reader: this rank's parts of a split -> shuffled `Batch`es, one buffer at a time."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from iak_dist.data.batch import Batch, arrow_to_batch
 from iak_dist.data.schema import Schema
-from iak_dist.data.validate import check_file
+from iak_dist.data.source import Part, Split, assign, share_rows
 from iak_dist.errors import UserError
+
+SPLIT_MODES = ("row_groups", "batch_slices")
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where a training phase is in its data: `batches` done of epoch `epoch`, at `world_size` ranks.
+
+    Checkpointed (`state_dict`) so that a resume reads on from exactly there.
+    """
+
+    epoch: int
+    batches: int
+    world_size: int
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self.batches, "world_size": self.world_size}
+
+    def advanced(self, batches: int, per_epoch: int) -> DataPosition:
+        """The position `batches` batches later (epochs of `per_epoch` batches)."""
+        epoch, done = divmod(self.batches + batches, per_epoch)
+        return DataPosition(self.epoch + epoch, done, self.world_size)
 
 
 class ParquetReader:
-    """Reads one Parquet file of impressions in batches.
+    """Reads this rank's share of a split in batches, streaming one buffer of parts at a time.
 
     Args:
-        path: the Parquet file (validated against `schema` on construction; a bad file raises a
-            one-line `UserError` before anything is read).
+        split: a `Split` (see `iak_dist.data.source`), or the path of one Parquet file.
         schema: names the columns and tables.
         batch_size: rows per batch.
-        rank, world_size: with `split="row_groups"` this reader yields row groups
-            `rank, rank + world_size, ...`; with `split="batch_slices"` every rank reads the whole file
-            in the same order and keeps slice `rank` of each global batch of `batch_size * world_size`
-            rows (N ranks then see exactly what one rank with batch N * B sees).
-        shuffle: permute row groups per epoch and rows within a buffer of `shuffle_groups` groups.
-        seed: base seed of the shuffle (epoch `e` uses `seed + e`).
-        drop_last: drop the last, short batch of an epoch (training wants equal batch sizes).
+        rank, world_size: with `split_mode="row_groups"` this rank reads the parts `assign` gives it
+            (an equal share of the rows, a new assignment each epoch); with `"batch_slices"` every
+            rank reads every row in the same order and keeps slice `rank` of each global batch of
+            `batch_size * world_size` rows (N ranks then see exactly what one rank with batch N * B
+            sees: a test mode, since every rank reads all the data).
+        shuffle: a new part order per epoch, and rows shuffled within a buffer of `shuffle_groups` parts.
+        seed: seed of the shuffle and of the assignment (with the epoch).
+        drop_last: every rank yields `batches_per_epoch()` full batches (the same on every rank) and
+            drops the rest of its share; without it the last batch may be short, and ranks may
+            differ by one batch.
 
     Example::
 
-        reader = ParquetReader("data/ml/pretrain.parquet", Schema.load("data/ml/schema.yaml"), 512)
+        split = Split.open("data/ml", "pretrain")
+        reader = ParquetReader(split, split.schema, 512, rank=0, world_size=2, shuffle=True)
         for batch in reader.epoch(0):
             ...
     """
 
     def __init__(
         self,
-        path: str | Path,
+        split: Split | str | Path,
         schema: Schema,
         batch_size: int,
         rank: int = 0,
@@ -49,32 +74,38 @@ class ParquetReader:
         seed: int = 0,
         drop_last: bool = False,
         shuffle_groups: int = 8,
-        split: str = "row_groups",
+        split_mode: str = "row_groups",
     ) -> None:
-        check_file(path, schema)
-        self.path = Path(path)
+        if split_mode not in SPLIT_MODES:
+            raise UserError(f"split mode {split_mode!r}: unknown; known: {', '.join(SPLIT_MODES)}")
+        self.split = split if isinstance(split, Split) else Split.at(str(split), schema)
         self.schema = schema
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.shuffle_groups = shuffle_groups
-        self._file = pq.ParquetFile(self.path)
-        groups = list(range(self._file.num_row_groups))
-        self.slices = split == "batch_slices"
-        self.row_groups = groups if self.slices else groups[rank::world_size]
-        if not self.row_groups:
-            raise UserError(
-                f"{self.path}: {len(groups)} row groups cannot feed {world_size} ranks; "
-                f"rewrite it with smaller row groups (data prepare --set data.row_group_size=...)"
-            )
-        rows = sum(self._file.metadata.row_group(g).num_rows for g in self.row_groups)
+        self.slices = split_mode == "batch_slices"
+        total = self.split.num_rows
+        if total < world_size:
+            raise UserError(f"{self.split.location}: {total} rows cannot feed {world_size} ranks")
         self.read_batch = batch_size * world_size if self.slices else batch_size
-        self.num_rows = rows // world_size if self.slices else rows
+        self.read_rows = total if self.slices else share_rows(total, rank, world_size)
+        """Rows this rank reads per epoch (every row of the split with batch slices)."""
+        self.num_rows = total // world_size if self.slices else self.read_rows
+        """Rows this rank trains on per epoch."""
+        # with drop_last, the rank with the smallest share sets the epoch's length on every rank
+        self._full_batches = (total if self.slices else total // world_size) // self.read_batch
 
     def batches_per_epoch(self) -> int:
-        total = self.num_rows * self.world_size if self.slices else self.num_rows
-        full, rest = divmod(total, self.read_batch)
-        return full + (0 if self.drop_last or rest == 0 else 1)
+        if self.drop_last:
+            return self._full_batches
+        return -(-self.read_rows // self.read_batch)
+
+    def parts(self, epoch: int) -> list[Part]:
+        """The parts this rank reads in `epoch`, in reading order."""
+        if self.slices:
+            return assign(self.split.parts, 0, 1, self.seed, epoch, self.shuffle)
+        return assign(self.split.parts, self.rank, self.world_size, self.seed, epoch, self.shuffle)
 
     def _emit(self, table: pa.Table) -> Batch:
         if self.slices:
@@ -83,28 +114,65 @@ class ParquetReader:
         return arrow_to_batch(table, self.schema)
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
-        """Yield the batches of one epoch (deterministic in `seed` and `epoch`), from `skip_batches` on."""
-        rng = np.random.default_rng(self.seed + epoch)
-        order = rng.permutation(self.row_groups) if self.shuffle else self.row_groups
+        """Yield the batches of one epoch (deterministic in `seed` and `epoch`), from `skip_batches` on.
+
+        Skipped batches are not read: whole buffers before the first wanted row are passed over
+        by their row counts (from the footers); rows of a buffer are shuffled by a generator of
+        their own (seed, epoch, buffer), so the batches after a skip are those of a full epoch.
+        """
+        parts = self.parts(epoch)
+        buffers = [parts[i:i + self.shuffle_groups] for i in range(0, len(parts), self.shuffle_groups)]
+        last = self.batches_per_epoch() if self.drop_last else None
+        index = skip_batches
+        skip_rows = skip_batches * self.read_batch  # rows of this epoch's stream to pass over
         pending: pa.Table | None = None
-        index = 0
-        columns = self.schema.columns()
-        for start in range(0, len(order), self.shuffle_groups):
-            chunk = self._file.read_row_groups([int(g) for g in order[start:start + self.shuffle_groups]],
-                                               columns=columns)
+        for b, buffer in enumerate(buffers):
+            rows = sum(p.rows for p in buffer)
+            if skip_rows >= rows:
+                skip_rows -= rows
+                continue
+            if last is not None and index >= last:
+                return
+            chunk = pa.concat_tables([self.split.read(p) for p in buffer], promote_options="default")
             if self.shuffle:
-                chunk = chunk.take(rng.permutation(chunk.num_rows))
-            pending = chunk if pending is None else pa.concat_tables([pending, chunk])
+                chunk = chunk.take(np.random.default_rng([self.seed, epoch, b + 1]).permutation(chunk.num_rows))
+            if skip_rows:
+                chunk, skip_rows = chunk.slice(skip_rows), 0
+            pending = chunk if pending is None else pa.concat_tables([pending, chunk], promote_options="default")
             while pending.num_rows >= self.read_batch:
-                if index >= skip_batches:
-                    yield self._emit(pending.slice(0, self.read_batch))
+                if last is not None and index >= last:
+                    return
+                yield self._emit(pending.slice(0, self.read_batch))
                 index += 1
                 pending = pending.slice(self.read_batch)
-        if pending is not None and pending.num_rows and not self.drop_last and index >= skip_batches:
+        if pending is not None and pending.num_rows and not self.drop_last:
             yield self._emit(pending)
 
+    def resume_position(self, saved: dict | None, step: int) -> DataPosition:
+        """Where to read on from after restoring a checkpoint of global step `step`.
 
-def read_table(path: str | Path, schema: Schema) -> pa.Table:
-    """Validate and read a whole file (fine-tune and test splits, which are small by design)."""
-    check_file(path, schema)
-    return pq.read_table(path, columns=schema.columns())
+        `saved` is the checkpoint's data position (None: none, or a checkpoint older than positions:
+        derived from the step). At the same world size reading continues at the exact batch. At
+        another world size the shares differ, so the epoch in progress ends there: reading
+        continues at the start of the next epoch, assigned for the new world size (no row of the
+        finished part of the epoch is read twice; the unread rest of that epoch is skipped).
+        """
+        if saved is None:
+            epoch, batches = divmod(step, self.batches_per_epoch())
+            return DataPosition(epoch, batches, self.world_size)
+        if int(saved["world_size"]) == self.world_size or int(saved["batches"]) == 0:
+            return DataPosition(int(saved["epoch"]), int(saved["batches"]), self.world_size)
+        return DataPosition(int(saved["epoch"]) + 1, 0, self.world_size)
+
+    def batches(self, start: DataPosition) -> Iterator[Batch]:
+        """Endless batches from `start` on, epoch after epoch."""
+        epoch, skip = start.epoch, start.batches
+        while True:
+            yield from self.epoch(epoch, skip_batches=skip)
+            epoch, skip = epoch + 1, 0
+
+
+def read_table(split: Split | str | Path, schema: Schema) -> pa.Table:
+    """Read a whole split, values checked (small splits only: everything is in memory at once)."""
+    split = split if isinstance(split, Split) else Split.at(str(split), schema)
+    return pa.concat_tables([split.read(p) for p in split.parts], promote_options="default")

@@ -5,13 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from iak_dist.config import DataConfig
-from iak_dist.data.splits import SPLITS
+from iak_dist.data.source import SPLITS, split_locations
 from iak_dist.errors import UserError
 
 
 def is_prepared(data_dir: str | Path) -> bool:
+    """schema.yaml is there and says where every split is (its `splits:`), or `<split>.parquet` are there.
+
+    A listed location is not looked at (it may be a remote store): opening the split checks it.
+    """
     data_dir = Path(data_dir)
-    return (data_dir / "schema.yaml").is_file() and all((data_dir / f"{s}.parquet").is_file() for s in SPLITS)
+    if not (data_dir / "schema.yaml").is_file():
+        return False
+    listed = split_locations(data_dir / "schema.yaml")
+    if listed is not None:
+        return all(s in listed for s in SPLITS)
+    return all((data_dir / f"{s}.parquet").is_file() for s in SPLITS)
 
 
 def prepare(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
@@ -26,6 +35,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
 
         prepare_synthetic(cfg, out)
     elif not is_prepared(out):
-        raise UserError(f"{out}: data.source is parquet but schema.yaml or a split "
-                        f"({', '.join(s + '.parquet' for s in SPLITS)}) is missing")
+        raise UserError(f"{out}: data.source is parquet but schema.yaml or a split is missing "
+                        f"({', '.join(s + '.parquet' for s in SPLITS)} beside it, or all of "
+                        f"{', '.join(SPLITS)} under its `splits:`)")
     return out

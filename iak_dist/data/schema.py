@@ -23,6 +23,8 @@ sparse:
   - {name: genres, table_size: 64, multi_hot: true}
 dense: [user_age]
 domains: ["<18", "18-24", "25-34"]
+splits:                         # optional: where each split is (default: <split>.parquet beside this file)
+  pretrain: pretrain/           #   a file, a folder (recursive, Hive dt=.../ folders), a glob or a URI
 ```
 """
 
@@ -91,9 +93,16 @@ class Schema:
         return {d: i for i, d in enumerate(self.domains)}
 
     def save(self, path: str | Path) -> None:
+        """Write the schema; a `splits` mapping already in the file is kept (it is not part of `Schema`)."""
         from iak_dist.io import atomic_write_text
 
-        atomic_write_text(path, yaml.safe_dump(to_dict(self), sort_keys=False))
+        path = Path(path)
+        data = to_dict(self)
+        if path.is_file():
+            splits = (yaml.safe_load(path.read_text()) or {}).get("splits")
+            if splits is not None:
+                data["splits"] = splits
+        atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
     @staticmethod
     def load(path: str | Path) -> Schema:
@@ -101,6 +110,10 @@ class Schema:
         if not path.is_file():
             raise UserError(f"{path}: no schema file; write one (see iak_dist/data/schema.py) or run data prepare")
         data = yaml.safe_load(path.read_text())
+        if isinstance(data, dict):
+            # where the splits are is not part of a schema (a backbone's identity hashes the schema);
+            # iak_dist.data.source.split_locations reads it
+            data = {k: v for k, v in data.items() if k != "splits"}
         return from_dict(Schema, data, str(path))
 
 

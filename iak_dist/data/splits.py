@@ -11,9 +11,8 @@ import pyarrow.parquet as pq
 from iak_dist.config import DataConfig
 from iak_dist.data.batch import domain_indices
 from iak_dist.data.schema import Schema
+from iak_dist.data.source import SPLITS
 from iak_dist.io import atomic_path, atomic_write_json
-
-SPLITS = ("pretrain", "finetune", "test")
 
 
 def split_by_time(group: np.ndarray, when: np.ndarray, fractions: list[float]) -> np.ndarray:
@@ -66,6 +65,7 @@ def write_splits(
             "click_rate": float(clicks.mean()) if len(rows) else 0.0,
             "rows_per_domain": dict(zip(schema.domains, counts.tolist(), strict=True)),
         }
+    (out_dir / "schema.yaml").unlink(missing_ok=True)  # a `splits:` mapping there would name other files
     schema.save(out_dir / "schema.yaml")
     atomic_write_json(out_dir / "stats.json", stats)
     return stats

@@ -16,6 +16,7 @@ from iak_dist.config import DistributedConfig, ModelConfig, OptimConfig
 from iak_dist.data.batch import Batch
 from iak_dist.data.parquet import ParquetReader
 from iak_dist.data.schema import Schema
+from iak_dist.data.source import Split
 from iak_dist.distributed.checkpoint import CheckpointManager, export_backbone
 from iak_dist.distributed.context import DistContext
 from iak_dist.distributed.sharding import ShardedRanker, format_plan, init_tables, plan_rows, shard_ranker
@@ -29,12 +30,8 @@ from iak_dist.tracking import summary_writer
 
 
 def batches_from(reader: ParquetReader, step: int) -> Iterator[Batch]:
-    """Endless batches starting at global step `step` (epoch and offset derived from it)."""
-    per_epoch = reader.batches_per_epoch()
-    epoch, skip = divmod(step, per_epoch)
-    while True:
-        yield from reader.epoch(epoch, skip_batches=skip)
-        epoch, skip = epoch + 1, 0
+    """Endless batches from global step `step` of a run without a saved data position (benchmarks)."""
+    return reader.batches(reader.resume_position(None, step))
 
 
 def collective_device() -> torch.device:
@@ -101,17 +98,20 @@ def pretrain(
     out_dir: str | Path, ctx: DistContext, show_progress: bool = True,
     on_checkpoint: Callable[[int, Path], None] | None = None,
 ) -> dict[str, float]:
-    """Train a backbone on `data_dir/pretrain.parquet`; write it to `out_dir/backbone`.
+    """Train a backbone on the pretrain split of `data_dir`; write it to `out_dir/backbone`.
 
-    Checkpoints go to `out_dir/checkpoints/pretrain` every `dist_cfg.checkpoint_every` steps (and at
-    the end); a re-run resumes from the newest complete one. `on_checkpoint(step, path)` runs on
+    Each rank streams its share of the split. Checkpoints go to `out_dir/checkpoints/pretrain` every
+    `dist_cfg.checkpoint_every` steps (and at the end), with the data position; a re-run resumes
+    from the newest complete one, at the same batch (at another world size: at the next epoch,
+    see `ParquetReader.resume_position`). `on_checkpoint(step, path)` runs on
     every rank after each checkpoint (Ray Train reports it there). `show_progress`: a progress bar,
     and a closing line saying where the backbone went (pipelines log their own lines instead).
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     schema = Schema.load(data_dir / "schema.yaml")
-    reader = ParquetReader(data_dir / "pretrain.parquet", schema, optim.batch_size, ctx.rank, ctx.world_size,
-                           shuffle=True, seed=seed, drop_last=True, split=dist_cfg.data_split)
+    split = Split.open(data_dir, "pretrain", schema)
+    reader = ParquetReader(split, schema, optim.batch_size, ctx.rank, ctx.world_size, shuffle=True, seed=seed,
+                           drop_last=True, split_mode=dist_cfg.data_split)
     torch.manual_seed(seed)
     sharded, dense = build_pretrain(schema, model_cfg, optim, dist_cfg, seed, ctx)
     plan_text = format_plan(plan_rows(sharded.plan, sharded.ranker, ctx.world_size))
@@ -121,11 +121,18 @@ def pretrain(
     state = checkpoints.restore_latest(sharded.model, dense, warn=lambda m: say(m, ctx.rank),
                                        data_parallel_optimizer=sharded.data_parallel_optimizer)
     start = int(state["step"]) if state else 0
+    position = reader.resume_position(state.get("data") if state else None, start)
     if state:
-        say(f"[pretrain] resuming at step {start} from {state['path']}", ctx.rank)
+        say(f"[pretrain] resuming at step {start} from {state['path']} (epoch {position.epoch}, "
+            f"batch {position.batches})", ctx.rank)
+        if state.get("data") and int(state["data"]["world_size"]) != ctx.world_size:
+            say(f"[pretrain] the checkpoint was written by {state['data']['world_size']} rank(s): "
+                f"epoch {state['data']['epoch']} ends there and reading goes on at epoch {position.epoch}", ctx.rank)
+    per_epoch = reader.batches_per_epoch()
 
     def save(step: int) -> None:
-        path = checkpoints.save(step, sharded.model, dense, {"step": step}, plan_text,
+        data = position.advanced(step - start, per_epoch).state_dict()  # the batches of steps done, not prefetched
+        path = checkpoints.save(step, sharded.model, dense, {"step": step, "data": data}, plan_text,
                                 data_parallel_optimizer=sharded.data_parallel_optimizer)
         if on_checkpoint is not None:
             on_checkpoint(step, path)
@@ -136,7 +143,7 @@ def pretrain(
 
     writer = summary_writer(out_dir / "tb" / "pretrain", ctx)
     try:
-        summary = train_loop(sharded.model, dense, batches_from(reader, start), total, optim,
+        summary = train_loop(sharded.model, dense, reader.batches(position), total, optim,
                              desc=f"pretrain seed {seed}", start_step=start,
                              data_parallel_optimizer=sharded.data_parallel_optimizer, writer=writer,
                              show_progress=show_progress and ctx.is_main, on_step_end=on_step_end,
