@@ -207,6 +207,7 @@ class ShardedWeights:
                     raise source.error(f"tensor {piece['key']} has rows of {chunk.shape[1]}, "
                                        f"{self.recorded_in.name} says {pc1 - pc0}")
                 matrix[start - r0:stop - r0, left - c0:right - c0].copy_(chunk[:, left - pc0:right - pc0])
+                del chunk  # freed before the next chunk is read: one chunk at a time
         if covered != matrix.numel():
             raise UserError(f"{self.recorded_in}: the stored pieces of {name} do not cover rows {r0}:{r1}, "
                             f"columns {c0}:{c1}; {self.remedy}")
