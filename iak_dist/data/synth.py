@@ -31,7 +31,7 @@ import yaml
 
 from iak_dist.config import DataConfig, to_dict
 from iak_dist.data.schema import Schema, SparseFeature, hash_ids
-from iak_dist.data.splits import SPLITS, write_splits
+from iak_dist.data.source import SPLITS
 from iak_dist.errors import UserError
 from iak_dist.io import atomic_path, atomic_write_json, atomic_write_text
 
@@ -146,6 +146,8 @@ def build_synthetic(cfg: DataConfig) -> tuple[pa.Table, Schema]:
 
 
 def prepare_synthetic(cfg: DataConfig, out_dir: str | Path) -> dict:
+    from iak_dist.data.splits import write_splits  # imports torch: not needed by write_synthetic
+
     table, schema = build_synthetic(cfg)
     return write_splits(table, schema, cfg, Path(out_dir), time_column=None)
 
