@@ -1,9 +1,17 @@
 """Evaluation and report never pass off a missing result as a number: a domain without fine-tune rows is
 marked, metrics the schema cannot give (no user column, no conversion label) are `n/a` / null, and
-report.json is strict JSON (no bare NaN)."""
+report.json is strict JSON (no bare NaN). Two ranks evaluate to exactly the metrics of one.
+
+Run as a script under torchrun, this file is the 2-rank worker of `test_two_ranks_give_exactly_the_metrics_of_one`.
+"""
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -147,3 +155,96 @@ def test_report_figure_legend_titles_and_error_bars(seeds):
         assert fig.axes[0].get_xticklabels()[0].get_text() == f"d0\nnone {mean_none:.3f}"
     finally:
         plt.close(fig)
+
+
+@pytest.fixture(scope="module")
+def three_group_data(tmp_path_factory, synth_dir):
+    """The synthetic data with a test split of 2001 rows (pre-train rows) in 3 row groups (700 + 700 + 601)."""
+    out = tmp_path_factory.mktemp("three_groups")
+    shutil.copytree(synth_dir, out, dirs_exist_ok=True)
+    table = pq.read_table(out / "pretrain.parquet").slice(0, 2001)
+    pq.write_table(table, out / "test.parquet", row_group_size=700)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_give_exactly_the_metrics_of_one(three_group_data, backbone_dir, ctx, tmp_path):
+    """Rank 0 reads rows [0, 1000) (10 batches of 100), rank 1 rows [1000, 2001) (11): rank 0 runs one
+    padding forward, whose output is dropped; the scores reach rank 0 in rounds of 256 rows. Batches
+    start at the same rows as on one rank (1000 is a multiple of 100), so every score is the same and
+    the metrics must be equal to the last bit, on both ranks."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"data": str(three_group_data), "backbone": str(backbone_dir), "out": str(tmp_path)}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", __file__, str(spec)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+    want = evaluate(three_group_data, backbone_dir, None, ctx, batch_size=100)
+    assert want["overall"]["rows"] == 2001 and isinstance(want["overall"]["gauc"], float)
+    assert ranks[0]["metrics"] == ranks[1]["metrics"] == json.loads(json.dumps(want))
+    assert ranks[0]["forwards"] == [True] * 10 + [False] and ranks[1]["forwards"] == [True] * 11
+    # a read error on one rank is raised on both, in its own words (not a hang in the all-to-all)
+    assert ranks[0]["failure"] == ranks[1]["failure"] == "x.parquet row 7: label 2.0 is not 0 or 1"
+    # a rank with no rows: rank 0 still receives every row, in rank order, in rounds of 3
+    assert ranks[0]["gathered"] == {"p_ctr": [0.5] * 5, "user": [10, 11, 12, 13, 14]}
+    assert ranks[1]["gathered"] is None
+
+
+def two_rank_worker(spec_path: str) -> None:
+    """One rank of `test_two_ranks_give_exactly_the_metrics_of_one` (started by torchrun)."""
+    import numpy as np
+
+    import iak_dist.phases.evaluate as ev
+    from iak_dist.distributed.context import close_distributed, exit_launched_rank, init_distributed
+    from iak_dist.errors import UserError
+    from iak_dist.runtime import configure_environment
+
+    configure_environment()
+    spec = json.loads(Path(spec_path).read_text())
+    ctx = init_distributed()
+    out: dict = {}
+    ev.GATHER_ROWS = 256
+    lockstep = ev.lockstep
+    forwards: list[bool] = []
+
+    def counted(batches, ctx, padding):
+        for batch, real in lockstep(batches, ctx, padding):
+            forwards.append(real)
+            yield batch, real
+
+    ev.lockstep = counted
+    out["metrics"] = ev.evaluate(spec["data"], spec["backbone"], None, ctx, batch_size=100)
+    out["forwards"] = forwards
+
+    def failing():
+        yield "first"
+        if ctx.rank == 1:
+            raise UserError("x.parquet row 7: label 2.0 is not 0 or 1")
+        yield "second"
+
+    try:
+        list(lockstep(failing(), ctx, lambda: "padding"))
+        out["failure"] = None
+    except UserError as exc:
+        out["failure"] = str(exc)
+
+    dtype = ev.row_dtype(3)
+    rows = np.zeros(5 if ctx.rank == 0 else 0, dtype=dtype)
+    rows["p_ctr"], rows["user"] = 0.5, np.arange(10, 10 + len(rows))
+    columns = ev.gather_columns(rows, ctx, round_rows=3)
+    out["gathered"] = None if columns is None else {k: columns[k].tolist() for k in ("p_ctr", "user")}
+    (Path(spec["out"]) / f"rank{ctx.rank}.json").write_text(json.dumps(out))
+    ctx.barrier()
+    close_distributed(ctx)
+    exit_launched_rank(0)
+
+
+if __name__ == "__main__":
+    two_rank_worker(sys.argv[1])
