@@ -120,6 +120,7 @@ class ParquetReader:
         by their row counts (from the footers); rows of a buffer are shuffled by a generator of
         their own (seed, epoch, buffer), so the batches after a skip are those of a full epoch.
         """
+        self.split.close()  # a file that vanished or changed since the last epoch fails here, named
         parts = self.parts(epoch)
         buffers = [parts[i:i + self.shuffle_groups] for i in range(0, len(parts), self.shuffle_groups)]
         last = self.batches_per_epoch() if self.drop_last else None

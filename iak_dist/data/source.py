@@ -283,6 +283,10 @@ class Split:
                 raise UserError(problems[0])
         return table
 
+    def close(self) -> None:
+        """Close the open files: the next read opens them again, so a file replaced or removed since is seen."""
+        self._open.clear()
+
     def _file(self, path: str) -> pq.ParquetFile:
         """An open Parquet file (a few stay open: a rank reads its parts of one file in a row)."""
         if path in self._open:
@@ -308,7 +312,7 @@ def _list_files(fs: pafs.FileSystem, path: str) -> tuple[list[pafs.FileInfo], st
     """The Parquet files at `path` (a file, a folder searched recursively or a glob), sorted; and their root."""
     if any(c in path for c in _GLOB_CHARS):
         root, pattern = _glob_root(path)
-        infos = _walk(fs, root, path)
+        infos = _walk(fs, root, path) if fs.get_file_info(root).type == pafs.FileType.Directory else []
         full = root.rstrip("/") + "/" + pattern
         found = [i for i in infos if fnmatch.fnmatchcase(i.path, full)
                  and not any(c.startswith((".", "_")) for c in i.path[len(root):].split("/"))]
