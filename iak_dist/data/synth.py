@@ -244,7 +244,7 @@ def write_synthetic(cfg: DataConfig, out_dir: str | Path, files: int, files_per_
     if stats_path.is_file() and json.loads(stats_path.read_text()).get("synth") == params:
         return json.loads(stats_path.read_text())
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: not an empty folder; data synth writes a new data set (choose another --out)")
+        raise UserError(f"{out}: not an empty folder; data synth writes a new data set (choose another folder)")
     plans = plan_files(cfg.synth_rows, files, files_per_day, cfg.split_fractions)
     schema = synthetic_schema(cfg.synth_domains)
     model = ClickModel.draw(np.random.default_rng([cfg.seed, 1]), cfg.synth_domains, cfg.synth_domain_shift)
