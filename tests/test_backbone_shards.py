@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-USER_ROWS, ITEM_ROWS, DIM = 3_000_000, 2_000_000, 16  # 183 + 122 MiB in fp32: a copy shows in the RSS
+USER_ROWS, ITEM_ROWS, DIM = 2_000_000, 1_000_000, 16  # 122 + 61 MiB in fp32: a copy shows in the RSS
 SAVE_PLAN = {"user_id": "table_wise", "item_id": "table_wise", "tags": "data_parallel"}  # one big table per rank
 # another plan on 2 ranks: every rank reads all of user_id (both ranks' files), one rank item_id
 LOAD_PLAN = {"user_id": "data_parallel", "item_id": "table_wise", "tags": "column_wise"}

@@ -48,42 +48,45 @@ def test_iak_finetune_resumed_in_compression_and_matching_is_bitwise_equal(small
 
 @pytest.fixture
 def other_backbone(backbone_dir, tmp_path):
-    """A copy of the backbone whose `model.safetensors` is another seed's: same shapes, other values."""
+    """A copy of the backbone whose `dense.safetensors` is another seed's: same shapes, other values."""
     import shutil
 
     from safetensors.torch import save_file
 
     other = tmp_path / "other_backbone"
     shutil.copytree(backbone_dir, other)
-    tensors = load_file(str(other / "model.safetensors"))
+    tensors = load_file(str(other / "dense.safetensors"))
     tensors["tower.0.weight"] = tensors["tower.0.weight"] + 0.01
-    save_file(tensors, str(other / "model.safetensors"))
+    save_file(tensors, str(other / "dense.safetensors"))
     return other
 
 
 def test_backbone_weights_swapped_or_damaged_are_refused(other_backbone, backbone_dir, ctx):
     import json
 
-    from iak_dist.distributed.checkpoint import file_hash, load_backbone_weights, verify_backbone
+    from iak_dist.distributed.checkpoint import file_hash, layout_hash, load_backbone_weights, verify_backbone
     from iak_dist.errors import UserError
     from iak_dist.phases.common import build_from_backbone
 
-    weights = other_backbone / "model.safetensors"
+    weights = other_backbone / "dense.safetensors"
     with pytest.raises(UserError, match=rf"^{weights}: weights hash \w+ differs from \w+ recorded in backbone.json"):
         build_from_backbone(other_backbone, None, ctx, train_embeddings=False)
     with pytest.raises(UserError, match=rf"^{weights}: weights hash"):
         verify_backbone(other_backbone)  # what a copy (export) checks
-    assert verify_backbone(backbone_dir)["weights"] == file_hash(backbone_dir / "model.safetensors")
-    weights.write_bytes((backbone_dir / "model.safetensors").read_bytes()[:1000])  # truncated
+    meta = verify_backbone(backbone_dir)
+    assert meta["weights"] == layout_hash(meta["layout"])  # what adapters are stamped with
+    assert all(file_hash(backbone_dir / name) == digest for name, digest in meta["layout"]["files"].items())
+    weights.write_bytes((backbone_dir / "dense.safetensors").read_bytes()[:1000])  # truncated
     with pytest.raises(UserError, match=rf"^{weights}: weights hash .* \(the file was replaced or damaged\)"):
         load_backbone_weights(other_backbone)
-    # a damaged file whose hash was recorded as it is: still one line, not a SafetensorError traceback
+    # a damaged file whose hash was recorded as it is: still one line, not a traceback
     meta = json.loads((other_backbone / "backbone.json").read_text())
-    (other_backbone / "backbone.json").write_text(json.dumps(dict(meta, weights=file_hash(weights))))
+    meta["layout"]["files"]["dense.safetensors"] = file_hash(weights)
+    (other_backbone / "backbone.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match=rf"^{weights}: not a readable safetensors file"):
         load_backbone_weights(other_backbone)
     assert torch.equal(load_backbone_weights(backbone_dir)["tower.0.weight"],
-                       load_file(str(backbone_dir / "model.safetensors"))["tower.0.weight"])
+                       load_file(str(backbone_dir / "dense.safetensors"))["tower.0.weight"])
 
 
 def test_adapter_weights_of_another_run_or_damaged_are_refused(small_cfg, backbone_dir, tmp_path):
