@@ -306,3 +306,31 @@ def test_data_validate_streams_a_folder_and_prints_every_problem(pretrain_table,
         assert out.splitlines() == [f"{files[0]}: column 'dense_0' row 3: value inf is not finite; impute it",
                                     f"{big}: column 'dense_0' row 260: value inf is not finite; impute it"]
         assert err.splitlines()[-1] == f"{len(files)} file(s), {pretrain_table.num_rows} row(s), 2 problem(s)"
+
+
+def test_pretrain_resumed_at_another_world_size_goes_on_at_the_next_epoch(synth_dir, small_cfg, ctx, tmp_path,
+                                                                         monkeypatch):
+    """2 ranks (torchrun) checkpoint mid-epoch; 1 rank resumes: no crash, and it reads the next epoch."""
+    import dataclasses
+
+    from test_distributed import torchrun
+
+    from iak_dist.config import load_config
+    from iak_dist.phases import pretrain as phase
+
+    overrides = ["model.tower=[16]", "model.embedding_dim=4", "pretrain.steps=12", "pretrain.batch_size=64",
+                 "distributed.checkpoint_every=6"]
+    spec = {"scenarios": [{"kind": "pretrain", "data": str(synth_dir), "out": str(tmp_path / "run"),
+                           "overrides": overrides}]}
+    result = torchrun(spec, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = load_config(None, overrides)
+    seen = []
+    monkeypatch.setattr(phase, "train_loop", fake_train_loop(seen))
+    optim = dataclasses.replace(cfg.pretrain, steps=20)
+    phase.pretrain(synth_dir, cfg.model, optim, cfg.distributed, 0, tmp_path / "run", ctx, show_progress=False)
+    assert [s for s, _ in seen] == list(range(12, 20))  # from the 2-rank checkpoint of step 12 (epoch 0, batch 12)
+    reader = ParquetReader(Split.open(synth_dir, "pretrain"), Schema.load(synth_dir / "schema.yaml"), 64,
+                           shuffle=True, seed=0, drop_last=True)
+    want = users(batch for batch, _ in zip(reader.epoch(1), range(8), strict=False))
+    assert all((a == b).all() for (_, a), b in zip(seen, want, strict=True))
