@@ -157,6 +157,15 @@ def users(batches):
     return [b.user.numpy().copy() for b in batches]
 
 
+def test_batch_slices_of_two_ranks_are_the_batches_of_one_rank_with_twice_the_batch(synth_dir, schema):
+    split = Split.at(synth_dir / "pretrain.parquet", schema)
+    ranks = [users(ParquetReader(split, schema, 64, rank=r, world_size=2, shuffle=True, seed=2, drop_last=True,
+                                 split_mode="batch_slices").epoch(1)) for r in range(2)]
+    one = users(ParquetReader(split, schema, 128, shuffle=True, seed=2, drop_last=True).epoch(1))
+    assert len(one) == split.num_rows // 128
+    assert all((np.concatenate(pair) == b).all() for pair, b in zip(zip(*ranks, strict=True), one, strict=True))
+
+
 def test_resume_at_another_world_size_goes_on_at_the_next_epoch(synth_dir, schema):
     split = Split.at(synth_dir / "pretrain.parquet", schema)
     two = [ParquetReader(split, schema, 64, rank=r, world_size=2, shuffle=True, seed=4, drop_last=True)
