@@ -51,11 +51,13 @@ def synthetic_batch(n: int, table_rows: tuple[int, ...], domains: int, rng: np.r
     return Batch(kjt, torch.zeros(n, 1), labels, labels * 0, domain, domain)
 
 
-def build_model(table_rows: tuple[int, ...], dim: int, domains: int, strategy: str, batch: int, ctx):
+def build_model(table_rows: tuple[int, ...], dim: int, domains: int, strategy: str, batch: int, ctx,
+                table_dtype: str = "fp32"):
     """(sharded ranker, dense engine) of a pre-train (`strategy="none"`) or fine-tune step.
 
     The fine-tune model is built the way `phases/finetune.py` builds one: `full` trains tables and
     tower, a frozen-backbone strategy trains only its adapter and looks the tables up under no_grad.
+    `table_dtype` is `model.table_dtype` (fp32 or fp16 table storage).
     """
     from iak_dist.config import FinetuneConfig, ModelConfig, ShardingConfig, ZeroConfig
     from iak_dist.data.schema import Schema, SparseFeature
@@ -67,7 +69,7 @@ def build_model(table_rows: tuple[int, ...], dim: int, domains: int, strategy: s
 
     schema = Schema(sparse=[SparseFeature(f"t{i}", rows) for i, rows in enumerate(table_rows)],
                     domains=[f"d{i}" for i in range(domains)], dense=[])
-    backbone = Backbone(schema, ModelConfig(embedding_dim=dim), device=torch.device("meta"))
+    backbone = Backbone(schema, ModelConfig(embedding_dim=dim, table_dtype=table_dtype), device=torch.device("meta"))
     adapter = build_adapter(strategy, domains, backbone.tower_widths, FinetuneConfig()) if strategy != "none" else None
     train_all = adapter is None or adapter.trains_backbone == "all"
     sharded = shard_ranker(Ranker(backbone, adapter, freeze_embeddings=not train_all), ctx, ShardingConfig(),
