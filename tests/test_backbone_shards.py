@@ -32,13 +32,13 @@ def schema(rows=(USER_ROWS, ITEM_ROWS)):
                           SparseFeature("tags", 300, multi_hot=True)], domains=["d0", "d1"], dense=["dense_0"])
 
 
-def model_cfg():
+def model_cfg(table_dtype="fp32"):
     from iak_dist.config import ModelConfig
 
-    return ModelConfig(embedding_dim=DIM, tower=[16, 8])
+    return ModelConfig(embedding_dim=DIM, tower=[16, 8], table_dtype=table_dtype)
 
 
-def build(ctx, plan, init=True, rows=(USER_ROWS, ITEM_ROWS)):
+def build(ctx, plan, init=True, rows=(USER_ROWS, ITEM_ROWS), table_dtype="fp32"):
     """A sharded Ranker under `plan`; `init`: tables from `init_tables(SEED)` (the same under every plan)
     and dense tensors from seeded generators, so any plan's model is a reference for any other's."""
     from iak_dist.config import ShardingConfig, TablePlan
@@ -47,8 +47,8 @@ def build(ctx, plan, init=True, rows=(USER_ROWS, ITEM_ROWS)):
     from iak_dist.model.ranker import Ranker
 
     sharding = ShardingConfig(plan={k: TablePlan(sharding_type=v) for k, v in plan.items()})
-    sharded = shard_ranker(Ranker(Backbone(schema(rows), model_cfg(), device=torch.device("meta"))), ctx, sharding,
-                           None, 64)
+    backbone = Backbone(schema(rows), model_cfg(table_dtype), device=torch.device("meta"))
+    sharded = shard_ranker(Ranker(backbone), ctx, sharding, None, 64)
     if init:
         init_tables(sharded.model, sharded.ranker, SEED)
         with torch.no_grad():
@@ -254,6 +254,22 @@ def test_a_backbone_exported_as_one_file_still_loads(tmp_path, ctx):
     sharding = ShardingConfig(plan={k: TablePlan(sharding_type=v) for k, v in LOAD_PLAN.items()})
     loaded = build_from_backbone(tmp_path, None, ctx, train_embeddings=False, sharding=sharding)[0].model
     assert same_pieces(loaded, build(ctx, LOAD_PLAN, rows=rows).model) == []
+
+
+def test_fp16_tables_are_stored_and_loaded_as_fp16(tmp_path, ctx):
+    from iak_dist.config import ShardingConfig, TablePlan
+    from iak_dist.distributed.checkpoint import export_backbone
+    from iak_dist.phases.common import build_from_backbone
+
+    rows = (3000, 2000)
+    save = {"user_id": "table_wise", "item_id": "column_wise", "tags": "table_wise"}  # fp16: no data-parallel
+    load = {"user_id": "column_wise", "item_id": "table_wise", "tags": "column_wise"}
+    export_backbone(build(ctx, save, rows=rows, table_dtype="fp16").model, schema(rows), model_cfg("fp16"), tmp_path)
+    layout = json.loads((tmp_path / "backbone.json").read_text())["layout"]
+    assert {layout["tensors"][k]["dtype"] for k in (USER, ITEM)} == {"F16"}
+    sharding = ShardingConfig(plan={k: TablePlan(sharding_type=v) for k, v in load.items()})
+    loaded = build_from_backbone(tmp_path, None, ctx, train_embeddings=False, sharding=sharding)[0].model
+    assert same_pieces(loaded, build(ctx, load, rows=rows, table_dtype="fp16").model) == []
 
 
 if __name__ == "__main__":
