@@ -5,18 +5,21 @@
 Random impressions (scores on a 0.001 grid, so many ties; users of one class and of one row among
 them), both implementations in the same run on the same arrays. Prints each one's best time, the
 speed-up ratio and whether the two values are equal (they must be, to 1e-12; the test
-tests/test_metrics.py checks the same on small data).
+tests/test_metrics.py checks the same on small data). Then what evaluation's rank 0 holds: the
+compact columns (`phases.evaluate.row_dtype`, bytes a row) and the peak of the temporaries of one
+full metric set (`ranking_metrics`: two AUCs, GAUC, LogLoss), in bytes a row (tracemalloc).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+import tracemalloc
 from collections.abc import Callable
 
 import numpy as np
 
-from iak_dist.metrics import auc, gauc
+from iak_dist.metrics import auc, gauc, ranking_metrics
 
 
 def loop_gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
@@ -60,6 +63,17 @@ def main() -> None:
     print(f"  per-user loop : {slow:8.2f} s  gauc={slow_value!r}")
     print(f"  vectorised    : {fast:8.2f} s  gauc={fast_value!r}")
     print(f"  speed-up      : {slow / fast:8.1f}x  |difference| = {abs(fast_value - slow_value):.1e}")
+
+    from iak_dist.phases.evaluate import row_dtype
+
+    tracemalloc.start()
+    start = time.perf_counter()
+    ranking_metrics(labels, labels, scores, scores, users)
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    print(f"evaluation's rank 0: columns {row_dtype(1).itemsize} bytes a row; one metric set (CTR-AUC, "
+          f"CTCVR-AUC, GAUC, LogLoss) {seconds:.2f} s, temporaries peak {peak / args.rows:.0f} bytes a row")
 
 
 if __name__ == "__main__":

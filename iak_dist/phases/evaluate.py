@@ -168,11 +168,14 @@ def metrics_by_domain(
     was fine-tuned: a domain with no fine-tune rows is scored with its never-trained adapter weights
     (zero-initialised: the plain backbone), which must show in the report, not pass as a result.
     """
-    def subset(mask: np.ndarray) -> dict:
-        return ranking_metrics(scores["click"][mask], scores["conversion"][mask] if has_conversion else None,
-                               scores["p_ctr"][mask], scores["p_ctcvr"][mask],
-                               scores["user"][mask] if has_user else None)
-    out: dict[str, dict] = {"overall": subset(np.ones(len(scores["click"]), dtype=bool))}
+    def subset(mask: np.ndarray | None) -> dict:  # None: every row (no copy of the columns)
+        def rows(key: str) -> np.ndarray:
+            return scores[key] if mask is None else scores[key][mask]
+
+        return ranking_metrics(rows("click"), rows("conversion") if has_conversion else None, rows("p_ctr"),
+                               rows("p_ctcvr"), rows("user") if has_user else None)
+
+    out: dict[str, dict] = {"overall": subset(None)}
     for i, name in enumerate(domains):
         mask = scores["domain"] == i
         if mask.any():
