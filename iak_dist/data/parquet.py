@@ -95,6 +95,9 @@ class ParquetReader:
         """Rows this rank trains on per epoch."""
         # with drop_last, the rank with the smallest share sets the epoch's length on every rank
         self._full_batches = (total if self.slices else total // world_size) // self.read_batch
+        if drop_last and self._full_batches == 0:
+            raise UserError(f"{self.split.location}: {total} rows over {world_size} rank(s) make no full batch of "
+                            f"{batch_size} rows; lower the batch size")
 
     def batches_per_epoch(self) -> int:
         if self.drop_last:

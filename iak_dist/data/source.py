@@ -157,8 +157,8 @@ class Split:
     """
 
     def __init__(self, name: str, location: str, schema: Schema, filesystem: pafs.FileSystem, prefix: str,
-                 files: list[str], sizes: list[int], partitions: dict[str, dict[str, str]],
-                 parts: list[Part], file_rows: dict[str, int]) -> None:
+                 files: list[str], sizes: list[int | None], partitions: dict[str, dict[str, str]],
+                 parts: list[Part], footers: dict[str, pq.FileMetaData]) -> None:
         self.name = name
         self.location = location
         self.schema = schema
@@ -167,9 +167,9 @@ class Split:
         self.parts = parts
         self.num_rows = sum(p.rows for p in parts)
         self._prefix = prefix
-        self._sizes = sizes
+        self._sizes = dict(zip(files, sizes, strict=True))
         self._partitions = partitions
-        self._file_rows = file_rows
+        self._footers = footers  # kept: reading a part opens its file without parsing the footer again
         self._open: OrderedDict[str, pq.ParquetFile] = OrderedDict()
 
     @classmethod
@@ -217,7 +217,7 @@ class Split:
         reference: tuple[str, dict[str, pa.DataType]] | None = None
         parts: list[Part] = []
         partitions: dict[str, dict[str, str]] = {}
-        file_rows: dict[str, int] = {}
+        kept: dict[str, pq.FileMetaData] = {}
         for info, meta in zip(files, footers, strict=True):
             if isinstance(meta, str):
                 continue
@@ -242,13 +242,13 @@ class Split:
                 if rows:
                     parts.append(Part(info.path, g, rows, first))
                 first += rows
-            file_rows[info.path] = first
+            kept[info.path] = meta
         if not problems and not parts:
             what = "the file has no rows" if len(files) == 1 and files[0].path == path else \
                 f"its {len(files)} Parquet file(s) have no rows"
             problems.append(f"{location}: {what}; write at least one impression or leave the file out")
         split = cls(name, location, schema, fs, prefix, [f.path for f in files], [f.size for f in files],
-                    partitions, parts, file_rows)
+                    partitions, parts, kept)
         return split, problems
 
     def where(self, path: str) -> str:
@@ -275,7 +275,7 @@ class Split:
             table = table.slice(part.offset, part.rows)
         for key, value in from_folders.items():
             if key in columns:
-                table = table.append_column(key, pa.array([value] * table.num_rows, pa.string()))
+                table = table.append_column(key, pa.repeat(pa.scalar(value, pa.string()), table.num_rows))
         table = table.select(columns)
         if check:
             problems = value_problems(self.where(part.path), table, self.schema, part.first_row)
@@ -292,9 +292,11 @@ class Split:
         if path in self._open:
             self._open.move_to_end(path)
             return self._open[path]
-        file = pq.ParquetFile(self.filesystem.open_input_file(path))
-        if file.metadata.num_rows != self._file_rows[path]:
-            raise OSError(f"it now has {file.metadata.num_rows} rows, not {self._file_rows[path]}")
+        stream = self.filesystem.open_input_file(path)
+        size = self._sizes.get(path)
+        if size is not None and stream.size() != size:
+            raise OSError(f"it now has {stream.size()} bytes, not {size}")
+        file = pq.ParquetFile(stream, metadata=self._footers[path])
         self._open[path] = file
         while len(self._open) > _OPEN_FILES:
             self._open.popitem(last=False)
@@ -303,8 +305,9 @@ class Split:
     def fingerprint(self) -> str:
         """Hash of (file, size, rows) of every file: a cache key, and provenance in results."""
         h = hashlib.sha256()
-        for path, size in zip(self.files, self._sizes, strict=True):
-            h.update(f"{path}\0{size}\0{self._file_rows.get(path, 0)}\n".encode())
+        for path in self.files:
+            rows = self._footers[path].num_rows if path in self._footers else 0
+            h.update(f"{path}\0{self._sizes[path]}\0{rows}\n".encode())
         return h.hexdigest()[:16]
 
 
