@@ -171,6 +171,7 @@ class Split:
         self._partitions = partitions
         self._footers = footers  # kept: reading a part opens its file without parsing the footer again
         self._open: OrderedDict[str, pq.ParquetFile] = OrderedDict()
+        self._checked: set[tuple[Part, tuple[str, ...]]] = set()  # read and found good: not checked again
 
     @classmethod
     def open(cls, data_dir: str | Path, name: str, schema: Schema | None = None) -> Split:
@@ -258,8 +259,10 @@ class Split:
     def read(self, part: Part, columns: list[str] | None = None, check: bool = True) -> pa.Table:
         """The rows of `part` (columns: default the schema's, Hive folder values included).
 
-        With `check`, a bad value raises a one-line UserError naming file and row. A file that
-        vanished or was truncated since the split was opened raises a UserError naming it.
+        With `check`, a bad value raises a one-line UserError naming file and row (a part is checked
+        the first time this process reads it: later epochs do not pay again; a file whose size
+        changed is refused). A file that vanished or was truncated since the split was opened
+        raises a UserError naming it.
         """
         columns = columns or self.schema.columns()
         from_folders = self._partitions.get(part.path, {})
@@ -277,10 +280,11 @@ class Split:
             if key in columns:
                 table = table.append_column(key, pa.repeat(pa.scalar(value, pa.string()), table.num_rows))
         table = table.select(columns)
-        if check:
+        if check and (part, tuple(columns)) not in self._checked:
             problems = value_problems(self.where(part.path), table, self.schema, part.first_row)
             if problems:
                 raise UserError(problems[0])
+            self._checked.add((part, tuple(columns)))
         return table
 
     def close(self) -> None:
