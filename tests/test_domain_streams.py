@@ -19,13 +19,23 @@ SCHEMA = Schema(sparse=[SparseFeature("user_id", 64)], domains=["a", "b", "c"])
 ROWS = {"a": 400, "b": 190, "c": 10}  # c: a small domain, all in one row group of one file
 
 
-def write_split(root: Path, files: int, row_group_size: int) -> Split:
-    """600 rows with `user_id` = row number; c's rows come first (first row group of the first file)."""
+def write_split(root: Path, files: int, row_group_size: int, by_domain: bool = False) -> Split:
+    """600 rows with `user_id` = row number; c's rows come first (first row group of the first file).
+
+    `by_domain`: Hive folders `domain=<d>/` hold each domain's rows (the column comes from the folder).
+    """
     domain = np.array(["c"] * ROWS["c"] + ["a", "b"] * 190 + ["a"] * 210)
     n = len(domain)
     table = pa.table({"label_click": np.arange(n) % 2, "label_conversion": np.zeros(n, dtype=np.int64),
                       "domain": domain, "user_id": np.arange(n, dtype=np.int64)})
     root.mkdir(parents=True)
+    if by_domain:
+        for d in ROWS:
+            (root / f"domain={d}").mkdir()
+            rows = np.flatnonzero(domain == d)
+            pq.write_table(table.take(rows).drop_columns(["domain"]), root / f"domain={d}" / "part.parquet",
+                           row_group_size=row_group_size)
+        return Split.at(root, SCHEMA, "finetune")
     for i, rows in enumerate(np.array_split(np.arange(n), files)):
         pq.write_table(table.take(rows), root / f"part-{i:03d}.parquet", row_group_size=row_group_size)
     return Split.at(root if files > 1 else root / "part-000.parquet", SCHEMA, "finetune")
@@ -35,9 +45,11 @@ def ids(table: pa.Table) -> list[int]:
     return table.column("user_id").to_pylist()
 
 
-@pytest.mark.parametrize("files,row_group_size", [(3, 50), (1, 1000)], ids=["directory", "one-row-group"])
-def test_ranks_read_disjoint_shares_and_each_domain_cycles_through_its_rows(tmp_path, files, row_group_size):
-    split = write_split(tmp_path / "ft", files, row_group_size)
+@pytest.mark.parametrize("files,row_group_size,by_domain", [(3, 50, False), (1, 1000, False), (3, 50, True)],
+                         ids=["directory", "one-row-group", "hive-folder-per-domain"])
+def test_ranks_read_disjoint_shares_and_each_domain_cycles_through_its_rows(tmp_path, files, row_group_size,
+                                                                           by_domain):
+    split = write_split(tmp_path / "ft", files, row_group_size, by_domain)
     shares = [count_share(split, SCHEMA, rank, 2, seed=4) for rank in range(2)]
     counts = sum(s.rows_per_domain for s in shares)
     assert counts.tolist() == list(ROWS.values())  # the global n_d: what p_d and rows_per_domain use
@@ -46,6 +58,8 @@ def test_ranks_read_disjoint_shares_and_each_domain_cycles_through_its_rows(tmp_
         streams = DomainStreams(split, SCHEMA, share, counts, 32, 0.5, seed=4, rank=rank, buffer_rows=40)
         for d, stream in streams.streams.items():
             n = int(share.rows_per_domain[d])
+            if by_domain:  # a stream reads only the parts holding its domain (here: its own folder)
+                assert all(f"domain={SCHEMA.domains[d]}/" in part.path for part in stream.parts)
             first, second = ids(stream.take(n)), ids(stream.take(n))
             assert len(set(first)) == n and set(second) == set(first)  # an epoch: each row once
             assert first != second  # the next epoch is another order
