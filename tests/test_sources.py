@@ -81,7 +81,8 @@ def test_a_split_is_a_folder_glob_or_uri_with_hive_folders_as_columns(form, pret
 
 
 def test_schema_yaml_says_where_each_split_is_and_a_missing_one_is_named(synth_dir, tmp_path, pretrain_table):
-    from iak_dist.data.prepare import is_prepared
+    from iak_dist.config import DataConfig
+    from iak_dist.data.prepare import is_prepared, prepare
 
     data = tmp_path / "data"
     data.mkdir()
@@ -94,11 +95,13 @@ def test_schema_yaml_says_where_each_split_is_and_a_missing_one_is_named(synth_d
     assert Split.open(data, "pretrain").num_rows == pretrain_table.num_rows
     assert Split.open(data, "finetune").files == [str(data / "ft.parquet")]
     assert not is_prepared(data)
+    with pytest.raises(UserError, match="data.source is parquet but schema.yaml or a split is missing"):
+        prepare(DataConfig(source="parquet", dir=str(data)))
     with pytest.raises(UserError, match=rf"^{data / 'schema.yaml'}: splits lists no 'test' split"):
         Split.open(data, "test")
     spec["splits"]["test"] = str(synth_dir / "test.parquet")  # an absolute path
     (data / "schema.yaml").write_text(yaml.safe_dump(spec))
-    assert is_prepared(data)
+    assert is_prepared(data) and prepare(DataConfig(source="parquet", dir=str(data))) == data
     assert Split.open(data, "test").num_rows == pq.read_metadata(synth_dir / "test.parquet").num_rows
     schema = Schema.load(data / "schema.yaml")  # `splits` is not part of the schema ...
     schema.save(data / "schema.yaml")
@@ -315,6 +318,9 @@ def test_data_validate_streams_a_folder_and_prints_every_problem(pretrain_table,
         assert out.splitlines() == [f"{files[0]}: column 'dense_0' row 3: value inf is not finite; impute it",
                                     f"{big}: column 'dense_0' row 260: value inf is not finite; impute it"]
         assert err.splitlines()[-1] == f"{len(files)} file(s), {pretrain_table.num_rows} row(s), 2 problem(s)"
+    assert main(["data", "validate", str(synth_dir)]) == 0  # a data folder: every split
+    rows = sum(pq.read_metadata(synth_dir / f"{s}.parquet").num_rows for s in ("pretrain", "finetune", "test"))
+    assert capsys.readouterr().err.splitlines()[-1] == f"3 file(s), {rows} row(s), 0 problem(s)"
 
 
 def test_pretrain_resumed_at_another_world_size_goes_on_at_the_next_epoch(synth_dir, small_cfg, ctx, tmp_path,
