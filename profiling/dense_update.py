@@ -64,7 +64,7 @@ def main() -> None:
     schema = Schema.load(Path(cfg.data.dir) / "schema.yaml")
     bs = cfg.pretrain.batch_size
     reader = ParquetReader(Path(cfg.data.dir) / "pretrain.parquet", schema, bs, ctx.rank, ctx.world_size,
-                           shuffle=True, drop_last=True, split=cfg.distributed.data_split)
+                           shuffle=True, drop_last=True, split_mode=cfg.distributed.data_split)
     batches = [b for b, _ in zip(reader.epoch(0), range(args.steps), strict=False)]
 
     def engine_stepper(kind: str):

@@ -61,7 +61,7 @@ def run_profile(cfg: PipelineConfig, steps: int = 60, trace: bool = False) -> Pa
 
     def reader() -> ParquetReader:
         return ParquetReader(data_dir / "pretrain.parquet", schema, bs, ctx.rank, ctx.world_size, shuffle=True,
-                             drop_last=True, split=cfg.distributed.data_split)
+                             drop_last=True, split_mode=cfg.distributed.data_split)
 
     batches = [b.to(ctx.device) for b, _ in zip(batches_from(reader(), 0), range(steps), strict=False)]
     mine: dict[str, Any] = {"rank": ctx.rank, "stream_copy_gbps": timed.stream_copy_gbps(),

@@ -65,10 +65,9 @@ def run_frozen_finetune(spec, cfg, ctx):
 def run_restore(spec, cfg, ctx):
     """Restore a checkpoint under this scenario's plan; compare with the weights exported at save."""
     import torch
-    from safetensors.torch import load_file
 
     from iak_dist.data.schema import Schema
-    from iak_dist.distributed.checkpoint import CheckpointManager, plain_state_dict
+    from iak_dist.distributed.checkpoint import CheckpointManager, load_backbone_weights, plain_state_dict
     from iak_dist.distributed.sharding import shard_ranker
     from iak_dist.distributed.zero import DenseEngine
     from iak_dist.model.backbone import Backbone
@@ -79,7 +78,7 @@ def run_restore(spec, cfg, ctx):
     dense = DenseEngine(backbone.dense_modules(), 0.01, 0.0, cfg.distributed.zero, 64, ctx.world_size)
     state = CheckpointManager(spec["checkpoints"], ctx).restore_latest(sharded.model, dense)
     restored = plain_state_dict(sharded.model, prefix="backbone.")
-    exported = load_file(str(Path(spec["backbone"]) / "model.safetensors"))
+    exported = load_backbone_weights(spec["backbone"])
     kinds = {ps.sharding_type for ps in sharded.plan.plan["backbone.embeddings"].values()}
     return {"step": state["step"], "equal": all(torch.equal(restored[k], exported[k]) for k in exported),
             "plan": ",".join(sorted(kinds))}

@@ -6,6 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from iak_dist.distributed.checkpoint import load_backbone_weights, read_backbone_meta
+from iak_dist.model.strategies.saving import load_adapter
+
 
 def run(kind, overlap, small_cfg, synth_dir, backbone_dir, ctx, out):
     from dataclasses import replace
@@ -17,11 +20,15 @@ def run(kind, overlap, small_cfg, synth_dir, backbone_dir, ctx, out):
     if kind == "pretrain":
         summary = pretrain(synth_dir, small_cfg.model, small_cfg.pretrain, dist_cfg, 0, out, ctx, show_progress=False)
         assert summary["train/pipelined_modules"] == (1.0 if overlap else 0.0)
-        return summary["train/losses"], load_file(str(out / "backbone" / "model.safetensors"))
+        return summary["train/losses"], load_backbone_weights(out / "backbone")
     summary = finetune(synth_dir, backbone_dir, kind, small_cfg.finetune, 0, out / kind, ctx, show_progress=False,
                        dist_cfg=dist_cfg)
     assert summary["train/pipelined_modules"] == (1.0 if overlap else 0.0)
-    return summary["train/losses"], load_file(str(out / kind / "adapter_model.safetensors"))
+    weights = load_file(str(out / kind / "adapter_model.safetensors"))
+    _, backbone, _ = load_adapter(out / kind, read_backbone_meta(backbone_dir))  # `full` carries its backbone
+    if backbone is not None:
+        weights |= {f"backbone.{k}": backbone.full(k) for k in backbone.tensors}
+    return summary["train/losses"], weights
 
 
 @pytest.mark.parametrize("kind", ["pretrain", "iak", "lora", "full", "iak-grouped-gemm"])

@@ -85,8 +85,9 @@ def test_sweep_tabulates_every_grid_point_and_reuses_backbones(tmp_path, synth_d
     none_eval = [sweep / point / "seed0" / "adapters" / "none" / "eval.json"
                  for point in ("beta_matching=0", "beta_matching=0.1")]
     assert none_eval[0].stat().st_ino == none_eval[1].stat().st_ino
-    shared = tmp_path / "run" / "seed0" / "backbone" / "model.safetensors"
-    linked = sweep / "beta_matching=0" / "seed0" / "backbone" / "model.safetensors"
+    shard = "shards/rank-00000-of-00001.safetensors"
+    shared = tmp_path / "run" / "seed0" / "backbone" / shard
+    linked = sweep / "beta_matching=0" / "seed0" / "backbone" / shard
     assert linked.stat().st_ino == shared.stat().st_ino  # hard link: pre-trained once
     results = json.loads((sweep / "sweep.json").read_text())
     a, b = (results[p]["iak"]["overall"]["ctr_auc"]["mean"] for p in ("beta_matching=0", "beta_matching=0.1"))

@@ -94,7 +94,7 @@ srun {sys.executable} -m iak_dist.cli pretrain configs/movielens_age.yaml --set 
     log = "".join(p.read_text() for p in tmp_path.glob("srun-*.log"))
     assert submitted.returncode == 0, submitted.stderr + log[-3000:]
     assert "sharding plan over 2 rank(s)" in log
-    assert (run_dir / "seed0" / "backbone" / "model.safetensors").is_file()
+    assert (run_dir / "seed0" / "backbone" / "shards" / "rank-00001-of-00002.safetensors").is_file()
 
 
 PREEMPTIBLE = dict(gres="gpu:2", mem="64G", account="proj-a", signal="B:TERM@120", requeue=True)

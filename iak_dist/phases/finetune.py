@@ -23,7 +23,7 @@ from iak_dist.data.domain_streams import DomainShare, DomainStreams, count_share
 from iak_dist.data.sampler import DomainBatchSampler
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Split
-from iak_dist.distributed.checkpoint import CheckpointManager, plain_state_dict, read_backbone_meta
+from iak_dist.distributed.checkpoint import CheckpointManager, read_backbone_meta
 from iak_dist.distributed.context import DistContext
 from iak_dist.distributed.sharding import ShardedRanker
 from iak_dist.distributed.zero import DenseEngine
@@ -31,7 +31,7 @@ from iak_dist.io import atomic_write_json
 from iak_dist.model.backbone import tower_widths
 from iak_dist.model.strategies import build_adapter
 from iak_dist.model.strategies.base import Adapter, adapter_class
-from iak_dist.model.strategies.saving import save_adapter
+from iak_dist.model.strategies.saving import save_adapter, save_backbone_state
 from iak_dist.phases.common import build_from_backbone, check_schema_matches
 from iak_dist.phases.loop import train_loop
 from iak_dist.phases.pretrain import collective_device, steps_for
@@ -220,7 +220,7 @@ def finetune(
                 writer.close()
         with dense.gathered():
             adapter_state = {k: v.detach().clone() for k, v in run.adapter.state_dict().items()}
-            backbone_state = plain_state_dict(run.model, prefix="backbone.") if run.trains_backbone else None
+            backbone_state = save_backbone_state(run.model, out_dir, ctx.rank) if run.trains_backbone else None
     else:
         adapter_state, backbone_state = run.adapter.state_dict(), None
     if ctx.is_main:
