@@ -34,10 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", help="output folder (default: data.dir of the config / defaults)")
     prep.add_argument("--domain", choices=["age", "zip", "month"], help="MovieLens domain split")
     prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="data.* override")
-    synth = data_verbs.add_parser("synth", help="write synthetic multi-domain data (Zipf IDs, domain shift)")
-    synth.add_argument("--out", required=True)
+    synth = data_verbs.add_parser("synth", help="write synthetic multi-domain impressions as many Parquet files "
+                                                 "in day partitions (streamed: any number of rows)")
+    synth.add_argument("out", help="new folder: <split>/dt=<day>/part-<n>.parquet, schema.yaml, stats.json")
+    synth.add_argument("--rows", type=lambda s: int(float(s)), help="impressions in all, e.g. 1e8 "
+                                                                     "(default: data.synth_rows)")
+    synth.add_argument("--files", type=int, default=64, help="Parquet files in all (at least 3: one per split)")
+    synth.add_argument("--files-per-day", type=int, default=4, help="files in each dt=<day> folder")
+    synth.add_argument("--domains", type=int, help="number of domains (default: data.synth_domains)")
     synth.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="data.* override, e.g. --set synth_rows=1000000 --set synth_domain_shift=2")
+                       help="data.* override, e.g. --set synth_domain_shift=2 --set row_group_size=65536")
     val = data_verbs.add_parser("validate", help="report every problem of Parquet files against a schema")
     val.add_argument("path", help="a data folder (checks every split), or one split: a Parquet file, a folder, "
                                    "a glob or a URI")
@@ -196,15 +202,21 @@ def run(args: argparse.Namespace) -> int:
     if args.verb == "data":
         if args.data_verb == "validate":
             return _validate(args.path, args.schema)
+        if args.data_verb == "synth":
+            from iak_dist.data.synth import write_synthetic
+
+            extra = [f"synth_rows={args.rows}"] if args.rows is not None else []
+            extra += [f"synth_domains={args.domains}"] if args.domains is not None else []
+            stats = write_synthetic(_data_config([*args.set, *extra]), args.out, args.files, args.files_per_day)
+            rows = sum(s["rows"] for s in stats["splits"].values())
+            print(f"wrote {args.out}: {rows:,} rows in {args.files} files")
+            return 0
         from iak_dist.data.prepare import prepare
 
         cfg = _data_config(args.set)
-        if args.data_verb == "synth":
-            cfg.source = "synth"
-        else:
-            cfg.source = args.source
-            if args.domain:
-                cfg.domain = args.domain
+        cfg.source = args.source
+        if args.domain:
+            cfg.domain = args.domain
         out = prepare(cfg, args.out)
         print(f"wrote {out}")
         return 0

@@ -81,3 +81,16 @@ def test_finished_folder_is_reused_and_any_other_is_refused(written, tmp_path):
         write_synthetic(small(seed=1), out, files=FILES, show_progress=False)
     with pytest.raises(UserError, match=r"--files 2: need at least 3 \(one per split\)"):
         write_synthetic(small(), tmp_path / "few", files=2, show_progress=False)
+
+
+def test_cli_verb_writes_the_requested_rows_and_files(tmp_path, capsys):
+    from iak_dist.cli import main
+    from iak_dist.data.source import Split
+
+    out = tmp_path / "syn"
+    assert main(["data", "synth", str(out), "--rows", "3e3", "--files", "3", "--domains", "2",
+                 "--set", "row_group_size=500"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}: 3,000 rows in 3 files"
+    assert len(list(out.rglob("*.parquet"))) == 3
+    assert sum(Split.open(out, name).num_rows for name in ("pretrain", "finetune", "test")) == 3_000
+    assert Schema.load(out / "schema.yaml").domains == ["d0", "d1"]
