@@ -31,6 +31,23 @@ def test_gauc_weights_groups_by_size_and_skips_one_class_groups():
     assert gauc(y, s, g) == pytest.approx(expected)
 
 
+def loop_auc(labels, scores):
+    """AUC as it was before GAUC was vectorised (float average ranks after a mergesort): a reference."""
+    labels = np.asarray(labels).astype(bool)
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = np.asarray(scores)[order]
+    ranks = np.empty(len(scores), dtype=np.float64)
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(scores)]])
+    ranks[order] = np.repeat((starts + ends - 1) / 2.0 + 1.0, ends - starts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
 def loop_gauc(labels, scores, groups):
     """The per-user loop GAUC was before it was vectorised: the reference the vectorised one must equal."""
     order = np.argsort(groups, kind="mergesort")
@@ -39,22 +56,27 @@ def loop_gauc(labels, scores, groups):
     total, weight = 0.0, 0
     for yy, ss in zip(np.split(y, cuts), np.split(s, cuts), strict=True):
         if 0 < yy.sum() < len(yy):
-            total += auc(yy, ss) * len(yy)
+            total += loop_auc(yy, ss) * len(yy)
             weight += len(yy)
     return total / weight if weight else float("nan")
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_vectorised_gauc_equals_the_per_user_loop(seed):
-    """Many ties (scores on a coarse grid), users of one class only, users of one row, unsorted ids."""
+@pytest.mark.parametrize("seed, score_dtype, id_spread", [
+    (0, np.float32, 7919), (1, np.float32, 7919), (2, np.float64, 7919), (3, np.float32, 10**12), (4, np.int8, 1)])
+def test_vectorised_gauc_equals_the_per_user_loop(seed, score_dtype, id_spread):
+    """Many ties (scores on a coarse grid, -0.0 and 0.0 among them), users of one class only, users of
+    one row, unsorted ids; user ids close together (packed as offsets) and spread wide (ranked), float32
+    scores (packed as bits) and others (ranked)."""
     rng = np.random.default_rng(seed)
     n = 20_000
-    users = rng.permutation(4000)[rng.integers(0, 4000, n)] * 7919 - 10**6  # sparse, negative ids too
+    users = rng.permutation(4000)[rng.integers(0, 4000, n)].astype(np.int64) * id_spread - 10**6  # negative too
     y = (rng.random(n) < rng.choice([0.0, 0.3, 1.0], 4000)[users % 4000]).astype(np.float32)
-    s = np.round(rng.random(n) + 0.2 * y, 1).astype(np.float32)
-    assert len(np.unique(s)) <= 13
+    s = (np.round(rng.random(n) + 0.2 * y, 1) * (10 if score_dtype == np.int8 else 1) - 0.5).astype(score_dtype)
+    s[rng.random(n) < 0.05] = -0.0
+    assert len(np.unique(s)) <= 15
     want = loop_gauc(y, s, users)
     assert gauc(y, s, users) == pytest.approx(want, abs=1e-12, rel=0)
+    assert auc(y, s) == loop_auc(y, s)
     shuffled = rng.permutation(n)  # row order does not matter (rows come gathered in rank order)
     assert gauc(y[shuffled], s[shuffled], users[shuffled]) == gauc(y, s, users)
 
