@@ -15,8 +15,9 @@ How N ranks compute the metrics (exact; only rank 0 gathers, in bounded rounds):
    bytes), computes the metrics exactly (AUC and GAUC from ranks with ties, no binning; they do
    not depend on row order) and broadcasts the dict, so every rank returns the same metrics.
 
-Memory: rank 0 holds the compact columns of every test row (20 bytes a row) plus the metrics'
-sorting temporaries; every other rank only its share and one round's buffer.
+Memory: rank 0 holds the compact columns of every test row (20 bytes a row) plus, while one metric
+set is computed, temporaries of about 64 bytes a row of that set (`profiling/metrics_speed.py`);
+every other rank holds only its share's columns and one round's buffer.
 """
 
 from __future__ import annotations
