@@ -36,6 +36,7 @@ def main() -> None:
     from iak_dist.config import load_config
     from iak_dist.data.parquet import ParquetReader
     from iak_dist.data.schema import Schema
+    from iak_dist.data.source import Split
     from iak_dist.distributed.context import (
         close_distributed,
         exit_launched_rank,
@@ -63,7 +64,7 @@ def main() -> None:
     ctx = init_distributed()
     schema = Schema.load(Path(cfg.data.dir) / "schema.yaml")
     bs = cfg.pretrain.batch_size
-    reader = ParquetReader(Path(cfg.data.dir) / "pretrain.parquet", schema, bs, ctx.rank, ctx.world_size,
+    reader = ParquetReader(Split.open(cfg.data.dir, "pretrain", schema), schema, bs, ctx.rank, ctx.world_size,
                            shuffle=True, drop_last=True, split_mode=cfg.distributed.data_split)
     batches = [b for b, _ in zip(reader.epoch(0), range(args.steps), strict=False)]
 

@@ -44,6 +44,7 @@ def run_profile(cfg: PipelineConfig, steps: int = 60, trace: bool = False) -> Pa
 
     from iak_dist.data.parquet import ParquetReader
     from iak_dist.data.schema import Schema
+    from iak_dist.data.source import Split
     from iak_dist.distributed.checkpoint import export_backbone
     from iak_dist.distributed.context import init_distributed
     from iak_dist.orchestration.local import ensure_data
@@ -60,8 +61,8 @@ def run_profile(cfg: PipelineConfig, steps: int = 60, trace: bool = False) -> Pa
     schema = Schema.load(data_dir / "schema.yaml")
 
     def reader() -> ParquetReader:
-        return ParquetReader(data_dir / "pretrain.parquet", schema, bs, ctx.rank, ctx.world_size, shuffle=True,
-                             drop_last=True, split_mode=cfg.distributed.data_split)
+        return ParquetReader(Split.open(data_dir, "pretrain", schema), schema, bs, ctx.rank, ctx.world_size,
+                             shuffle=True, drop_last=True, split_mode=cfg.distributed.data_split)
 
     batches = [b.to(ctx.device) for b, _ in zip(batches_from(reader(), 0), range(steps), strict=False)]
     mine: dict[str, Any] = {"rank": ctx.rank, "stream_copy_gbps": timed.stream_copy_gbps(),
