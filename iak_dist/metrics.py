@@ -43,10 +43,22 @@ def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
     Equal, bit for bit, to summing `auc` of each group times its size in ascending group order (the
     weighted sum is a sequential `np.cumsum`, the order of that loop), and independent of row order.
     """
+    group_auc, size, _ = group_aucs(labels, scores, groups)
+    if not len(size):
+        return float("nan")
+    return float(np.cumsum(group_auc * size)[-1] / int(size.sum()))
+
+
+def group_aucs(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(AUC, rows, code) of each group holding both classes, in ascending group order: `gauc`'s parts.
+
+    The code is the group's place in the order of `groups` (`_group_codes`: the offset from the
+    smallest id, or the rank among the distinct ids), so parts of groups can be told apart.
+    """
     labels = np.asarray(labels).astype(bool)
     n = len(labels)
     if n == 0:
-        return float("nan")
+        return np.empty(0), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.uint64)
     score_codes, score_bits = _score_codes(np.asarray(scores))
     group_codes = _group_codes(np.asarray(groups), 63 - score_bits)
     key = (group_codes << np.uint64(score_bits + 1)) | (score_codes << np.uint64(1)) | labels.astype(np.uint64)
@@ -56,8 +68,9 @@ def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
     group = key >> np.uint64(score_bits + 1)
     del key
     group_starts = np.r_[True, group[1:] != group[:-1]]
-    del group
     group_first = np.flatnonzero(group_starts)
+    code = group[group_first]
+    del group
     group_end = np.r_[group_first[1:], n]
     run_positives = positives_before[run_end] - positives_before[run_first]
     run_group = np.cumsum(group_starts)[run_first] - 1
@@ -68,11 +81,9 @@ def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
     size = group_end - group_first
     n_pos = positives_before[group_end] - positives_before[group_first]
     both = (n_pos > 0) & (n_pos < size)
-    if not both.any():
-        return float("nan")
-    n_pos, size, doubled_rank_sum = n_pos[both], size[both], doubled_rank_sum[both]
+    n_pos, size, doubled_rank_sum, code = n_pos[both], size[both], doubled_rank_sum[both], code[both]
     group_auc = (doubled_rank_sum / 2 - n_pos * (n_pos + 1) / 2.0) / (n_pos * (size - n_pos)).astype(np.float64)
-    return float(np.cumsum(group_auc * size)[-1] / int(size.sum()))
+    return group_auc, size, code
 
 
 def _score_codes(scores: np.ndarray) -> tuple[np.ndarray, int]:
@@ -120,10 +131,128 @@ def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
     Summed in float64 over the sorted per-row terms, so the value does not depend on row order
     (ranks' rows are gathered in rank order, not file order).
     """
+    terms = logloss_terms(labels, probs, eps)
+    return float(np.sum(np.sort(terms)) / len(terms)) if len(terms) else float("nan")
+
+
+def score_codes(scores: np.ndarray) -> np.ndarray:
+    """float32 scores as uint64 codes below 2**32 in score order (equal scores, equal codes): the keys
+    by which streamed AUCs cut rows into score ranges (`_score_codes`; `score_values` inverts it)."""
+    codes, bits = _score_codes(np.asarray(scores, dtype=np.float32))
+    assert bits == 32
+    return codes
+
+
+def score_values(codes: np.ndarray) -> np.ndarray:
+    """The float32 scores of `score_codes` (-0.0 comes back as 0.0)."""
+    codes = np.asarray(codes).astype(np.uint32)
+    top = np.uint32(1 << 31)
+    return np.where(codes & top != 0, codes ^ top, ~codes).astype(np.uint32).view(np.float32)
+
+
+def logloss_terms(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    """Each row's binary cross-entropy (float64), probabilities clipped to [eps, 1 - eps]."""
     p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
     y = np.asarray(labels, dtype=np.float64)
-    terms = -(y * np.log(p) + (1 - y) * np.log(1 - p))
-    return float(np.sum(np.sort(terms)) / len(terms)) if len(terms) else float("nan")
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+
+def _slot_sums(slots: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct slots, sum of `values` per slot), summed in the given row order within each slot."""
+    order = np.argsort(slots, kind="stable")
+    slots, values = slots[order], values[order]
+    first = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]]) if len(slots) else np.empty(0, dtype=np.int64)
+    return slots[first], np.add.reduceat(values, first) if len(first) else values[:0]
+
+
+class StreamingAuc:
+    """Exact AUC (ties 1/2) per slot (e.g. each domain and overall) of rows fed in ascending score ranges.
+
+    The rank-sum statistic: each positive scores 1 for every negative below it and 1/2 for every
+    negative tied with it. Rows come in batches whose scores all lie above every score of earlier
+    batches (and ties never straddle two batches), so the negatives below a batch are the running
+    count. The sum is kept doubled, as an integer: the result equals `auc` on all rows, bit for bit
+    (while the counts stay below 2**52), whatever the batches and their row order.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self.positives = np.zeros(slots, dtype=np.int64)
+        self.negatives = np.zeros(slots, dtype=np.int64)
+        self.doubled_wins = [0] * slots  # Python ints: no overflow
+
+    def add(self, slots: np.ndarray, codes: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> None:
+        """`counts[i]` rows of slot `slots[i]`, score code `codes[i]` (`score_codes`), label `labels[i]`."""
+        if not len(codes):
+            return
+        key = (np.asarray(slots).astype(np.uint64) << np.uint64(33)) | (np.asarray(codes).astype(np.uint64)
+                                                                       << np.uint64(1)) | (np.asarray(labels) != 0)
+        order = np.argsort(key)
+        key, counts = key[order], np.asarray(counts, dtype=np.int64)[order]
+        run_key = key >> np.uint64(1)  # (slot, score)
+        run_first = np.flatnonzero(np.r_[True, run_key[1:] != run_key[:-1]])
+        positives = np.add.reduceat(counts * (key & np.uint64(1)).astype(np.int64), run_first)
+        negatives = np.add.reduceat(counts, run_first) - positives
+        run_slot = (run_key[run_first] >> np.uint64(32)).astype(np.int64)
+        slot_first = np.flatnonzero(np.r_[True, run_slot[1:] != run_slot[:-1]])
+        slot_of_run = np.cumsum(np.r_[True, run_slot[1:] != run_slot[:-1]]) - 1
+        negatives_before = np.cumsum(negatives) - negatives  # within this batch, all slots
+        negatives_before = negatives_before - negatives_before[slot_first][slot_of_run] + self.negatives[run_slot]
+        doubled = np.add.reduceat(positives * (2 * negatives_before + negatives), slot_first)
+        for slot, wins, pos, neg in zip(run_slot[slot_first].tolist(), doubled.tolist(),
+                                        np.add.reduceat(positives, slot_first).tolist(),
+                                        np.add.reduceat(negatives, slot_first).tolist(), strict=True):
+            self.doubled_wins[slot] += wins
+            self.positives[slot] += pos
+            self.negatives[slot] += neg
+
+    def rows(self, slot: int) -> int:
+        return int(self.positives[slot] + self.negatives[slot])
+
+    def result(self, slot: int) -> float:
+        """The slot's AUC; NaN with one class only (as `auc`)."""
+        n_pos, n_neg = int(self.positives[slot]), int(self.negatives[slot])
+        if n_pos == 0 or n_neg == 0:
+            return float("nan")
+        return float((self.doubled_wins[slot] / 2) / (n_pos * n_neg))
+
+
+class StreamingGauc:
+    """GAUC per slot from `group_aucs` parts of complete groups (every row of a group in one batch).
+
+    Equal to `gauc` on all rows up to the order of the float sum (groups come batch by batch, not in
+    ascending group order): within about 1e-15 relative.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self.weighted = np.zeros(slots, dtype=np.float64)
+        self.weight = np.zeros(slots, dtype=np.int64)
+
+    def add(self, slots: np.ndarray, group_auc: np.ndarray, size: np.ndarray) -> None:
+        """Groups' AUCs and sizes (`group_aucs`), each counted in its slot."""
+        present, sums = _slot_sums(np.asarray(slots, dtype=np.int64), group_auc * size)
+        self.weighted[present] += sums
+        self.weight[present] += _slot_sums(np.asarray(slots, dtype=np.int64), np.asarray(size, dtype=np.int64))[1]
+
+    def result(self, slot: int) -> float:
+        return float(self.weighted[slot] / self.weight[slot]) if self.weight[slot] else float("nan")
+
+
+class StreamingLogLoss:
+    """Mean LogLoss per slot of counted rows fed in batches (float64 sums; equal to `logloss` on all rows
+    up to the order of the sum: within about 1e-15 relative)."""
+
+    def __init__(self, slots: int) -> None:
+        self.total = np.zeros(slots, dtype=np.float64)
+        self.rows = np.zeros(slots, dtype=np.int64)
+
+    def add(self, slots: np.ndarray, labels: np.ndarray, probs: np.ndarray, counts: np.ndarray) -> None:
+        slots = np.asarray(slots, dtype=np.int64)
+        present, sums = _slot_sums(slots, logloss_terms(labels, probs) * counts)
+        self.total[present] += sums
+        self.rows[present] += _slot_sums(slots, np.asarray(counts, dtype=np.int64))[1]
+
+    def result(self, slot: int) -> float:
+        return float(self.total[slot] / self.rows[slot]) if self.rows[slot] else float("nan")
 
 
 def finite_or_none(value: float | None) -> float | None:

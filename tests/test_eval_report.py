@@ -1,6 +1,7 @@
 """Evaluation and report never pass off a missing result as a number: a domain without fine-tune rows is
 marked, metrics the schema cannot give (no user column, no conversion label) are `n/a` / null, and
-report.json is strict JSON (no bare NaN). Two ranks evaluate to exactly the metrics of one.
+report.json is strict JSON (no bare NaN). Two ranks evaluate to exactly the metrics of one, and the
+bucketed metrics (`stream_metrics`) equal the in-memory ones.
 
 Run as a script under torchrun, this file is the 2-rank worker of `test_two_ranks_give_exactly_the_metrics_of_one`.
 """
@@ -13,12 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from iak_dist.data.schema import Schema
-from iak_dist.phases.evaluate import evaluate
+from iak_dist.phases.evaluate import evaluate, metrics_by_domain
 from iak_dist.report import METRICS, write_report
 
 
@@ -173,34 +175,90 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_give_exactly_the_metrics_of_one(three_group_data, backbone_dir, ctx, tmp_path):
+def test_two_ranks_give_exactly_the_metrics_of_one(three_group_data, backbone_dir, ctx, tmp_path, monkeypatch):
     """Rank 0 reads rows [0, 1000) (10 batches of 100), rank 1 rows [1000, 2001) (11): rank 0 runs one
-    padding forward, whose output is dropped; the scores reach rank 0 in rounds of 256 rows. Batches
+    padding forward, whose output is dropped; the metrics come in buckets of 64 rows. Batches
     start at the same rows as on one rank (1000 is a multiple of 100), so every score is the same and
     the metrics must be equal to the last bit, on both ranks."""
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"data": str(three_group_data), "backbone": str(backbone_dir), "out": str(tmp_path)}))
+    for rank in range(2):
+        (tmp_path / f"spill{rank}").mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", __file__, str(spec)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
+    import iak_dist.phases.evaluate as ev
+
+    monkeypatch.setattr(ev, "BUCKET_ROWS", 64)  # as on the 2 ranks: sums run bucket by bucket
     want = evaluate(three_group_data, backbone_dir, None, ctx, batch_size=100)
     assert want["overall"]["rows"] == 2001 and isinstance(want["overall"]["gauc"], float)
     assert ranks[0]["metrics"] == ranks[1]["metrics"] == json.loads(json.dumps(want))
     assert ranks[0]["forwards"] == [True] * 10 + [False] and ranks[1]["forwards"] == [True] * 11
     # a read error on one rank is raised on both, in its own words (not a hang in the all-to-all)
     assert ranks[0]["failure"] == ranks[1]["failure"] == "x.parquet row 7: label 2.0 is not 0 or 1"
-    # a rank with no rows: rank 0 still receives every row, in rank order, in rounds of 3
-    assert ranks[0]["gathered"] == {"p_ctr": [0.5] * 5, "user": [10, 11, 12, 13, 14]}
-    assert ranks[1]["gathered"] is None
+    # the bucketed metrics on 2 ranks, on 1 rank and in memory (AUCs exactly; sums to rounding)
+    rows = synthetic_records()
+    domains = ["a", "b", "c", "d"]
+    one_rank = stream_in_folder(rows, domains, ctx, tmp_path / "one")
+    assert ranks[0]["streamed"] == json.loads(json.dumps(one_rank)) and ranks[1]["streamed"] is None
+    want = metrics_by_domain({k: rows[k] for k in rows.dtype.names}, domains)
+    assert list(one_rank) == ["overall", "a", "b", "c"] and one_rank["c"]["ctr_auc"] is None  # d has no rows
+    for domain, metrics in want.items():
+        for name in ("ctr_auc", "ctcvr_auc", "rows"):
+            assert one_rank[domain][name] == metrics[name], (domain, name)
+        for name in ("gauc", "logloss"):
+            expected = None if metrics[name] is None else pytest.approx(metrics[name], rel=1e-12, abs=0)
+            assert one_rank[domain][name] == expected, (domain, name)
+    assert [list((tmp_path / f"spill{r}").iterdir()) for r in range(2)] == [[], []]  # spill folders removed
+
+
+def synthetic_records(n: int = 3000):
+    """Scored records with many ties (500 rows of one score: a bucket of its own), a domain of one
+    class (c), a domain without rows (d), a user of 200 rows, user ids far apart."""
+    from iak_dist.phases.evaluate import row_dtype
+
+    rng = np.random.default_rng(0)
+    rows = np.zeros(n, row_dtype(4))
+    rows["domain"] = rng.integers(0, 3, n)
+    rows["user"] = rng.integers(0, 300, n) * 10**9
+    rows["user"][:200] = 7
+    rows["click"] = (rng.random(n) < 0.3) | (rows["domain"] == 2)
+    rows["conversion"] = rows["click"] & (rng.random(n) < 0.3)
+    rows["p_ctr"] = np.round(rng.random(n), 2)
+    rows["p_ctr"][:500] = 0.5
+    rows["p_ctcvr"] = np.round(rng.random(n), 3)
+    return rows
+
+
+def stream_in_folder(rows, domains, ctx, root: Path, bucket_rows: int = 64):
+    """`stream_metrics` of `rows` spilled in two appends, in a spill folder under `root`."""
+    from iak_dist.phases.evaluate import Spill, spill_folder, stream_metrics
+
+    root.mkdir(exist_ok=True)
+    with spill_folder(root) as folder:
+        spill = Spill(folder / "scored.bin", rows.dtype)
+        spill.append(rows[:len(rows) // 3])
+        spill.append(rows[len(rows) // 3:])
+        return stream_metrics(spill, domains, ctx, folder, bucket_rows=bucket_rows)
+
+
+def test_spill_folder_is_removed_after_an_error(three_group_data, backbone_dir, ctx, tmp_path, monkeypatch):
+    import iak_dist.phases.evaluate as ev
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("metrics broke")
+
+    monkeypatch.setattr(ev, "stream_metrics", broken)
+    with pytest.raises(RuntimeError, match="metrics broke"):
+        ev.evaluate(three_group_data, backbone_dir, None, ctx, batch_size=500, spill_root=tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def two_rank_worker(spec_path: str) -> None:
     """One rank of `test_two_ranks_give_exactly_the_metrics_of_one` (started by torchrun)."""
-    import numpy as np
-
     import iak_dist.phases.evaluate as ev
     from iak_dist.distributed.context import close_distributed, exit_launched_rank, init_distributed
     from iak_dist.errors import UserError
@@ -210,7 +268,7 @@ def two_rank_worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     ctx = init_distributed()
     out: dict = {}
-    ev.GATHER_ROWS = 256
+    ev.BUCKET_ROWS = 64
     lockstep = ev.lockstep
     forwards: list[bool] = []
 
@@ -220,7 +278,8 @@ def two_rank_worker(spec_path: str) -> None:
             yield batch, real
 
     ev.lockstep = counted
-    out["metrics"] = ev.evaluate(spec["data"], spec["backbone"], None, ctx, batch_size=100)
+    spill_root = Path(spec["out"]) / f"spill{ctx.rank}"
+    out["metrics"] = ev.evaluate(spec["data"], spec["backbone"], None, ctx, batch_size=100, spill_root=spill_root)
     out["forwards"] = forwards
 
     def failing():
@@ -235,11 +294,9 @@ def two_rank_worker(spec_path: str) -> None:
     except UserError as exc:
         out["failure"] = str(exc)
 
-    dtype = ev.row_dtype(3)
-    rows = np.zeros(5 if ctx.rank == 0 else 0, dtype=dtype)
-    rows["p_ctr"], rows["user"] = 0.5, np.arange(10, 10 + len(rows))
-    columns = ev.gather_columns(rows, ctx, round_rows=3)
-    out["gathered"] = None if columns is None else {k: columns[k].tolist() for k in ("p_ctr", "user")}
+    rows = synthetic_records()  # rank 0 spills rows [0, 700), rank 1 the rest
+    mine = rows[:700] if ctx.rank == 0 else rows[700:]
+    out["streamed"] = stream_in_folder(mine, ["a", "b", "c", "d"], ctx, spill_root)
     (Path(spec["out"]) / f"rank{ctx.rank}.json").write_text(json.dumps(out))
     ctx.barrier()
     close_distributed(ctx)

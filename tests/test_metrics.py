@@ -112,3 +112,36 @@ def test_unavailable_metrics_are_none_not_nan_or_a_stand_in():
     one_class = ranking_metrics(np.ones(10), np.ones(10), p[:10], p[:10], np.arange(10))
     assert one_class["ctr_auc"] is None and one_class["ctcvr_auc"] is None and one_class["gauc"] is None
     assert format_metric(None) == format_metric(float("nan")) == "n/a" and format_metric(0.5) == "0.5000"
+
+
+def test_streamed_metrics_fed_in_score_ranges_equal_the_in_memory_ones():
+    """Rows fed in ascending score ranges (a call each, its rows shuffled), per domain and overall: AUC
+    equal to the bit, LogLoss and GAUC (whole users a call) to rounding."""
+    from iak_dist.metrics import StreamingAuc, StreamingGauc, StreamingLogLoss, group_aucs, score_codes, score_values
+
+    rng = np.random.default_rng(5)
+    n = 4000
+    s = np.round(rng.random(n), 2).astype(np.float32)
+    s[:300] = -0.0
+    s[300:400] = 0.0  # ties -0.0
+    y = (rng.random(n) < 0.2 + 0.5 * s).astype(np.int8)
+    d = rng.integers(0, 3, n)
+    users = rng.integers(0, 500, n)
+    codes = score_codes(s)
+    assert (score_values(codes) == s).all()
+    aucs, losses, gaucs = StreamingAuc(4), StreamingLogLoss(4), StreamingGauc(4)
+    cut = np.searchsorted(np.unique(codes)[::9], codes, side="right")
+    for k in np.unique(cut):
+        part = rng.permutation(np.flatnonzero(cut == k))
+        slot, one = np.r_[d[part], np.full(len(part), 3)], np.ones(2 * len(part), dtype=np.int64)
+        aucs.add(slot, np.r_[codes[part], codes[part]], np.r_[y[part], y[part]], one)
+        losses.add(slot, np.r_[y[part], y[part]], np.r_[s[part], s[part]], one)
+    for k in range(5):  # users by residue: complete users per call
+        part = np.flatnonzero(users % 5 == k)
+        group_auc, size, _ = group_aucs(y[part], s[part], users[part])
+        gaucs.add(np.full(len(size), 3), group_auc, size)
+    for slot, rows in [(0, d == 0), (1, d == 1), (2, d == 2), (3, np.ones(n, dtype=bool))]:
+        assert aucs.result(slot) == auc(y[rows], s[rows]) and aucs.rows(slot) == rows.sum()
+        assert losses.result(slot) == pytest.approx(logloss(y[rows], s[rows]), rel=1e-13, abs=0)
+    assert gaucs.result(3) == pytest.approx(gauc(y, s, users), rel=1e-13, abs=0)
+    assert np.isnan(StreamingAuc(1).result(0)) and np.isnan(StreamingGauc(1).result(0))

@@ -1,6 +1,7 @@
 """Evaluation: score the test split with a backbone (+ adapter), metrics per domain and overall.
 
-How N ranks compute the metrics (exact; only rank 0 gathers, in bounded rounds):
+How N ranks compute the metrics (exact, and in memory that does not grow with the split; no rank
+receives every score):
 
 1. Each rank reads only its share of the split (`ParquetReader` over `Split.open`: rows
    `[r * N / W, (r + 1) * N / W)` of the split in file order, from its row groups; no shuffle).
@@ -9,20 +10,40 @@ How N ranks compute the metrics (exact; only rank 0 gathers, in bounded rounds):
    whether any still has a batch; a rank that has run out repeats a batch it scored and drops the
    output. The same all-reduce carries a failure flag: a read error on one rank (a file truncated
    under it) is raised on every rank, not left to the others waiting in the all-to-all.
-3. Each rank keeps compact columns of its rows (`row_dtype`: float32 scores, int8 labels, int16
-   domain (int32 past 32767 domains), int64 user: 20 bytes a row).
-4. Rank 0 gathers them in rounds of at most `GATHER_ROWS` rows per rank (`dist.gather` of packed
-   bytes), computes the metrics exactly (AUC and GAUC from ranks with ties, no binning; they do
-   not depend on row order) and broadcasts the dict, so every rank returns the same metrics.
+3. Each rank appends compact records of its rows (`row_dtype`: float32 scores, int8 labels, int16
+   domain (int32 past 32767 domains), int64 user: 20 bytes a row) to a spill file on local disk,
+   in a temporary folder of its own (`spill_folder`, removed on success and on error).
+4. The metrics are computed in buckets of at most `BUCKET_ROWS` rows (all ranks together), per key:
+   the p_ctr score (CTR-AUC, LogLoss, rows), the p_ctcvr score (CTCVR-AUC) and a 32-bit hash of the
+   user (GAUC). Buckets are ranges of the key's 32-bit code (`metrics.score_codes`: monotone in the
+   score), so equal keys never straddle two buckets. Their bounds come from histograms all-reduced
+   over the ranks (`bucket_starts`: 256 sub-ranges of each range holding more than a bucket, at most
+   4 levels, one read of the spill each), so every world size cuts the same buckets. Each rank then
+   splits its spill into one file per bucket (`partition`).
+5. Bucket by bucket, in key order, rank 0 gathers that bucket from every rank (`gather_to_main`):
+   for the scores, each rank's (domain, score, label) keys with their counts (ties compressed, so a
+   bucket of one score value stays small); for users, the bucket's rows. Rank 0 feeds them to
+   `metrics.StreamingAuc` (rank sums with running negative counts: exact, equal bit for bit to
+   `metrics.auc` on all rows), `StreamingLogLoss` and `StreamingGauc` (per-user AUCs of complete
+   users, `metrics.group_aucs`), then broadcasts the metrics dict, so every rank returns the same.
 
-Memory: rank 0 holds the compact columns of every test row (20 bytes a row) plus, while one metric
-set is computed, temporaries of about 64 bytes a row of that set (`profiling/metrics_speed.py`);
-every other rank holds only its share's columns and one round's buffer.
+Results do not depend on the world size (the buckets and what rank 0 computes from each do not);
+AUCs equal the in-memory `metrics_by_domain` exactly, GAUC and LogLoss to float rounding (their sums
+run bucket by bucket, about 1e-15 relative).
+
+Memory: rank 0 holds one bucket (`BUCKET_ROWS` rows: about 16 bytes a row received, plus the sort's
+temporaries), every rank one spill read (`READ_ROWS` rows) or one bucket's send buffer, and the
+histograms (8 bytes x 256 x the ranges being refined, at most rows / `BUCKET_ROWS` of them). Not
+bounded: one user with more rows than a bucket (that user's rows are one GAUC bucket). Disk: 20 bytes a
+row of the rank's share, plus one key's bucket files (20 bytes a row again) at a time.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +58,27 @@ from iak_dist.data.source import Split
 from iak_dist.distributed.checkpoint import read_backbone_meta
 from iak_dist.distributed.context import DistContext
 from iak_dist.errors import UserError
-from iak_dist.metrics import ranking_metrics
+from iak_dist.metrics import (
+    StreamingAuc,
+    StreamingGauc,
+    StreamingLogLoss,
+    finite_or_none,
+    group_aucs,
+    ranking_metrics,
+    score_codes,
+    score_values,
+)
 from iak_dist.model.strategies.saving import load_adapter
 from iak_dist.orchestration.local import on_main
 from iak_dist.phases.common import build_from_backbone, check_schema_matches
 from iak_dist.phases.pretrain import collective_device
 
-GATHER_ROWS = 1 << 18
-"""Rows a rank sends to rank 0 per gather round (rank 0 receives up to world_size x 20 bytes x this)."""
+BUCKET_ROWS = 1 << 19
+"""Most rows of a metric bucket, all ranks together (rank 0 holds one bucket at a time)."""
+READ_ROWS = 1 << 18
+"""Rows a rank reads from its spill at a time."""
+HISTOGRAM_BINS = 256
+"""Sub-ranges a too-full key range is cut into per refinement level (4 levels cover 32-bit codes)."""
 
 
 def row_dtype(num_domains: int) -> np.dtype:
@@ -101,73 +135,251 @@ def raise_everywhere(failure: BaseException | None, ctx: DistContext) -> None:
     raise UserError(message) if is_user else RuntimeError(f"rank {rank} failed: {message}")
 
 
+class Spill:
+    """This rank's scored records, appended to one file and read back in chunks (never all at once)."""
+
+    def __init__(self, path: Path, dtype: np.dtype) -> None:
+        self.path, self.dtype, self.rows = path, dtype, 0
+        self.path.touch()
+
+    def append(self, records: np.ndarray) -> None:
+        with self.path.open("ab") as f:
+            f.write(records.tobytes())
+        self.rows += len(records)
+
+    def chunks(self, rows: int | None = None) -> Iterator[np.ndarray]:
+        """The records in file order, at most `rows` (None: `READ_ROWS`) at a time."""
+        yield from read_chunks(self.path, self.dtype, rows)
+
+
+def read_chunks(path: Path, dtype: np.dtype, rows: int | None = None) -> Iterator[np.ndarray]:
+    """The `dtype` records of `path` (none if it does not exist), at most `rows` (None: `READ_ROWS`) at a time."""
+    if not path.exists():
+        return
+    rows = rows or READ_ROWS
+    total = path.stat().st_size // dtype.itemsize
+    for lo in range(0, total, rows):
+        yield np.fromfile(path, dtype=dtype, count=min(rows, total - lo), offset=lo * dtype.itemsize)
+
+
+@contextmanager
+def spill_folder(root: str | Path | None = None) -> Iterator[Path]:
+    """A temporary folder of this rank's own (under `root`, None: the system's temp folder), removed
+    when the block ends, also on error."""
+    folder = Path(tempfile.mkdtemp(prefix="iak-eval-", dir=root))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @torch.no_grad()
-def score(model: torch.nn.Module, batches: Iterator[tuple[Batch, bool]], dtype: np.dtype,
-          device: torch.device | None = None) -> np.ndarray:
-    """This rank's scored rows as `dtype` records (inference: IAK uses z = mu); padding outputs dropped."""
+def score(model: torch.nn.Module, batches: Iterator[tuple[Batch, bool]], spill: Spill,
+          device: torch.device | None = None) -> None:
+    """Append this rank's scored rows to `spill` (inference: IAK uses z = mu); padding outputs dropped."""
     model.eval()
-    records = []
     for batch, real in batches:
         out = model(batch.to(device) if device is not None else batch)
         if not real:
             continue
-        rows = np.empty(len(batch), dtype=dtype)
+        rows = np.empty(len(batch), dtype=spill.dtype)
         for key, value in (("p_ctr", out.p_ctr), ("p_ctcvr", out.p_ctcvr), ("click", batch.click),
                            ("conversion", batch.conversion), ("domain", batch.domain), ("user", batch.user)):
             rows[key] = value.detach().cpu().numpy()
-        records.append(rows)
-    return np.concatenate(records) if records else np.empty(0, dtype=dtype)
+        spill.append(rows)
 
 
-def gather_columns(rows: np.ndarray, ctx: DistContext, round_rows: int | None = None) -> dict[str, np.ndarray] | None:
-    """Every rank's `rows`, in rank order, as one contiguous array per field on rank 0 (None elsewhere).
+def user_codes(users: np.ndarray) -> np.ndarray:
+    """A 32-bit hash of each user id (as uint64): spreads users evenly over GAUC buckets."""
+    mixed = np.asarray(users).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # wraps: Fibonacci hashing
+    return mixed >> np.uint64(32)
 
-    Sent in rounds of at most `round_rows` rows per rank (`dist.gather` of the records' bytes),
-    so no buffer holds more than a round; rank 0 writes each round straight into its columns.
-    `round_rows` None: `GATHER_ROWS`.
-    """
-    round_rows = round_rows or GATHER_ROWS
+
+def all_reduce_sum(counts: np.ndarray, ctx: DistContext) -> np.ndarray:
+    """`counts` (int64) summed over the ranks, on every rank."""
     if ctx.world_size == 1:
-        return {name: np.ascontiguousarray(rows[name]) for name in rows.dtype.names}
+        return counts
+    tensor = torch.from_numpy(counts).to(collective_device())
+    dist.all_reduce(tensor)  # sync point
+    return tensor.cpu().numpy()
+
+
+def bucket_starts(codes: Callable[[], Iterator[np.ndarray]], ctx: DistContext, bucket_rows: int) -> np.ndarray:
+    """The first code of each bucket (ascending, the first 0): ranges of 32-bit codes of at most
+    `bucket_rows` rows over all ranks, except a range of one code (ties cannot be cut).
+
+    `codes()` yields this rank's codes chunk by chunk; it is read once per refinement level. Every
+    rank gets the same starts (the histograms are all-reduced).
+    """
+    pending = np.array([0], dtype=np.uint64)  # ranges still too full: their first code ...
+    width = 1 << 32  # ... and (the same) width
+    done: list[tuple[np.ndarray, np.ndarray]] = []  # (first code, rows) of ranges small enough
+    while len(pending):
+        sub = max(1, width // HISTOGRAM_BINS)
+        bins = min(HISTOGRAM_BINS, width)
+        counts = np.zeros(len(pending) * bins, dtype=np.int64)
+        for chunk in codes():
+            at = np.searchsorted(pending, chunk, side="right") - 1
+            inside = (at >= 0) & (chunk - pending[np.maximum(at, 0)] < np.uint64(width))
+            at, chunk = at[inside], chunk[inside]
+            cell = at * bins + ((chunk - pending[at]) // np.uint64(sub)).astype(np.int64)
+            counts += np.bincount(cell, minlength=len(counts))
+        counts = all_reduce_sum(counts, ctx)
+        firsts = (pending[:, None] + np.arange(bins, dtype=np.uint64) * np.uint64(sub)).ravel()
+        full = (counts > bucket_rows) & (sub > 1)
+        done.append((firsts[(counts > 0) & ~full], counts[(counts > 0) & ~full]))
+        pending, width = firsts[full], sub
+    firsts = np.concatenate([f for f, _ in done])
+    rows = np.concatenate([c for _, c in done])
+    order = np.argsort(firsts)
+    firsts, rows = firsts[order], rows[order]
+    starts, filled = [0], 0
+    for first, n in zip(firsts.tolist(), rows.tolist(), strict=True):  # greedy: ranges into buckets
+        if filled and filled + n > bucket_rows:
+            starts.append(first)
+            filled = 0
+        filled += n
+    return np.array(starts, dtype=np.uint64)
+
+
+def partition(spill: Spill, key: Callable[[np.ndarray], np.ndarray], starts: np.ndarray, folder: Path,
+              name: str) -> list[Path]:
+    """Split the spill into one file of records per bucket (`starts`: `bucket_starts`); the paths, in
+    bucket order (a bucket with no rows on this rank has no file)."""
+    paths = [folder / f"{name}-{b:07d}.bin" for b in range(len(starts))]
+    for chunk in spill.chunks():
+        bucket = np.searchsorted(starts, key(chunk), side="right") - 1
+        order = np.argsort(bucket, kind="stable")
+        chunk, bucket = chunk[order], bucket[order]
+        cuts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+        for lo, hi in zip(cuts, np.r_[cuts[1:], len(chunk)], strict=True):
+            with paths[bucket[lo]].open("ab") as f:
+                f.write(chunk[lo:hi].tobytes())
+    return paths
+
+
+def gather_to_main(records: np.ndarray, ctx: DistContext) -> np.ndarray | None:
+    """Every rank's `records` (one dtype everywhere), concatenated in rank order on rank 0 (None elsewhere)."""
+    if ctx.world_size == 1:
+        return records
     device = collective_device()
-    counts_t = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(ctx.world_size)]
-    dist.all_gather(counts_t, torch.tensor([len(rows)], dtype=torch.int64, device=device))
-    counts = [int(c.item()) for c in counts_t]
-    size = rows.dtype.itemsize
-    starts = np.cumsum([0, *counts])
-    columns = ({name: np.empty(starts[-1], dtype=rows.dtype[name]) for name in rows.dtype.names}
-               if ctx.is_main else None)
-    raw = rows.view(np.uint8)
-    for lo in range(0, max(counts), round_rows):
-        width = min(round_rows, max(counts) - lo)  # the same on every rank (it knows every count)
-        piece = raw[lo * size:min(len(rows), lo + width) * size]
-        send = torch.zeros(width * size, dtype=torch.uint8)
-        send[:len(piece)] = torch.from_numpy(piece)
-        received = [torch.empty(width * size, dtype=torch.uint8, device=device)
-                    for _ in range(ctx.world_size)] if ctx.is_main else None
-        dist.gather(send.to(device), received, dst=0)  # sync point: one round of every rank's rows
-        if columns is not None and received is not None:
-            for rank, got in enumerate(received):
-                n = min(width, max(0, counts[rank] - lo))
-                if n:
-                    records = got[:n * size].cpu().numpy().view(rows.dtype)
-                    at = starts[rank] + lo
-                    for name in rows.dtype.names:
-                        columns[name][at:at + n] = records[name]
-    return columns
+    sizes_t = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(ctx.world_size)]
+    dist.all_gather(sizes_t, torch.tensor([records.nbytes], dtype=torch.int64, device=device))  # sync point
+    sizes = [int(t.item()) for t in sizes_t]
+    width = max(1, *sizes)
+    send = torch.zeros(width, dtype=torch.uint8)
+    send[:records.nbytes] = torch.from_numpy(records.view(np.uint8).reshape(-1))
+    received = [torch.empty(width, dtype=torch.uint8, device=device) for _ in sizes] if ctx.is_main else None
+    dist.gather(send.to(device), received, dst=0)  # sync point: one bucket of every rank
+    if received is None:
+        return None
+    return np.concatenate([got[:n].cpu().numpy().view(records.dtype) for got, n in zip(received, sizes, strict=True)])
+
+
+COUNTED = np.dtype([("key", np.uint64), ("count", np.int64)])
+"""A (domain, score code, label) key packed as domain << 33 | code << 1 | label, and its rows."""
+
+
+def counted_keys(path: Path, dtype: np.dtype, score: str, label: str) -> np.ndarray:
+    """The distinct (domain, score, label) keys of a bucket file and their row counts (`COUNTED`),
+    read chunk by chunk: a bucket of one tied score compresses to a few keys."""
+    keys, counts = np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.int64)
+    for chunk in read_chunks(path, dtype):
+        packed = ((chunk["domain"].astype(np.uint64) << np.uint64(33)) | (score_codes(chunk[score]) << np.uint64(1))
+                  | (chunk[label] != 0).astype(np.uint64))
+        new_keys, new_counts = np.unique(packed, return_counts=True)
+        keys, counts = merge_counted(np.r_[keys, new_keys], np.r_[counts, new_counts])
+    out = np.empty(len(keys), dtype=COUNTED)
+    out["key"], out["count"] = keys, counts
+    return out
+
+
+def merge_counted(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct `keys`, ascending, with their `counts` summed (so what follows does not depend
+    on how the rows were split over ranks or chunks)."""
+    order = np.argsort(keys, kind="stable")
+    keys, counts = keys[order], counts[order]
+    first = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.empty(0, dtype=np.int64)
+    return keys[first], np.add.reduceat(counts, first) if len(first) else counts[:0]
+
+
+def stream_metrics(spill: Spill, domains: list[str], ctx: DistContext, folder: Path, has_conversion: bool = True,
+                   has_user: bool = True, bucket_rows: int | None = None) -> dict[str, dict] | None:
+    """Metrics of every rank's spilled rows, as `metrics_by_domain` gives them, on rank 0 (None elsewhere).
+
+    Collective: every rank calls it. `folder` holds the bucket files (one key's at a time).
+    `bucket_rows` None: `BUCKET_ROWS`. See the module docstring for the method.
+    """
+    bucket_rows = bucket_rows or BUCKET_ROWS
+    overall = len(domains)  # the slot of all rows; slot d is domain d
+    slots = overall + 1
+    ctr, ctcvr, logloss, gauc = (StreamingAuc(slots), StreamingAuc(slots), StreamingLogLoss(slots),
+                                 StreamingGauc(slots))
+
+    def by_score(score: str, label: str, auc: StreamingAuc, with_logloss: bool) -> None:
+        starts = bucket_starts(lambda: (score_codes(c[score]) for c in spill.chunks()), ctx, bucket_rows)
+        paths = partition(spill, lambda c: score_codes(c[score]), starts, folder, score)
+        for path in paths:
+            counted = gather_to_main(counted_keys(path, spill.dtype, score, label), ctx)
+            path.unlink(missing_ok=True)
+            if counted is None:
+                continue
+            key, count = merge_counted(counted["key"], counted["count"])
+            domain = (key >> np.uint64(33)).astype(np.int64)
+            code, positive = (key >> np.uint64(1)) & np.uint64(0xFFFFFFFF), (key & np.uint64(1)).astype(np.int8)
+            slot = np.r_[domain, np.full(len(key), overall)]
+            code, positive, count = np.r_[code, code], np.r_[positive, positive], np.r_[count, count]
+            auc.add(slot, code, positive, count)
+            if with_logloss:
+                logloss.add(slot, positive, score_values(code), count)
+
+    def by_user() -> None:
+        starts = bucket_starts(lambda: (user_codes(c["user"]) for c in spill.chunks()), ctx, bucket_rows)
+        paths = partition(spill, lambda c: user_codes(c["user"]), starts, folder, "user")
+        for path in paths:
+            local = np.fromfile(path, dtype=spill.dtype) if path.exists() else np.empty(0, dtype=spill.dtype)
+            rows = gather_to_main(local, ctx)
+            path.unlink(missing_ok=True)
+            if rows is None or not len(rows):
+                continue
+            group_auc, size, _ = group_aucs(rows["click"], rows["p_ctr"], rows["user"])
+            gauc.add(np.full(len(size), overall), group_auc, size)
+            # per domain: groups are (domain, user) pairs, numbered in (domain, user) order
+            order = np.lexsort((rows["user"], rows["domain"]))
+            domain, user = rows["domain"][order], rows["user"][order]
+            starts_pair = np.r_[True, (domain[1:] != domain[:-1]) | (user[1:] != user[:-1])]
+            pair = np.empty(len(rows), dtype=np.int64)
+            pair[order] = np.cumsum(starts_pair) - 1
+            group_auc, size, code = group_aucs(rows["click"], rows["p_ctr"], pair)
+            gauc.add(domain[starts_pair].astype(np.int64)[code.astype(np.int64)], group_auc, size)
+
+    by_score("p_ctr", "click", ctr, with_logloss=True)
+    if has_conversion:
+        by_score("p_ctcvr", "conversion", ctcvr, with_logloss=False)
+    if has_user:
+        by_user()
+    if not ctx.is_main:
+        return None
+
+    def entry(slot: int) -> dict[str, float | None]:
+        return {"ctr_auc": finite_or_none(ctr.result(slot)),
+                "ctcvr_auc": finite_or_none(ctcvr.result(slot)) if has_conversion else None,
+                "gauc": finite_or_none(gauc.result(slot)) if has_user else None,
+                "logloss": finite_or_none(logloss.result(slot)), "rows": float(ctr.rows(slot))}
+
+    out = {"overall": entry(overall)}
+    out |= {name: entry(d) for d, name in enumerate(domains) if ctr.rows(d)}
+    return out
 
 
 def metrics_by_domain(
     scores: dict[str, np.ndarray], domains: list[str], has_conversion: bool = True, has_user: bool = True,
-    finetune_rows: dict[str, int] | None = None, strategy: str | None = None,
 ) -> dict[str, dict]:
-    """`{"overall": {...}, "<domain>": {...}}` with CTR-AUC, CTCVR-AUC, GAUC, LogLoss and rows.
+    """`{"overall": {...}, "<domain>": {...}}` with CTR-AUC, CTCVR-AUC, GAUC, LogLoss and rows, from
+    columns in memory: the reference `stream_metrics` is tested against.
 
     `has_conversion` / `has_user` False (the schema names no such column): CTCVR-AUC / GAUC are None
-    (the batches hold zeros there, which would score as a number). With `finetune_rows` (the
-    adapter's rows per domain) and a `strategy` that trains something, each domain says whether it
-    was fine-tuned: a domain with no fine-tune rows is scored with its never-trained adapter weights
-    (zero-initialised: the plain backbone), which must show in the report, not pass as a result.
+    (the batches hold zeros there, which would score as a number).
     """
     def subset(mask: np.ndarray | None) -> dict:  # None: every row (no copy of the columns)
         def rows(key: str) -> np.ndarray:
@@ -181,9 +393,19 @@ def metrics_by_domain(
         mask = scores["domain"] == i
         if mask.any():
             out[name] = subset(mask)
-            if finetune_rows is not None and strategy not in (None, "none"):
-                out[name] |= finetune_status(strategy, int(finetune_rows.get(name, 0)))
     return out
+
+
+def mark_finetuned(metrics: dict[str, dict], finetune_rows: dict[str, int] | None, strategy: str | None) -> None:
+    """With `finetune_rows` (the adapter's rows per domain) and a `strategy` that trains something, each
+    domain's entry says whether it was fine-tuned: a domain with no fine-tune rows is scored with its
+    never-trained adapter weights (zero-initialised: the plain backbone), which must show in the
+    report, not pass as a result."""
+    if finetune_rows is None or strategy in (None, "none"):
+        return
+    for name, entry in metrics.items():
+        if name != "overall":
+            entry |= finetune_status(strategy, int(finetune_rows.get(name, 0)))
 
 
 def finetune_status(strategy: str, rows: int) -> dict:
@@ -198,12 +420,14 @@ def finetune_status(strategy: str, rows: int) -> dict:
 def evaluate(
     data_dir: str | Path, backbone_dir: str | Path, adapter_dir: str | Path | None, ctx: DistContext,
     batch_size: int = 4096, split: str = "test", sharding: ShardingConfig | None = None,
+    spill_root: str | Path | None = None,
 ) -> dict[str, dict]:
     """Per-domain metrics of the backbone with the adapter in `adapter_dir` (None: backbone alone).
 
     Metrics that cannot be computed are None (see `metrics_by_domain`). Each rank scores its own
-    share of the split; rank 0 gathers the compact scores, computes and sends the metrics, so every
-    rank returns the same (see the module docstring).
+    share of the split into a spill folder under `spill_root` (None: the system's temp folder);
+    rank 0 computes the metrics bucket by bucket and sends them, so every rank returns the same (see
+    the module docstring).
     """
     data_dir = Path(data_dir)
     schema = Schema.load(data_dir / "schema.yaml")
@@ -228,20 +452,21 @@ def evaluate(
     def padding() -> Batch:  # a rank without rows of its own still joins every forward
         return arrow_to_batch(source.read(source.parts[0]).slice(0, 1), schema)
 
-    rows = score(sharded.model, lockstep(reader.epoch(0), ctx, padding), row_dtype(len(schema.domains)), ctx.device)
-    columns = gather_columns(rows, ctx)
-    del rows
     finetune_rows = None
     if adapter_cfg is not None and "rows_per_domain" in adapter_cfg:
         finetune_rows = dict(zip(adapter_cfg["domains"], adapter_cfg["rows_per_domain"], strict=True))
+    with spill_folder(spill_root) as folder:
+        spill = Spill(folder / "scored.bin", row_dtype(len(schema.domains)))
+        score(sharded.model, lockstep(reader.epoch(0), ctx, padding), spill, ctx.device)
+        metrics = stream_metrics(spill, schema.domains, ctx, folder, has_conversion=schema.conversion is not None,
+                                 has_user=schema.user is not None)
 
-    def compute() -> dict[str, dict]:
-        assert columns is not None
-        return metrics_by_domain(columns, schema.domains, has_conversion=schema.conversion is not None,
-                                 has_user=schema.user is not None, finetune_rows=finetune_rows,
-                                 strategy=adapter_cfg["strategy"] if adapter_cfg is not None else None)
+    def share() -> dict[str, dict]:
+        assert metrics is not None
+        mark_finetuned(metrics, finetune_rows, adapter_cfg["strategy"] if adapter_cfg is not None else None)
+        return metrics
 
-    # rank 0 computes; the others receive its dict (or its failure, raised on every rank)
-    metrics = on_main(ctx, compute, share=True)
-    assert metrics is not None
-    return metrics
+    # rank 0 computed the metrics; the others receive its dict (or its failure, raised on every rank)
+    shared = on_main(ctx, share, share=True)
+    assert shared is not None
+    return shared
