@@ -186,7 +186,7 @@ class StreamingAuc:
             return
         key = (np.asarray(slots).astype(np.uint64) << np.uint64(33)) | (np.asarray(codes).astype(np.uint64)
                                                                        << np.uint64(1)) | (np.asarray(labels) != 0)
-        order = np.argsort(key)
+        order = np.argsort(key, kind="stable")  # timsort: fast on the sorted runs it is usually given
         key, counts = key[order], np.asarray(counts, dtype=np.int64)[order]
         run_key = key >> np.uint64(1)  # (slot, score)
         run_first = np.flatnonzero(np.r_[True, run_key[1:] != run_key[:-1]])

@@ -73,7 +73,7 @@ from iak_dist.orchestration.local import on_main
 from iak_dist.phases.common import build_from_backbone, check_schema_matches
 from iak_dist.phases.pretrain import collective_device
 
-BUCKET_ROWS = 1 << 19
+BUCKET_ROWS = 1 << 18
 """Most rows of a metric bucket, all ranks together (rank 0 holds one bucket at a time)."""
 READ_ROWS = 1 << 18
 """Rows a rank reads from its spill at a time."""
@@ -325,10 +325,10 @@ def stream_metrics(spill: Spill, domains: list[str], ctx: DistContext, folder: P
             if counted is None:
                 continue
             key, count = merge_counted(counted["key"], counted["count"])
-            domain = (key >> np.uint64(33)).astype(np.int64)
+            all_rows, all_count = merge_counted(key & np.uint64((1 << 33) - 1), count)  # domain dropped
+            key, count = np.r_[key, all_rows | np.uint64(overall << 33)], np.r_[count, all_count]  # ascending
+            slot = (key >> np.uint64(33)).astype(np.int64)
             code, positive = (key >> np.uint64(1)) & np.uint64(0xFFFFFFFF), (key & np.uint64(1)).astype(np.int8)
-            slot = np.r_[domain, np.full(len(key), overall)]
-            code, positive, count = np.r_[code, code], np.r_[positive, positive], np.r_[count, count]
             auc.add(slot, code, positive, count)
             if with_logloss:
                 logloss.add(slot, positive, score_values(code), count)
