@@ -212,6 +212,8 @@ def test_two_ranks_give_exactly_the_metrics_of_one(three_group_data, backbone_di
         for name in ("gauc", "logloss"):
             expected = None if metrics[name] is None else pytest.approx(metrics[name], rel=1e-12, abs=0)
             assert one_rank[domain][name] == expected, (domain, name)
+    # a failure on one rank mid-way is raised on both (not a hang in the next gather)
+    assert ranks[0]["stream_failure"] == ranks[1]["stream_failure"] == "scored.bin: bucket file vanished"
     assert [list((tmp_path / f"spill{r}").iterdir()) for r in range(2)] == [[], []]  # spill folders removed
 
 
@@ -297,6 +299,19 @@ def two_rank_worker(spec_path: str) -> None:
     rows = synthetic_records()  # rank 0 spills rows [0, 700), rank 1 the rest
     mine = rows[:700] if ctx.rank == 0 else rows[700:]
     out["streamed"] = stream_in_folder(mine, ["a", "b", "c", "d"], ctx, spill_root)
+
+    def vanished(*args):
+        raise UserError("scored.bin: bucket file vanished")
+
+    counted_keys = ev.counted_keys
+    if ctx.rank == 1:
+        ev.counted_keys = vanished
+    try:
+        stream_in_folder(mine, ["a", "b", "c", "d"], ctx, spill_root)
+        out["stream_failure"] = None
+    except UserError as exc:
+        out["stream_failure"] = str(exc)
+    ev.counted_keys = counted_keys
     (Path(spec["out"]) / f"rank{ctx.rank}.json").write_text(json.dumps(out))
     ctx.barrier()
     close_distributed(ctx)

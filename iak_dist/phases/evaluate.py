@@ -45,6 +45,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -72,6 +73,8 @@ from iak_dist.model.strategies.saving import load_adapter
 from iak_dist.orchestration.local import on_main
 from iak_dist.phases.common import build_from_backbone, check_schema_matches
 from iak_dist.phases.pretrain import collective_device
+
+T = TypeVar("T")
 
 BUCKET_ROWS = 1 << 18
 """Most rows of a metric bucket, all ranks together (rank 0 holds one bucket at a time)."""
@@ -204,6 +207,35 @@ def all_reduce_sum(counts: np.ndarray, ctx: DistContext) -> np.ndarray:
     return tensor.cpu().numpy()
 
 
+def checked(ctx: DistContext, step: Callable[..., T], *args: Any) -> T:
+    """`step(*args)` on this rank; a failure of it on any rank is raised on every rank (one all-reduce),
+    so no rank is left waiting in the next collective (a full disk, a bug on rank 0)."""
+    result, failure = None, None
+    try:
+        result = step(*args)
+    except Exception as exc:  # noqa: BLE001  (raised below, on every rank)
+        failure = exc
+    if ctx.world_size > 1:
+        if all_reduce_sum(np.array([failure is not None], dtype=np.int64), ctx)[0]:  # sync point
+            raise_everywhere(failure, ctx)
+    elif failure is not None:
+        raise failure
+    return result  # type: ignore[return-value]
+
+
+def histogram(codes: Callable[[], Iterator[np.ndarray]], firsts: np.ndarray, width: int, bins: int) -> np.ndarray:
+    """This rank's rows in each of `bins` equal sub-ranges of the ranges `[first, first + width)`."""
+    sub = width // bins
+    counts = np.zeros(len(firsts) * bins, dtype=np.int64)
+    for chunk in codes():
+        at = np.searchsorted(firsts, chunk, side="right") - 1
+        inside = (at >= 0) & (chunk - firsts[np.maximum(at, 0)] < np.uint64(width))
+        at, chunk = at[inside], chunk[inside]
+        counts += np.bincount(at * bins + ((chunk - firsts[at]) // np.uint64(sub)).astype(np.int64),
+                              minlength=len(counts))
+    return counts
+
+
 def bucket_starts(codes: Callable[[], Iterator[np.ndarray]], ctx: DistContext, bucket_rows: int) -> np.ndarray:
     """The first code of each bucket (ascending, the first 0): ranges of 32-bit codes of at most
     `bucket_rows` rows over all ranks, except a range of one code (ties cannot be cut).
@@ -217,14 +249,7 @@ def bucket_starts(codes: Callable[[], Iterator[np.ndarray]], ctx: DistContext, b
     while len(pending):
         sub = max(1, width // HISTOGRAM_BINS)
         bins = min(HISTOGRAM_BINS, width)
-        counts = np.zeros(len(pending) * bins, dtype=np.int64)
-        for chunk in codes():
-            at = np.searchsorted(pending, chunk, side="right") - 1
-            inside = (at >= 0) & (chunk - pending[np.maximum(at, 0)] < np.uint64(width))
-            at, chunk = at[inside], chunk[inside]
-            cell = at * bins + ((chunk - pending[at]) // np.uint64(sub)).astype(np.int64)
-            counts += np.bincount(cell, minlength=len(counts))
-        counts = all_reduce_sum(counts, ctx)
+        counts = all_reduce_sum(checked(ctx, histogram, codes, pending, width, bins), ctx)
         firsts = (pending[:, None] + np.arange(bins, dtype=np.uint64) * np.uint64(sub)).ravel()
         full = (counts > bucket_rows) & (sub > 1)
         done.append((firsts[(counts > 0) & ~full], counts[(counts > 0) & ~full]))
@@ -294,6 +319,11 @@ def counted_keys(path: Path, dtype: np.dtype, score: str, label: str) -> np.ndar
     return out
 
 
+def read_bucket(path: Path, dtype: np.dtype) -> np.ndarray:
+    """A bucket file's records (none where this rank has no rows in the bucket)."""
+    return np.fromfile(path, dtype=dtype) if path.exists() else np.empty(0, dtype=dtype)
+
+
 def merge_counted(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct `keys`, ascending, with their `counts` summed (so what follows does not depend
     on how the rows were split over ranks or chunks)."""
@@ -318,40 +348,45 @@ def stream_metrics(spill: Spill, domains: list[str], ctx: DistContext, folder: P
 
     def by_score(score: str, label: str, auc: StreamingAuc, with_logloss: bool) -> None:
         starts = bucket_starts(lambda: (score_codes(c[score]) for c in spill.chunks()), ctx, bucket_rows)
-        paths = partition(spill, lambda c: score_codes(c[score]), starts, folder, score)
+        paths = checked(ctx, partition, spill, lambda c: score_codes(c[score]), starts, folder, score)
         for path in paths:
-            counted = gather_to_main(counted_keys(path, spill.dtype, score, label), ctx)
+            counted = gather_to_main(checked(ctx, counted_keys, path, spill.dtype, score, label), ctx)
             path.unlink(missing_ok=True)
-            if counted is None:
-                continue
-            key, count = merge_counted(counted["key"], counted["count"])
-            all_rows, all_count = merge_counted(key & np.uint64((1 << 33) - 1), count)  # domain dropped
-            key, count = np.r_[key, all_rows | np.uint64(overall << 33)], np.r_[count, all_count]  # ascending
-            slot = (key >> np.uint64(33)).astype(np.int64)
-            code, positive = (key >> np.uint64(1)) & np.uint64(0xFFFFFFFF), (key & np.uint64(1)).astype(np.int8)
-            auc.add(slot, code, positive, count)
-            if with_logloss:
-                logloss.add(slot, positive, score_values(code), count)
+            checked(ctx, add_score_bucket, counted, auc, with_logloss)
+
+    def add_score_bucket(counted: np.ndarray | None, auc: StreamingAuc, with_logloss: bool) -> None:
+        if counted is None:  # not rank 0
+            return
+        key, count = merge_counted(counted["key"], counted["count"])
+        all_rows, all_count = merge_counted(key & np.uint64((1 << 33) - 1), count)  # domain dropped
+        key, count = np.r_[key, all_rows | np.uint64(overall << 33)], np.r_[count, all_count]  # ascending
+        slot = (key >> np.uint64(33)).astype(np.int64)
+        code, positive = (key >> np.uint64(1)) & np.uint64(0xFFFFFFFF), (key & np.uint64(1)).astype(np.int8)
+        auc.add(slot, code, positive, count)
+        if with_logloss:
+            logloss.add(slot, positive, score_values(code), count)
 
     def by_user() -> None:
         starts = bucket_starts(lambda: (user_codes(c["user"]) for c in spill.chunks()), ctx, bucket_rows)
-        paths = partition(spill, lambda c: user_codes(c["user"]), starts, folder, "user")
+        paths = checked(ctx, partition, spill, lambda c: user_codes(c["user"]), starts, folder, "user")
         for path in paths:
-            local = np.fromfile(path, dtype=spill.dtype) if path.exists() else np.empty(0, dtype=spill.dtype)
-            rows = gather_to_main(local, ctx)
+            rows = gather_to_main(checked(ctx, read_bucket, path, spill.dtype), ctx)
             path.unlink(missing_ok=True)
-            if rows is None or not len(rows):
-                continue
-            group_auc, size, _ = group_aucs(rows["click"], rows["p_ctr"], rows["user"])
-            gauc.add(np.full(len(size), overall), group_auc, size)
-            # per domain: groups are (domain, user) pairs, numbered in (domain, user) order
-            order = np.lexsort((rows["user"], rows["domain"]))
-            domain, user = rows["domain"][order], rows["user"][order]
-            starts_pair = np.r_[True, (domain[1:] != domain[:-1]) | (user[1:] != user[:-1])]
-            pair = np.empty(len(rows), dtype=np.int64)
-            pair[order] = np.cumsum(starts_pair) - 1
-            group_auc, size, code = group_aucs(rows["click"], rows["p_ctr"], pair)
-            gauc.add(domain[starts_pair].astype(np.int64)[code.astype(np.int64)], group_auc, size)
+            checked(ctx, add_user_bucket, rows)
+
+    def add_user_bucket(rows: np.ndarray | None) -> None:  # rank 0: every row of each user in `rows`
+        if rows is None or not len(rows):  # not rank 0, or no rows
+            return
+        group_auc, size, _ = group_aucs(rows["click"], rows["p_ctr"], rows["user"])
+        gauc.add(np.full(len(size), overall), group_auc, size)
+        # per domain: groups are (domain, user) pairs, numbered in (domain, user) order
+        order = np.lexsort((rows["user"], rows["domain"]))
+        domain, user = rows["domain"][order], rows["user"][order]
+        pair_first = np.r_[True, (domain[1:] != domain[:-1]) | (user[1:] != user[:-1])]
+        pair = np.empty(len(rows), dtype=np.int64)
+        pair[order] = np.cumsum(pair_first) - 1
+        group_auc, size, code = group_aucs(rows["click"], rows["p_ctr"], pair)
+        gauc.add(domain[pair_first].astype(np.int64)[code.astype(np.int64)], group_auc, size)
 
     by_score("p_ctr", "click", ctr, with_logloss=True)
     if has_conversion:
