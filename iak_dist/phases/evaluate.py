@@ -27,15 +27,19 @@ receives every score):
    `metrics.auc` on all rows), `StreamingLogLoss` and `StreamingGauc` (per-user AUCs of complete
    users, `metrics.group_aucs`), then broadcasts the metrics dict, so every rank returns the same.
 
-Results do not depend on the world size (the buckets and what rank 0 computes from each do not);
-AUCs equal the in-memory `metrics_by_domain` exactly, GAUC and LogLoss to float rounding (their sums
-run bucket by bucket, about 1e-15 relative).
+Results do not depend on the world size (the buckets and what rank 0 computes from each do not).
+AUCs equal the in-memory `metrics_by_domain` bit for bit (integer rank sums); GAUC and LogLoss equal
+it to float rounding (about 1e-15 relative: their float sums run bucket by bucket, so they depend on
+`BUCKET_ROWS` at that level, not on the world size). Each local step is `checked`: a failure on one
+rank (a full disk, a vanished bucket file, a bug in rank 0's sums) is raised on every rank.
 
-Memory: rank 0 holds one bucket (`BUCKET_ROWS` rows: about 16 bytes a row received, plus the sort's
-temporaries), every rank one spill read (`READ_ROWS` rows) or one bucket's send buffer, and the
-histograms (8 bytes x 256 x the ranges being refined, at most rows / `BUCKET_ROWS` of them). Not
-bounded: one user with more rows than a bucket (that user's rows are one GAUC bucket). Disk: 20 bytes a
-row of the rank's share, plus one key's bucket files (20 bytes a row again) at a time.
+Memory: rank 0 holds one bucket (`BUCKET_ROWS` rows: 16 bytes a distinct score key or 20 bytes a
+user row received, plus the sorts' temporaries), every rank one spill read (`READ_ROWS` rows) or one
+bucket's send buffer, and the histograms (8 bytes x 256 x the ranges being refined, at most rows /
+`BUCKET_ROWS` of them). Measured (`profiling/eval_memory.py`, one process in rank 0's role): +80 MiB
+at 1.5M and at 15M rows (the in-memory method: +128 MiB and +1229 MiB). Not bounded: one user with
+more rows than a bucket (that user's rows are one GAUC bucket). Disk: 20 bytes a row of the rank's
+share, plus one key's bucket files (20 bytes a row again) at a time.
 """
 
 from __future__ import annotations
@@ -179,17 +183,27 @@ def spill_folder(root: str | Path | None = None) -> Iterator[Path]:
 @torch.no_grad()
 def score(model: torch.nn.Module, batches: Iterator[tuple[Batch, bool]], spill: Spill,
           device: torch.device | None = None) -> None:
-    """Append this rank's scored rows to `spill` (inference: IAK uses z = mu); padding outputs dropped."""
+    """Append this rank's scored rows to `spill` (inference: IAK uses z = mu); padding outputs dropped.
+
+    A failure to write the spill (a full disk) is raised after the last forward, not at once: the
+    other ranks' forwards wait for this rank's in the all-to-all.
+    """
     model.eval()
+    failure: Exception | None = None
     for batch, real in batches:
         out = model(batch.to(device) if device is not None else batch)
-        if not real:
+        if not real or failure is not None:
             continue
         rows = np.empty(len(batch), dtype=spill.dtype)
         for key, value in (("p_ctr", out.p_ctr), ("p_ctcvr", out.p_ctcvr), ("click", batch.click),
                            ("conversion", batch.conversion), ("domain", batch.domain), ("user", batch.user)):
             rows[key] = value.detach().cpu().numpy()
-        spill.append(rows)
+        try:
+            spill.append(rows)
+        except OSError as exc:
+            failure = exc
+    if failure is not None:
+        raise failure
 
 
 def user_codes(users: np.ndarray) -> np.ndarray:
@@ -492,7 +506,7 @@ def evaluate(
         finetune_rows = dict(zip(adapter_cfg["domains"], adapter_cfg["rows_per_domain"], strict=True))
     with spill_folder(spill_root) as folder:
         spill = Spill(folder / "scored.bin", row_dtype(len(schema.domains)))
-        score(sharded.model, lockstep(reader.epoch(0), ctx, padding), spill, ctx.device)
+        checked(ctx, score, sharded.model, lockstep(reader.epoch(0), ctx, padding), spill, ctx.device)
         metrics = stream_metrics(spill, schema.domains, ctx, folder, has_conversion=schema.conversion is not None,
                                  has_user=schema.user is not None)
 
