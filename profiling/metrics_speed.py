@@ -5,9 +5,10 @@
 Random impressions (scores on a 0.001 grid, so many ties; users of one class and of one row among
 them), both implementations in the same run on the same arrays. Prints each one's best time, the
 speed-up ratio and whether the two values are equal (they must be, to 1e-12; the test
-tests/test_metrics.py checks the same on small data). Then what evaluation's rank 0 holds: the
-compact columns (`phases.evaluate.row_dtype`, bytes a row) and the peak of the temporaries of one
-full metric set (`ranking_metrics`: two AUCs, GAUC, LogLoss), in bytes a row (tracemalloc).
+tests/test_metrics.py checks the same on small data). Then what the in-memory metric set costs
+(`ranking_metrics`: two AUCs, GAUC, LogLoss, as `phases.evaluate.metrics_by_domain` runs it): the
+compact columns (`phases.evaluate.row_dtype`, bytes a row) and the peak of its temporaries, in bytes
+a row (tracemalloc). Evaluation itself streams the metrics in buckets: `profiling/eval_memory.py`.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    print(f"evaluation's rank 0: columns {row_dtype(1).itemsize} bytes a row; one metric set (CTR-AUC, "
+    print(f"in memory: columns {row_dtype(1).itemsize} bytes a row; one metric set (CTR-AUC, "
           f"CTCVR-AUC, GAUC, LogLoss) {seconds:.2f} s, temporaries peak {peak / args.rows:.0f} bytes a row")
 
 
