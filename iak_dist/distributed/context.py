@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from iak_dist.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -92,3 +97,38 @@ def exit_launched_rank(code: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def collective_device() -> torch.device:
+    """Where a tensor must live to go through the default process group's collectives.
+
+    Trap: NCCL takes CUDA tensors only (a CPU tensor fails the collective); gloo takes CPU ones.
+    The launcher set the rank's CUDA device (`torch.cuda.set_device`) before any collective.
+    """
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def on_main(ctx: DistContext | None, fn: Callable[[], T], share: bool = False) -> T | None:
+    """Run `fn` on rank 0 only; its failure is raised on every rank (else the others would wait
+    at the next collective forever). With `share`, every rank gets rank 0's (picklable) result."""
+    if ctx is None or ctx.world_size == 1:
+        return fn()
+    result: Any = None
+    failure: BaseException | None = None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001  (re-raised below, after the others know)
+            failure = exc
+    box = [(result if share else None, None if failure is None else
+            (isinstance(failure, UserError), str(failure).splitlines()[0] if str(failure) else type(failure).__name__))]
+    dist.broadcast_object_list(box, src=0)
+    value, failed = box[0]
+    if failure is not None:
+        raise failure
+    if failed is not None:
+        is_user, message = failed
+        raise UserError(message) if is_user else RuntimeError(f"rank 0 failed: {message}")
+    return result if ctx.is_main else value

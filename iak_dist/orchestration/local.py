@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from iak_dist.config import PhaseSpec, PipelineConfig
 from iak_dist.data.prepare import is_prepared, prepare
 from iak_dist.data.schema import Schema
-from iak_dist.distributed.context import DistContext, close_distributed, init_distributed
+from iak_dist.distributed.context import DistContext, close_distributed, init_distributed, on_main
 from iak_dist.errors import UserError
 from iak_dist.io import atomic_write_json
 from iak_dist.orchestration.outcome import Interrupted
@@ -49,32 +49,6 @@ def ensure_data(cfg: PipelineConfig) -> Path:
             else f"data: preparing {cfg.data.source} into {data_dir}")
         prepare(cfg.data)
     return data_dir
-
-
-def on_main(ctx: DistContext | None, fn: Callable[[], T], share: bool = False) -> T | None:
-    """Run `fn` on rank 0 only; its failure is raised on every rank (else the others would wait
-    at the next collective forever). With `share`, every rank gets rank 0's (picklable) result."""
-    if ctx is None or ctx.world_size == 1:
-        return fn()
-    import torch.distributed as dist
-
-    result: Any = None
-    failure: BaseException | None = None
-    if ctx.is_main:
-        try:
-            result = fn()
-        except BaseException as exc:  # noqa: BLE001  (re-raised below, after the others know)
-            failure = exc
-    box = [(result if share else None, None if failure is None else
-            (isinstance(failure, UserError), str(failure).splitlines()[0] if str(failure) else type(failure).__name__))]
-    dist.broadcast_object_list(box, src=0)
-    value, failed = box[0]
-    if failure is not None:
-        raise failure
-    if failed is not None:
-        is_user, message = failed
-        raise UserError(message) if is_user else RuntimeError(f"rank 0 failed: {message}")
-    return result if ctx.is_main else value
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -61,7 +61,7 @@ from iak_dist.data.parquet import ParquetReader
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Split
 from iak_dist.distributed.checkpoint import read_backbone_meta
-from iak_dist.distributed.context import DistContext
+from iak_dist.distributed.context import DistContext, collective_device, on_main
 from iak_dist.errors import UserError
 from iak_dist.metrics import (
     StreamingAuc,
@@ -74,9 +74,7 @@ from iak_dist.metrics import (
     score_values,
 )
 from iak_dist.model.strategies.saving import load_adapter
-from iak_dist.orchestration.local import on_main
 from iak_dist.phases.common import build_from_backbone, check_schema_matches
-from iak_dist.phases.pretrain import collective_device
 
 T = TypeVar("T")
 

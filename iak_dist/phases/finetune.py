@@ -24,7 +24,7 @@ from iak_dist.data.sampler import DomainBatchSampler
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Split
 from iak_dist.distributed.checkpoint import CheckpointManager, read_backbone_meta
-from iak_dist.distributed.context import DistContext
+from iak_dist.distributed.context import DistContext, collective_device
 from iak_dist.distributed.sharding import ShardedRanker
 from iak_dist.distributed.zero import DenseEngine
 from iak_dist.io import atomic_write_json
@@ -34,7 +34,7 @@ from iak_dist.model.strategies.base import Adapter, adapter_class
 from iak_dist.model.strategies.saving import save_adapter, save_backbone_state
 from iak_dist.phases.common import build_from_backbone, check_schema_matches
 from iak_dist.phases.loop import train_loop
-from iak_dist.phases.pretrain import collective_device, steps_for
+from iak_dist.phases.pretrain import steps_for
 from iak_dist.runtime import say
 from iak_dist.tracking import summary_writer
 

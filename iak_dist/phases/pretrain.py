@@ -18,7 +18,7 @@ from iak_dist.data.parquet import ParquetReader
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Split
 from iak_dist.distributed.checkpoint import CheckpointManager, export_backbone
-from iak_dist.distributed.context import DistContext
+from iak_dist.distributed.context import DistContext, collective_device
 from iak_dist.distributed.sharding import ShardedRanker, format_plan, init_tables, plan_rows, shard_ranker
 from iak_dist.distributed.zero import DenseEngine
 from iak_dist.io import atomic_write_json, atomic_write_text
@@ -32,17 +32,6 @@ from iak_dist.tracking import summary_writer
 def batches_from(reader: ParquetReader, step: int) -> Iterator[Batch]:
     """Endless batches from global step `step` of a run without a saved data position (benchmarks)."""
     return reader.batches(reader.resume_position(None, step))
-
-
-def collective_device() -> torch.device:
-    """Where a tensor must live to go through the default process group's collectives.
-
-    Trap: NCCL takes CUDA tensors only (a CPU tensor fails the collective); gloo takes CPU ones.
-    The launcher set the rank's CUDA device (`torch.cuda.set_device`) before any collective.
-    """
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def steps_for(cfg: OptimConfig, rows: int) -> int:
