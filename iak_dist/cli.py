@@ -176,7 +176,8 @@ def _plan(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def _profile(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    from iak_dist.distributed.context import is_launched_rank, torchrun_command
+    from iak_dist.distributed.context import torchrun_command
+    from iak_dist.runtime import is_launched_rank
 
     if args.nproc < 1:
         raise UserError(f"--nproc {args.nproc}: must be at least 1")
@@ -252,8 +253,8 @@ def run(args: argparse.Namespace) -> int:
         return submit(args.address, cfg, follow=not args.no_follow)
     print(f"[iak-dist] {describe_stack()}", file=sys.stderr)
     if args.verb == "pipeline":
-        from iak_dist.distributed.context import is_launched_rank
         from iak_dist.orchestration.driver import run_pipeline
+        from iak_dist.runtime import is_launched_rank
 
         # under torchrun / srun the launcher made the ranks: phases run in each of them
         run_pipeline(cfg, use_ray=not (args.no_ray or is_launched_rank()), address=args.address)
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:  # SIGTERM / SIGINT in a pipeline or a sweep: the manifest says what to resume
         say(f"error: {exc.message}")
         code = exc.exit_code
-    from iak_dist.distributed.context import exit_launched_rank, is_launched_rank
+    from iak_dist.runtime import exit_launched_rank, is_launched_rank
 
     if is_launched_rank():
         exit_launched_rank(code)  # see there: a gloo thread can abort Python's teardown

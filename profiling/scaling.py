@@ -202,7 +202,8 @@ def collect(curve: str, points: Iterator[dict[str, Any]], dim: int, max_rows: in
 def ranks_worker(out: Path, dim: int) -> None:
     import torch.distributed as dist
 
-    from iak_dist.distributed.context import close_distributed, exit_launched_rank, init_distributed
+    from iak_dist.distributed.context import close_distributed, init_distributed
+    from iak_dist.runtime import exit_launched_rank
 
     ctx = init_distributed()
     step = measure({"x": (THREE_TABLES, 1, "none", 1024)}, dim, ctx, seed=ctx.rank)["x"]

@@ -87,8 +87,8 @@ def run_restore(spec, cfg, ctx):
 def main():
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from iak_dist.config import load_config
-    from iak_dist.distributed.context import close_distributed, exit_launched_rank, init_distributed
-    from iak_dist.runtime import configure_environment
+    from iak_dist.distributed.context import close_distributed, init_distributed
+    from iak_dist.runtime import configure_environment, exit_launched_rank
 
     configure_environment()
     spec_all = json.loads(Path(sys.argv[1]).read_text())

@@ -278,8 +278,7 @@ if __name__ == "__main__":
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from iak_dist.distributed.context import exit_launched_rank
-    from iak_dist.runtime import configure_environment
+    from iak_dist.runtime import configure_environment, exit_launched_rank
 
     configure_environment()
     run_two_ranks(Path(sys.argv[1]))

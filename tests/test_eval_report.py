@@ -262,9 +262,9 @@ def test_spill_folder_is_removed_after_an_error(three_group_data, backbone_dir, 
 def two_rank_worker(spec_path: str) -> None:
     """One rank of `test_two_ranks_give_exactly_the_metrics_of_one` (started by torchrun)."""
     import iak_dist.phases.evaluate as ev
-    from iak_dist.distributed.context import close_distributed, exit_launched_rank, init_distributed
+    from iak_dist.distributed.context import close_distributed, init_distributed
     from iak_dist.errors import UserError
-    from iak_dist.runtime import configure_environment
+    from iak_dist.runtime import configure_environment, exit_launched_rank
 
     configure_environment()
     spec = json.loads(Path(spec_path).read_text())

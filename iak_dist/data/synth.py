@@ -224,10 +224,11 @@ def write_synthetic(cfg: DataConfig, out_dir: str | Path, files: int, files_per_
                     show_progress: bool = True) -> dict:
     """Write `cfg.synth_rows` impressions as `files` Parquet files in day partitions, plus schema.yaml.
 
-    The data set is the one `prepare_synthetic` would draw for the same config (same click model,
-    domains, IDs), laid out for streaming: `<split>/dt=<day>/part-<n>.parquet` with row groups of
-    `cfg.row_group_size`, schema.yaml's `splits` naming each split's folder, and `stats.json` with
-    per-split, per-domain row counts. Memory stays at a few hundred MiB for any number of rows.
+    The same generator as `prepare_synthetic` (its click model, domain sizes and ID scattering; the
+    draws differ, being seeded per file and chunk), laid out for streaming:
+    `<split>/dt=<day>/part-<n>.parquet` with row groups of `cfg.row_group_size`, schema.yaml's
+    `splits` naming each split's folder, and `stats.json` with per-split, per-domain row counts.
+    Memory stays at a few hundred MiB for any number of rows.
 
     `out_dir` must be empty or absent; a folder this function finished with the same parameters is
     kept as it is (benchmarks reuse it). Returns the stats.
