@@ -40,7 +40,8 @@ class DataConfig:
     source: Literal["movielens-100k", "synth", "parquet"] = "movielens-100k"
     """`movielens-100k` and `synth` are prepared into `dir`; `parquet` reads existing files there."""
     dir: str = "data/movielens-100k-age"
-    """Folder with `schema.yaml` and the splits `pretrain.parquet`, `finetune.parquet`, `test.parquet`."""
+    """Folder with `schema.yaml`; the splits are `<split>.parquet` beside it, or where its `splits:`
+    mapping says (a file, a folder of many files, a glob or a URI: docs/data.md)."""
     domain: Literal["age", "zip", "month"] = "age"
     """MovieLens domain split: user age group, first digit of the zip code, or month of the rating."""
     negatives_per_positive: int = 2
@@ -252,8 +253,9 @@ class DistributedConfig:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     data_split: Literal["row_groups", "batch_slices"] = "row_groups"
-    """`row_groups`: each rank reads its own row groups (scales); `batch_slices`: every rank reads the
-    same global batches and keeps its slice, so N ranks x batch B train exactly like 1 x N*B."""
+    """`row_groups`: each rank reads its own row-balanced share of the split (scales); `batch_slices`: a
+    test mode: every rank reads every row, the same global batches, and keeps its slice, so N ranks x
+    batch B train exactly like 1 x N*B."""
     overlap_input_dist: bool = True
     """Run training through TorchRec's TrainPipelineSparseDist: the next batch's input distribution
     (and loading) overlaps the current batch's compute. Results are identical either way."""
