@@ -221,7 +221,7 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
     if writer:
         mem.plot(*zip(*writer, strict=True), "s--", label="data synth writer")
     mem.set(xscale="log", xlabel="impressions", ylabel="peak RSS (GiB)", title="Peak RSS vs rows", ylim=(0, None))
-    mem.legend(loc="lower right")
+    mem.legend(loc="upper left")
     speed.plot(rows, [p["pretrain_loop_samples_per_s"] for p in points], "o-", label="pre-train loop (all ranks)")
     speed.plot(rows, [p["phases"]["evaluate"]["rows_per_s"] for p in points], "s-", label="evaluate (rows/s)")
     speed.set(xscale="log", xlabel="impressions", ylabel="samples/s", title="Throughput vs rows", ylim=(0, None))
