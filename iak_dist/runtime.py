@@ -167,11 +167,6 @@ def describe_stack() -> str:
     )
 
 
-if __name__ == "__main__":
-    configure_environment()
-    print(f"[iak-dist] {describe_stack()}")
-
-
 def is_launched_rank() -> bool:
     """This process is one rank started by torchrun or srun (not the single-process case)."""
     return "RANK" in os.environ or ("SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ)
@@ -190,3 +185,8 @@ def exit_launched_rank(code: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    configure_environment()
+    print(f"[iak-dist] {describe_stack()}")
