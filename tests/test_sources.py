@@ -1,6 +1,7 @@
 """Splits as files, folders, globs and URIs; footer-only opening; streamed value checks; rank shares; resume."""
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -10,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from iak_dist.data.parquet import ParquetReader
+from iak_dist.data.parquet import DataPosition, ParquetReader
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Split, assign, validate
 from iak_dist.errors import UserError
@@ -175,7 +176,8 @@ def test_resume_at_another_world_size_goes_on_at_the_next_epoch(synth_dir, schem
            for r in range(2)]
     one = ParquetReader(split, schema, 64, shuffle=True, seed=4, drop_last=True)
     saved = two[0].resume_position(None, 0).advanced(10, two[0].batches_per_epoch()).state_dict()
-    assert saved == {"epoch": 0, "batches": 10, "world_size": 2}
+    assert saved == {"epoch": 0, "batches": 10, "world_size": 2, "fingerprint": split.fingerprint(), "batch_size": 64,
+                     "split_mode": "row_groups"}
     position = one.resume_position(saved, step=10)
     assert (position.epoch, position.batches) == (1, 0)  # epoch 0's read rows are not read again
     from itertools import islice
@@ -260,7 +262,9 @@ def test_pretrain_resumes_exactly_after_a_file_vanished_and_was_restored(synth_d
 
     state = torch.load(tmp_path / "run" / "checkpoints" / "pretrain" / "step_00000030" / "train_state_rank0.pt",
                        weights_only=False)
-    assert state["data"] == {"epoch": 1, "batches": 14, "world_size": 1}
+    assert {k: state["data"][k] for k in ("epoch", "batches", "world_size", "batch_size", "split_mode")} == {
+        "epoch": 1, "batches": 14, "world_size": 1, "batch_size": 256, "split_mode": "row_groups"}
+    assert state["data"]["fingerprint"] == Split.open(data, "pretrain").fingerprint()
 
 
 def two_files_that_disagree(folder, table):
@@ -349,3 +353,117 @@ def test_pretrain_resumed_at_another_world_size_goes_on_at_the_next_epoch(synth_
                            shuffle=True, seed=0, drop_last=True)
     want = users(batch for batch, _ in zip(reader.epoch(1), range(8), strict=False))
     assert all((a == b).all() for (_, a), b in zip(seen, want, strict=True))
+
+
+def test_a_resume_at_another_world_size_counts_its_steps_in_the_new_world(synth_dir, schema):
+    """epochs=2: the epoch in progress ends; the new world's steps go on from the next epoch's first."""
+    from iak_dist.phases.pretrain import resume_step
+
+    split = Split.at(synth_dir / "pretrain.parquet", schema)
+    readers = {w: ParquetReader(split, schema, 64, world_size=w, shuffle=True, drop_last=True) for w in (1, 2)}
+    per = {w: r.batches_per_epoch() for w, r in readers.items()}
+    total = {w: 2 * per[w] for w in per}
+
+    def resumed(old, new, step, by_epochs=True):
+        saved = readers[old].position(0, 0).advanced(step, per[old]).state_dict()
+        position = readers[new].resume_position(saved, step)
+        return resume_step(step, position, per[new], readers[new].resume_note(saved) is None, by_epochs), position
+
+    assert resumed(2, 1, 3) == (per[1], readers[1].position(1, 0))  # mid epoch 0 -> epoch 1 at 1 rank
+    assert resumed(2, 1, per[2] + 1)[0] == total[1]  # mid epoch 1: done, not 2 * per[1] - per[2] - 1 more steps
+    assert resumed(1, 2, per[1] + 2)[0] == total[2]  # was past the new total: done
+    assert resumed(1, 2, per[1])[0] == per[2]  # at an epoch boundary: that epoch, at the new world size
+    assert resumed(2, 2, per[2] + 1)[0] == per[2] + 1  # same world size: exact
+    assert resumed(2, 1, 3, by_epochs=False)[0] == 3  # a fixed number of steps keeps its count
+    with pytest.raises(ValueError, match="cannot go back"):
+        DataPosition(1, 2, 2).advanced(-2, per[2])
+
+
+def test_a_resume_after_a_file_was_added_goes_on_at_the_next_epoch(synth_dir, small_cfg, ctx, tmp_path,
+                                                                 monkeypatch, pretrain_table, capsys):
+    import dataclasses
+
+    from iak_dist.phases import pretrain as phase
+
+    data = tmp_path / "data"
+    data.mkdir()
+    spec = yaml.safe_load((synth_dir / "schema.yaml").read_text())
+    spec["splits"] = {"pretrain": "pre"}
+    (data / "schema.yaml").write_text(yaml.safe_dump(spec))
+    write_hive(pretrain_table, str(data / "pre"))
+    dist_cfg = dataclasses.replace(small_cfg.distributed, checkpoint_every=10)
+
+    def stop(step):
+        if step == 12:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(phase, "train_loop", fake_train_loop([], stop))
+    with pytest.raises(KeyboardInterrupt):
+        phase.pretrain(data, small_cfg.model, small_cfg.pretrain, dist_cfg, 0, tmp_path / "run", ctx,
+                       show_progress=False)
+    first = sorted((data / "pre").rglob("*.parquet"))[0]
+    new = first.parent / "dt=2026-11-02"  # a new day's file
+    new.mkdir()
+    pq.write_table(pq.read_table(first, partitioning=None), new / "part-0.parquet", row_group_size=250)
+    capsys.readouterr()
+    seen = []
+    monkeypatch.setattr(phase, "train_loop", fake_train_loop(seen))
+    phase.pretrain(data, small_cfg.model, small_cfg.pretrain, dist_cfg, 0, tmp_path / "run", ctx, show_progress=False)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "split fingerprint" in line]
+    assert len(notes) == 1 and "epoch 0 ends there and reading goes on at epoch 1" in notes[0], notes
+    assert [s for s, _ in seen][:1] == [10]
+    reader = ParquetReader(Split.open(data, "pretrain"), schema_of(data), small_cfg.pretrain.batch_size,
+                           shuffle=True, seed=0, drop_last=True)
+    want = users(batch for batch, _ in zip(reader.epoch(1), range(3), strict=False))
+    assert all((a == b).all() for (_, a), b in zip(seen, want, strict=False))
+
+
+def schema_of(data):
+    return Schema.load(data / "schema.yaml")
+
+
+def test_a_glob_matches_per_folder_and_keeps_parquet_files_only(pretrain_table, schema, tmp_path):
+    small = pretrain_table.slice(0, 50)
+    (tmp_path / "test_holdout").mkdir()
+    pq.write_table(small, tmp_path / "test_a.parquet")
+    pq.write_table(small, tmp_path / "test_holdout" / "x.parquet")
+    (tmp_path / "test_notes.txt").write_text("not data")
+    assert Split.at(f"{tmp_path}/test*.parquet", schema).files == [f"{tmp_path}/test_a.parquet"]
+    assert Split.at(f"{tmp_path}/test*", schema).files == [f"{tmp_path}/test_a.parquet"]
+    assert Split.at(f"{tmp_path}/**/*.parquet", schema).files == [f"{tmp_path}/test_a.parquet",
+                                                                  f"{tmp_path}/test_holdout/x.parquet"]
+    assert Split.at(f"{tmp_path}/*/x.parquet", schema).files == [f"{tmp_path}/test_holdout/x.parquet"]
+
+
+@pytest.mark.parametrize("tail, message", [("empty", "the folder holds no Parquet files"),
+                                           ("nothing", "no such file or folder"),
+                                           ("empty/*.parquet", "the glob matches no file")])
+def test_an_error_about_a_uri_names_it_as_written(tail, message, schema, tmp_path):
+    import fsspec
+
+    fsspec.filesystem("memory").mkdir(f"/{tmp_path.name}/empty")
+    location = f"memory://{tmp_path.name}/{tail}"
+    with pytest.raises(UserError, match="^" + re.escape(f"{location}: {message}")):
+        Split.at(location, schema)
+
+
+def test_split_closes_the_files_it_opened(pretrain_table, schema, tmp_path):
+    pq.write_table(pretrain_table.slice(0, 100), tmp_path / "a.parquet")
+    pq.write_table(pretrain_table.slice(100, 100), tmp_path / "b.parquet")
+    split = Split.at(tmp_path, schema)
+    streams = []
+
+    class Recording:
+        def open_input_file(self, path):
+            streams.append(split_fs.open_input_file(path))
+            return streams[-1]
+
+    split_fs, split.filesystem = split.filesystem, Recording()
+    read_all(split)
+    split.close()
+    assert len(streams) == 2 and all(s.closed for s in streams)
+    with open(tmp_path / "b.parquet", "ab") as f:
+        f.write(b"0")
+    with pytest.raises(UserError, match="now has"):
+        read_all(split)
+    assert len(streams) == 4 and streams[3].closed  # b.parquet, refused for its new size, is closed

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,27 +21,36 @@ SPLIT_MODES = ("row_groups", "batch_slices")
 class DataPosition:
     """Where a training phase is in its data: `batches` done of epoch `epoch`, at `world_size` ranks.
 
-    Checkpointed (`state_dict`) so that a resume reads on from exactly there.
+    Checkpointed (`state_dict`) so that a resume reads on from exactly there. `fingerprint` (of the
+    split's files), `batch_size` and `split_mode` say which assignment the offsets refer to: a
+    resume with other values cannot apply them (see `ParquetReader.resume_note`).
     """
 
     epoch: int
     batches: int
     world_size: int
+    fingerprint: str = ""
+    batch_size: int = 0
+    split_mode: str = ""
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches": self.batches, "world_size": self.world_size}
+    def state_dict(self) -> dict[str, int | str]:
+        return {"epoch": self.epoch, "batches": self.batches, "world_size": self.world_size,
+                "fingerprint": self.fingerprint, "batch_size": self.batch_size, "split_mode": self.split_mode}
 
     def advanced(self, batches: int, per_epoch: int) -> DataPosition:
-        """The position `batches` batches later (epochs of `per_epoch` batches)."""
+        """The position `batches` (>= 0) batches later (epochs of `per_epoch` batches)."""
+        if batches < 0:
+            raise ValueError(f"a data position cannot go back ({batches} batches)")
         epoch, done = divmod(self.batches + batches, per_epoch)
-        return DataPosition(self.epoch + epoch, done, self.world_size)
+        return replace(self, epoch=self.epoch + epoch, batches=done)
 
 
 class ParquetReader:
     """Reads this rank's share of a split in batches, streaming one buffer of parts at a time.
 
     Args:
-        split: a `Split` (see `iak_dist.data.source`), or the path of one Parquet file.
+        split: a `Split` (see `iak_dist.data.source`), or a location `Split.at` opens: a Parquet
+            file, a folder, a glob or a URI.
         schema: names the columns and tables.
         batch_size: rows per batch.
         rank, world_size: with `split_mode="row_groups"` this rank reads the parts `assign` gives it
@@ -152,21 +161,43 @@ class ParquetReader:
         if pending is not None and pending.num_rows and not self.drop_last:
             yield self._emit(pending)
 
+    def position(self, epoch: int, batches: int) -> DataPosition:
+        """A position in this reader's data (with what identifies its assignment)."""
+        return DataPosition(epoch, batches, self.world_size, self.split.fingerprint(), self.batch_size,
+                            "batch_slices" if self.slices else "row_groups")
+
+    def resume_note(self, saved: dict | None) -> str | None:
+        """Why a saved position's offsets do not apply to this reader (None: they do).
+
+        Another world size, other files (a file added, removed or rewritten: the fingerprint), another
+        batch size or split mode: each gives another assignment of rows to batches. A checkpoint
+        from before a key existed is not compared on it.
+        """
+        if saved is None:
+            return None
+        here = self.position(0, 0).state_dict()
+        for key, what in (("world_size", "rank(s)"), ("fingerprint", "split fingerprint"),
+                          ("batch_size", "batch size"), ("split_mode", "split mode")):
+            if key in saved and saved[key] not in ("", 0) and str(saved[key]) != str(here[key]):
+                return f"the checkpoint's data position is for {what} {saved[key]}, this run has {here[key]}"
+        return None
+
     def resume_position(self, saved: dict | None, step: int) -> DataPosition:
         """Where to read on from after restoring a checkpoint of global step `step`.
 
         `saved` is the checkpoint's data position (None: none, or a checkpoint older than positions:
-        derived from the step). At the same world size reading continues at the exact batch. At
-        another world size the shares differ, so the epoch in progress ends there: reading
-        continues at the start of the next epoch, assigned for the new world size (no row of the
-        finished part of the epoch is read twice; the unread rest of that epoch is skipped).
+        derived from the step). When it applies (`resume_note` is None) reading continues at the
+        exact batch. Otherwise (another world size, other files, batch size or split mode) the
+        assignment differs, so the epoch in progress ends there: reading continues at the start
+        of the next epoch, assigned anew (no row of the finished part of the epoch is read twice;
+        the unread rest of that epoch is skipped). A position at an epoch's start stays there.
         """
         if saved is None:
             epoch, batches = divmod(step, self.batches_per_epoch())
-            return DataPosition(epoch, batches, self.world_size)
-        if int(saved["world_size"]) == self.world_size or int(saved["batches"]) == 0:
-            return DataPosition(int(saved["epoch"]), int(saved["batches"]), self.world_size)
-        return DataPosition(int(saved["epoch"]) + 1, 0, self.world_size)
+            return self.position(epoch, batches)
+        if self.resume_note(saved) is None or int(saved["batches"]) == 0:
+            return self.position(int(saved["epoch"]), int(saved["batches"]))
+        return self.position(int(saved["epoch"]) + 1, 0)
 
     def batches(self, start: DataPosition) -> Iterator[Batch]:
         """Endless batches from `start` on, epoch after epoch."""

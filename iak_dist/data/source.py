@@ -158,7 +158,7 @@ class Split:
 
     def __init__(self, name: str, location: str, schema: Schema, filesystem: pafs.FileSystem, prefix: str,
                  files: list[str], sizes: list[int | None], partitions: dict[str, dict[str, str]],
-                 parts: list[Part], footers: dict[str, pq.FileMetaData]) -> None:
+                 parts: list[Part], file_rows: dict[str, int]) -> None:
         self.name = name
         self.location = location
         self.schema = schema
@@ -169,7 +169,10 @@ class Split:
         self._prefix = prefix
         self._sizes = dict(zip(files, sizes, strict=True))
         self._partitions = partitions
-        self._footers = footers  # kept: reading a part opens its file without parsing the footer again
+        # Per file only its row count (and the parts' row-group counts): whole footers grow with files x
+        # row groups x columns on every rank; a file's footer is read again when it is opened.
+        self._file_rows = file_rows
+        self._fingerprint: str | None = None
         self._open: OrderedDict[str, pq.ParquetFile] = OrderedDict()
         self._checked: set[tuple[Part, tuple[str, ...]]] = set()  # read and found good: not checked again
 
@@ -196,9 +199,9 @@ class Split:
         location = str(location)
         fs, path, prefix = _filesystem(location)
         try:
-            files, root = _list_files(fs, path)
+            files, root = _list_files(fs, path, location)
         except UserError as exc:
-            return None, [str(exc).replace(prefix + path, location, 1) if prefix else str(exc)]
+            return None, [str(exc)]
 
         def where(p: str) -> str:
             return prefix + p if prefix else p
@@ -218,7 +221,7 @@ class Split:
         reference: tuple[str, dict[str, pa.DataType]] | None = None
         parts: list[Part] = []
         partitions: dict[str, dict[str, str]] = {}
-        kept: dict[str, pq.FileMetaData] = {}
+        file_rows: dict[str, int] = {}
         for info, meta in zip(files, footers, strict=True):
             if isinstance(meta, str):
                 continue
@@ -243,13 +246,13 @@ class Split:
                 if rows:
                     parts.append(Part(info.path, g, rows, first))
                 first += rows
-            kept[info.path] = meta
+            file_rows[info.path] = meta.num_rows
         if not problems and not parts:
             what = "the file has no rows" if len(files) == 1 and files[0].path == path else \
                 f"its {len(files)} Parquet file(s) have no rows"
             problems.append(f"{location}: {what}; write at least one impression or leave the file out")
         split = cls(name, location, schema, fs, prefix, [f.path for f in files], [f.size for f in files],
-                    partitions, parts, kept)
+                    partitions, parts, file_rows)
         return split, problems
 
     def where(self, path: str) -> str:
@@ -270,7 +273,9 @@ class Split:
             file = self._file(part.path)
             table = file.read_row_group(part.row_group, columns=[c for c in columns if c not in from_folders])
         except Exception as exc:  # noqa: BLE001  (FileNotFoundError, OSError, ArrowInvalid: all mean the same here)
-            self._open.pop(part.path, None)
+            stale = self._open.pop(part.path, None)
+            if stale is not None:
+                _close_file(stale)
             raise UserError(f"{self.where(part.path)}: row group {part.row_group} could not be read "
                             f"({one_line(exc)}); the file changed or vanished after the split was opened: "
                             f"restore it and re-run (training resumes from its last checkpoint)") from None
@@ -289,7 +294,8 @@ class Split:
 
     def close(self) -> None:
         """Close the open files: the next read opens them again, so a file replaced or removed since is seen."""
-        self._open.clear()
+        while self._open:
+            _close_file(self._open.popitem(last=False)[1])
 
     def _file(self, path: str) -> pq.ParquetFile:
         """An open Parquet file (a few stay open: a rank reads its parts of one file in a row)."""
@@ -297,44 +303,70 @@ class Split:
             self._open.move_to_end(path)
             return self._open[path]
         stream = self.filesystem.open_input_file(path)
-        size = self._sizes.get(path)
-        if size is not None and stream.size() != size:
-            raise OSError(f"it now has {stream.size()} bytes, not {size}")
-        file = pq.ParquetFile(stream, metadata=self._footers[path])
+        try:
+            size = self._sizes.get(path)
+            if size is not None and stream.size() != size:
+                raise OSError(f"it now has {stream.size()} bytes, not {size}")
+            file = pq.ParquetFile(stream)
+        except BaseException:
+            stream.close()
+            raise
         self._open[path] = file
         while len(self._open) > _OPEN_FILES:
-            self._open.popitem(last=False)
+            _close_file(self._open.popitem(last=False)[1])
         return file
 
     def fingerprint(self) -> str:
-        """Hash of (file, size, rows) of every file: a cache key, and provenance in results."""
-        h = hashlib.sha256()
-        for path in self.files:
-            rows = self._footers[path].num_rows if path in self._footers else 0
-            h.update(f"{path}\0{self._sizes[path]}\0{rows}\n".encode())
-        return h.hexdigest()[:16]
+        """Hash of (file, size, rows) of every file: a cache key, provenance, and a resume's check
+        that the data position refers to the same files."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for path in self.files:
+                h.update(f"{path}\0{self._sizes[path]}\0{self._file_rows.get(path, 0)}\n".encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
 
-def _list_files(fs: pafs.FileSystem, path: str) -> tuple[list[pafs.FileInfo], str]:
-    """The Parquet files at `path` (a file, a folder searched recursively or a glob), sorted; and their root."""
+def _close_file(file: pq.ParquetFile) -> None:
+    """Close a Parquet file and the stream under it (`ParquetFile.close` leaves a given stream open)."""
+    file.close(force=True)
+
+
+def _list_files(fs: pafs.FileSystem, path: str, shown: str) -> tuple[list[pafs.FileInfo], str]:
+    """The Parquet files at `path` (a file, a folder searched recursively or a glob), sorted; and their root.
+
+    `shown` is the location as the user wrote it (with its URI scheme): messages name that.
+    A glob matches path segment by segment (`*`, `?`, `[...]` never cross `/`; `**` matches any
+    number of folders) and keeps Parquet files only, as a folder does.
+    """
     if any(c in path for c in _GLOB_CHARS):
         root, pattern = _glob_root(path)
-        infos = _walk(fs, root, path) if fs.get_file_info(root).type == pafs.FileType.Directory else []
-        full = root.rstrip("/") + "/" + pattern
-        found = [i for i in infos if fnmatch.fnmatchcase(i.path, full)
-                 and not any(c.startswith((".", "_")) for c in i.path[len(root):].split("/"))]
+        infos = _walk(fs, root, shown) if fs.get_file_info(root).type == pafs.FileType.Directory else []
+        wanted = pattern.split("/")
+        found = [i for i in infos if _is_data_file(i.path[len(root):].lstrip("/"))
+                 and _glob_match(i.path[len(root):].lstrip("/").split("/"), wanted)]
         if not found:
-            raise UserError(f"{path}: the glob matches no file")
+            raise UserError(f"{shown}: the glob matches no file (Parquet files: *.parquet; `*` stays within a "
+                            f"folder, `**` crosses folders)")
         return sorted(found, key=lambda i: i.path), root
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         return [info], ""
     if info.type != pafs.FileType.Directory:
-        raise UserError(f"{path}: no such file or folder")
-    found = [i for i in _walk(fs, path, path) if _is_data_file(i.path[len(path):].lstrip("/"))]
+        raise UserError(f"{shown}: no such file or folder")
+    found = [i for i in _walk(fs, path, shown) if _is_data_file(i.path[len(path):].lstrip("/"))]
     if not found:
-        raise UserError(f"{path}: the folder holds no Parquet files (*.parquet, searched recursively)")
+        raise UserError(f"{shown}: the folder holds no Parquet files (*.parquet, searched recursively)")
     return sorted(found, key=lambda i: i.path), path
+
+
+def _glob_match(segments: list[str], pattern: list[str]) -> bool:
+    """Whether path segments match glob segments: one segment each, `**` any number of them."""
+    if not pattern:
+        return not segments
+    if pattern[0] == "**":
+        return any(_glob_match(segments[i:], pattern[1:]) for i in range(len(segments) + 1))
+    return bool(segments) and fnmatch.fnmatchcase(segments[0], pattern[0]) and _glob_match(segments[1:], pattern[1:])
 
 
 def _walk(fs: pafs.FileSystem, root: str, shown: str) -> list[pafs.FileInfo]:

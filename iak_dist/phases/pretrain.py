@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from iak_dist.config import DistributedConfig, ModelConfig, OptimConfig
 from iak_dist.data.batch import Batch
-from iak_dist.data.parquet import ParquetReader
+from iak_dist.data.parquet import DataPosition, ParquetReader
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Split
 from iak_dist.distributed.checkpoint import CheckpointManager, export_backbone
@@ -42,6 +42,21 @@ def steps_for(cfg: OptimConfig, rows: int) -> int:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         steps = int(t.item())  # once per phase: the host sync does not matter
     return steps
+
+
+def resume_step(step: int, position: DataPosition, per_epoch: int, exact: bool, by_epochs: bool) -> int:
+    """The global step a resumed phase goes on from.
+
+    `step` is the checkpoint's; `position` is where reading goes on (`ParquetReader.resume_position`);
+    `exact`: the checkpoint's data position applied as it was. Otherwise (another world size or
+    other data) the epoch in progress ended and `position` is the start of the next one: a phase
+    measured in epochs counts its steps at this world size, so it goes on from that epoch's first
+    step (`total` is epochs x this world size's batches per epoch; at or past it the phase is done).
+    A phase of a fixed number of steps (`by_epochs` False) keeps the checkpoint's step count.
+    """
+    if exact or not by_epochs:
+        return step
+    return position.epoch * per_epoch + position.batches
 
 
 def build_pretrain(schema: Schema, model_cfg: ModelConfig, optim: OptimConfig, dist_cfg: DistributedConfig,
@@ -109,15 +124,17 @@ def pretrain(
     total = steps_for(optim, reader.num_rows)
     state = checkpoints.restore_latest(sharded.model, dense, warn=lambda m: say(m, ctx.rank),
                                        data_parallel_optimizer=sharded.data_parallel_optimizer)
-    start = int(state["step"]) if state else 0
-    position = reader.resume_position(state.get("data") if state else None, start)
-    if state:
-        say(f"[pretrain] resuming at step {start} from {state['path']} (epoch {position.epoch}, "
-            f"batch {position.batches})", ctx.rank)
-        if state.get("data") and int(state["data"]["world_size"]) != ctx.world_size:
-            say(f"[pretrain] the checkpoint was written by {state['data']['world_size']} rank(s): "
-                f"epoch {state['data']['epoch']} ends there and reading goes on at epoch {position.epoch}", ctx.rank)
+    saved = state.get("data") if state else None
+    position = reader.resume_position(saved, int(state["step"]) if state else 0)
     per_epoch = reader.batches_per_epoch()
+    note = reader.resume_note(saved)
+    start = resume_step(int(state["step"]) if state else 0, position, per_epoch, note is None, optim.steps == 0)
+    if state:
+        say(f"[pretrain] resuming at step {start} of {total} from {state['path']} (epoch {position.epoch}, "
+            f"batch {position.batches})", ctx.rank)
+        if note is not None:
+            say(f"[pretrain] {note}: epoch {saved['epoch']} ends there and reading goes on at epoch "
+                f"{position.epoch}", ctx.rank)
 
     def save(step: int) -> None:
         data = position.advanced(step - start, per_epoch).state_dict()  # the batches of steps done, not prefetched
@@ -133,12 +150,16 @@ def pretrain(
     writer = summary_writer(out_dir / "tb" / "pretrain", ctx)
     try:
         summary = train_loop(sharded.model, dense, reader.batches(position), total, optim,
-                             desc=f"pretrain seed {seed}", start_step=start,
+                             desc=f"pretrain seed {seed}", start_step=min(start, total),
                              data_parallel_optimizer=sharded.data_parallel_optimizer, writer=writer,
                              show_progress=show_progress and ctx.is_main, on_step_end=on_step_end,
                              progress_path=out_dir / "progress.json" if ctx.is_main else None,
                              overlap_input_dist=dist_cfg.overlap_input_dist, device=ctx.device)
-        save(total)
+        if start < total:
+            save(total)
+        elif state:  # the resumed position is at or past the end: the checkpoint stays as it is
+            say(f"[pretrain] the checkpoint's position is at or past the end (step {start} of {total}): "
+                f"nothing left to train", ctx.rank)
         with dense.gathered():
             export_backbone(sharded.model, schema, model_cfg, out_dir / "backbone", ctx.rank)
         if ctx.is_main:
