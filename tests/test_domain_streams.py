@@ -1,4 +1,4 @@
-"""Fine-tuning's per-domain streams: each rank's share, p_d from global counts, bounded memory, exact resume."""
+"""Fine-tuning's per-domain streams: 1/W of every domain per rank, global p_d, bounded memory, exact resume."""
 
 import json
 import subprocess
@@ -14,6 +14,8 @@ from iak_dist.data.domain_streams import DomainStreams, count_share
 from iak_dist.data.sampler import domain_probabilities
 from iak_dist.data.schema import Schema, SparseFeature
 from iak_dist.data.source import Split
+from iak_dist.errors import UserError
+from iak_dist.phases.finetune import restore_position, resume_step, sum_over_ranks
 
 SCHEMA = Schema(sparse=[SparseFeature("user_id", 64)], domains=["a", "b", "c"])
 ROWS = {"a": 400, "b": 190, "c": 10}  # c: a small domain, all in one row group of one file
@@ -47,15 +49,16 @@ def ids(table: pa.Table) -> list[int]:
 
 @pytest.mark.parametrize("files,row_group_size,by_domain", [(3, 50, False), (1, 1000, False), (3, 50, True)],
                          ids=["directory", "one-row-group", "hive-folder-per-domain"])
-def test_ranks_read_disjoint_shares_and_each_domain_cycles_through_its_rows(tmp_path, files, row_group_size,
-                                                                           by_domain):
+def test_every_rank_reads_1_over_w_of_every_domain_and_each_domain_cycles_through_its_rows(
+        tmp_path, files, row_group_size, by_domain):
     split = write_split(tmp_path / "ft", files, row_group_size, by_domain)
-    shares = [count_share(split, SCHEMA, rank, 2, seed=4) for rank in range(2)]
-    counts = sum(s.rows_per_domain for s in shares)
+    shares = [count_share(split, SCHEMA, rank, 2, seed=4) for rank in range(2)]  # one process plays both ranks
+    counts = shares[0].global_rows_per_domain
     assert counts.tolist() == list(ROWS.values())  # the global n_d: what p_d and rows_per_domain use
     rows_of = {}
     for rank, share in enumerate(shares):
-        streams = DomainStreams(split, SCHEMA, share, counts, 32, 0.5, seed=4, rank=rank, buffer_rows=40)
+        assert share.rows_per_domain.tolist() == [200, 95, 5]  # half of every domain, whatever the files
+        streams = DomainStreams(split, SCHEMA, share, 32, 0.5, seed=4, buffer_rows=40)
         for d, stream in streams.streams.items():
             n = int(share.rows_per_domain[d])
             if by_domain:  # a stream reads only the parts holding its domain (here: its own folder)
@@ -65,24 +68,67 @@ def test_ranks_read_disjoint_shares_and_each_domain_cycles_through_its_rows(tmp_
             assert first != second  # the next epoch is another order
             rows_of[rank, d] = set(first)
     for d, name in enumerate(SCHEMA.domains):
-        mine = [rows_of.get((rank, d), set()) for rank in range(2)]
-        assert not mine[0] & mine[1] and len(mine[0] | mine[1]) == ROWS[name]
+        mine = [rows_of[rank, d] for rank in range(2)]
+        assert not mine[0] & mine[1] and len(mine[0] | mine[1]) == ROWS[name]  # the union: each row once
 
 
-def test_a_domain_missing_from_a_share_is_never_picked_there(tmp_path):
+def test_domain_partitioned_files_give_every_rank_the_global_mix(tmp_path):
+    """A 90% / B 10% in one folder each: by files alone rank 0 would hold only A; alpha 0 must still pick 50/50."""
+    root, n = tmp_path / "ft", {"a": 540, "b": 60}
+    for name, rows in n.items():
+        (root / f"domain={name}").mkdir(parents=True)
+        pq.write_table(pa.table({"label_click": np.zeros(rows, dtype=np.int64),
+                                 "label_conversion": np.zeros(rows, dtype=np.int64),
+                                 "user_id": np.arange(rows, dtype=np.int64)}),
+                       root / f"domain={name}" / "part.parquet", row_group_size=60)
+    schema = Schema(sparse=[SparseFeature("user_id", 64)], domains=["a", "b"])
+    split = Split.at(root, schema, "finetune")
+    for rank in range(2):
+        share = count_share(split, schema, rank, 2, seed=0)
+        assert share.rows_per_domain.tolist() == [270, 30]
+        streams = DomainStreams(split, schema, share, 64, 0.0, seed=0)
+        assert streams.missing == []
+        np.testing.assert_allclose(streams.picks.probs, [0.5, 0.5])
+        drawn = np.concatenate([streams.next_batch().column("domain").to_numpy(zero_copy_only=False)
+                                for _ in range(50)])
+        assert abs(np.mean(drawn == "b") - 0.5) < 0.03  # 3200 picks: 4.5 standard deviations
+
+
+def test_a_domain_with_fewer_rows_than_ranks_is_never_picked_by_the_ranks_without_any(tmp_path):
     split = write_split(tmp_path / "ft", 3, 50)
-    shares = [count_share(split, SCHEMA, rank, 2, seed=0) for rank in range(2)]
-    counts = sum(s.rows_per_domain for s in shares)
-    without_c = next(r for r in range(2) if shares[r].rows_per_domain[2] == 0)
-    other = 1 - without_c
-    streams = [DomainStreams(split, SCHEMA, shares[r], counts, 64, 1.0, seed=0, rank=r) for r in range(2)]
-    assert streams[without_c].missing == ["c"] and streams[other].missing == []
-    np.testing.assert_allclose(streams[other].picks.probs, domain_probabilities(counts, 1.0))
-    want = domain_probabilities(np.array([counts[0], counts[1], 0]), 1.0)
-    np.testing.assert_allclose(streams[without_c].picks.probs, want)
-    drawn = np.concatenate([streams[without_c].next_batch().column("domain").to_numpy(zero_copy_only=False)
-                            for _ in range(30)])  # returns: nothing waits for c's rows
-    assert "c" not in set(drawn) and len(drawn) == 30 * 64
+    world = 16  # c has 10 rows: 6 ranks hold none of it
+    shares = [count_share(split, SCHEMA, rank, world, seed=0) for rank in range(world)]
+    assert sum(s.rows_per_domain for s in shares).tolist() == list(ROWS.values())
+    without_c = [r for r in range(world) if shares[r].rows_per_domain[2] == 0]
+    assert len(without_c) == world - ROWS["c"]
+    counts = shares[0].global_rows_per_domain
+    for rank in (without_c[0], next(r for r in range(world) if r not in without_c)):
+        streams = DomainStreams(split, SCHEMA, shares[rank], 64, 1.0, seed=0)
+        if rank in without_c:
+            assert streams.missing == ["c"]
+            np.testing.assert_allclose(streams.picks.probs, domain_probabilities(np.array([*counts[:2], 0]), 1.0))
+            drawn = np.concatenate([streams.next_batch().column("domain").to_numpy(zero_copy_only=False)
+                                    for _ in range(5)])  # returns: nothing waits for c's rows
+            assert "c" not in set(drawn) and len(drawn) == 5 * 64
+        else:
+            assert streams.missing == []
+            np.testing.assert_allclose(streams.picks.probs, domain_probabilities(counts, 1.0))
+
+
+def test_a_split_with_fewer_rows_than_ranks_is_a_user_error_on_every_rank(tmp_path):
+    tiny = Split.at(_write_rows(tmp_path / "tiny.parquet", 3), SCHEMA, "finetune")
+    for rank in range(4):
+        with pytest.raises(UserError, match=r"^finetune split at .*tiny\.parquet: 3 rows with a known domain for 4 "
+                                            r"ranks, rank \d would get none: use fewer ranks or more data$"):
+            count_share(tiny, SCHEMA, rank, 4, seed=0)
+    assert [count_share(tiny, SCHEMA, r, 3, seed=0).rows_per_domain.sum() for r in range(3)] == [1, 1, 1]
+
+
+def _write_rows(path: Path, rows: int) -> Path:
+    pq.write_table(pa.table({"label_click": np.zeros(rows, dtype=np.int64),
+                             "label_conversion": np.zeros(rows, dtype=np.int64),
+                             "domain": ["a"] * rows, "user_id": np.arange(rows, dtype=np.int64)}), path)
+    return path
 
 
 def test_state_before_a_batch_regenerates_the_stream_and_memory_stays_bounded(tmp_path):
@@ -90,7 +136,7 @@ def test_state_before_a_batch_regenerates_the_stream_and_memory_stays_bounded(tm
     share = count_share(split, SCHEMA, 0, 1, seed=2)
 
     def streams():
-        return DomainStreams(split, SCHEMA, share, share.rows_per_domain, 48, 0.0, seed=2, buffer_rows=60)
+        return DomainStreams(split, SCHEMA, share, 48, 0.0, seed=2, buffer_rows=60)
 
     run = streams()
     states, batches, held = [], [], 0
@@ -107,18 +153,70 @@ def test_state_before_a_batch_regenerates_the_stream_and_memory_stays_bounded(tm
             assert resumed.next_batch().equals(want)
 
 
-def test_two_ranks_agree_on_global_counts_and_steps(tmp_path):
-    """Real processes (gloo): the counts all-reduced are the split's on every rank; steps take the min."""
+def test_resume_carries_the_fraction_done_to_another_world_size():
+    assert resume_step(30, 100, 50) == 15  # 2 ranks -> 4: half the steps, the same fraction done
+    assert resume_step(10, 30, 60) == 20
+    assert resume_step(1, 3, 2) == 1  # round(0.67)
+    assert resume_step(40, 40, 40) == 40 and resume_step(7, 40, 40) == 7
+
+
+def test_restore_positions_the_streams_only_for_the_same_data_batch_size_and_world(tmp_path):
+    split = write_split(tmp_path / "ft", 3, 50)
+    share = count_share(split, SCHEMA, 0, 1, seed=2)
+    run = DomainStreams(split, SCHEMA, share, 48, 0.5, seed=2, buffer_rows=60)
+    for _ in range(5):
+        run.next_batch()
+    saved, want = run.state_dict(), run.next_batch()
+    state = {"step": 5, "total": 20, "world_size": 1, "sampler": saved}
+    notes: list[str] = []
+
+    def fresh(split_now: Split = split, batch_size: int = 48) -> DomainStreams:
+        return DomainStreams(split_now, SCHEMA, count_share(split_now, SCHEMA, 0, 1, seed=2), batch_size, 0.5,
+                             seed=2, buffer_rows=60)
+
+    same = fresh()
+    assert restore_position(state, same, 20, 1, notes.append) == 5 and notes == []
+    assert same.next_batch().equals(want)  # exact: the batch after the saved state
+
+    other_world = fresh()
+    assert restore_position({**state, "world_size": 2, "sampler": {**saved, "world_size": 2}},
+                            other_world, 10, 1, notes.append) == 2  # round(5 / 20 * 10)
+    assert notes.pop() == ("checkpoint at step 5 of 20 on 2 ranks, now step 2 of 10 on 1: "
+                           "the data streams start afresh (world_size 2 -> 1)")
+
+    other_batch = fresh(batch_size=64)
+    assert restore_position(state, other_batch, 20, 1, notes.append) == 5
+    assert notes.pop().endswith("the data streams start afresh (batch_size 48 -> 64)")
+    assert other_batch.next_batch().equals(fresh(batch_size=64).next_batch())  # afresh: as a new run
+
+    changed = write_split(tmp_path / "ft2", 2, 50)  # the same rows in other files: another fingerprint
+    other_data = fresh(changed)
+    assert restore_position(state, other_data, 20, 1, notes.append) == 5
+    assert notes.pop().endswith(f"the data streams start afresh (fingerprint {split.fingerprint()} -> "
+                                f"{changed.fingerprint()})")
+    assert other_data.next_batch().equals(fresh(changed).next_batch())
+    with pytest.raises(ValueError, match="fingerprint"):
+        other_data.load_state_dict(saved)  # never old offsets on other data
+
+
+def test_two_ranks_agree_on_the_counted_split_and_steps(tmp_path):
+    """Real processes (gloo): every rank sums the same counts, takes 1/W of each domain; steps take the min;
+    a split with fewer rows than ranks is the same UserError on every rank."""
     split_dir = tmp_path / "ft"
     write_split(split_dir, 3, 50)
+    tiny = _write_rows(tmp_path / "tiny.parquet", 1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", __file__, str(split_dir), str(tmp_path)]
+           f"--master_port={_free_port()}", __file__, str(split_dir), str(tiny), str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert got[0]["counts"] == got[1]["counts"] == list(ROWS.values())
-    assert got[0]["steps"] == got[1]["steps"] == min(-(-r["local_rows"] // 32) for r in got)
-    assert "domains without rows in some ranks' shares, trained by the other ranks: c (1 of 2)" in result.stderr
+    assert got[0]["matrix"] == got[1]["matrix"]
+    assert [g["local"] for g in got] == [[200, 95, 5], [200, 95, 5]]
+    assert got[0]["steps"] == got[1]["steps"] == -(-300 // 32)
+    assert got[0]["error"] == got[1]["error"] != ""
+    assert got[0]["error"].endswith("1 rows with a known domain for 2 ranks, rank 0 would get none: "
+                                    "use fewer ranks or more data")
 
 
 def _free_port() -> int:
@@ -129,23 +227,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(split_dir: str, out: str) -> None:
+def _rank_main(split_dir: str, tiny: str, out: str) -> None:
     import torch.distributed as dist
 
     from iak_dist.config import OptimConfig
-    from iak_dist.phases.finetune import global_rows_per_domain
     from iak_dist.phases.pretrain import steps_for
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    share = count_share(Split.at(split_dir, SCHEMA), SCHEMA, rank, 2, seed=0)
-    counts = global_rows_per_domain(share, SCHEMA, rank)
-    local_rows = int(share.rows_per_domain.sum())
-    steps = steps_for(OptimConfig(epochs=1, batch_size=32), local_rows)
+    share = count_share(Split.at(split_dir, SCHEMA), SCHEMA, rank, 2, seed=0, all_reduce=sum_over_ranks)
+    steps = steps_for(OptimConfig(epochs=1, batch_size=32), int(share.rows_per_domain.sum()))
+    try:
+        count_share(Split.at(tiny, SCHEMA), SCHEMA, rank, 2, seed=0, all_reduce=sum_over_ranks)
+        error = ""
+    except UserError as exc:
+        error = str(exc)
     Path(out, f"rank{rank}.json").write_text(json.dumps(
-        {"counts": counts.tolist(), "steps": steps, "local_rows": local_rows}))
+        {"counts": share.global_rows_per_domain.tolist(), "matrix": share.counts.tolist(),
+         "local": share.rows_per_domain.tolist(), "steps": steps, "error": error}))
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    _rank_main(sys.argv[1], sys.argv[2])
+    _rank_main(sys.argv[1], sys.argv[2], sys.argv[3])

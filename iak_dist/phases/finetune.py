@@ -131,25 +131,51 @@ def build_finetune(
     return FinetuneSetup(sharded, adapter, meta, schema, split, trainable)
 
 
-def global_rows_per_domain(share: DomainShare, schema: Schema, rank: int) -> np.ndarray:
-    """Rows of each domain over every rank's share (sync point: every rank calls it once).
+def sum_over_ranks(counts: np.ndarray) -> np.ndarray:
+    """`counts` summed over every rank (sync point: every rank calls it with the same shape)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return counts
+    both = torch.from_numpy(np.ascontiguousarray(counts, dtype=np.int64)).to(collective_device())
+    dist.all_reduce(both)
+    return both.cpu().numpy()
 
-    Says (rank 0) which domains some ranks hold no rows of: those ranks never pick them.
-    """
-    local = share.rows_per_domain
-    both = torch.from_numpy(np.concatenate([local, local > 0]).astype(np.int64))
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        both = both.to(collective_device())
-        dist.all_reduce(both)
-    both = both.cpu().numpy()
-    counts, holders = both[:len(local)], both[len(local):]
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    short = [f"{schema.domains[d]} ({world - holders[d]} of {world})" for d in np.flatnonzero(counts > 0)
-             if holders[d] < world]
+
+def say_thin_domains(share: DomainShare, schema: Schema, rank: int) -> None:
+    """Says (rank 0) which domains have fewer rows than ranks: the ranks without any never pick them."""
+    counts = share.global_rows_per_domain
+    holders = [sum(share.rows_of_rank(r)[d] > 0 for r in range(share.world_size)) for d in range(len(counts))]
+    short = [f"{schema.domains[d]} ({share.world_size - holders[d]} of {share.world_size})"
+             for d in np.flatnonzero(counts > 0) if holders[d] < share.world_size]
     if short:
-        say(f"[finetune] domains without rows in some ranks' shares, trained by the other ranks: "
+        say(f"[finetune] domains with fewer rows than ranks, not picked by the ranks without any: "
             f"{', '.join(short)}", rank)
-    return counts
+
+
+def resume_step(start: int, total_old: int, total_new: int) -> int:
+    """The step to resume at when a run of `total_old` steps stopped at `start` and now has `total_new`
+    (another world size): the same fraction done, `round(start / total_old * total_new)`."""
+    if total_old == total_new or total_old <= 0:
+        return start
+    return min(total_new, round(start / total_old * total_new))
+
+
+def restore_position(state: dict, sampler: DomainStreams, total: int, world_size: int,
+                     note: Callable[[str], None]) -> int:
+    """The step to resume at from checkpoint `state`; positions `sampler` there when its state fits.
+
+    At another world size the fraction done carries over (`resume_step`; the checkpoint's `total`).
+    When the world size, the split's data (fingerprint) or the batch size changed, the saved
+    offsets mean nothing: `note` says so in one line and the streams start afresh.
+    """
+    saved_world, total_old = int(state["world_size"]), int(state.get("total", total))
+    start = int(state["step"]) if saved_world == world_size else resume_step(int(state["step"]), total_old, total)
+    why = sampler.mismatch({"world_size": saved_world, **state["sampler"]})
+    if why is None:
+        sampler.load_state_dict(state["sampler"])
+    else:
+        note(f"checkpoint at step {state['step']} of {total_old} on {saved_world} ranks, now step {start} of "
+             f"{total} on {world_size}: the data streams start afresh ({why})")
+    return start
 
 
 def count_trainable(run: FinetuneSetup) -> int:
@@ -176,32 +202,30 @@ def finetune(
     torch.manual_seed(seed)
     run = build_finetune(data_dir, backbone_dir, strategy, cfg, ctx, dist_cfg)
     num_domains = len(run.schema.domains)
-    share = count_share(run.split, run.schema, ctx.rank, ctx.world_size, seed)
-    rows_per_domain = global_rows_per_domain(share, run.schema, ctx.rank)
+    share = count_share(run.split, run.schema, ctx.rank, ctx.world_size, seed, all_reduce=sum_over_ranks)
+    say_thin_domains(share, run.schema, ctx.rank)
+    rows_per_domain = share.global_rows_per_domain
     summary: dict = {"finetune/trainable_params": float(count_trainable(run))}
     if run.trainable:
         dense = DenseEngine(run.trainable, cfg.optim.lr_dense, cfg.optim.weight_decay, dist_cfg.zero,
                             cfg.optim.batch_size, ctx.world_size)
-        sampler = DomainStreams(run.split, run.schema, share, rows_per_domain, cfg.optim.batch_size,
-                                cfg.sampler_alpha, seed, ctx.rank)
+        sampler = DomainStreams(run.split, run.schema, share, cfg.optim.batch_size, cfg.sampler_alpha, seed)
         total = steps_for(cfg.optim, int(share.rows_per_domain.sum()))
         checkpoints = CheckpointManager(out_dir.parent / ".checkpoints" / strategy, ctx, dist_cfg.keep_checkpoints)
         state = checkpoints.restore_latest(run.model, dense, warn=lambda m: say(m, ctx.rank),
                                            data_parallel_optimizer=run.sharded.data_parallel_optimizer)
-        start = int(state["step"]) if state else 0
+        start = 0
         if state:
+            start = restore_position(state, sampler, total, ctx.world_size,
+                                     lambda line: say(f"[finetune {strategy}] {line}", ctx.rank))
             say(f"[finetune {strategy}] resuming at step {start} from {state['path']}", ctx.rank)
-            if state["world_size"] == ctx.world_size:
-                sampler.load_state_dict(state["sampler"])
-            else:  # other shares: their positions do not carry over
-                say(f"[finetune {strategy}] checkpoint from {state['world_size']} ranks, now {ctx.world_size}: "
-                    f"the data streams start afresh on the new shares", ctx.rank)
 
         batches = PositionedBatches(run.schema, sampler, start)
 
         def on_step_end(step: int) -> None:
             if dist_cfg.checkpoint_every and step % dist_cfg.checkpoint_every == 0 and step < total:
-                path = checkpoints.save(step, run.model, dense, {"step": step, "sampler": batches.state_before(step)},
+                train_state = {"step": step, "total": total, "sampler": batches.state_before(step)}
+                path = checkpoints.save(step, run.model, dense, train_state,
                                         data_parallel_optimizer=run.sharded.data_parallel_optimizer)
                 if on_checkpoint is not None:
                     on_checkpoint(step, path)
