@@ -143,7 +143,7 @@ def sum_over_ranks(counts: np.ndarray) -> np.ndarray:
 def say_thin_domains(share: DomainShare, schema: Schema, rank: int) -> None:
     """Says (rank 0) which domains have fewer rows than ranks: the ranks without any never pick them."""
     counts = share.global_rows_per_domain
-    holders = [sum(share.rows_of_rank(r)[d] > 0 for r in range(share.world_size)) for d in range(len(counts))]
+    holders = sum(share.rows_of_rank(r) > 0 for r in range(share.world_size))
     short = [f"{schema.domains[d]} ({share.world_size - holders[d]} of {share.world_size})"
              for d in np.flatnonzero(counts > 0) if holders[d] < share.world_size]
     if short:
