@@ -15,7 +15,7 @@ from iak_dist.data.sampler import domain_probabilities
 from iak_dist.data.schema import Schema, SparseFeature
 from iak_dist.data.source import Split
 from iak_dist.errors import UserError
-from iak_dist.phases.finetune import restore_position, resume_step, sum_over_ranks
+from iak_dist.phases.finetune import restore_position, resume_step, say_thin_domains, sum_over_ranks
 
 SCHEMA = Schema(sparse=[SparseFeature("user_id", 64)], domains=["a", "b", "c"])
 ROWS = {"a": 400, "b": 190, "c": 10}  # c: a small domain, all in one row group of one file
@@ -94,13 +94,16 @@ def test_domain_partitioned_files_give_every_rank_the_global_mix(tmp_path):
         assert abs(np.mean(drawn == "b") - 0.5) < 0.03  # 3200 picks: 4.5 standard deviations
 
 
-def test_a_domain_with_fewer_rows_than_ranks_is_never_picked_by_the_ranks_without_any(tmp_path):
+def test_a_domain_with_fewer_rows_than_ranks_is_never_picked_by_the_ranks_without_any(tmp_path, capsys):
     split = write_split(tmp_path / "ft", 3, 50)
     world = 16  # c has 10 rows: 6 ranks hold none of it
     shares = [count_share(split, SCHEMA, rank, world, seed=0) for rank in range(world)]
     assert sum(s.rows_per_domain for s in shares).tolist() == list(ROWS.values())
     without_c = [r for r in range(world) if shares[r].rows_per_domain[2] == 0]
     assert len(without_c) == world - ROWS["c"]
+    say_thin_domains(shares[0], SCHEMA, 0)
+    assert ("domains with fewer rows than ranks, not picked by the ranks without any: c (6 of 16)"
+            in capsys.readouterr().err)
     counts = shares[0].global_rows_per_domain
     for rank in (without_c[0], next(r for r in range(world) if r not in without_c)):
         streams = DomainStreams(split, SCHEMA, shares[rank], 64, 1.0, seed=0)
