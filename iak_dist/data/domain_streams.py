@@ -102,7 +102,8 @@ def count_share(split: Split, schema: Schema, rank: int, world_size: int, seed: 
     it once). Without it this process counts every rank's counting parts itself (one process, tests).
 
     Raises UserError on every rank alike (the checks use the summed counts) when some rank's share
-    would be empty: a split with fewer rows of known domains than ranks.
+    would be empty (always with fewer rows of known domains than ranks; possible with a few more
+    spread over tiny domains).
     """
     per_rank = [assign(split.parts, r, world_size, seed, 0, shuffle=True) for r in range(world_size)]
     parts = [p for ps in per_rank for p in ps]
