@@ -217,10 +217,11 @@ class StreamingAuc:
 
 
 class StreamingGauc:
-    """GAUC per slot from `group_aucs` parts of complete groups (every row of a group in one batch).
+    """GAUC per slot from `group_aucs` parts of complete groups (every row of a group in one batch), or
+    from a group's `StreamingAuc` (a group too large for one batch, fed in score ranges: `add_streamed`).
 
     Equal to `gauc` on all rows up to the order of the float sum (groups come batch by batch, not in
-    ascending group order): within about 1e-15 relative.
+    ascending group order): within about 1e-15 relative. Each group's AUC is the same bits either way.
     """
 
     def __init__(self, slots: int) -> None:
@@ -232,6 +233,13 @@ class StreamingGauc:
         present, sums = _slot_sums(np.asarray(slots, dtype=np.int64), group_auc * size)
         self.weighted[present] += sums
         self.weight[present] += _slot_sums(np.asarray(slots, dtype=np.int64), np.asarray(size, dtype=np.int64))[1]
+
+    def add_streamed(self, group: StreamingAuc) -> None:
+        """One group's AUC per slot, streamed (its slots: e.g. the group's rows per domain and overall),
+        counted in each slot where it holds both classes, as `add` counts `group_aucs` parts."""
+        both = np.flatnonzero((group.positives > 0) & (group.negatives > 0))
+        self.add(both, np.array([group.result(int(s)) for s in both], dtype=np.float64),
+                 group.positives[both] + group.negatives[both])
 
     def result(self, slot: int) -> float:
         return float(self.weighted[slot] / self.weight[slot]) if self.weight[slot] else float("nan")

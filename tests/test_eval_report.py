@@ -204,6 +204,7 @@ def test_two_ranks_give_exactly_the_metrics_of_one(three_group_data, backbone_di
     domains = ["a", "b", "c", "d"]
     one_rank = stream_in_folder(rows, domains, ctx, tmp_path / "one")
     assert ranks[0]["streamed"] == json.loads(json.dumps(one_rank)) and ranks[1]["streamed"] is None
+    assert 0 < ranks[0]["largest_gather"] <= 64 and ranks[1]["largest_gather"] == 0  # heavy users: by score range
     want = metrics_by_domain({k: rows[k] for k in rows.dtype.names}, domains)
     assert list(one_rank) == ["overall", "a", "b", "c"] and one_rank["c"]["ctr_auc"] is None  # d has no rows
     for domain, metrics in want.items():
@@ -217,16 +218,23 @@ def test_two_ranks_give_exactly_the_metrics_of_one(three_group_data, backbone_di
     assert [list((tmp_path / f"spill{r}").iterdir()) for r in range(2)] == [[], []]  # spill folders removed
 
 
+HEAVY_USERS = (7, 7 + pow(0x9E3779B97F4A7C15, -1, 1 << 64) - (1 << 64))
+"""Two users of one 32-bit hash code (`user_codes`): one GAUC bucket that refinement cannot cut."""
+
+
 def synthetic_records(n: int = 3000):
     """Scored records with many ties (500 rows of one score: a bucket of its own), a domain of one
-    class (c), a domain without rows (d), a user of 200 rows, user ids far apart."""
-    from iak_dist.phases.evaluate import row_dtype
+    class (c), a domain without rows (d), user ids far apart, and two heavy users of one hash code
+    (500 and 300 rows, 12x a bucket of 64 together: tied and spread scores, both classes, 3 domains)."""
+    from iak_dist.phases.evaluate import row_dtype, user_codes
 
     rng = np.random.default_rng(0)
     rows = np.zeros(n, row_dtype(4))
     rows["domain"] = rng.integers(0, 3, n)
     rows["user"] = rng.integers(0, 300, n) * 10**9
-    rows["user"][:200] = 7
+    rows["user"][:200] = HEAVY_USERS[0]
+    rows["user"][2400:] = np.array(HEAVY_USERS)[np.arange(600) % 2]
+    assert len(set(user_codes(np.array(HEAVY_USERS)).tolist())) == 1
     rows["click"] = (rng.random(n) < 0.3) | (rows["domain"] == 2)
     rows["conversion"] = rows["click"] & (rng.random(n) < 0.3)
     rows["p_ctr"] = np.round(rng.random(n), 2)
@@ -245,6 +253,49 @@ def stream_in_folder(rows, domains, ctx, root: Path, bucket_rows: int = 64):
         spill.append(rows[:len(rows) // 3])
         spill.append(rows[len(rows) // 3:])
         return stream_metrics(spill, domains, ctx, folder, bucket_rows=bucket_rows)
+
+
+def largest_gathers(monkeypatch) -> list[int]:
+    """Rows (records) of each `gather_to_main` result rank 0 receives, recorded as they come."""
+    import iak_dist.phases.evaluate as ev
+
+    sizes: list[int] = []
+    gather = ev.gather_to_main
+
+    def recorded(records, ctx):
+        got = gather(records, ctx)
+        if got is not None:
+            sizes.append(len(got))
+        return got
+
+    monkeypatch.setattr(ev, "gather_to_main", recorded)
+    return sizes
+
+
+def test_heavy_users_bucket_is_never_gathered_whole(ctx, tmp_path, monkeypatch):
+    """Two users of one hash code hold 800 of 3000 rows, a bucket holds 64: rank 0 never receives more
+    than 64 records at once, and the metrics equal the in-memory ones (AUCs exactly, GAUC to rounding)."""
+    sizes = largest_gathers(monkeypatch)
+    rows = synthetic_records()
+    domains = ["a", "b", "c", "d"]
+    got = stream_in_folder(rows, domains, ctx, tmp_path / "one")
+    assert 0 < max(sizes) <= 64
+    want = metrics_by_domain({k: rows[k] for k in rows.dtype.names}, domains)
+    for domain, metrics in want.items():
+        for name in ("ctr_auc", "ctcvr_auc", "rows"):
+            assert got[domain][name] == metrics[name], (domain, name)
+        for name in ("gauc", "logloss"):
+            expected = None if metrics[name] is None else pytest.approx(metrics[name], rel=1e-12, abs=0)
+            assert got[domain][name] == expected, (domain, name)
+    # the heavy users alone: each GAUC is a mean of two user AUCs (equal to the bit), summed in another order
+    heavy = rows[np.isin(rows["user"], HEAVY_USERS)]
+    sizes.clear()
+    alone = stream_in_folder(heavy, domains, ctx, tmp_path / "heavy")
+    assert 0 < max(sizes) <= 64
+    for domain, metrics in metrics_by_domain({k: heavy[k] for k in heavy.dtype.names}, domains).items():
+        expected = None if metrics["gauc"] is None else pytest.approx(metrics["gauc"], rel=1e-15, abs=0)
+        assert alone[domain]["gauc"] == expected, domain
+    assert alone["a"]["gauc"] is not None and alone["c"]["gauc"] is None  # c: clicks only
 
 
 def test_spill_folder_is_removed_after_an_error(three_group_data, backbone_dir, ctx, tmp_path, monkeypatch):
@@ -298,7 +349,17 @@ def two_rank_worker(spec_path: str) -> None:
 
     rows = synthetic_records()  # rank 0 spills rows [0, 700), rank 1 the rest
     mine = rows[:700] if ctx.rank == 0 else rows[700:]
+    gather, sizes = ev.gather_to_main, []
+
+    def recorded(records, ctx):
+        got = gather(records, ctx)
+        sizes.append(0 if got is None else len(got))
+        return got
+
+    ev.gather_to_main = recorded
     out["streamed"] = stream_in_folder(mine, ["a", "b", "c", "d"], ctx, spill_root)
+    ev.gather_to_main = gather
+    out["largest_gather"] = max(sizes)
 
     def vanished(*args):
         raise UserError("scored.bin: bucket file vanished")

@@ -145,3 +145,30 @@ def test_streamed_metrics_fed_in_score_ranges_equal_the_in_memory_ones():
         assert losses.result(slot) == pytest.approx(logloss(y[rows], s[rows]), rel=1e-13, abs=0)
     assert gaucs.result(3) == pytest.approx(gauc(y, s, users), rel=1e-13, abs=0)
     assert np.isnan(StreamingAuc(1).result(0)) and np.isnan(StreamingGauc(1).result(0))
+
+
+def test_a_group_streamed_in_score_ranges_adds_the_same_auc_bits_as_its_group_aucs_part():
+    """One user's rows fed in score ranges (`StreamingGauc.add_streamed`) count the AUC `group_aucs` gives,
+    bit for bit, per domain slot and overall; slots of one class are left out."""
+    from iak_dist.metrics import StreamingAuc, StreamingGauc, group_aucs, score_codes
+
+    rng = np.random.default_rng(9)
+    n = 900
+    s = np.round(rng.random(n), 2).astype(np.float32)
+    y = (rng.random(n) < 0.3).astype(np.int8)
+    d = rng.integers(0, 3, n)
+    y[d == 2] = 1  # slot 2: one class
+    codes = score_codes(s)
+    user = StreamingAuc(4)
+    cut = np.searchsorted(np.unique(codes)[::7], codes, side="right")
+    for k in np.unique(cut):
+        part = np.flatnonzero(cut == k)
+        user.add(np.r_[d[part], np.full(len(part), 3)], np.r_[codes[part], codes[part]], np.r_[y[part], y[part]],
+                 np.ones(2 * len(part), dtype=np.int64))
+    streamed, whole = StreamingGauc(4), StreamingGauc(4)
+    streamed.add_streamed(user)
+    for slot, rows in [(0, d == 0), (1, d == 1), (2, d == 2), (3, np.ones(n, dtype=bool))]:
+        group_auc, size, _ = group_aucs(y[rows], s[rows], np.zeros(rows.sum(), dtype=np.int64))
+        whole.add(np.full(len(size), slot), group_auc, size)
+    assert (streamed.weighted == whole.weighted).all() and (streamed.weight == whole.weight).all()
+    assert streamed.weight[2] == 0 and np.isnan(streamed.result(2)) and streamed.weight[3] == n

@@ -26,6 +26,13 @@ receives every score):
    `metrics.StreamingAuc` (rank sums with running negative counts: exact, equal bit for bit to
    `metrics.auc` on all rows), `StreamingLogLoss` and `StreamingGauc` (per-user AUCs of complete
    users, `metrics.group_aucs`), then broadcasts the metrics dict, so every rank returns the same.
+6. A user bucket still over `BUCKET_ROWS` (it is one hash code, which refinement cannot cut: one
+   heavy user, or a few whose hashes collide) is never gathered whole (`heavy_users`): its rows are
+   cut again into p_ctr score ranges (histograms of that bucket's rows only, as in 4), and rank 0
+   gathers one range at a time as counted (user, domain, score, click) keys, fed to a `StreamingAuc`
+   per user in the bucket (slots: the user's rows per domain and overall). Each user's AUC x rows
+   is then added to GAUC where the slot holds both classes (`StreamingGauc.add_streamed`): the same
+   AUC bits as `group_aucs` gives for that user.
 
 Results do not depend on the world size (the buckets and what rank 0 computes from each do not).
 AUCs equal the in-memory `metrics_by_domain` bit for bit (integer rank sums); GAUC and LogLoss equal
@@ -33,13 +40,13 @@ it to float rounding (about 1e-15 relative: their float sums run bucket by bucke
 `BUCKET_ROWS` at that level, not on the world size). Each local step is `checked`: a failure on one
 rank (a full disk, a vanished bucket file, a bug in rank 0's sums) is raised on every rank.
 
-Memory: rank 0 holds one bucket (`BUCKET_ROWS` rows: 16 bytes a distinct score key or 20 bytes a
-user row received, plus the sorts' temporaries), every rank one spill read (`READ_ROWS` rows) or one
-bucket's send buffer, and the histograms (8 bytes x 256 x the ranges being refined, at most rows /
-`BUCKET_ROWS` of them). Measured (`profiling/eval_memory.py`, one process in rank 0's role): +80 MiB
-at 1.5M and at 15M rows (the in-memory method: +128 MiB and +1229 MiB). Not bounded: one user with
-more rows than a bucket (that user's rows are one GAUC bucket). Disk: 20 bytes a row of the rank's
-share, plus one key's bucket files (20 bytes a row again) at a time.
+Memory: rank 0 holds one bucket (`BUCKET_ROWS` rows: 16 bytes a distinct score key, 20 bytes a
+user row or 24 bytes a heavy user's distinct key received, plus the sorts' temporaries), every rank
+one spill read (`READ_ROWS` rows) or one bucket's send buffer, and the histograms (8 bytes x 256 x
+the ranges being refined, at most rows / `BUCKET_ROWS` of them), also with users of any size (6.).
+Measured (`profiling/eval_memory.py`, one process in rank 0's role, one user with 15 % of the rows):
+see that script's docstring. Disk: 20 bytes a row of the rank's share, plus one key's bucket files
+(20 bytes a row again; a heavy user's bucket and its score-range files: twice its rows) at a time.
 """
 
 from __future__ import annotations
@@ -345,6 +352,50 @@ def merge_counted(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.
     return keys[first], np.add.reduceat(counts, first) if len(first) else counts[:0]
 
 
+USER_COUNTED = np.dtype([("user", np.int64), ("key", np.uint64), ("count", np.int64)])
+"""A user's (domain, score code, label) key (packed as in `COUNTED`) and its rows."""
+
+
+def user_counted_keys(path: Path, dtype: np.dtype) -> np.ndarray:
+    """The distinct (user, domain, p_ctr score, click) keys of a bucket file and their row counts
+    (`USER_COUNTED`), read chunk by chunk: what rank 0 needs of a heavy user's score range."""
+    out = np.empty(0, dtype=USER_COUNTED)
+    for chunk in read_chunks(path, dtype):
+        records = np.empty(len(chunk), dtype=USER_COUNTED)
+        records["user"], records["count"] = chunk["user"], 1
+        records["key"] = ((chunk["domain"].astype(np.uint64) << np.uint64(33))
+                          | (score_codes(chunk["p_ctr"]) << np.uint64(1)) | (chunk["click"] != 0).astype(np.uint64))
+        out = merge_user_counted(np.r_[out, records])
+    return out
+
+
+def merge_user_counted(records: np.ndarray) -> np.ndarray:
+    """The distinct (user, key) pairs of `USER_COUNTED` records, ascending, with their counts summed."""
+    records = records[np.lexsort((records["key"], records["user"]))]
+    if not len(records):
+        return records
+    first = np.flatnonzero(np.r_[True, (records["user"][1:] != records["user"][:-1])
+                                | (records["key"][1:] != records["key"][:-1])])
+    out = records[first]
+    out["count"] = np.add.reduceat(records["count"], first)
+    return out
+
+
+def with_overall(key: np.ndarray, count: np.ndarray, overall: int) -> tuple[np.ndarray, ...]:
+    """Distinct `COUNTED` keys (ascending) and counts, plus the same rows in slot `overall` (domain
+    dropped), unpacked as `StreamingAuc.add` takes them: (slot, score code, label, count)."""
+    all_rows, all_count = merge_counted(key & np.uint64((1 << 33) - 1), count)  # domain dropped
+    key, count = np.r_[key, all_rows | np.uint64(overall << 33)], np.r_[count, all_count]  # ascending
+    slot = (key >> np.uint64(33)).astype(np.int64)
+    code, positive = (key >> np.uint64(1)) & np.uint64(0xFFFFFFFF), (key & np.uint64(1)).astype(np.int8)
+    return slot, code, positive, count
+
+
+def bucket_sizes(paths: list[Path], dtype: np.dtype) -> np.ndarray:
+    """This rank's rows in each bucket file (0 where it has none)."""
+    return np.array([p.stat().st_size // dtype.itemsize if p.exists() else 0 for p in paths], dtype=np.int64)
+
+
 def stream_metrics(spill: Spill, domains: list[str], ctx: DistContext, folder: Path, has_conversion: bool = True,
                    has_user: bool = True, bucket_rows: int | None = None) -> dict[str, dict] | None:
     """Metrics of every rank's spilled rows, as `metrics_by_domain` gives them, on rank 0 (None elsewhere).
@@ -369,11 +420,7 @@ def stream_metrics(spill: Spill, domains: list[str], ctx: DistContext, folder: P
     def add_score_bucket(counted: np.ndarray | None, auc: StreamingAuc, with_logloss: bool) -> None:
         if counted is None:  # not rank 0
             return
-        key, count = merge_counted(counted["key"], counted["count"])
-        all_rows, all_count = merge_counted(key & np.uint64((1 << 33) - 1), count)  # domain dropped
-        key, count = np.r_[key, all_rows | np.uint64(overall << 33)], np.r_[count, all_count]  # ascending
-        slot = (key >> np.uint64(33)).astype(np.int64)
-        code, positive = (key >> np.uint64(1)) & np.uint64(0xFFFFFFFF), (key & np.uint64(1)).astype(np.int8)
+        slot, code, positive, count = with_overall(*merge_counted(counted["key"], counted["count"]), overall)
         auc.add(slot, code, positive, count)
         if with_logloss:
             logloss.add(slot, positive, score_values(code), count)
@@ -381,10 +428,39 @@ def stream_metrics(spill: Spill, domains: list[str], ctx: DistContext, folder: P
     def by_user() -> None:
         starts = bucket_starts(lambda: (user_codes(c["user"]) for c in spill.chunks()), ctx, bucket_rows)
         paths = checked(ctx, partition, spill, lambda c: user_codes(c["user"]), starts, folder, "user")
-        for path in paths:
+        totals = all_reduce_sum(checked(ctx, bucket_sizes, paths, spill.dtype), ctx)
+        for path, total in zip(paths, totals.tolist(), strict=True):
+            if total > bucket_rows:  # one hash code (a heavy user, or a few colliding): by score range
+                heavy_users(path)
+                continue
             rows = gather_to_main(checked(ctx, read_bucket, path, spill.dtype), ctx)
             path.unlink(missing_ok=True)
             checked(ctx, add_user_bucket, rows)
+
+    def heavy_users(path: Path) -> None:
+        """GAUC parts of a user bucket over `bucket_rows`, never gathered whole: its rows cut into
+        p_ctr score ranges (as `by_score` cuts all rows), rank 0 feeding each range's counted keys
+        to a `StreamingAuc` per user (slots: the user's rows per domain and overall)."""
+        bucket = Spill(path, spill.dtype)  # an empty file where this rank has no rows of it
+        score_starts = bucket_starts(lambda: (score_codes(c["p_ctr"]) for c in bucket.chunks()), ctx, bucket_rows)
+        parts = checked(ctx, partition, bucket, lambda c: score_codes(c["p_ctr"]), score_starts, folder,
+                        f"{path.stem}-p_ctr")
+        path.unlink(missing_ok=True)
+        users: dict[int, StreamingAuc] = {}
+        for part in parts:
+            counted = gather_to_main(checked(ctx, user_counted_keys, part, spill.dtype), ctx)
+            part.unlink(missing_ok=True)
+            checked(ctx, add_heavy_range, counted, users)
+        checked(ctx, lambda: [gauc.add_streamed(users[user]) for user in sorted(users)])
+
+    def add_heavy_range(counted: np.ndarray | None, users: dict[int, StreamingAuc]) -> None:
+        if counted is None or not len(counted):  # not rank 0, or no rows
+            return
+        counted = merge_user_counted(counted)
+        cuts = np.flatnonzero(np.r_[True, counted["user"][1:] != counted["user"][:-1]])
+        for lo, hi in zip(cuts, np.r_[cuts[1:], len(counted)], strict=True):  # a user at a time (a few)
+            user = users.setdefault(int(counted["user"][lo]), StreamingAuc(slots))
+            user.add(*with_overall(counted["key"][lo:hi], counted["count"][lo:hi], overall))
 
     def add_user_bucket(rows: np.ndarray | None) -> None:  # rank 0: every row of each user in `rows`
         if rows is None or not len(rows):  # not rank 0, or no rows
