@@ -167,6 +167,21 @@ def test_bad_data_in_a_ray_worker_fails_the_phase_at_once_in_one_line(tmp_path, 
     assert phase["state"] == "failed" and phase["attempts"] == 1 and "column 'item_id' is missing" in phase["error"]
 
 
+def test_a_fault_on_one_ray_worker_fails_the_phase_at_once_not_at_the_group_timeout(tmp_path, synth_dir):
+    """Rank 1 alone fails after step 5 (its disk full); rank 0 is then waiting for it in step 6's
+    collectives. The failing rank closes its process group, so rank 0 fails at once and returns the
+    same line: before, the phase hung for Ray Train's 30-minute process-group timeout."""
+    config = write_config(tmp_path, synth_dir, phases=[{"name": "pretrain", "type": "pretrain", "workers": 2,
+                                                         "max_failures": 2}])
+    result = run_cli(["pipeline", "run", str(config)], timeout=400,
+                     env={"IAK_DIST_FAULT": "step:5:1", "IAK_DIST_FAULT_KIND": "enospc"})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "rank 1" in errors[0], errors
+    phase = json.loads((tmp_path / "run" / "manifest.json").read_text())["phases"]["pretrain"]
+    assert phase["state"] == "failed" and phase["attempts"] == 1, phase
+
+
 def start_driver(config, stderr_path):
     with open(stderr_path, "w") as err:
         return subprocess.Popen([sys.executable, "-m", "iak_dist.cli", "pipeline", "run", str(config)],

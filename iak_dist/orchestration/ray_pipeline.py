@@ -34,15 +34,19 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from iak_dist.config import PhaseSpec, PipelineConfig, from_dict, to_dict
 from iak_dist.errors import UserError
 from iak_dist.orchestration.local import log, run_phase
-from iak_dist.orchestration.outcome import guarded
+from iak_dist.orchestration.outcome import Interrupted, guarded
 from iak_dist.orchestration.watchdog import TAG_VARIABLE
+
+if TYPE_CHECKING:
+    from iak_dist.distributed.context import DistContext
 
 
 class PhaseBook:
@@ -74,7 +78,18 @@ class PhaseBook:
         return path.read_text().strip() if path.is_file() else None
 
     def clear_user_error(self) -> None:
+        """Forget a previous run's failure (the driver, before each `fit`)."""
         (self.dir / "user_error.txt").unlink(missing_ok=True)
+        for marker in self.dir.glob("returned-*"):
+            marker.unlink(missing_ok=True)
+
+    def mark_returned(self, rank: int) -> None:
+        """Rank `rank` left the phase (done or failed): it waits in no collective any more."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / f"returned-{rank}").touch()
+
+    def returned(self) -> int:
+        return sum(1 for _ in self.dir.glob("returned-*"))
 
 
 class EmbeddedRay:
@@ -340,6 +355,9 @@ def _train_worker(payload: dict[str, Any]) -> dict[str, Any]:
 
     cfg, phase = _configs(payload)
     book = PhaseBook(Path(cfg.run_dir), phase.name)
+    earlier = book.user_error()
+    if earlier is not None:  # a worker group restarted after a rank ended its process (release_peers)
+        return {"user_error": earlier}
     if ray.train.get_context().get_world_rank() == 0:
         book.count_start()
     from iak_dist.distributed.context import init_distributed
@@ -351,8 +369,44 @@ def _train_worker(payload: dict[str, Any]) -> dict[str, Any]:
         checkpoint = ray.train.Checkpoint.from_directory(str(path)) if ctx.is_main else None
         ray.train.report({"step": step, "phase": phase.name}, checkpoint=checkpoint)
 
-    outcome, line = guarded(lambda: run_phase(cfg, phase, ctx, False, report_checkpoint))
+    try:
+        outcome, line = guarded(lambda: run_phase(cfg, phase, ctx, False, report_checkpoint))
+    except (KeyboardInterrupt, SystemExit, Interrupted):
+        raise
+    except BaseException:
+        line = book.user_error()  # a peer failed alone and ended its process (release_peers)
+        if line is None or ctx.world_size == 1:
+            raise
+        book.mark_returned(ctx.rank)
+        return {"user_error": line}
+    book.mark_returned(ctx.rank)
     if line is not None:
         book.set_user_error(line)  # any rank: rank 0's return value alone reaches the driver
+        release_peers(ctx, book)
         return {"user_error": line}
     return outcome  # type: ignore[return-value]
+
+
+PEER_WAIT_S = 10.0
+"""How long a rank that failed waits for its peers to leave the phase before it ends its process."""
+
+
+def release_peers(ctx: DistContext, book: PhaseBook) -> None:
+    """After this rank's own failure, make sure no peer stays blocked in a collective waiting for it.
+
+    Trap: a rank that fails alone (a file vanished from its share, its disk full) leaves the other
+    ranks in the step's all-to-all; Ray Train waits for every worker, so the phase would hang for
+    the process group's timeout (30 min). Neither `destroy_process_group` nor `abort` closes gloo's
+    connections while TorchRec and DeepSpeed still hold the group: only the process's end does. So
+    a rank whose peers have not all left the phase within `PEER_WAIT_S` ends its process; the
+    peers then fail at once ("Connection closed by peer"), find the line in the phase book, and
+    return it; Ray Train's restart of the group returns it too (see `_train_worker`). When every
+    rank fails alike (bad data everywhere), they all leave and nothing is ended.
+    """
+    deadline = time.monotonic() + PEER_WAIT_S
+    while book.returned() < ctx.world_size:
+        if time.monotonic() > deadline:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        time.sleep(0.2)
