@@ -37,17 +37,11 @@ def main() -> None:
     from iak_dist.data.parquet import ParquetReader
     from iak_dist.data.schema import Schema
     from iak_dist.data.source import Split
-    from iak_dist.distributed.context import (
-        close_distributed,
-        exit_launched_rank,
-        init_distributed,
-        is_launched_rank,
-        torchrun_command,
-    )
+    from iak_dist.distributed.context import close_distributed, init_distributed, torchrun_command
     from iak_dist.distributed.zero import deepspeed_config
     from iak_dist.phases.pretrain import build_pretrain
     from iak_dist.phases.step import task_loss
-    from iak_dist.runtime import configure_environment
+    from iak_dist.runtime import configure_environment, exit_launched_rank, is_launched_rank
     from profiling.steps import clock, interleaved, plain_torchrec_stepper
 
     configure_environment()
