@@ -14,8 +14,9 @@ from iak_dist.data.domain_streams import DomainStreams, count_share
 from iak_dist.data.sampler import domain_probabilities
 from iak_dist.data.schema import Schema, SparseFeature
 from iak_dist.data.source import Split
+from iak_dist.distributed.context import sum_over_ranks
 from iak_dist.errors import UserError
-from iak_dist.phases.finetune import restore_position, resume_step, say_thin_domains, sum_over_ranks
+from iak_dist.phases.finetune import restore_position, resume_step, say_thin_domains
 
 SCHEMA = Schema(sparse=[SparseFeature("user_id", 64)], domains=["a", "b", "c"])
 ROWS = {"a": 400, "b": 190, "c": 10}  # c: a small domain, all in one row group of one file

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -112,3 +113,12 @@ def on_main(ctx: DistContext | None, fn: Callable[[], T], share: bool = False) -
         is_user, message = failed
         raise UserError(message) if is_user else RuntimeError(f"rank 0 failed: {message}")
     return result if ctx.is_main else value
+
+
+def sum_over_ranks(counts: np.ndarray) -> np.ndarray:
+    """`counts` summed over every rank (sync point: every rank calls it with the same shape)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return counts
+    both = torch.from_numpy(np.ascontiguousarray(counts, dtype=np.int64)).to(collective_device())
+    dist.all_reduce(both)
+    return both.cpu().numpy()

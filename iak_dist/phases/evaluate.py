@@ -70,7 +70,7 @@ from iak_dist.data.parquet import ParquetReader
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Split
 from iak_dist.distributed.checkpoint import read_backbone_meta
-from iak_dist.distributed.context import DistContext, collective_device, on_main
+from iak_dist.distributed.context import DistContext, collective_device, on_main, sum_over_ranks
 from iak_dist.errors import UserError
 from iak_dist.metrics import (
     StreamingAuc,
@@ -219,15 +219,6 @@ def user_codes(users: np.ndarray) -> np.ndarray:
     return mixed >> np.uint64(32)
 
 
-def all_reduce_sum(counts: np.ndarray, ctx: DistContext) -> np.ndarray:
-    """`counts` (int64) summed over the ranks, on every rank."""
-    if ctx.world_size == 1:
-        return counts
-    tensor = torch.from_numpy(counts).to(collective_device())
-    dist.all_reduce(tensor)  # sync point
-    return tensor.cpu().numpy()
-
-
 def checked(ctx: DistContext, step: Callable[..., T], *args: Any) -> T:
     """`step(*args)` on this rank; a failure of it on any rank is raised on every rank (one all-reduce),
     so no rank is left waiting in the next collective (a full disk, a bug on rank 0)."""
@@ -237,7 +228,7 @@ def checked(ctx: DistContext, step: Callable[..., T], *args: Any) -> T:
     except Exception as exc:  # noqa: BLE001  (raised below, on every rank)
         failure = exc
     if ctx.world_size > 1:
-        if all_reduce_sum(np.array([failure is not None], dtype=np.int64), ctx)[0]:  # sync point
+        if sum_over_ranks(np.array([failure is not None], dtype=np.int64))[0]:  # sync point
             raise_everywhere(failure, ctx)
     elif failure is not None:
         raise failure
@@ -270,7 +261,7 @@ def bucket_starts(codes: Callable[[], Iterator[np.ndarray]], ctx: DistContext, b
     while len(pending):
         sub = max(1, width // HISTOGRAM_BINS)
         bins = min(HISTOGRAM_BINS, width)
-        counts = all_reduce_sum(checked(ctx, histogram, codes, pending, width, bins), ctx)
+        counts = sum_over_ranks(checked(ctx, histogram, codes, pending, width, bins))
         firsts = (pending[:, None] + np.arange(bins, dtype=np.uint64) * np.uint64(sub)).ravel()
         full = (counts > bucket_rows) & (sub > 1)
         done.append((firsts[(counts > 0) & ~full], counts[(counts > 0) & ~full]))
@@ -430,7 +421,7 @@ def stream_metrics(spill: Spill, domains: list[str], ctx: DistContext, folder: P
     def by_user() -> None:
         starts = bucket_starts(lambda: (user_codes(c["user"]) for c in spill.chunks()), ctx, bucket_rows)
         paths = checked(ctx, partition, spill, lambda c: user_codes(c["user"]), starts, folder, "user")
-        totals = all_reduce_sum(checked(ctx, bucket_sizes, paths, spill.dtype), ctx)
+        totals = sum_over_ranks(checked(ctx, bucket_sizes, paths, spill.dtype))
         for path, total in zip(paths, totals.tolist(), strict=True):
             if total > bucket_rows:  # one hash code (a heavy user, or a few colliding): by score range
                 heavy_users(path)

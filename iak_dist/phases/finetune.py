@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.distributed as dist
 
 from iak_dist.config import DistributedConfig, FinetuneConfig
 from iak_dist.data.batch import Batch, arrow_to_batch, domain_indices
@@ -24,7 +23,7 @@ from iak_dist.data.sampler import DomainBatchSampler
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Split
 from iak_dist.distributed.checkpoint import CheckpointManager, read_backbone_meta
-from iak_dist.distributed.context import DistContext, collective_device
+from iak_dist.distributed.context import DistContext, sum_over_ranks
 from iak_dist.distributed.sharding import ShardedRanker
 from iak_dist.distributed.zero import DenseEngine
 from iak_dist.io import atomic_write_json
@@ -129,15 +128,6 @@ def build_finetune(
     if any(True for _ in adapter.parameters()):
         trainable["adapter"] = adapter
     return FinetuneSetup(sharded, adapter, meta, schema, split, trainable)
-
-
-def sum_over_ranks(counts: np.ndarray) -> np.ndarray:
-    """`counts` summed over every rank (sync point: every rank calls it with the same shape)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return counts
-    both = torch.from_numpy(np.ascontiguousarray(counts, dtype=np.int64)).to(collective_device())
-    dist.all_reduce(both)
-    return both.cpu().numpy()
 
 
 def say_thin_domains(share: DomainShare, schema: Schema, rank: int) -> None:
