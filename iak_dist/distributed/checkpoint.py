@@ -33,6 +33,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from iak_dist.config import ModelConfig, from_dict, to_dict
 from iak_dist.data.schema import Schema
+from iak_dist.distributed.context import on_every_rank
 from iak_dist.errors import UserError
 from iak_dist.faults import fault_point
 from iak_dist.io import atomic_path, atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
@@ -233,33 +234,6 @@ class ShardedWeights:
             yield start, out
 
 
-def _on_every_rank(action: Callable[[], Any], what: str) -> Any:
-    """`action()` on this rank; if it fails on any rank, every rank raises (the failing rank its own error).
-
-    Sync point. Each rank reads or writes its own files, so a damaged file or a full disk may hit one
-    rank only; the others would wait in the next collective until its timeout (30 min). The first
-    failure's one line goes to every rank, so each names the file.
-    """
-    error: BaseException | None = None
-    result = None
-    try:
-        result = action()
-    except Exception as exc:  # noqa: BLE001  (re-raised below, once every rank knows)
-        error = exc
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        line = None
-        if error is not None:
-            line = str(error) if isinstance(error, UserError) else f"{what}: rank {dist.get_rank()}: {_one_line(error)}"
-        lines: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(lines, line)
-        failed = [text for text in lines if text is not None]
-        if failed and error is None:
-            raise UserError(failed[0])
-    if error is not None:
-        raise error
-    return result
-
-
 def save_sharded(model: nn.Module, prefix: str, root: Path, folder: str = "",
                  rank: int | None = None) -> dict[str, Any]:
     """Write the tensors of `model.state_dict()` under `prefix` into `root/folder`: each rank its own shards.
@@ -302,7 +276,7 @@ def save_sharded(model: nn.Module, prefix: str, root: Path, folder: str = "",
             written[base + DENSE_FILE] = write_safetensors(root / base / DENSE_FILE, replicated)
         return written
 
-    files = _on_every_rank(write, str(root / folder))
+    files = on_every_rank(write, what=str(root / folder))
     parts = [(pieces, files)]
     if world > 1:
         parts = [None] * world
@@ -359,7 +333,7 @@ def load_sharded(model: nn.Module, weights: ShardedWeights, prefix: str = "",
             else:
                 source.read_into(name, target)
 
-    _on_every_rank(load, str(weights.root))
+    on_every_rank(load, what=str(weights.root))
 
 
 def plain_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:

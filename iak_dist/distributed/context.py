@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 import torch
@@ -122,3 +122,49 @@ def sum_over_ranks(counts: np.ndarray) -> np.ndarray:
     both = torch.from_numpy(np.ascontiguousarray(counts, dtype=np.int64)).to(collective_device())
     dist.all_reduce(both)
     return both.cpu().numpy()
+
+
+def on_every_rank(action: Callable[..., T], *args: Any, what: str = "") -> T:
+    """`action(*args)` on this rank; if it fails on any rank, it fails on every rank.
+
+    Sync point: one all-reduce of a flag when every rank succeeds. Each rank reads or writes its own
+    files, so a damaged file or a full disk may hit one rank only; the others would wait in the next
+    collective until its timeout (30 min). See `raise_on_every_rank` for what each rank raises.
+    """
+    result, failure = None, None
+    try:
+        result = action(*args)
+    except Exception as exc:  # noqa: BLE001  (raised below, once every rank knows)
+        failure = exc
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([failure is not None], dtype=torch.int64, device=collective_device())
+        dist.all_reduce(flag)  # sync point
+        if flag.item():
+            raise_on_every_rank(failure, what)
+    if failure is not None:
+        raise failure
+    return result  # type: ignore[return-value]
+
+
+def raise_on_every_rank(failure: BaseException | None, what: str = "") -> NoReturn:
+    """Called by every rank once some rank failed: the failing ranks raise their own error, the others
+    the first failure's line: as it is for a `UserError`; for a storage fault (`OSError`) a
+    `UserError` naming the rank (one line, not retried); else a `RuntimeError` naming the rank.
+    `what` says what was being done (e.g. the folder written)."""
+    line = None
+    if failure is not None:
+        text = str(failure).strip().splitlines()
+        message = text[0] if text else type(failure).__name__
+        kind = "user" if isinstance(failure, UserError) else "storage" if isinstance(failure, OSError) else "other"
+        line = (kind, message if kind == "user" else f"{type(failure).__name__}: {message}")
+    lines: list = [None] * dist.get_world_size()
+    dist.all_gather_object(lines, line)  # sync point: a few bytes a rank
+    if failure is not None:
+        raise failure
+    rank, (kind, message) = next((r, f) for r, f in enumerate(lines) if f is not None)
+    where = f"{what}: rank {rank}" if what else f"rank {rank}"
+    if kind == "user":
+        raise UserError(message)
+    if kind == "storage":
+        raise UserError(f"{where}: {message}")
+    raise RuntimeError(f"{where} failed: {message}")

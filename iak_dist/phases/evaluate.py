@@ -37,8 +37,9 @@ receives every score):
 Results do not depend on the world size (the buckets and what rank 0 computes from each do not).
 AUCs equal the in-memory `metrics_by_domain` bit for bit (integer rank sums); GAUC and LogLoss equal
 it to float rounding (about 1e-15 relative: their float sums run bucket by bucket, so they depend on
-`BUCKET_ROWS` at that level, not on the world size). Each local step is `checked`: a failure on one
-rank (a full disk, a vanished bucket file, a bug in rank 0's sums) is raised on every rank.
+`BUCKET_ROWS` at that level, not on the world size). Each local step runs through `on_every_rank`:
+a failure on one rank (a full disk, a vanished bucket file, a bug in rank 0's sums) is raised on
+every rank.
 
 Memory: rank 0 holds one bucket (`BUCKET_ROWS` rows: 16 bytes a distinct score key, 20 bytes a
 user row or 24 bytes a heavy user's distinct key received, plus the sorts' temporaries), every rank
@@ -58,7 +59,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -70,7 +71,14 @@ from iak_dist.data.parquet import ParquetReader
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Split
 from iak_dist.distributed.checkpoint import read_backbone_meta
-from iak_dist.distributed.context import DistContext, collective_device, on_main, sum_over_ranks
+from iak_dist.distributed.context import (
+    DistContext,
+    collective_device,
+    on_every_rank,
+    on_main,
+    raise_on_every_rank,
+    sum_over_ranks,
+)
 from iak_dist.errors import UserError
 from iak_dist.metrics import (
     StreamingAuc,
@@ -122,7 +130,7 @@ def lockstep(batches: Iterator[Batch], ctx: DistContext, padding: Callable[[], B
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             more, failed = (bool(v) for v in flags.tolist())
             if failed:
-                raise_everywhere(failure, ctx)
+                raise_on_every_rank(failure)
         else:
             if failure is not None:
                 raise failure
@@ -135,18 +143,6 @@ def lockstep(batches: Iterator[Batch], ctx: DistContext, padding: Callable[[], B
         else:
             last = last if last is not None else padding()
             yield last, False
-
-
-def raise_everywhere(failure: BaseException | None, ctx: DistContext) -> None:
-    """Raise `failure` on its rank and the first rank's failure, in one line, on every other rank."""
-    failures: list = [None] * ctx.world_size
-    line = None if failure is None else (isinstance(failure, UserError), str(failure).splitlines()[0]
-                                         if str(failure) else type(failure).__name__)
-    dist.all_gather_object(failures, line)
-    if failure is not None:
-        raise failure
-    rank, (is_user, message) = next((r, f) for r, f in enumerate(failures) if f is not None)
-    raise UserError(message) if is_user else RuntimeError(f"rank {rank} failed: {message}")
 
 
 class Spill:
@@ -219,22 +215,6 @@ def user_codes(users: np.ndarray) -> np.ndarray:
     return mixed >> np.uint64(32)
 
 
-def checked(ctx: DistContext, step: Callable[..., T], *args: Any) -> T:
-    """`step(*args)` on this rank; a failure of it on any rank is raised on every rank (one all-reduce),
-    so no rank is left waiting in the next collective (a full disk, a bug on rank 0)."""
-    result, failure = None, None
-    try:
-        result = step(*args)
-    except Exception as exc:  # noqa: BLE001  (raised below, on every rank)
-        failure = exc
-    if ctx.world_size > 1:
-        if sum_over_ranks(np.array([failure is not None], dtype=np.int64))[0]:  # sync point
-            raise_everywhere(failure, ctx)
-    elif failure is not None:
-        raise failure
-    return result  # type: ignore[return-value]
-
-
 def histogram(codes: Callable[[], Iterator[np.ndarray]], firsts: np.ndarray, width: int, bins: int) -> np.ndarray:
     """This rank's rows in each of `bins` equal sub-ranges of the ranges `[first, first + width)`."""
     sub = width // bins
@@ -261,7 +241,7 @@ def bucket_starts(codes: Callable[[], Iterator[np.ndarray]], ctx: DistContext, b
     while len(pending):
         sub = max(1, width // HISTOGRAM_BINS)
         bins = min(HISTOGRAM_BINS, width)
-        counts = sum_over_ranks(checked(ctx, histogram, codes, pending, width, bins))
+        counts = sum_over_ranks(on_every_rank(histogram, codes, pending, width, bins))
         firsts = (pending[:, None] + np.arange(bins, dtype=np.uint64) * np.uint64(sub)).ravel()
         full = (counts > bucket_rows) & (sub > 1)
         done.append((firsts[(counts > 0) & ~full], counts[(counts > 0) & ~full]))
@@ -404,11 +384,11 @@ def stream_metrics(spill: Spill, domains: list[str], ctx: DistContext, folder: P
 
     def by_score(score: str, label: str, auc: StreamingAuc, with_logloss: bool) -> None:
         starts = bucket_starts(lambda: (score_codes(c[score]) for c in spill.chunks()), ctx, bucket_rows)
-        paths = checked(ctx, partition, spill, lambda c: score_codes(c[score]), starts, folder, score)
+        paths = on_every_rank(partition, spill, lambda c: score_codes(c[score]), starts, folder, score)
         for path in paths:
-            counted = gather_to_main(checked(ctx, counted_keys, path, spill.dtype, score, label), ctx)
+            counted = gather_to_main(on_every_rank(counted_keys, path, spill.dtype, score, label), ctx)
             path.unlink(missing_ok=True)
-            checked(ctx, add_score_bucket, counted, auc, with_logloss)
+            on_every_rank(add_score_bucket, counted, auc, with_logloss)
 
     def add_score_bucket(counted: np.ndarray | None, auc: StreamingAuc, with_logloss: bool) -> None:
         if counted is None:  # not rank 0
@@ -420,15 +400,15 @@ def stream_metrics(spill: Spill, domains: list[str], ctx: DistContext, folder: P
 
     def by_user() -> None:
         starts = bucket_starts(lambda: (user_codes(c["user"]) for c in spill.chunks()), ctx, bucket_rows)
-        paths = checked(ctx, partition, spill, lambda c: user_codes(c["user"]), starts, folder, "user")
-        totals = sum_over_ranks(checked(ctx, bucket_sizes, paths, spill.dtype))
+        paths = on_every_rank(partition, spill, lambda c: user_codes(c["user"]), starts, folder, "user")
+        totals = sum_over_ranks(on_every_rank(bucket_sizes, paths, spill.dtype))
         for path, total in zip(paths, totals.tolist(), strict=True):
             if total > bucket_rows:  # one hash code (a heavy user, or a few colliding): by score range
                 heavy_users(path)
                 continue
-            rows = gather_to_main(checked(ctx, read_bucket, path, spill.dtype), ctx)
+            rows = gather_to_main(on_every_rank(read_bucket, path, spill.dtype), ctx)
             path.unlink(missing_ok=True)
-            checked(ctx, add_user_bucket, rows)
+            on_every_rank(add_user_bucket, rows)
 
     def heavy_users(path: Path) -> None:
         """GAUC parts of a user bucket over `bucket_rows`, never gathered whole: its rows cut into
@@ -436,15 +416,15 @@ def stream_metrics(spill: Spill, domains: list[str], ctx: DistContext, folder: P
         to a `StreamingAuc` per user (slots: the user's rows per domain and overall)."""
         bucket = Spill(path, spill.dtype)  # an empty file where this rank has no rows of it
         score_starts = bucket_starts(lambda: (score_codes(c["p_ctr"]) for c in bucket.chunks()), ctx, bucket_rows)
-        parts = checked(ctx, partition, bucket, lambda c: score_codes(c["p_ctr"]), score_starts, folder,
+        parts = on_every_rank(partition, bucket, lambda c: score_codes(c["p_ctr"]), score_starts, folder,
                         f"{path.stem}-p_ctr")
         path.unlink(missing_ok=True)
         users: dict[int, StreamingAuc] = {}
         for part in parts:
-            counted = gather_to_main(checked(ctx, user_counted_keys, part, spill.dtype), ctx)
+            counted = gather_to_main(on_every_rank(user_counted_keys, part, spill.dtype), ctx)
             part.unlink(missing_ok=True)
-            checked(ctx, add_heavy_range, counted, users)
-        checked(ctx, add_heavy_users, users)
+            on_every_rank(add_heavy_range, counted, users)
+        on_every_rank(add_heavy_users, users)
 
     def add_heavy_users(users: dict[int, StreamingAuc]) -> None:  # rank 0 (elsewhere: none)
         for user in sorted(users):
@@ -577,7 +557,7 @@ def evaluate(
         finetune_rows = dict(zip(adapter_cfg["domains"], adapter_cfg["rows_per_domain"], strict=True))
     with spill_folder(spill_root) as folder:
         spill = Spill(folder / "scored.bin", row_dtype(len(schema.domains)))
-        checked(ctx, score, sharded.model, lockstep(reader.epoch(0), ctx, padding), spill, ctx.device)
+        on_every_rank(score, sharded.model, lockstep(reader.epoch(0), ctx, padding), spill, ctx.device)
         metrics = stream_metrics(spill, schema.domains, ctx, folder, has_conversion=schema.conversion is not None,
                                  has_user=schema.user is not None)
 
