@@ -5,8 +5,9 @@ value of the wrong type is a `UserError` naming the key (as a dotted path) and t
 `--set a.b=v` overrides are applied to the YAML before validation, so they are checked the same way.
 Each component receives only its own section.
 
-This module imports nothing heavy (no torch, torchrec, deepspeed or ray): `iak-dist --help` and
-config validation stay fast.
+This module imports nothing heavy (no torch, torchrec, deepspeed or ray) until a config is built:
+`iak-dist --help` stays fast. Each strategy's settings live in the strategy's own file and are
+found through its registry (`strategy_configs`), which imports torch.
 """
 
 from __future__ import annotations
@@ -24,11 +25,9 @@ import yaml
 
 from iak_dist.errors import UserError
 
-STRATEGY_NAMES = ("none", "full", "head", "lora", "patch", "iak")
 
-
-def _at_least(section: Any, **minimum: float) -> dict[str, str]:
-    """`{key: message}` for each numeric key of `section` below its minimum (used by `problems()`)."""
+def at_least(section: Any, **minimum: float) -> dict[str, str]:
+    """`{key: message}` for each numeric key of `section` below its minimum (for a section's `problems()`)."""
     return {key: f"must be >= {low:g}, got {getattr(section, key)!r}"
             for key, low in minimum.items() if not getattr(section, key) >= low}
 
@@ -46,8 +45,10 @@ class DataConfig:
     """MovieLens domain split: user age group, first digit of the zip code, or month of the rating."""
     negatives_per_positive: int = 2
     """Unrated items sampled (by popularity) per rated pair, at the same user and timestamp."""
-    split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
-    """Time quantiles for pre-train / fine-tune / test, taken within each `split_within` group."""
+    split_fractions: list[float] = field(default_factory=lambda: [0.65, 0.15, 0.05, 0.15])
+    """Time quantiles for pre-train / fine-tune / valid / test, taken within each `split_within` group.
+    `valid` (between fine-tune and test in time) serves early stopping and every choice of strategy or
+    hyper-parameter; `test` is read only for the final report."""
     split_within: Literal["user", "domain"] = "user"
     """`user`: each user's history is split by time (earlier ratings pre-train, the latest test), so
     test users are known users; `domain`: each domain's impressions are split by time (test users
@@ -66,7 +67,7 @@ class DataConfig:
     """Rows per Parquet row group written by `prepare` (the reader streams row groups)."""
 
     def problems(self) -> dict[str, str]:
-        return _at_least(self, negatives_per_positive=0, synth_rows=1, synth_domains=1, synth_id_space=1,
+        return at_least(self, negatives_per_positive=0, synth_rows=1, synth_domains=1, synth_id_space=1,
                          row_group_size=1)
 
 
@@ -90,7 +91,7 @@ class ModelConfig:
     """Hidden widths of the MLP tower; the last one is the hidden `h` that kernels adapt."""
 
     def problems(self) -> dict[str, str]:
-        found = _at_least(self, embedding_dim=1, cross_layers=0, cross_rank=1)
+        found = at_least(self, embedding_dim=1, cross_layers=0, cross_rank=1)
         if not self.tower or min(self.tower) < 1:
             found["tower"] = f"need at least one layer, every width >= 1, got {self.tower}"
         return found
@@ -114,83 +115,70 @@ class OptimConfig:
     """AdamW-style decoupled weight decay of the dense parameters."""
     log_every: int = 20
     """Steps between TensorBoard scalars."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning rate after warm-up, for the dense and the sparse optimizer alike: `constant`, or a
+    `linear` / `cosine` decay from the base rate to `min_lr_ratio` x the base rate at the last step."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to the base rate (step s trains at (s + 1) / warmup_steps of it)."""
+    min_lr_ratio: float = 0.0
+    """The decayed schedules end at this fraction of the base rate."""
+    validate_every: float = 0.0
+    """Epochs between passes over the validation split (0: no validation). Each pass measures the
+    validation loss; training ends on the weights of the best pass (early stopping restores them)."""
+    patience: int = 0
+    """Validation passes without improvement after which training stops early (0: never early)."""
 
     def problems(self) -> dict[str, str]:
-        found = _at_least(self, steps=0, batch_size=1, lr_dense=0.0, lr_sparse=0.0, weight_decay=0.0, log_every=1)
+        found = at_least(self, steps=0, batch_size=1, lr_dense=0.0, lr_sparse=0.0, weight_decay=0.0, log_every=1,
+                          warmup_steps=0, min_lr_ratio=0.0, validate_every=0.0, patience=0)
+        if self.min_lr_ratio > 1.0:
+            found["min_lr_ratio"] = f"must be within [0, 1], got {self.min_lr_ratio}"
         if self.steps == 0 and not self.epochs > 0:  # 0 epochs used to train one step anyway
             found["epochs"] = f"must be > 0 (or give steps > 0), got {self.epochs}"
         return found
 
 
-@dataclass
-class LoraConfig:
-    """Per-domain low-rank update of every tower layer (MLoRA-style)."""
+def strategy_configs() -> dict[str, type | None]:
+    """Every registered strategy's name -> its config class (None: it has no settings), in registration order.
 
-    rank: int = 4
-    """Rank r of `B_d A_d`; `B_d` starts at zero."""
-    alpha: float = 8.0
-    """Scale: the update is `(alpha / rank) * B_d A_d x`."""
+    A strategy's settings live in its own file (iak_dist/model/strategies/<name>.py) and are found
+    here through the registry; this imports the strategies, hence torch (about 2 s, once).
+    """
+    from iak_dist.model.strategies import registered_configs
 
-    def problems(self) -> dict[str, str]:
-        return _at_least(self, rank=1)
-
-
-@dataclass
-class PatchConfig:
-    """PeterRec-style residual bottleneck per domain after every tower layer."""
-
-    bottleneck: int = 8
-    """Width of the bottleneck; its up-projection starts at zero."""
-
-    def problems(self) -> dict[str, str]:
-        return _at_least(self, bottleneck=1)
-
-
-@dataclass
-class IakConfig:
-    """Information-aware adaptive kernel (see docs/iak.md)."""
-
-    width: int = 8
-    """Width k of the latent z."""
-    beta_compression: float = 1.0
-    """Weight of KL(q_d || p_d) during the compression phase."""
-    beta_matching: float = 0.01
-    """Weight of KL(q_d || p_d) during the matching phase."""
-    compression_fraction: float = 0.3
-    """Share of fine-tune steps spent in compression (encoder + prior train, decoder frozen)."""
-    decoder_in_compression: bool = False
-    """Let the decoder train during compression too (then compression = high-beta training of the
-    whole kernel). With False, a zero-initialised residual decoder passes no task gradient to
-    the encoder, so compression only fits the encoder to the prior."""
-    form: Literal["residual", "bottleneck"] = "residual"
-    """`residual`: h' = h + W_d z (starts exactly at the pre-trained model). `bottleneck`: the
-    paper-shaped ablation h' = U_d z + W_d z, where the compressed code replaces h downstream."""
-    insertion: Literal["output", "every_layer"] = "every_layer"
-    """One kernel after every tower layer, or at the tower output only (measured on MovieLens-100K:
-    every_layer +0.023 CTR-AUC over output, see docs/results.md)."""
-    init_std: float = 0.01
-    """Std of the Gaussian initialisation of encoder weights."""
-
-    def problems(self) -> dict[str, str]:
-        found = _at_least(self, width=1, beta_compression=0.0, beta_matching=0.0, init_std=0.0)
-        if not 0.0 <= self.compression_fraction <= 1.0:
-            found["compression_fraction"] = f"must be within [0, 1], got {self.compression_fraction}"
-        return found
+    return registered_configs()
 
 
 @dataclass
 class FinetuneConfig:
-    """Fine-tuning of every domain at once, with the batch-aware domain sampler."""
+    """Fine-tuning of every domain at once, with the batch-aware domain sampler.
 
-    strategies: list[str] = field(default_factory=lambda: list(STRATEGY_NAMES))
-    """Strategies to fine-tune and compare on the same backbone (see iak_dist/model/strategies)."""
+    Besides the keys below, the section holds one sub-section per strategy that has settings, under
+    the strategy's name (`finetune.iak.width`, `finetune.lora.rank`): their keys, defaults and meaning
+    are the strategy's config class, in the strategy's own file.
+    """
+
+    strategies: list[str] = field(default_factory=lambda: list(strategy_configs()))
+    """Strategies to fine-tune and compare on the same backbone (default: every registered one)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=3.0, lr_dense=2e-3))
     """Loop settings of each strategy's fine-tune run."""
     sampler_alpha: float = 0.5
     """Domain d is drawn with probability proportional to n_d ** alpha (0: uniform, 1: by size)."""
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    patch: PatchConfig = field(default_factory=PatchConfig)
-    iak: IakConfig = field(default_factory=IakConfig)
+    settings: dict[str, Any] = field(default_factory=dict, metadata={"sections": strategy_configs})
+    """The strategies' sections by name (written in YAML as `finetune.<strategy>`, not under `settings`);
+    every registered strategy with settings has one, at its defaults unless the config says otherwise."""
+
+    def __post_init__(self) -> None:
+        for name, section_cls in strategy_configs().items():
+            if section_cls is not None and name not in self.settings:
+                self.settings[name] = section_cls()
+
+    def __getattr__(self, name: str) -> Any:
+        """`cfg.iak` is the iak strategy's section (only called for names that are not fields)."""
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in settings:
+            return settings[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute or strategy section {name!r}")
 
 
 @dataclass
@@ -237,7 +225,7 @@ class ZeroConfig:
     """Passed through into the DeepSpeed config (merged over what the keys above set)."""
 
     def problems(self) -> dict[str, str]:
-        found = _at_least(self, gradient_clipping=0.0)
+        found = at_least(self, gradient_clipping=0.0)
         if self.bf16:  # refused before anything runs (distributed/zero.py says why)
             found["bf16"] = ("mixed precision of the dense part is not supported (the embeddings feed it float32 "
                              "activations, which bf16 weights refuse); train in float32: set it to false")
@@ -265,7 +253,7 @@ class DistributedConfig:
     """Complete checkpoints kept per phase (older ones are deleted once a newer one is complete)."""
 
     def problems(self) -> dict[str, str]:
-        return _at_least(self, checkpoint_every=0, keep_checkpoints=1)
+        return at_least(self, checkpoint_every=0, keep_checkpoints=1)
 
 
 PHASE_TYPES = ("prepare", "pretrain", "finetune", "evaluate", "export")
@@ -291,7 +279,7 @@ class PhaseSpec:
     """Worker-group restarts Ray Train allows before the phase fails (each resumes from the last checkpoint)."""
 
     def problems(self) -> dict[str, str]:
-        return _at_least(self, workers=1, max_failures=0)
+        return at_least(self, workers=1, max_failures=0)
 
 
 @dataclass
@@ -310,7 +298,7 @@ class OrchestrationConfig:
     checkpoints are kept by `distributed.keep_checkpoints`; Ray's copies only serve its worker restarts)."""
 
     def problems(self) -> dict[str, str]:
-        return _at_least(self, num_cpus=0, ray_checkpoints_to_keep=1)
+        return at_least(self, num_cpus=0, ray_checkpoints_to_keep=1)
 
 
 @dataclass
@@ -321,7 +309,7 @@ class EvaluateConfig:
     """Samples per scoring batch."""
 
     def problems(self) -> dict[str, str]:
-        return _at_least(self, batch_size=1)
+        return at_least(self, batch_size=1)
 
 
 @dataclass
@@ -341,16 +329,16 @@ class PipelineConfig:
     orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.finetune.strategies if s not in STRATEGY_NAMES]
+        known = strategy_configs()
+        unknown = [s for s in self.finetune.strategies if s not in known]
         if unknown:
-            raise UserError(
-                f"finetune.strategies: unknown strategy {unknown[0]!r}; known: {', '.join(STRATEGY_NAMES)}"
-            )
+            raise UserError(f"finetune.strategies: unknown strategy {unknown[0]!r}; known: {', '.join(known)}")
         if not self.seeds:
             raise UserError("seeds: give at least one seed, e.g. seeds: [0]")
         fr = self.data.split_fractions
-        if len(fr) != 3 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
-            raise UserError(f"data.split_fractions: need three positive fractions summing to 1, got {fr}")
+        if len(fr) != 4 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+            raise UserError(f"data.split_fractions: need four positive fractions (pretrain, finetune, valid, test) "
+                            f"summing to 1, got {fr}")
 
 
 def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
@@ -427,10 +415,17 @@ def _check_key_path(cls: type, parts: list[str], where: str) -> None:
             if typing.get_origin(tp) is dict or tp is Any:
                 return  # a free mapping (sharding.plan, zero.deepspeed): its keys are data
             raise UserError(f"{where}: {'.'.join(parts[:i])} is not a section")
-        names = [f.name for f in dataclasses.fields(tp)]
-        if part not in names:
+        sections = _open_sections(tp)
+        names = [f.name for f in dataclasses.fields(tp) if f.name != sections[0]]
+        names += [name for name, section in sections[1].items() if section is not None]
+        if part not in names and part not in sections[1]:
             raise UserError(f"{where}: unknown key {'.'.join(parts[:i + 1])}{_did_you_mean(part, names)}; "
                             f"valid keys here: {', '.join(names)}")
+        if part in sections[1]:
+            tp = sections[1][part]
+            if tp is None:
+                raise UserError(f"{where}: strategy {part} has no settings")
+            continue
         tp = typing.get_type_hints(tp)[part]
         if typing.get_origin(tp) in (typing.Union, types.UnionType):
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
@@ -441,9 +436,33 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+def _open_sections(cls: type) -> tuple[str, dict[str, type | None]]:
+    """(field, {key: section class}) of a dataclass whose field is marked `metadata={"sections": registry}`:
+    its sub-sections are written at the dataclass's own level (`finetune.iak`, not `finetune.settings.iak`)
+    and found through the registry. ("", {}) for an ordinary dataclass."""
+    for f in dataclasses.fields(cls):
+        if "sections" in f.metadata:
+            return f.name, f.metadata["sections"]()
+    return "", {}
+
+
 def to_dict(cfg: Any) -> Any:
-    """The config as plain data (for saving next to results and for stamping adapters)."""
-    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    """The config as plain data (for saving next to results and for stamping adapters); open sections are
+    written at their parent's level, as a config file says them."""
+    if dataclasses.is_dataclass(cfg):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if "sections" in f.metadata:
+                out.update({name: to_dict(section) for name, section in value.items()})
+            else:
+                out[f.name] = to_dict(value)
+        return out
+    if isinstance(cfg, list | tuple):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
 
 
 T = typing.TypeVar("T")
@@ -461,13 +480,21 @@ def from_dict(cls: type[T], data: Any, source: str, prefix: str = "", base: Any 
     if not isinstance(data, Mapping):
         raise UserError(f"{_where(source, prefix)}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    kwargs = {}
+    open_field, sections = _open_sections(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != open_field}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key in sections:  # a registered section (a strategy's settings), written at this level
+            if sections[key] is None:
+                raise UserError(f"{_where(source, dotted)}: strategy {key} has no settings")
+            given = kwargs.setdefault(open_field, dict(getattr(base, open_field)) if base is not None else {})
+            given[key] = _coerce(sections[key], value, source, dotted, given.get(key))
+            continue
         if key not in fields:
-            raise UserError(f"{_where(source, dotted)}: unknown key{_did_you_mean(str(key), list(fields))}; "
-                            f"valid keys here: {', '.join(fields)}")
+            valid = [*fields, *(name for name, section in sections.items() if section is not None)]
+            raise UserError(f"{_where(source, dotted)}: unknown key{_did_you_mean(str(key), valid)}; "
+                            f"valid keys here: {', '.join(valid)}")
         default = getattr(base, key) if base is not None else _field_default(fields[key])
         kwargs[key] = _coerce(hints[key], value, source, dotted, default)
     obj = dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)

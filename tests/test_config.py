@@ -100,3 +100,40 @@ def test_a_model_section_that_differs_from_the_backbones_is_named(backbone_dir, 
     assert err[1:] == [f"error: model.embedding_dim: the config says 12, the backbone in {backbone} "
                       "was pre-trained with 8; use the backbone's value or pre-train again (another run_dir)"]
     assert not (run_dir / "seed0" / "adapters").exists()
+
+
+def test_a_strategy_is_one_file_its_settings_found_through_the_registry(tmp_path, monkeypatch):
+    """A strategy registered from its own module (config class included) is a valid `finetune.strategies`
+    name, its section is validated with its own defaults and checks, and round-trips through to_dict."""
+    from dataclasses import dataclass
+
+    from iak_dist.config import at_least, to_dict
+    from iak_dist.model.strategies import base
+
+    @dataclass
+    class ToyConfig:
+        size: int = 3
+        """A knob."""
+
+        def problems(self):
+            return at_least(self, size=1)
+
+    class Toy(base.Adapter):
+        name = "toy"
+        config_class = ToyConfig
+
+    monkeypatch.setitem(base._REGISTRY, "toy", Toy)
+    path = tmp_path / "c.yaml"
+    path.write_text("finetune:\n  strategies: [toy, iak]\n  toy:\n    size: 5\n")
+    cfg = load_config(path)
+    assert cfg.finetune.toy == ToyConfig(size=5) and cfg.finetune.iak.width == 8  # untouched: its defaults
+    assert load_config(path, ["finetune.toy.size=7"]).finetune.toy.size == 7
+    assert to_dict(cfg.finetune)["toy"] == {"size": 5}
+    assert load_config(None, []).finetune.toy == ToyConfig()  # every registered strategy has its section
+    with pytest.raises(UserError, match=r"^--set finetune.toy.sise=2: unknown key finetune.toy.sise "
+                                        r"\(did you mean size\?\); valid keys here: size$"):
+        load_config(path, ["finetune.toy.sise=2"])
+    with pytest.raises(UserError, match=r"^--set finetune.toy.size=0: key finetune.toy.size: must be >= 1, got 0$"):
+        load_config(path, ["finetune.toy.size=0"])
+    with pytest.raises(UserError, match=r"^--set finetune.full.lr=1: strategy full has no settings$"):
+        load_config(path, ["finetune.full.lr=1"])

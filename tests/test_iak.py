@@ -1,8 +1,7 @@
 import torch
 
-from iak_dist.config import IakConfig
 from iak_dist.model.strategies.base import DomainRows
-from iak_dist.model.strategies.iak import GaussianKernel, IakAdapter, gaussian_kl
+from iak_dist.model.strategies.iak import GaussianKernel, IakAdapter, IakConfig, gaussian_kl
 
 
 def test_kl_closed_form_matches_monte_carlo():

@@ -1,17 +1,28 @@
 """Fine-tuning strategies behind one interface (`Adapter`), chosen by name.
 
-Importing this package registers every built-in strategy.
+A strategy is one file here: its config class (settings, defaults, checks) and its `Adapter`
+subclass, decorated with `@register`. Registering it is adding its module to `BUILT_IN`; the
+order is the default order of `finetune.strategies` (and of the report).
 """
 
-from iak_dist.model.strategies import full, head, iak, lora, patch  # noqa: F401  (register)
-from iak_dist.model.strategies.base import Adapter, adapter_class, known_strategies
+import importlib
+
+from iak_dist.model.strategies.base import Adapter, adapter_class, known_strategies, registered_configs
+
+BUILT_IN = ("full", "head", "lora", "patch", "iak")
+"""The strategy modules imported (hence registered) with this package, after `none` (in base.py)."""
+
+for _module in BUILT_IN:
+    importlib.import_module(f"{__name__}.{_module}")
 
 
 def build_adapter(name: str, num_domains: int, tower_widths: list[int], finetune_cfg) -> Adapter:
-    """The adapter of strategy `name`, with its own section of the fine-tune config."""
+    """The adapter of strategy `name`, with its own section of the fine-tune config (defaults if None)."""
     cls = adapter_class(name)
-    section = getattr(finetune_cfg, name, None) if finetune_cfg is not None else None
+    section = finetune_cfg.settings.get(name) if finetune_cfg is not None else None
+    if section is None and cls.config_class is not None:
+        section = cls.config_class()
     return cls(num_domains, tower_widths, section)
 
 
-__all__ = ["Adapter", "build_adapter", "known_strategies"]
+__all__ = ["Adapter", "build_adapter", "known_strategies", "registered_configs"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -114,12 +115,17 @@ class Adapter(nn.Module):
     """Base class: no adaptation. Subclasses override the hooks they need.
 
     Class attributes:
-        name: the strategy's key in configs (`finetune.strategies`).
+        name: the strategy's key in configs (`finetune.strategies`, and its section `finetune.<name>`).
+        config_class: the dataclass of its settings (defaults, docstrings, `problems()`), or None.
         trains_backbone: which backbone parameters train: "none", "heads" or "all".
+        per_domain_models: one separate model per domain (fine-tuned and scored domain by domain)
+            instead of one adapter holding every domain.
     """
 
     name: ClassVar[str] = "none"
+    config_class: ClassVar[type | None] = None
     trains_backbone: ClassVar[str] = "none"
+    per_domain_models: ClassVar[bool] = False
 
     def __init__(self, num_domains: int, tower_widths: list[int], cfg: Any = None) -> None:
         super().__init__()
@@ -143,11 +149,15 @@ class Adapter(nn.Module):
     def init_from_backbone(self, backbone: nn.Module) -> None:
         """Copy whatever the adapter starts from out of the pre-trained backbone (e.g. heads)."""
 
+    def set_domain_sizes(self, rows_per_domain: np.ndarray) -> None:
+        """Told before fine-tuning: the fine-tune rows of each domain over all ranks ([K] counts)."""
+
 
 _REGISTRY: dict[str, type[Adapter]] = {}
 
 
 def register(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: makes the strategy known by its `name` (configs, CLI, saved adapters)."""
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -157,9 +167,15 @@ register(Adapter)
 
 def adapter_class(name: str) -> type[Adapter]:
     if name not in _REGISTRY:
-        raise KeyError(f"unknown strategy {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+        raise KeyError(f"unknown strategy {name!r}; known: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
 
 
 def known_strategies() -> list[str]:
-    return sorted(_REGISTRY)
+    """Registered strategy names, in registration order."""
+    return list(_REGISTRY)
+
+
+def registered_configs() -> dict[str, type | None]:
+    """name -> config class (None: no settings) of every registered strategy, in registration order."""
+    return {name: cls.config_class for name, cls in _REGISTRY.items()}

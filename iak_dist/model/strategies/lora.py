@@ -7,16 +7,31 @@ model starts exactly at the pre-trained one.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from torch import nn
 
-from iak_dist.config import LoraConfig
+from iak_dist.config import at_least
 from iak_dist.model.strategies.base import Adapter, DomainLinear, register
+
+
+@dataclass
+class LoraConfig:
+    """Per-domain low-rank update of every tower layer (MLoRA-style)."""
+
+    rank: int = 4
+    """Rank r of `B_d A_d`; `B_d` starts at zero."""
+    alpha: float = 8.0
+    """Scale: the update is `(alpha / rank) * B_d A_d x`."""
+
+    def problems(self) -> dict[str, str]:
+        return at_least(self, rank=1)
 
 
 @register
 class LoraAdapter(Adapter):
     name = "lora"
+    config_class = LoraConfig
 
     def __init__(self, num_domains: int, tower_widths: list[int], cfg: LoraConfig) -> None:
         super().__init__(num_domains, tower_widths, cfg)

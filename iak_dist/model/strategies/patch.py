@@ -6,17 +6,30 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from iak_dist.config import PatchConfig
+from iak_dist.config import at_least
 from iak_dist.model.strategies.base import Adapter, DomainLinear, register
+
+
+@dataclass
+class PatchConfig:
+    """PeterRec-style residual bottleneck per domain after every tower layer."""
+
+    bottleneck: int = 8
+    """Width of the bottleneck; its up-projection starts at zero."""
+
+    def problems(self) -> dict[str, str]:
+        return at_least(self, bottleneck=1)
 
 
 @register
 class PatchAdapter(Adapter):
     name = "patch"
+    config_class = PatchConfig
 
     def __init__(self, num_domains: int, tower_widths: list[int], cfg: PatchConfig) -> None:
         super().__init__(num_domains, tower_widths, cfg)

@@ -10,7 +10,6 @@ trains backbone weights (`full`) saves them as the exported backbone does: per-r
 
 from __future__ import annotations
 
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,8 @@ from iak_dist.distributed.checkpoint import (
 )
 from iak_dist.errors import UserError
 from iak_dist.io import atomic_write_json
-from iak_dist.model.strategies import build_adapter
-from iak_dist.model.strategies.base import Adapter
+from iak_dist.model.strategies import build_adapter, known_strategies
+from iak_dist.model.strategies.base import Adapter, adapter_class
 
 CONFIG_FILE, WEIGHTS_FILE, BACKBONE_FOLDER = "adapter_config.json", "adapter_model.safetensors", "backbone"
 _REFINETUNE = "fine-tune this strategy again"
@@ -110,11 +109,14 @@ def load_adapter(path: str | Path, backbone_meta: dict[str, Any]) -> tuple[Adapt
     path = Path(path)
     config = verify_adapter(path, backbone_meta)
     name = config["strategy"]
-    section_cls = typing.get_type_hints(FinetuneConfig).get(name)
-    section = from_dict(section_cls, config["strategy_config"], str(path / CONFIG_FILE)) if section_cls else None
+    try:
+        section_cls = adapter_class(name).config_class
+    except KeyError as exc:
+        raise UserError(f"{path / CONFIG_FILE}: strategy {name!r} is not registered here "
+                        f"(known: {', '.join(known_strategies())})") from exc
     holder = FinetuneConfig()
-    if section is not None:
-        setattr(holder, name, section)
+    if section_cls is not None:
+        holder.settings[name] = from_dict(section_cls, config["strategy_config"], str(path / CONFIG_FILE))
     adapter = build_adapter(name, len(config["domains"]), config["tower_widths"], holder)
     weights = SafetensorsFile(path / WEIGHTS_FILE, _REFINETUNE)  # its hash was checked above
     own = {k[len("adapter."):]: weights.read(k, 0, shape[0] if shape else 1).view(shape)
