@@ -82,9 +82,78 @@ def test_split_by_user_time_keeps_each_users_latest_ratings_for_test(tmp_path):
 
     user = np.array([1, 1, 1, 1, 2, 2, 2, 2])
     when = np.array([4, 1, 3, 2, 10, 40, 30, 20])
-    split = split_by_time(user, when, [0.5, 0.25, 0.25])
-    assert split.tolist() == [2, 0, 1, 0, 0, 2, 1, 0]
+    split = split_by_time(user, when, [0.25, 0.25, 0.25, 0.25])
+    assert split.tolist() == [3, 0, 2, 1, 0, 3, 2, 1]
     assert DataConfig().split_within == "user"
+
+
+def movielens_like(rng: np.random.Generator, regular: int, bursty: int) -> pa.Table:
+    """Ratings with two popularity-sampled negatives each at the same user and timestamp (as movielens.py).
+
+    The first `regular` users rate at 100 distinct times (their four time quantiles fall between
+    ratings, so each split gets exactly its fraction); the `bursty` others rate several films in the
+    same second, as MovieLens users do.
+    """
+    users, when = [], []
+    for u in range(regular + bursty):
+        gaps = rng.integers(1, 5000, 100) if u < regular else rng.integers(1, 5000, 40) * (rng.random(40) < 0.6)
+        users.append(np.full(len(gaps), u))
+        when.append(880_000_000 + rng.integers(0, 10**6) + np.cumsum(gaps))
+    pos_user, pos_when = np.concatenate(users), np.concatenate(when)
+    user, ts = np.repeat(pos_user, 3), np.repeat(pos_when, 3)
+    order = rng.permutation(len(user))  # rows in no particular order, as a real table
+    user, ts = user[order], ts[order]
+    click = (np.arange(len(order)) % 3 == 0)[order]
+    return pa.table({
+        "label_click": pa.array(click.astype(np.int8)), "label_conversion": pa.array(np.zeros(len(user), np.int8)),
+        "domain": pa.array(np.array(["young", "mid", "old"])[user % 3]),  # a user attribute (age group)
+        "user_id": pa.array(user.astype(np.int64)), "item_id": pa.array(rng.integers(0, 500, len(user))),
+        "timestamp": pa.array(ts.astype(np.int64)),
+    })
+
+
+@pytest.mark.parametrize("split_within", ["user", "domain"])
+def test_the_valid_split_lies_between_finetune_and_test_and_never_overlaps_test(tmp_path, split_within):
+    from iak_dist.config import DataConfig
+    from iak_dist.data.source import SPLITS
+    from iak_dist.data.splits import write_splits
+
+    regular, bursty = 24, 12
+    table = movielens_like(np.random.default_rng(3), regular, bursty)
+    schema = Schema(sparse=[SparseFeature("user_id", 64), SparseFeature("item_id", 512)],
+                    domains=["young", "mid", "old"])
+    cfg = DataConfig(split_fractions=[0.65, 0.15, 0.05, 0.15], split_within=split_within, row_group_size=1000)
+    stats = write_splits(table, schema, cfg, tmp_path, time_column="timestamp")
+    assert SPLITS == ("pretrain", "finetune", "valid", "test") and list(stats["splits"]) == list(SPLITS)
+    parts = {s: pq.read_table(tmp_path / f"{s}.parquet").to_pandas() for s in SPLITS}
+    assert [len(parts[s]) for s in SPLITS] == [stats["splits"][s]["rows"] for s in SPLITS]
+    assert sum(len(p) for p in parts.values()) == table.num_rows
+    assert len(parts["valid"]) > 0
+    for earlier, later in zip(SPLITS, SPLITS[1:], strict=False):  # per user: strictly earlier in time
+        last = parts[earlier].groupby("user_id")["timestamp"].max()
+        first = parts[later].groupby("user_id")["timestamp"].min()
+        both = last.index.intersection(first.index)
+        assert len(both) > 0 and (last[both] < first[both]).all(), (earlier, later)
+    keys = {s: set(zip(parts[s].user_id, parts[s].item_id, parts[s].timestamp, strict=True)) for s in SPLITS}
+    assert not keys["valid"] & keys["test"]
+    if split_within == "user":  # the four fractions, exactly, for users whose quantiles fall between ratings
+        for s, fraction in zip(SPLITS, cfg.split_fractions, strict=True):
+            rows = parts[s].user_id.value_counts().reindex(range(regular), fill_value=0)
+            assert (rows == round(fraction * 300)).all(), s
+
+
+def test_a_folder_with_three_splits_is_not_prepared(tmp_path, synth_dir):
+    import shutil
+
+    from iak_dist.data.prepare import is_prepared
+
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("schema.yaml", "pretrain.parquet", "finetune.parquet", "test.parquet"):  # before `valid`
+        shutil.copy(synth_dir / name, old)
+    assert is_prepared(synth_dir) and not is_prepared(old)
+    shutil.copy(synth_dir / "valid.parquet", old)
+    assert is_prepared(old)
 
 
 @pytest.mark.parametrize("shift", [0.0, 2.0])

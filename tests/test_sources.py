@@ -13,7 +13,7 @@ import yaml
 
 from iak_dist.data.parquet import DataPosition, ParquetReader
 from iak_dist.data.schema import Schema
-from iak_dist.data.source import Split, assign, validate
+from iak_dist.data.source import SPLITS, Split, assign, validate
 from iak_dist.errors import UserError
 
 
@@ -96,17 +96,42 @@ def test_schema_yaml_says_where_each_split_is_and_a_missing_one_is_named(synth_d
     assert Split.open(data, "pretrain").num_rows == pretrain_table.num_rows
     assert Split.open(data, "finetune").files == [str(data / "ft.parquet")]
     assert not is_prepared(data)
-    with pytest.raises(UserError, match="data.source is parquet but schema.yaml or a split is missing"):
-        prepare(DataConfig(source="parquet", dir=str(data)))
     with pytest.raises(UserError, match=rf"^{data / 'schema.yaml'}: splits lists no 'test' split"):
         Split.open(data, "test")
     spec["splits"]["test"] = str(synth_dir / "test.parquet")  # an absolute path
+    (data / "schema.yaml").write_text(yaml.safe_dump(spec))
+    assert not is_prepared(data)  # no valid split yet: a one-line error saying how to add it
+    with pytest.raises(UserError) as missing:
+        prepare(DataConfig(source="parquet", dir=str(data)))
+    assert str(missing.value) == (
+        f"{data / 'schema.yaml'}: data.source is parquet but its `splits:` lists no valid; add "
+        f"`valid: <file, folder, glob or URI>` under splits{VALID_WHY}")
+    spec["splits"]["valid"] = str(synth_dir / "valid.parquet")
     (data / "schema.yaml").write_text(yaml.safe_dump(spec))
     assert is_prepared(data) and prepare(DataConfig(source="parquet", dir=str(data))) == data
     assert Split.open(data, "test").num_rows == pq.read_metadata(synth_dir / "test.parquet").num_rows
     schema = Schema.load(data / "schema.yaml")  # `splits` is not part of the schema ...
     schema.save(data / "schema.yaml")
     assert yaml.safe_load((data / "schema.yaml").read_text())["splits"] == spec["splits"]  # ... and saving keeps it
+
+
+VALID_WHY = (" (valid: the impressions between fine-tune and test in time, read by early stopping and model choice "
+             "so that test is read only for the final report)")
+
+
+def test_a_parquet_folder_of_three_files_names_the_missing_valid_split(synth_dir, tmp_path):
+    from iak_dist.config import DataConfig
+    from iak_dist.data.prepare import prepare
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("schema.yaml", "pretrain.parquet", "finetune.parquet", "test.parquet"):  # the layout before valid
+        shutil.copy(synth_dir / name, data)
+    with pytest.raises(UserError) as missing:
+        prepare(DataConfig(source="parquet", dir=str(data)))
+    assert str(missing.value) == (
+        f"{data}: data.source is parquet but valid.parquet is missing; write it beside schema.yaml, or name "
+        f"every split under schema.yaml's `splits:`{VALID_WHY}")
 
 
 def test_opening_reads_footers_only_and_a_bad_value_names_file_and_row_when_read(pretrain_table, schema, tmp_path,
@@ -323,8 +348,8 @@ def test_data_validate_streams_a_folder_and_prints_every_problem(pretrain_table,
                                     f"{big}: column 'dense_0' row 260: value inf is not finite; impute it"]
         assert err.splitlines()[-1] == f"{len(files)} file(s), {pretrain_table.num_rows} row(s), 2 problem(s)"
     assert main(["data", "validate", str(synth_dir)]) == 0  # a data folder: every split
-    rows = sum(pq.read_metadata(synth_dir / f"{s}.parquet").num_rows for s in ("pretrain", "finetune", "test"))
-    assert capsys.readouterr().err.splitlines()[-1] == f"3 file(s), {rows} row(s), 0 problem(s)"
+    rows = sum(pq.read_metadata(synth_dir / f"{s}.parquet").num_rows for s in SPLITS)
+    assert capsys.readouterr().err.splitlines()[-1] == f"{len(SPLITS)} file(s), {rows} row(s), 0 problem(s)"
 
 
 def test_pretrain_resumed_at_another_world_size_goes_on_at_the_next_epoch(synth_dir, small_cfg, ctx, tmp_path,

@@ -7,8 +7,9 @@ into a cache folder and never committed.
 Impressions: every rated (user, item) pair is a click; for each one, `negatives_per_positive`
 unrated items are sampled by popularity at the same user and timestamp (non-clicks).
 conversion = rated >= 4. Domains: the user's age group, the first digit of the zip code, or the
-month of the rating. Splits: within each domain, by time: the earliest `split_fractions[0]` of
-its impressions pre-train, the next fine-tune, the latest are the test set.
+month of the rating. Splits: by time within each user (`split_within: user`, default) or each
+domain, at the quantiles `split_fractions`: the earliest impressions pre-train, then fine-tune,
+then valid (early stopping, model choice), the latest the test set.
 """
 
 from __future__ import annotations
@@ -162,6 +163,6 @@ def build_impressions(raw: dict[str, str], cfg: DataConfig) -> tuple[pa.Table, S
 
 
 def prepare_movielens(cfg: DataConfig, out_dir: str | Path) -> dict:
-    """Fetch MovieLens-100K and write schema.yaml + pre-train / fine-tune / test Parquet splits."""
+    """Fetch MovieLens-100K and write schema.yaml + pre-train / fine-tune / valid / test Parquet splits."""
     table, schema = build_impressions(fetch_raw(), cfg)
     return write_splits(table, schema, cfg, Path(out_dir), time_column="timestamp")

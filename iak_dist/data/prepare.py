@@ -9,18 +9,26 @@ from iak_dist.data.source import SPLITS, split_locations
 from iak_dist.errors import UserError
 
 
-def is_prepared(data_dir: str | Path) -> bool:
-    """schema.yaml is there and says where every split is (its `splits:`), or `<split>.parquet` are there.
+def missing_splits(data_dir: str | Path) -> list[str] | None:
+    """The splits of `SPLITS` the data folder lacks (None: no schema.yaml at all).
 
-    A listed location is not looked at (it may be a remote store): opening the split checks it.
+    A split is there when schema.yaml's `splits:` lists it or, without that mapping, when
+    `<split>.parquet` lies beside schema.yaml. A listed location is not looked at (it may be a remote
+    store): opening the split checks it.
     """
     data_dir = Path(data_dir)
     if not (data_dir / "schema.yaml").is_file():
-        return False
+        return None
     listed = split_locations(data_dir / "schema.yaml")
     if listed is not None:
-        return all(s in listed for s in SPLITS)
-    return all((data_dir / f"{s}.parquet").is_file() for s in SPLITS)
+        return [s for s in SPLITS if s not in listed]
+    return [s for s in SPLITS if not (data_dir / f"{s}.parquet").is_file()]
+
+
+def is_prepared(data_dir: str | Path) -> bool:
+    """schema.yaml is there and every split of `SPLITS` with it (a folder of an older layout, e.g.
+    without `valid`, is not: movielens and synth folders are then prepared again)."""
+    return missing_splits(data_dir) == []
 
 
 def prepare(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
@@ -34,8 +42,27 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
         from iak_dist.data.synth import prepare_synthetic
 
         prepare_synthetic(cfg, out)
-    elif not is_prepared(out):
-        raise UserError(f"{out}: data.source is parquet but schema.yaml or a split is missing "
-                        f"({', '.join(s + '.parquet' for s in SPLITS)} beside it, or all of "
-                        f"{', '.join(SPLITS)} under its `splits:`)")
+    else:
+        _check_parquet_folder(out)
     return out
+
+
+def _check_parquet_folder(data_dir: Path) -> None:
+    """A parquet source must already hold schema.yaml and every split: else one line saying what to add."""
+    missing = missing_splits(data_dir)
+    if missing is None:
+        raise UserError(f"{data_dir / 'schema.yaml'}: data.source is parquet but there is no schema.yaml; write it "
+                        f"(docs/data.md) with {', '.join(s + '.parquet' for s in SPLITS)} beside it or a `splits:` "
+                        f"mapping naming each of {', '.join(SPLITS)}")
+    if not missing:
+        return
+    why = (" (valid: the impressions between fine-tune and test in time, read by early stopping and model choice "
+           "so that test is read only for the final report)" if "valid" in missing else "")
+    if split_locations(data_dir / "schema.yaml") is not None:
+        add = ", ".join(f"`{s}: <file, folder, glob or URI>`" for s in missing)
+        raise UserError(f"{data_dir / 'schema.yaml'}: data.source is parquet but its `splits:` lists no "
+                        f"{', '.join(missing)}; add {add} under splits{why}")
+    raise UserError(f"{data_dir}: data.source is parquet but {', '.join(s + '.parquet' for s in missing)} "
+                    f"{'is' if len(missing) == 1 else 'are'} missing; write {'it' if len(missing) == 1 else 'them'} "
+                    f"beside schema.yaml, or name every split under schema.yaml's `splits:`{why}")
+

@@ -34,8 +34,10 @@ from iak_dist.data.schema import Schema
 from iak_dist.data.validate import one_line, schema_problems, value_problems
 from iak_dist.errors import UserError
 
-SPLITS = ("pretrain", "finetune", "test")
-"""The splits a data folder holds, in pipeline order (the one list of them)."""
+SPLITS = ("pretrain", "finetune", "valid", "test")
+"""The splits a data folder holds, in pipeline and time order (the one list of them). `valid` lies
+between fine-tune and test in time: early stopping and every choice of strategy or hyper-parameter
+read it, so `test` is read only for the final report."""
 
 _GLOB_CHARS = "*?["
 _OPEN_FILES = 8  # Parquet files kept open per split (their footers are in memory, nothing else)

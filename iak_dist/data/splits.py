@@ -1,4 +1,4 @@
-"""Writes prepared impressions as pre-train / fine-tune / test Parquet splits plus schema.yaml."""
+"""Writes prepared impressions as pre-train / fine-tune / valid / test Parquet splits plus schema.yaml."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ from iak_dist.io import atomic_path, atomic_write_json
 
 
 def split_by_time(group: np.ndarray, when: np.ndarray, fractions: list[float]) -> np.ndarray:
-    """Split index (0, 1, 2) of each row: within each group, by the time quantiles `fractions`.
+    """Split index (0 .. len(fractions) - 1) of each row: within each group, by the time quantiles `fractions`.
 
-    Rows tied in time fall in the same split, so a positive and its sampled negatives stay together.
+    Split i of a group holds its rows with cut[i - 1] < time <= cut[i], so every row of a later split
+    is strictly later than every row of an earlier one (of the same group). Rows tied in time fall in
+    the same split, so a positive and its sampled negatives stay together.
     """
     out = np.zeros(len(when), dtype=np.int8)
     edges = np.cumsum(fractions)[:-1]
@@ -40,10 +42,12 @@ def write_parquet(table: pa.Table, path: Path, row_group_size: int) -> None:
 def write_splits(
     table: pa.Table, schema: Schema, cfg: DataConfig, out_dir: Path, time_column: str | None
 ) -> dict:
-    """Split `table` by time within each domain (or at random without a time column) and write it.
+    """Split `table` into `SPLITS` and write `<split>.parquet` for each, schema.yaml and stats.json.
 
-    Rows are shuffled within each split so that row groups mix users and domains. Returns the
-    per-split, per-domain row counts (also written to `out_dir/stats.json`).
+    With `time_column`, the split is by time within each `cfg.split_within` group (user or domain), at
+    the quantiles `cfg.split_fractions`; without one, at random in those proportions. Rows are
+    shuffled within each split so that row groups mix users and domains. Returns the per-split,
+    per-domain row counts (also written to `out_dir/stats.json`).
     """
     rng = np.random.default_rng([cfg.seed, 7])  # a stream of its own: generators draw from cfg.seed
     domain = domain_indices(table.column(schema.domain), schema.domains)
@@ -51,7 +55,7 @@ def write_splits(
         group = table.column(schema.user).to_numpy() if cfg.split_within == "user" and schema.user else domain
         split = split_by_time(group, table.column(time_column).to_numpy(), cfg.split_fractions)
     else:
-        split = rng.choice(3, size=table.num_rows, p=np.array(cfg.split_fractions)).astype(np.int8)
+        split = rng.choice(len(SPLITS), size=table.num_rows, p=np.array(cfg.split_fractions)).astype(np.int8)
     stats: dict = {"domains": schema.domains, "splits": {}}
     for index, name in enumerate(SPLITS):
         rows = np.flatnonzero(split == index)

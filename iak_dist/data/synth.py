@@ -10,7 +10,8 @@ the largest to the smallest), as real domains are uneven.
 Two writers share the click model (`ClickModel`) and the row generator (`impressions`):
 
 - `prepare_synthetic` (`data prepare` with `data.source: synth`): one table in memory, split at
-  random into `pretrain.parquet`, `finetune.parquet`, `test.parquet` (small data, tests);
+  random into `pretrain.parquet`, `finetune.parquet`, `valid.parquet`, `test.parquet` (small data,
+  tests);
 - `write_synthetic` (`data synth`): any number of rows as many Parquet files in Hive day
   partitions (`pretrain/dt=2026-11-01/part-00000.parquet`), later days in later splits, written
   chunk by chunk: memory does not grow with the rows, and each chunk is seeded by
