@@ -130,6 +130,10 @@ class DataParallelTableOptimizer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     def state_dict(self) -> dict[str, Any]:
         return self.optimizer.state_dict()
 
@@ -170,6 +174,31 @@ def shard_ranker(ranker: Ranker, ctx: DistContext, cfg: ShardingConfig, lr_spars
         dp_params = [params[f"{EBC_PATH}.embedding_bags.{t}.weight"] for t in dp_tables]
         dp_optimizer = DataParallelTableOptimizer(dp_params, optimizer_cls, lr_sparse)
     return ShardedRanker(model, plan, dp_optimizer)
+
+
+def set_sparse_lr(model: nn.Module, data_parallel_optimizer: DataParallelTableOptimizer | None, lr: float) -> None:
+    """The learning rate of the tables' next updates (a schedule sets it every step).
+
+    Trap: TorchRec's fused optimizer updates the tables inside backward, in FBGEMM's kernels, with
+    the rate the kernel holds; its `param_groups[0]["lr"]` reaches the kernel only in the fused
+    optimizer's `step()` / `zero_grad()` (`set_learning_rate`). `zero_grad()` is the one of the two
+    that never updates anything (in-backward updates leave no gradient behind), so it applies the rate.
+    """
+    fused = getattr(model, "fused_optimizer", None)
+    if fused is not None and fused.param_groups:
+        for group in fused.param_groups:
+            group["lr"] = lr
+        fused.zero_grad()
+    if data_parallel_optimizer is not None:
+        data_parallel_optimizer.set_lr(lr)
+
+
+def kernel_lrs(model: nn.Module) -> list[float]:
+    """The learning rate each FBGEMM table kernel of `model` holds now (what its next update uses)."""
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
+
+    return [float(m.get_learning_rate()) for m in model.modules()
+            if isinstance(m, SplitTableBatchedEmbeddingBagsCodegen)]
 
 
 def plan_rows(plan: ShardingPlan, ranker: Ranker, world_size: int) -> list[dict[str, Any]]:

@@ -157,6 +157,19 @@ class DenseEngine:
             # copy every gradient back each step for nothing (measured in docs/performance.md)
             self.engine.enable_backward_allreduce = False
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next steps (a schedule sets it every step).
+
+        DeepSpeed's optimizer (stage 0: the AdamW itself; ZeRO 1-3: a wrapper whose `param_groups`
+        are the wrapped AdamW's groups of flat partitions) reads `lr` from these groups in its step.
+        """
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def lrs(self) -> list[float]:
+        """The learning rate of each parameter group, as the next step will use it."""
+        return [float(group["lr"]) for group in self.optimizer.param_groups]
+
     def backward(self, loss: torch.Tensor) -> None:
         """loss.backward() (the sparse side's fused optimizer runs inside it), then the dense reduce."""
         self.engine.backward(loss)

@@ -13,12 +13,14 @@ from tqdm import tqdm
 
 from iak_dist.config import OptimConfig
 from iak_dist.data.batch import Batch
-from iak_dist.distributed.sharding import DataParallelTableOptimizer
+from iak_dist.distributed.sharding import DataParallelTableOptimizer, set_sparse_lr
 from iak_dist.distributed.zero import DenseEngine
 from iak_dist.faults import fault_point
 from iak_dist.io import atomic_write_json
 from iak_dist.model.strategies.base import Adapter
+from iak_dist.phases.schedule import lr_factor
 from iak_dist.phases.step import forward_loss, train_step
+from iak_dist.phases.validation import EarlyStopping
 
 
 def train_loop(
@@ -38,13 +40,16 @@ def train_loop(
     progress_path: Path | None = None,
     overlap_input_dist: bool = False,
     device: torch.device | None = None,
+    validation: EarlyStopping | None = None,
 ) -> dict[str, float]:
     """Train from `start_step` to `total_steps`; returns summary metrics (final loss, samples/s).
 
     Sparse parameters (if they train) are updated inside backward by TorchRec's fused optimizer;
-    the dense ones by DeepSpeed (`dense`). With `num_domains`, each domain's mean loss is averaged
-    (dynamic batch-aware training), else rows are averaged. `on_step_end(step)` runs after each
-    step with the number of steps done (checkpointing hooks in there). With `progress_path`, the
+    the dense ones by DeepSpeed (`dense`); both at `lr_factor(step, total_steps, cfg)` of their base
+    rate. With `num_domains`, each domain's mean loss is averaged (dynamic batch-aware training),
+    else rows are averaged. With `validation`, its passes run when due and may stop training early
+    (the best weights are restored by the phase). `on_step_end(step)` runs after each step (and
+    pass) with the number of steps done (checkpointing hooks in there). With `progress_path`, the
     step, loss and throughput are written there as JSON (`iak-dist pipeline status` reads it).
     With `overlap_input_dist`, steps run through TorchRec's sparse-dist train pipeline (the next
     batch's input distribution overlaps this batch's compute); the arithmetic is the same.
@@ -62,8 +67,14 @@ def train_loop(
     bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", disable=not show_progress,
                mininterval=2.0)
     it: Iterator[Batch] = iter(batches)
+    factor, done = None, start_step
     for step in range(start_step, total_steps):
         logs = adapter.on_step(step, total_steps) if adapter is not None else {}
+        if (new_factor := lr_factor(step, total_steps, cfg)) != factor:  # constant: set once
+            factor = new_factor
+            if dense is not None:
+                dense.set_lr(cfg.lr_dense * factor)
+            set_sparse_lr(model, data_parallel_optimizer, cfg.lr_sparse * factor)
         if pipeline is not None:
             batch, task, out = pipeline.progress(it)  # forward, backward, steps: see distributed/pipeline.py
             loss = task + out.aux_loss
@@ -87,6 +98,8 @@ def train_loop(
             bar.set_postfix(loss=f"{ema:.4f}")
             if writer is not None:
                 writer.add_scalar("train/loss", value, step)
+                writer.add_scalar("train/lr_dense", cfg.lr_dense * factor, step)
+                writer.add_scalar("train/lr_sparse", cfg.lr_sparse * factor, step)
                 writer.add_scalar("train/task_loss", float(task.detach()), step)
                 writer.add_scalar("train/aux_loss", float(out.aux_loss.detach()), step)
                 for k, v in logs.items():
@@ -96,11 +109,25 @@ def train_loop(
                     "desc": desc, "step": step + 1, "total": total_steps, "loss": ema, "updated": time.time(),
                     "samples_per_s": samples / max(time.perf_counter() - start, 1e-9)}, durable=False)
         fault_point("step", step + 1, int(os.environ.get("RANK", "0")))
+        done = step + 1
+        stop = False
+        if validation is not None and validation.due(done, total_steps):
+            if pipeline is not None:  # the pipeline rewrote the tables' forward: plain forwards need it back
+                pipeline.detach()
+            stop = validation.validate(done, writer)
+            if pipeline is not None:
+                pipeline.attach()
         if on_step_end is not None:
-            on_step_end(step + 1)
+            on_step_end(done)
+        if stop:
+            break
+    if pending:  # stopped early between log points
+        for value in torch.stack(pending).tolist():
+            ema = 0.98 * ema + 0.02 * value if ema is not None else value
+            losses.append(value)
     bar.close()
     seconds = time.perf_counter() - start
     return {"train/loss_ema": float(ema or 0.0), "train/samples_per_s": samples / max(seconds, 1e-9),
-            "train/seconds": seconds, "train/steps": float(total_steps), "train/losses": losses,
+            "train/seconds": seconds, "train/steps": float(done), "train/losses": losses,
             # sharded modules whose input dist the pipeline overlaps (0: plain loop)
             "train/pipelined_modules": float(len(pipeline._pipelined_modules)) if pipeline is not None else 0.0}

@@ -25,6 +25,7 @@ from iak_dist.io import atomic_write_json, atomic_write_text
 from iak_dist.model.backbone import Backbone
 from iak_dist.model.ranker import Ranker
 from iak_dist.phases.loop import train_loop
+from iak_dist.phases.validation import EarlyStopping
 from iak_dist.runtime import say
 from iak_dist.tracking import summary_writer
 
@@ -107,7 +108,9 @@ def pretrain(
     Each rank streams its share of the split. Checkpoints go to `out_dir/checkpoints/pretrain` every
     `dist_cfg.checkpoint_every` steps (and at the end), with the data position; a re-run resumes
     from the newest complete one, at the same batch (at another world size: at the next epoch,
-    see `ParquetReader.resume_position`). `on_checkpoint(step, path)` runs on
+    see `ParquetReader.resume_position`). With `optim.validate_every`, validation passes over the
+    `valid` split pick the best weights, which are exported (`phases/validation.py`; early stopping
+    with `optim.patience`). `on_checkpoint(step, path)` runs on
     every rank after each checkpoint (Ray Train reports it there). `show_progress`: a progress bar,
     and a closing line saying where the backbone went (pipelines log their own lines instead).
     """
@@ -124,11 +127,18 @@ def pretrain(
     total = steps_for(optim, reader.num_rows)
     state = checkpoints.restore_latest(sharded.model, dense, warn=lambda m: say(m, ctx.rank),
                                        data_parallel_optimizer=sharded.data_parallel_optimizer)
+    validation = None
+    if optim.validate_every > 0:
+        validation = EarlyStopping(data_dir, schema, optim, reader.num_rows, ctx, checkpoints.root, sharded.model,
+                                   dense, sharded.data_parallel_optimizer, steps_for)
+        validation.load_state_dict(state.get("valid") if state else None)
     saved = state.get("data") if state else None
     position = reader.resume_position(saved, int(state["step"]) if state else 0)
     per_epoch = reader.batches_per_epoch()
     note = reader.resume_note(saved)
     start = resume_step(int(state["step"]) if state else 0, position, per_epoch, note is None, optim.steps == 0)
+    if validation is not None and validation.record.stopped:
+        start = total  # stopped early before the restart: nothing left to train
     if state:
         say(f"[pretrain] resuming at step {start} of {total} from {state['path']} (epoch {position.epoch}, "
             f"batch {position.batches})", ctx.rank)
@@ -138,7 +148,10 @@ def pretrain(
 
     def save(step: int) -> None:
         data = position.advanced(step - start, per_epoch).state_dict()  # the batches of steps done, not prefetched
-        path = checkpoints.save(step, sharded.model, dense, {"step": step, "data": data}, plan_text,
+        train_state = {"step": step, "data": data}
+        if validation is not None:
+            train_state["valid"] = validation.state_dict()
+        path = checkpoints.save(step, sharded.model, dense, train_state, plan_text,
                                 data_parallel_optimizer=sharded.data_parallel_optimizer)
         if on_checkpoint is not None:
             on_checkpoint(step, path)
@@ -154,12 +167,16 @@ def pretrain(
                              data_parallel_optimizer=sharded.data_parallel_optimizer, writer=writer,
                              show_progress=show_progress and ctx.is_main, on_step_end=on_step_end,
                              progress_path=out_dir / "progress.json" if ctx.is_main else None,
-                             overlap_input_dist=dist_cfg.overlap_input_dist, device=ctx.device)
+                             overlap_input_dist=dist_cfg.overlap_input_dist, device=ctx.device,
+                             validation=validation)
         if start < total:
-            save(total)
+            save(int(summary["train/steps"]))  # early stopping: the step it stopped at
         elif state:  # the resumed position is at or past the end: the checkpoint stays as it is
             say(f"[pretrain] the checkpoint's position is at or past the end (step {start} of {total}): "
                 f"nothing left to train", ctx.rank)
+        if validation is not None:
+            validation.restore_best(lambda m: say(m, ctx.rank))
+            summary |= validation.summary()
         with dense.gathered():
             export_backbone(sharded.model, schema, model_cfg, out_dir / "backbone", ctx.rank)
         if ctx.is_main:

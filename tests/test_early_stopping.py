@@ -1,0 +1,85 @@
+"""Validation passes and early stopping: the decision rule, the restored weights, 2 ranks agreeing."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from iak_dist.phases.validation import StoppingRecord
+
+# a pass every 0.25 epoch (about 16 steps), patience 3, a learning rate that over-fits soon
+VALIDATED = ["model.tower=[32, 16]", "model.embedding_dim=8", "pretrain.steps=160", "pretrain.batch_size=64",
+             "pretrain.lr_dense=0.03", "pretrain.validate_every=0.25", "pretrain.patience=3"]
+
+
+def test_patience_counts_passes_without_improvement():
+    record = StoppingRecord(patience=2)
+    decisions = [record.add(step, loss) for step, loss in [(10, 1.0), (20, 0.8), (30, 0.8), (40, 0.7), (50, 0.9)]]
+    assert decisions == [True, True, False, True, False]  # equal is no improvement
+    assert (record.best_step, record.best_loss, record.stopped) == (40, 0.7, False)
+    assert not record.add(60, math.nan)  # a NaN pass is never the best
+    assert record.stopped and record.bad_passes == 2
+    assert StoppingRecord(patience=0).add(1, 1.0) and not StoppingRecord(patience=0).stopped  # 0: never early
+
+
+def test_early_stopping_restores_the_best_pass_bitwise(tmp_path, synth_dir, ctx):
+    """The exported backbone of a run that stopped early is the backbone of a run of best_step steps."""
+    from iak_dist.config import load_config
+    from iak_dist.distributed.checkpoint import load_backbone_weights
+    from iak_dist.phases.pretrain import pretrain
+
+    cfg = load_config(None, VALIDATED)
+    summary = pretrain(synth_dir, cfg.model, cfg.pretrain, cfg.distributed, 0, tmp_path / "validated", ctx,
+                       show_progress=False)
+    best, steps = int(summary["valid/best_step"]), int(summary["train/steps"])
+    every = int(summary["valid/losses"][0][0])  # 0.25 epoch
+    assert every > 1 and [s for s, _ in summary["valid/losses"]] == list(range(every, steps + 1, every))
+    assert summary["valid/best_loss"] == min(loss for _, loss in summary["valid/losses"])
+    assert summary["train/stopped_early"] == 1.0 and steps == best + 3 * every < 160  # patience 3 passes
+    on_disk = json.loads((tmp_path / "validated" / "backbone" / "train_summary.json").read_text())
+    assert on_disk["valid/best_step"] == best
+
+    plain = load_config(None, [*VALIDATED[:-2], f"pretrain.steps={best}"])
+    pretrain(synth_dir, plain.model, plain.pretrain, plain.distributed, 0, tmp_path / "plain", ctx, show_progress=False)
+    restored = load_backbone_weights(tmp_path / "validated" / "backbone")
+    reference = load_backbone_weights(tmp_path / "plain" / "backbone")
+    assert restored.keys() == reference.keys()
+    assert all(torch.equal(restored[k], reference[k]) for k in reference)
+
+
+@pytest.fixture(scope="module")
+def two_rank_validated(tmp_path_factory, synth_dir):
+    from test_distributed import torchrun
+
+    root = tmp_path_factory.mktemp("valid_two_ranks")
+    spec = {"scenarios": [{"kind": "pretrain", "data": str(synth_dir), "out": str(root / "run"),
+                           "overrides": [*VALIDATED, "pretrain.steps=80", "pretrain.patience=0"]}]}
+    result = torchrun(spec, root)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((root / "run" / "backbone" / "train_summary.json").read_text()), root / "run" / "backbone"
+
+
+def test_two_ranks_sum_the_loss_and_restore_the_best(two_rank_validated, tmp_path, synth_dir, ctx):
+    """The 2-rank best loss is the 1-process validation loss of the backbone it exported (the restored
+    best weights, every valid row counted once)."""
+    from iak_dist.data.batch import arrow_to_batch
+    from iak_dist.data.parquet import ParquetReader
+    from iak_dist.data.schema import Schema
+    from iak_dist.data.source import Split
+    from iak_dist.phases.common import build_from_backbone
+    from iak_dist.phases.validation import validation_loss
+
+    summary, backbone = two_rank_validated
+    losses = dict((int(s), loss) for s, loss in summary["valid/losses"])
+    every = min(losses)
+    assert sorted(losses) == [*range(every, 80, every), 80] and summary["train/stopped_early"] == 0.0
+    assert losses[int(summary["valid/best_step"])] == summary["valid/best_loss"] == min(losses.values())
+    schema = Schema.load(synth_dir / "schema.yaml")
+    split = Split.open(synth_dir, "valid", schema)
+    sharded, _ = build_from_backbone(backbone, None, ctx, train_embeddings=False)
+    loss = validation_loss(sharded.model, ParquetReader(split, schema, 4096), ctx,
+                           lambda: arrow_to_batch(split.read(split.parts[0]).slice(0, 1), schema))
+    assert loss == pytest.approx(summary["valid/best_loss"], rel=1e-6)
