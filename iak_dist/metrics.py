@@ -285,18 +285,41 @@ def format_metric(value: float | None, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def constant_logloss(positives: int, rows: int) -> float | None:
+    """LogLoss of the constant predictor that scores every row at the rows' positive rate r:
+    -(r ln r + (1 - r) ln(1 - r)), the entropy of the labels (0 where r is 0 or 1; None without rows).
+
+    The floor a model must beat to have learnt anything a base rate does not know: the lowest LogLoss
+    any constant score reaches on these rows.
+    """
+    if rows <= 0:
+        return None
+    rate = positives / rows
+    return float(-sum(p * math.log(p) for p in (rate, 1.0 - rate) if p > 0.0))
+
+
+def constant_predictor(clicks: int, conversions: int | None, rows: int) -> dict[str, float | None]:
+    """The constant predictor's CTR and CTCVR LogLoss (`constant_logloss`) on rows holding `clicks`
+    clicks and `conversions` conversions (None: the schema has no conversion label)."""
+    return {"constant_logloss": constant_logloss(clicks, rows),
+            "constant_ctcvr_logloss": None if conversions is None else constant_logloss(conversions, rows)}
+
+
 def ranking_metrics(click: np.ndarray, conversion: np.ndarray | None, p_ctr: np.ndarray, p_ctcvr: np.ndarray,
                     user: np.ndarray | None) -> dict[str, float | None]:
-    """The per-domain metric set of reports: CTR-AUC, CTCVR-AUC, GAUC (CTR, by user), LogLoss (CTR).
+    """The per-domain metric set of reports: CTR-AUC, CTCVR-AUC, GAUC (CTR, by user), LogLoss (CTR),
+    and the constant predictor's CTR / CTCVR LogLoss on the same rows (`constant_predictor`).
 
     `conversion` None (the schema has no conversion label): CTCVR-AUC is None. `user` None (the
     schema names no user column): GAUC is None; grouping every row into one user would silently
     report the CTR-AUC under GAUC's name. An AUC over rows of one class is None too.
     """
+    conversions = None if conversion is None else int(np.count_nonzero(conversion))
     return {
         "ctr_auc": finite_or_none(auc(click, p_ctr)),
         "ctcvr_auc": None if conversion is None else finite_or_none(auc(conversion, p_ctcvr)),
         "gauc": None if user is None else finite_or_none(gauc(click, p_ctr, user)),
         "logloss": finite_or_none(logloss(click, p_ctr)),
         "rows": float(len(click)),
+        **constant_predictor(int(np.count_nonzero(click)), conversions, len(click)),
     }

@@ -1,5 +1,10 @@
 """The comparison report: strategies x domains, mean and std over seeds, as JSON, Markdown and PNG.
 
+Every score in it is measured on the test split, which nothing else reads; the valid split's CTR-AUC
+is shown beside it because it is what choices read (export's best strategy, sweeps). The constant
+predictor's LogLoss (every row scored at the split's click rate) sits next to the models' LogLoss:
+a model above it has learnt less than the base rate.
+
 A metric that is not available (None in the evaluation's metrics: no conversion label, no user
 column, rows of one class) stays None: `null` in report.json (strict JSON, no bare NaN), `n/a` in
 report.md and on the plot. A domain some strategy never saw a fine-tune row of is marked with `†`
@@ -19,6 +24,8 @@ from iak_dist.io import atomic_path, atomic_write_text
 from iak_dist.metrics import finite_or_none, format_metric, strict_json
 
 METRICS = ("ctr_auc", "ctcvr_auc", "gauc", "logloss")
+CONSTANT = ("constant_logloss", "constant_ctcvr_logloss")
+"""The constant predictor's LogLoss per domain (`metrics.constant_predictor`): the same for every strategy."""
 NOT_FINETUNED = "†"
 NA_REASONS = {
     "ctr_auc": "the rows hold one class only",
@@ -43,7 +50,7 @@ def aggregate(results: dict[str, dict[int, dict[str, dict[str, Any]]]], domain_o
         for domain in domains:
             entries = [by_seed[s][domain] for s in by_seed if domain in by_seed[s]]
             out[strategy][domain] = {}
-            for metric in (*METRICS, "rows"):
+            for metric in (*METRICS, "rows", *CONSTANT):
                 values = np.array([v for e in entries if (v := finite_or_none(e.get(metric))) is not None])
                 out[strategy][domain][metric] = {
                     "mean": float(np.mean(values)) if len(values) else None,
@@ -78,41 +85,89 @@ def metric_cell(v: dict[str, Any]) -> str:
     return format_metric(v["mean"])
 
 
-def markdown(agg: dict[str, Any], costs: dict[str, dict[str, float]], title: str) -> str:
+def constant_line(agg: dict[str, Any]) -> list[str]:
+    """The constant predictor's overall LogLoss next to the pre-trained backbone's (`none`)."""
+    first = next(iter(agg.values()))["overall"]
+    constant, constant_ctcvr = (first[k]["mean"] if k in first else None for k in CONSTANT)
+    if constant is None:
+        return []
+    line = (f"Constant predictor (every test row scored at the split's click rate): LogLoss "
+            f"{format_metric(constant)} (CTCVR: {format_metric(constant_ctcvr)})")
+    backbone = agg.get("none", {}).get("overall", {}).get("logloss", {}).get("mean")
+    if backbone is not None:
+        verdict = "at or below" if backbone <= constant else "above: worse than"
+        line += f"; the pre-trained backbone (`none`): {format_metric(backbone)}, {verdict} the constant"
+    return [line + ".", ""]
+
+
+def overall_table(agg: dict[str, Any], costs: dict[str, dict[str, float]],
+                   valid: dict[str, Any] | None) -> list[str]:
+    """One row per strategy: the test metrics overall, the valid CTR-AUC, trainable parameters and
+    fine-tune time, both against `full`'s."""
+    full = costs.get("full", {})
+    lines = ["| strategy | CTR-AUC | CTCVR-AUC | GAUC | LogLoss | valid CTR-AUC | trainable params "
+             "| params vs `full` | fine-tune time vs `full` |", "|---|" + "---:|" * 8]
+    for s, by_domain in agg.items():
+        o = by_domain["overall"]
+        v = valid.get(s, {}).get("overall") if valid else None
+        c = costs.get(s, {})
+        params, full_params = c.get("trainable_params"), full.get("trainable_params")
+        share = f"{params / full_params:.1%}" if params is not None and full_params else "-"
+        time_ratio = f"{c['seconds'] / full['seconds']:.2f}x" if full.get("seconds") and c.get("seconds") else "-"
+        lines.append(f"| {s} | " + " | ".join(metric_cell(o[m]) for m in METRICS)
+                     + f" | {metric_cell(v['ctr_auc']) if v else 'n/a'} | "
+                     + ("-" if params is None else f"{int(params):,}") + f" | {share} | {time_ratio} |")
+    return [*lines, ""]
+
+
+def domain_table(agg: dict[str, Any], metric: str, constant: str | None = None) -> tuple[list[str], bool]:
+    """`metric` per domain (rows) and strategy (columns), the best mean in bold; with `constant`, a
+    column of the constant predictor's value. Returns the lines and whether a cell is n/a."""
     strategies = list(agg)
     domains = list(next(iter(agg.values())).keys())
-    lines = [f"# {title}", "", _seeds_line(agg), ""]
-    if costs:
-        lines += ["## Cost of fine-tuning", "",
-                  "| strategy | trainable params | fine-tune time vs `full` |", "|---|---:|---:|"]
-        full_t = costs.get("full", {}).get("seconds")
+    extra = " constant |" if constant else ""
+    lines = [f"| domain | rows |{extra} " + " | ".join(strategies) + " |",
+             "|---|---:|" + ("---:|" if constant else "") + "---:|" * len(strategies)]
+    any_na = False
+    for d in domains:
+        means = [agg[s][d][metric]["mean"] for s in strategies]
+        known = [m for m in means if m is not None]
+        best = (min(known) if metric == "logloss" else max(known)) if known else None
+        cells = []
         for s in strategies:
-            c = costs.get(s, {})
-            ratio = f"{c['seconds'] / full_t:.2f}x" if full_t and c.get("seconds") else "-"
-            lines.append(f"| {s} | {int(c.get('trainable_params', 0)):,} | {ratio} |")
-        lines.append("")
+            v = agg[s][d][metric]
+            mark = NOT_FINETUNED if agg[s][d].get("finetuned") is False else ""
+            if v["mean"] is None:
+                any_na = True
+                cells.append(f"n/a{mark}")
+                continue
+            bold = "**" if v["mean"] == best else ""
+            cells.append(f"{bold}{metric_cell(v)}{bold}{mark}")
+        rows = int(agg[strategies[0]][d]["rows"]["mean"] or 0)
+        constant_cell = f" {format_metric(agg[strategies[0]][d].get(constant, {}).get('mean'))} |" if constant else ""
+        lines.append(f"| {d} | {rows:,} |{constant_cell} " + " | ".join(cells) + " |")
+    return lines, any_na
+
+
+def markdown(agg: dict[str, Any], costs: dict[str, dict[str, float]], title: str,
+             valid: dict[str, Any] | None = None) -> str:
+    """The report as Markdown: `agg` (test) overall and per domain, `valid` (the valid split's
+    aggregate) for its CTR-AUC, `costs` for parameters and fine-tune time."""
+    strategies = list(agg)
+    domains = list(next(iter(agg.values())).keys())
+    lines = [f"# {title}", "", _seeds_line(agg),
+             "Scores are on the test split, read for this report only; the valid CTR-AUC is what choices "
+             "read (export's best strategy, sweeps).", "", *constant_line(agg), "## Overall", "",
+             *overall_table(agg, costs, valid)]
     untrained = [(s, d, agg[s][d]["note"]) for s in strategies for d in domains if agg[s][d].get("finetuned") is False]
-    for metric in METRICS:
-        lines += [f"## {metric}", "", "| domain | rows | " + " | ".join(strategies) + " |",
-                  "|---|---:|" + "---:|" * len(strategies)]
-        any_na = False
-        for d in domains:
-            means = [agg[s][d][metric]["mean"] for s in strategies]
-            known = [m for m in means if m is not None]
-            best = (min(known) if metric == "logloss" else max(known)) if known else None
-            cells = []
-            for s in strategies:
-                v = agg[s][d][metric]
-                mark = NOT_FINETUNED if agg[s][d].get("finetuned") is False else ""
-                if v["mean"] is None:
-                    any_na = True
-                    cells.append(f"n/a{mark}")
-                    continue
-                bold = "**" if v["mean"] == best else ""
-                cells.append(f"{bold}{metric_cell(v)}{bold}{mark}")
-            rows = int(agg[strategies[0]][d]["rows"]["mean"] or 0)
-            lines.append(f"| {d} | {rows:,} | " + " | ".join(cells) + " |")
-        lines.append("")
+    tables = [(metric, agg, metric, "constant_logloss" if metric == "logloss" else None) for metric in METRICS]
+    if valid:
+        tables.append(("valid ctr_auc", valid, "ctr_auc", None))
+    for heading, source, metric, constant in tables:
+        table, any_na = domain_table(source, metric, constant)
+        lines += [f"## {heading}", "", *table, ""]
+        if constant:
+            lines += ["constant: the constant predictor's LogLoss (every row scored at the domain's click rate).", ""]
         if any_na:
             lines += [f"n/a: not available: {NA_REASONS[metric]}.", ""]
         if untrained:
@@ -193,12 +248,18 @@ def plot(agg: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_report(results, costs, out_dir: str | Path, title: str, domain_order: list[str]) -> dict[str, Any]:
+def write_report(results, costs, out_dir: str | Path, title: str, domain_order: list[str],
+                 valid_results: dict | None = None) -> dict[str, Any]:
+    """report.json / .md / .png of the test split's `results[strategy][seed][domain][metric]`, with
+    `valid_results` (same shape, the valid split) beside it: report.json's `aggregate_valid` is what
+    choices read (`serving/export.py`, sweeps). Returns the test aggregate."""
     out_dir = Path(out_dir)
     agg = aggregate(strict_json(results), domain_order)
+    valid = aggregate(strict_json(valid_results), domain_order) if valid_results else None
     # strict JSON: evaluations of older runs may hold NaN; allow_nan=False proves none is left
-    payload = strict_json({"aggregate": agg, "costs": costs, "per_seed": results})
+    payload = strict_json({"aggregate": agg, "aggregate_valid": valid, "costs": costs, "per_seed": results,
+                           "per_seed_valid": valid_results})
     atomic_write_text(out_dir / "report.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    atomic_write_text(out_dir / "report.md", markdown(agg, costs, title))
+    atomic_write_text(out_dir / "report.md", markdown(agg, costs, title, valid))
     plot(agg, out_dir / "report.png", title)
     return agg

@@ -1,6 +1,12 @@
 """Prints the Markdown tables of docs/results.md from the runs of scripts/reproduce_results.sh.
 
     .venv/bin/python scripts/results_tables.py runs > /tmp/tables.md
+
+Per domain split (age, zip, month): the constant predictor's LogLoss next to the pre-trained
+backbone's, one row per strategy overall (test CTR-AUC / CTCVR-AUC / GAUC / LogLoss, valid CTR-AUC,
+trainable parameters and fine-tune time, both against `full`'s), then each test metric per domain.
+The tables are the report's own (`iak_dist.report`), so results.md and report.md cannot disagree.
+Then each ablation sweep's table (valid split).
 """
 
 from __future__ import annotations
@@ -9,38 +15,33 @@ import json
 import sys
 from pathlib import Path
 
+from iak_dist.report import METRICS, constant_line, domain_table, overall_table, seeds_per_strategy
 
-def fmt(cell: dict) -> str:
-    return f"{cell['mean']:.4f} ± {cell['std']:.4f}"
+RUNS = ("movielens-100k-age", "movielens-100k-zip", "movielens-100k-month")
 
 
-def comparison(run: Path, metric: str) -> str:
+def run_tables(run: Path) -> str:
+    """The tables of one run, from its report.json."""
     report = json.loads((run / "report.json").read_text())
-    agg, costs = report["aggregate"], report["costs"]
-    strategies = list(agg)
-    domains = list(agg[strategies[0]])
-    lines = ["| domain | test rows | " + " | ".join(strategies) + " |", "|---|---:|" + "---:|" * len(strategies)]
-    for d in domains:
-        means = {s: agg[s][d][metric]["mean"] for s in strategies}
-        best = max(means.values()) if metric != "logloss" else min(means.values())
-        cells = [f"**{fmt(agg[s][d][metric])}**" if means[s] == best else fmt(agg[s][d][metric]) for s in strategies]
-        lines.append(f"| {d} | {int(agg[strategies[0]][d]['rows']['mean']):,} | " + " | ".join(cells) + " |")
-    full = costs.get("full", {}).get("seconds") or 1.0
-    lines += ["", "| | " + " | ".join(strategies) + " |", "|---|" + "---:|" * len(strategies),
-              "| trainable parameters | "
-              + " | ".join(f"{int(costs[s]['trainable_params']):,}" for s in strategies) + " |",
-              "| fine-tune time vs `full` | " + " | ".join(
-                  f"{costs[s]['seconds'] / full:.2f}x" if costs[s]["seconds"] else "-" for s in strategies) + " |"]
+    agg, valid, costs = report["aggregate"], report.get("aggregate_valid"), report["costs"]
+    seeds = sorted(set(seeds_per_strategy(agg).values()))
+    lines = [f"### {run.name}", "", f"Seeds per strategy: {', '.join(map(str, seeds))}.", "",
+             *constant_line(agg), *overall_table(agg, costs, valid)]
+    for metric in METRICS:
+        table, _ = domain_table(agg, metric, "constant_logloss" if metric == "logloss" else None)
+        lines += [f"#### {run.name}: {metric} (test) per domain", "", *table, ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     runs = Path(sys.argv[1] if len(sys.argv) > 1 else "runs")
-    for name in ("movielens-100k-age", "movielens-100k-zip"):
-        for metric in ("ctr_auc", "ctcvr_auc", "gauc", "logloss"):
-            print(f"### {name}: {metric}\n\n{comparison(runs / name, metric)}\n")
+    missing = [name for name in RUNS if not (runs / name / "report.json").is_file()]
+    if missing:
+        sys.exit(f"error: {runs / missing[0] / 'report.json'}: no report; run scripts/reproduce_results.sh first")
+    for name in RUNS:
+        print(run_tables(runs / name))
     for sweep in sorted(runs.glob("ablation-*/sweep/sweep.md")):
-        print(f"### {sweep.parent.parent.name}\n\n{sweep.read_text()}")
+        print(f"### {sweep.parent.parent.name} (valid split)\n\n{sweep.read_text()}")
 
 
 if __name__ == "__main__":

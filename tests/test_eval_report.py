@@ -1,12 +1,14 @@
 """Evaluation and report never pass off a missing result as a number: a domain without fine-tune rows is
 marked, metrics the schema cannot give (no user column, no conversion label) are `n/a` / null, and
 report.json is strict JSON (no bare NaN). Two ranks evaluate to exactly the metrics of one, and the
-bucketed metrics (`stream_metrics`) equal the in-memory ones.
+bucketed metrics (`stream_metrics`) equal the in-memory ones. The constant predictor's LogLoss is the
+labels' entropy, shown beside the backbone's; export and sweeps choose by the valid split, never the test.
 
 Run as a script under torchrun, this file is the 2-rank worker of `test_two_ranks_give_exactly_the_metrics_of_one`.
 """
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -31,11 +34,19 @@ def strict_loads(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
+def table_row(markdown: str, metric: str, domain: str) -> dict[str, str]:
+    """`domain`'s row in `metric`'s table, by column name (strategies, `rows`, and `constant` for LogLoss)."""
+    section = markdown.split(f"## {metric}\n", 1)[1].split("\n## ", 1)[0]
+    lines = section.strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    row = next(line for line in lines if line.startswith(f"| {domain} |"))
+    return dict(zip(header, (c.strip() for c in row.strip("|").split("|")), strict=True))
+
+
 def table_cells(markdown: str, metric: str, domain: str) -> list[str]:
     """The strategy cells of `domain`'s row in `metric`'s table."""
-    section = markdown.split(f"## {metric}\n", 1)[1].split("\n## ", 1)[0]
-    row = next(line for line in section.splitlines() if line.startswith(f"| {domain} |"))
-    return [c.strip() for c in row.strip("|").split("|")][2:]
+    row = table_row(markdown, metric, domain)
+    return [v for k, v in row.items() if k not in ("domain", "rows", "constant")]
 
 
 @pytest.fixture()
@@ -308,6 +319,91 @@ def test_spill_folder_is_removed_after_an_error(three_group_data, backbone_dir, 
     with pytest.raises(RuntimeError, match="metrics broke"):
         ev.evaluate(three_group_data, backbone_dir, None, ctx, batch_size=500, spill_root=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def label_entropy(rate: float) -> float:
+    return -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
+
+
+def test_constant_predictor_logloss_is_the_label_entropy_and_the_report_sets_it_beside_the_backbone(tmp_path):
+    from iak_dist.metrics import logloss
+
+    # domain a: 1 click in 4, no conversion; domain b: 2 clicks in 3, 1 conversion
+    click = np.array([1, 0, 0, 0, 1, 1, 0])
+    scores = {"click": click, "conversion": np.array([0, 0, 0, 0, 1, 0, 0]), "domain": np.array([0] * 4 + [1] * 3),
+              "user": np.arange(7), "p_ctr": np.full(7, 0.5, np.float32), "p_ctcvr": np.full(7, 0.1, np.float32)}
+    metrics = metrics_by_domain(scores, ["a", "b"])
+    assert metrics["a"]["constant_logloss"] == pytest.approx(label_entropy(1 / 4), rel=1e-15)
+    assert metrics["b"]["constant_logloss"] == pytest.approx(label_entropy(2 / 3), rel=1e-15)
+    assert metrics["overall"]["constant_logloss"] == pytest.approx(label_entropy(3 / 7), rel=1e-15)
+    assert metrics["a"]["constant_ctcvr_logloss"] == 0.0  # one class: the constant 0 is exact
+    assert metrics["b"]["constant_ctcvr_logloss"] == pytest.approx(label_entropy(1 / 3), rel=1e-15)
+    # the closed form is the LogLoss of scoring every row at the split's click rate
+    assert metrics["overall"]["constant_logloss"] == pytest.approx(logloss(click, np.full(7, 3 / 7)), rel=1e-12)
+    assert metrics_by_domain(scores, ["a", "b"], has_conversion=False)["b"]["constant_ctcvr_logloss"] is None
+
+    out = tmp_path / "report"
+    agg = write_report({"none": {0: metrics}}, {}, out, "t", ["a", "b"])  # p_ctr 0.5: LogLoss ln 2, above
+    assert agg["none"]["overall"]["constant_logloss"]["mean"] == metrics["overall"]["constant_logloss"]
+    md = (out / "report.md").read_text()
+    assert (f"Constant predictor (every test row scored at the split's click rate): LogLoss "
+            f"{label_entropy(3 / 7):.4f} (CTCVR: {label_entropy(1 / 7):.4f}); the pre-trained backbone (`none`): "
+            f"{math.log(2):.4f}, above: worse than the constant.") in md
+    assert table_row(md, "logloss", "a")["constant"] == f"{label_entropy(1 / 4):.4f}"
+    assert table_row(md, "logloss", "b")["none"] == f"**{math.log(2):.4f}**"
+
+
+def test_export_and_sweeps_choose_by_the_valid_split_not_the_test_split(tmp_path, synth_dir, backbone_dir,
+                                                                       small_cfg, ctx):
+    """The valid split is the test split with every click flipped: each strategy's valid CTR-AUC is
+    1 - its test CTR-AUC, so the best on valid is the worst on test, and that is what export names."""
+    from iak_dist.config import load_config
+    from iak_dist.orchestration.local import evaluate_and_report
+    from iak_dist.orchestration.sweep import sweep_table
+    from iak_dist.phases.finetune import finetune
+    from iak_dist.serving.export import export_run
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    test = pq.read_table(data / "test.parquet")
+    column = test.schema.get_field_index("label_click")
+    flipped = pc.subtract(pa.scalar(1, test.column(column).type), test.column(column))
+    pq.write_table(test.set_column(column, "label_click", flipped), data / "valid.parquet")
+    run = tmp_path / "run"
+    shutil.copytree(backbone_dir, run / "seed0" / "backbone")
+    for strategy in ("none", "head"):
+        finetune(data, run / "seed0" / "backbone", strategy, small_cfg.finetune, 0,
+                 run / "seed0" / "adapters" / strategy, ctx, show_progress=False)
+    cfg = load_config(None, [f"run_dir={run}", "seeds=[0]", "data.source=parquet", f"data.dir={data}",
+                             "model.embedding_dim=8", "model.tower=[32, 16]", "finetune.strategies=[none, head]"])
+    lines: list[str] = []
+    evaluate_and_report(cfg, ctx, say_line=lines.append)
+    assert [line.split(": CTR-AUC")[0] for line in lines[:4]] == [
+        "seed 0: `none` valid split (chooses)", "seed 0: `none` test split (report only)",
+        "seed 0: `head` valid split (chooses)", "seed 0: `head` test split (report only)"]
+    report = json.loads((run / "report.json").read_text())
+    test_auc = {s: report["aggregate"][s]["overall"]["ctr_auc"]["mean"] for s in ("none", "head")}
+    valid_auc = {s: report["aggregate_valid"][s]["overall"]["ctr_auc"]["mean"] for s in ("none", "head")}
+    for s in test_auc:
+        assert valid_auc[s] == pytest.approx(1 - test_auc[s], abs=1e-12)
+        assert json.loads((run / "seed0" / "adapters" / s / "eval_valid.json").read_text())["overall"]["ctr_auc"] \
+            == valid_auc[s]
+    best_on_valid = max(valid_auc, key=valid_auc.get)
+    assert best_on_valid != max(test_auc, key=test_auc.get)
+    bundle = json.loads((export_run(cfg) / "bundle.json").read_text())
+    assert bundle["best_by_valid_ctr_auc"] == best_on_valid and "best_by_test_ctr_auc" not in bundle
+    # the report shows the valid CTR-AUC beside the test scores, each under its split's name
+    md = (run / "report.md").read_text()
+    def cells(auc: dict[str, float]) -> list[str]:  # the best in bold
+        return [f"**{auc[s]:.4f}**" if auc[s] == max(auc.values()) else f"{auc[s]:.4f}" for s in ("none", "head")]
+
+    assert table_cells(md, "valid ctr_auc", "overall") == cells(valid_auc)
+    assert table_cells(md, "ctr_auc", "overall") == cells(test_auc)
+    # a sweep names each strategy's best point by the valid aggregate it is given
+    points = [("p=1", report["aggregate_valid"]),
+              ("p=2", {s: {d: {**m, "ctr_auc": {**m["ctr_auc"], "mean": m["ctr_auc"]["mean"] + 0.01 * (s == "head")}}
+                           for d, m in by_domain.items()} for s, by_domain in report["aggregate_valid"].items()})]
+    assert sweep_table(points)[-1] == "Best point by valid CTR-AUC: `head` p=2."
 
 
 def two_rank_worker(spec_path: str) -> None:

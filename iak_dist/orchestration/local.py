@@ -121,10 +121,12 @@ def backbone_of(cfg: PipelineConfig, seed: int) -> Path:
 def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext, seeds: list[int] | None = None,
                         strategies: list[str] | None = None, require_all: bool = True,
                         say_line: Callable[[str], None] = log) -> Path:
-    """Evaluate the fine-tuned (seed, strategy) pairs on the test split and write the comparison report.
+    """Evaluate the fine-tuned (seed, strategy) pairs on the valid and test splits; write the comparison report.
 
-    Every adapter is checked (backbone, weights hash) before any is scored, so a bad one writes
-    nothing. With `require_all` (the pipeline), a pair not fine-tuned yet is an error; otherwise
+    Each pair is scored on `valid` (`eval_valid.json`: what every choice reads, export's best strategy
+    and sweeps) and on `test` (`eval.json`: the report's scores, read by nothing that chooses). Every
+    adapter is checked (backbone, weights hash) before any is scored, so a bad one writes nothing.
+    With `require_all` (the pipeline), a pair not fine-tuned yet is an error; otherwise
     (`iak-dist evaluate`) what exists is evaluated and the missing pairs are listed in one line.
     """
     from iak_dist.distributed.checkpoint import read_backbone_meta
@@ -152,18 +154,22 @@ def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext, seeds: list[int] 
         for _, strategy in (pair for pair in present if pair[0] == seed):
             verify_adapter(seed_dir(cfg, seed) / "adapters" / strategy, meta)
     results: dict = {s: {} for s in strategies if any(p[1] == s for p in present)}
+    valid_results: dict = {s: {} for s in results}
     costs: dict = {s: {"seconds": 0.0, "trainable_params": 0.0} for s in results}
     for seed, strategy in present:
         adapter_dir = seed_dir(cfg, seed) / "adapters" / strategy
-        eval_file = adapter_dir / "eval.json"
-        if not eval_file.is_file():
-            metrics = evaluate(cfg.data.dir, seed_dir(cfg, seed) / "backbone", adapter_dir, ctx,
-                               cfg.evaluate.batch_size, sharding=cfg.distributed.sharding)
-            # rank 0 writes; a failure (a full disk) is raised on every rank, not left to a collective's timeout
-            on_main(ctx, functools.partial(atomic_write_json, eval_file, metrics))
-            say_line(f"seed {seed}: `{strategy}` test CTR-AUC {format_metric(metrics['overall']['ctr_auc'])} "
-                     f"CTCVR-AUC {format_metric(metrics['overall']['ctcvr_auc'])}")  # None: n/a
-        results[strategy][seed] = json.loads(eval_file.read_text())
+        for split, eval_file, into, role in (("valid", adapter_dir / "eval_valid.json", valid_results, "chooses"),
+                                             ("test", adapter_dir / "eval.json", results, "report only")):
+            if not eval_file.is_file():
+                metrics = evaluate(cfg.data.dir, seed_dir(cfg, seed) / "backbone", adapter_dir, ctx,
+                                   cfg.evaluate.batch_size, split=split, sharding=cfg.distributed.sharding)
+                # rank 0 writes; a failure (a full disk) is raised on every rank, not left to a collective's timeout
+                on_main(ctx, functools.partial(atomic_write_json, eval_file, metrics))
+                say_line(f"seed {seed}: `{strategy}` {split} split ({role}): CTR-AUC "
+                         f"{format_metric(metrics['overall']['ctr_auc'])} CTCVR-AUC "
+                         f"{format_metric(metrics['overall']['ctcvr_auc'])} LogLoss "
+                         f"{format_metric(metrics['overall']['logloss'])}")  # None: n/a
+            into[strategy][seed] = json.loads(eval_file.read_text())
         summary = json.loads((adapter_dir / "train_summary.json").read_text())
         runs = sum(1 for p in present if p[1] == strategy)
         costs[strategy]["seconds"] += summary.get("train/seconds", 0.0) / runs
@@ -171,7 +177,7 @@ def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext, seeds: list[int] 
     title = (f"{cfg.data.source} ({cfg.data.domain} domains)" if cfg.data.source == "movielens-100k"
              else f"{cfg.data.source} data")
     on_main(ctx, lambda: write_report(results, costs, run_dir, title,
-                                      Schema.load(Path(cfg.data.dir) / "schema.yaml").domains))
+                                      Schema.load(Path(cfg.data.dir) / "schema.yaml").domains, valid_results))
     say_line(f"report: {run_dir / 'report.md'} and {run_dir / 'report.png'}")
     return run_dir
 

@@ -2,6 +2,10 @@
 
 Grid points that only change `finetune.*` keys reuse the base run's pre-trained backbones
 (hard links), so a beta sweep costs fine-tuning only.
+
+A sweep is for choosing, so its table (sweep.md) and sweep.json hold the valid split's metrics only
+(each point's report.json `aggregate_valid`), with each strategy's best point by valid CTR-AUC; the
+test split's scores stay in each point's report, for the final report alone.
 """
 
 from __future__ import annotations
@@ -73,11 +77,37 @@ def _sweep(config, overrides, grid, strategies, base, ctx) -> Path:
                         _link_tree(shared / part, Path(cfg.run_dir) / f"seed{seed}" / part)
         log(f"sweep point {name}")
         run_dir = run_pipeline(cfg, ctx=ctx)
-        agg = json.loads((run_dir / "report.json").read_text())["aggregate"]
+        agg = json.loads((run_dir / "report.json").read_text()).get("aggregate_valid")
+        if not agg:
+            raise UserError(f"{run_dir / 'report.json'}: no valid-split metrics (written before the valid split "
+                            f"existed); delete {run_dir} and run the sweep again")
         rows.append((name, agg))
+    lines = sweep_table(rows)
+    atomic_write_text(sweep_dir / "sweep.md", "\n".join(lines) + "\n")
+    atomic_write_json(sweep_dir / "sweep.json", {name: agg for name, agg in rows})
+    log(f"sweep table (valid split): {sweep_dir / 'sweep.md'}")
+    return sweep_dir
+
+
+def best_points(rows: list[tuple[str, dict]]) -> dict[str, str]:
+    """Each strategy's grid point of highest mean overall CTR-AUC in `rows` ((point, valid aggregate));
+    not `none`, the same pre-trained model at every point."""
+    best: dict[str, tuple[float, str]] = {}
+    for name, agg in rows:
+        for s in (s for s in agg if s != "none"):
+            value = agg[s]["overall"]["ctr_auc"]["mean"]
+            if value is not None and (s not in best or value > best[s][0]):
+                best[s] = (value, name)
+    return {s: name for s, (_, name) in best.items()}
+
+
+def sweep_table(rows: list[tuple[str, dict]]) -> list[str]:
+    """sweep.md's lines: every (point, strategy)'s valid metrics, overall and CTR-AUC per domain, then
+    each strategy's best point by valid CTR-AUC."""
     strategies_seen = list(rows[0][1])
     domains = list(rows[0][1][strategies_seen[0]])
-    lines = ["| point | strategy | CTR-AUC overall | CTCVR-AUC overall | "
+    lines = ["Valid split (what a choice reads; test scores are in each point's report).", "",
+             "| point | strategy | CTR-AUC overall | CTCVR-AUC overall | "
              + " | ".join(f"CTR-AUC {d}" for d in domains if d != "overall") + " |",
              "|---|---|---:|---:|" + "---:|" * (len(domains) - 1)]
     for name, agg in rows:
@@ -86,7 +116,7 @@ def _sweep(config, overrides, grid, strategies, base, ctx) -> Path:
             cells = [format_metric(agg[s][d]['ctr_auc']['mean']) for d in domains if d != "overall"]
             ctr, ctcvr = (metric_cell(o[m]) for m in ("ctr_auc", "ctcvr_auc"))  # one seed: no `± 0.0000`
             lines.append(f"| {name} | {s} | {ctr} | {ctcvr} | " + " | ".join(cells) + " |")
-    atomic_write_text(sweep_dir / "sweep.md", "\n".join(lines) + "\n")
-    atomic_write_json(sweep_dir / "sweep.json", {name: agg for name, agg in rows})
-    log(f"sweep table: {sweep_dir / 'sweep.md'}")
-    return sweep_dir
+    best = best_points(rows)
+    if best:
+        lines += ["", "Best point by valid CTR-AUC: " + ", ".join(f"`{s}` {name}" for s, name in best.items()) + "."]
+    return lines

@@ -2,7 +2,8 @@
 
 `<run>/export/` holds the backbone of the first seed and, per strategy, its adapter (domain
 kernels stacked `[K, ...]`: one graph scores every domain, each row activating its own domain's
-kernel), with `bundle.json` naming the domains and the strategy measured best on the test split.
+kernel), with `bundle.json` naming the domains and the strategy measured best on the valid split
+(the test split is the report's alone: choosing by it would leak it into a decision).
 Every weights file (the backbone's shards, a `full` adapter's shards) is checked against its recorded
 hash before anything is copied; the copies keep the per-rank layout (a server reads it by row chunks:
 `ShardedWeights.row_chunks`).
@@ -40,14 +41,22 @@ def export_run(cfg: PipelineConfig) -> Path:
     for strategy in adapters:
         shutil.copytree(source / "adapters" / strategy, staging / "adapters" / strategy,
                         ignore=shutil.ignore_patterns("tb", "train_summary.json", "progress.json"))
-    best = None
-    report = run_dir / "report.json"
-    if report.is_file():
-        agg = json.loads(report.read_text())["aggregate"]
-        scored = [s for s in agg if agg[s]["overall"]["ctr_auc"]["mean"] is not None]  # None: one-class test
-        best = max(scored, key=lambda s: agg[s]["overall"]["ctr_auc"]["mean"]) if scored else None
     atomic_write_json(staging / "bundle.json", {"seed": seed, "domains": meta["schema"]["domains"],
-                                                "strategies": adapters, "best_by_test_ctr_auc": best})
+                                                "strategies": adapters,
+                                                "best_by_valid_ctr_auc": best_by_valid(run_dir / "report.json")})
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return out
+
+
+def best_by_valid(report: Path) -> str | None:
+    """The strategy of highest mean overall CTR-AUC on the valid split in `report` (report.json), or
+    None: no report yet, one written before the valid split (no `aggregate_valid`), or no strategy
+    scored (a valid split of one class)."""
+    if not report.is_file():
+        return None
+    valid = json.loads(report.read_text()).get("aggregate_valid")
+    if not valid:
+        return None
+    scored = [s for s in valid if valid[s]["overall"]["ctr_auc"]["mean"] is not None]
+    return max(scored, key=lambda s: valid[s]["overall"]["ctr_auc"]["mean"]) if scored else None
