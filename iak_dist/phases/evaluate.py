@@ -70,7 +70,7 @@ from iak_dist.data.batch import Batch, arrow_to_batch
 from iak_dist.data.parquet import ParquetReader
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Split
-from iak_dist.distributed.checkpoint import read_backbone_meta
+from iak_dist.distributed.checkpoint import ShardedWeights, read_backbone_meta
 from iak_dist.distributed.context import (
     DistContext,
     collective_device,
@@ -90,7 +90,8 @@ from iak_dist.metrics import (
     score_codes,
     score_values,
 )
-from iak_dist.model.strategies.saving import load_adapter
+from iak_dist.model.strategies.base import Adapter, adapter_class
+from iak_dist.model.strategies.saving import load_adapter, member_dirs
 from iak_dist.phases.common import build_from_backbone, check_schema_matches
 
 T = TypeVar("T")
@@ -185,9 +186,11 @@ def spill_folder(root: str | Path | None = None) -> Iterator[Path]:
 
 @torch.no_grad()
 def score(model: torch.nn.Module, batches: Iterator[tuple[Batch, bool]], spill: Spill,
-          device: torch.device | None = None) -> None:
+          device: torch.device | None = None, keep: np.ndarray | None = None) -> None:
     """Append this rank's scored rows to `spill` (inference: IAK uses z = mu); padding outputs dropped.
 
+    `keep` (None: every row): [K + 1] booleans, which domains' rows this model scores (the last
+    entry: rows of domains the schema does not know, domain -1); the other rows are dropped.
     A failure to write the spill (a full disk) is raised after the last forward, not at once: the
     other ranks' forwards wait for this rank's in the all-to-all.
     """
@@ -201,6 +204,8 @@ def score(model: torch.nn.Module, batches: Iterator[tuple[Batch, bool]], spill: 
         for key, value in (("p_ctr", out.p_ctr), ("p_ctcvr", out.p_ctcvr), ("click", batch.click),
                            ("conversion", batch.conversion), ("domain", batch.domain), ("user", batch.user)):
             rows[key] = value.detach().cpu().numpy()
+        if keep is not None:
+            rows = rows[keep[rows["domain"]]]  # domain -1 reads the last entry
         try:
             spill.append(rows)
         except OSError as exc:
@@ -512,9 +517,36 @@ def finetune_status(strategy: str, rows: int) -> dict:
     """The metrics entry's record of whether `strategy` saw any fine-tune rows of the domain."""
     if rows > 0:
         return {"finetuned": True, "finetune_rows": rows}
-    note = ("no fine-tune rows: scored by the backbone fine-tuned on the other domains" if strategy == "full"
-            else "no fine-tune rows: plain backbone (its adapter weights never trained)")
+    if strategy == "full":
+        note = "no fine-tune rows: scored by the backbone fine-tuned on the other domains"
+    elif adapter_class(strategy).per_domain_models:
+        note = "no fine-tune rows: plain backbone (no model of its own)"
+    else:
+        note = "no fine-tune rows: plain backbone (its adapter weights never trained)"
     return {"finetuned": False, "finetune_rows": 0, "note": note}
+
+
+def scoring_models(adapter_dir: str | Path | None, adapter: Adapter | None, override: ShardedWeights | None,
+                   adapter_cfg: dict | None, meta: dict) -> Iterator[tuple[Adapter | None, ShardedWeights | None,
+                                                                   np.ndarray | None]]:
+    """The models that score the split, one pass each: (adapter, backbone override, `keep` of `score`).
+
+    One model for every row; for a per-domain adapter, each member on its own domain's rows (loaded
+    when its pass comes), then the plain backbone on the rows of domains without a member.
+    """
+    if adapter is None or not adapter.per_domain_models:
+        yield adapter, override, None
+        return
+    assert adapter_dir is not None and adapter_cfg is not None
+    owned = np.zeros(len(adapter_cfg["domains"]) + 1, dtype=bool)  # the last entry: unknown domains
+    for domain, member in member_dirs(adapter_dir, adapter_cfg).items():
+        keep = np.zeros_like(owned)
+        keep[adapter_cfg["domains"].index(domain)] = True
+        owned |= keep
+        member_adapter, member_override, _ = load_adapter(member, meta)
+        yield member_adapter, member_override, keep
+    if not owned.all():
+        yield None, None, ~owned
 
 
 def evaluate(
@@ -523,6 +555,9 @@ def evaluate(
     spill_root: str | Path | None = None,
 ) -> dict[str, dict]:
     """Per-domain metrics of the backbone with the adapter in `adapter_dir` (None: backbone alone).
+
+    A per-domain adapter (`full_per_domain`) scores each domain's rows with its own model, one pass
+    over this rank's share per model, into the same spill (`scoring_models`).
 
     Metrics that cannot be computed are None (see `metrics_by_domain`). Each rank scores its own
     share of the split into a spill folder under `spill_root` (None: the system's temp folder);
@@ -546,8 +581,6 @@ def evaluate(
             raise UserError(f"{adapter_dir}: adapter domain order {adapter_cfg['domains']} differs from the schema's")
     source = Split.open(data_dir, split, schema)
     reader = ParquetReader(source, schema, batch_size, ctx.rank, ctx.world_size)  # this rank's rows only
-    sharded, _ = build_from_backbone(backbone_dir, adapter, ctx, train_embeddings=False, sharding=sharding,
-                                     backbone_override=override, batch_size=batch_size)
 
     def padding() -> Batch:  # a rank without rows of its own still joins every forward
         return arrow_to_batch(source.read(source.parts[0]).slice(0, 1), schema)
@@ -557,7 +590,12 @@ def evaluate(
         finetune_rows = dict(zip(adapter_cfg["domains"], adapter_cfg["rows_per_domain"], strict=True))
     with spill_folder(spill_root) as folder:
         spill = Spill(folder / "scored.bin", row_dtype(len(schema.domains)))
-        on_every_rank(score, sharded.model, lockstep(reader.epoch(0), ctx, padding), spill, ctx.device)
+        for model_adapter, model_override, keep in scoring_models(adapter_dir, adapter, override, adapter_cfg, meta):
+            sharded, _ = build_from_backbone(backbone_dir, model_adapter, ctx, train_embeddings=False,
+                                             sharding=sharding, backbone_override=model_override,
+                                             batch_size=batch_size)
+            on_every_rank(score, sharded.model, lockstep(reader.epoch(0), ctx, padding), spill, ctx.device, keep)
+            del sharded  # one model held at a time
         metrics = stream_metrics(spill, schema.domains, ctx, folder, has_conversion=schema.conversion is not None,
                                  has_user=schema.user is not None)
 

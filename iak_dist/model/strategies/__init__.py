@@ -9,7 +9,7 @@ import importlib
 
 from iak_dist.model.strategies.base import Adapter, adapter_class, known_strategies, registered_configs
 
-BUILT_IN = ("full", "head", "lora", "patch", "iak")
+BUILT_IN = ("full", "full_per_domain", "head", "lora", "patch", "iak")
 """The strategy modules imported (hence registered) with this package, after `none` (in base.py)."""
 
 for _module in BUILT_IN:

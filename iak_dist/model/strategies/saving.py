@@ -6,6 +6,11 @@ onto the wrong backbone, nor another run's weights file under this config. A str
 trains backbone weights (`full`) saves them as the exported backbone does: per-rank shards under
 `backbone/` written by every rank (`save_backbone_state`), their layout and hashes in the config
 (`backbone_state`). Adapters saved before that, with `backbone.` keys in their weights file, load too.
+
+A strategy with one model per domain (`per_domain_models`: `full_per_domain`) saves a folder of
+adapters: each domain's own under `domains/<name>/`, and a config of the same stamps listing them
+with the hash of each one's config (`save_members`), so a member swapped in from another run or
+another backbone is refused like a swapped weights file.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from iak_dist.distributed.checkpoint import (
     SafetensorsFile,
     ShardedWeights,
     check_weights_hash,
+    file_hash,
     read_json,
     remove_stale_shards,
     save_sharded,
@@ -32,6 +38,8 @@ from iak_dist.model.strategies import build_adapter, known_strategies
 from iak_dist.model.strategies.base import Adapter, adapter_class
 
 CONFIG_FILE, WEIGHTS_FILE, BACKBONE_FOLDER = "adapter_config.json", "adapter_model.safetensors", "backbone"
+MEMBERS_FOLDER = "domains"
+"""Where a per-domain strategy keeps each domain's own adapter: `<adapter>/domains/<domain name>/`."""
 _REFINETUNE = "fine-tune this strategy again"
 
 
@@ -79,13 +87,15 @@ def verify_adapter(path: str | Path, backbone_meta: dict[str, Any], every_file: 
 
     Cheap (no model is built): check every adapter before scoring or copying any. `every_file`: also
     hash the backbone shards a `full` adapter carries (before a copy; a load checks each shard it reads).
+    A per-domain folder: its stamps, then each member's, and each member's config against its recorded hash.
     """
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
         raise UserError(f"{path}: no {CONFIG_FILE}; not an adapter folder")
     config = read_json(path / CONFIG_FILE, _REFINETUNE)
+    per_domain = is_per_domain(config)
     missing = sorted({"strategy", "domains", "tower_widths", "backbone_identity", "backbone_weights",
-                      "adapter_weights"} - config.keys())
+                      "members" if per_domain else "adapter_weights"} - config.keys())
     if missing:
         raise UserError(f"{path / CONFIG_FILE}: no {', '.join(missing)} (written by another version of "
                         f"iak-dist?); {_REFINETUNE}")
@@ -95,6 +105,10 @@ def verify_adapter(path: str | Path, backbone_meta: dict[str, Any], every_file: 
                 f"{path}: adapter was trained on backbone {key.split('_')[1]} {config[key]}, "
                 f"this backbone has {backbone_meta[meta_key]}; load it onto the backbone it was fine-tuned from"
             )
+    if per_domain:
+        for domain, member in member_dirs(path, config).items():
+            verify_member(path, domain, member, config["members"][domain], backbone_meta, every_file)
+        return config
     check_weights_hash(path / WEIGHTS_FILE, config["adapter_weights"], path / CONFIG_FILE, _REFINETUNE)
     if every_file and "backbone_state" in config:
         ShardedWeights(path, config["backbone_state"], path / CONFIG_FILE, _REFINETUNE).verify()
@@ -104,7 +118,8 @@ def verify_adapter(path: str | Path, backbone_meta: dict[str, Any], every_file: 
 def load_adapter(path: str | Path, backbone_meta: dict[str, Any]) -> tuple[Adapter, ShardedWeights | None, dict]:
     """Rebuild the adapter saved in `path`; returns (adapter, the backbone tensors it overrides, config).
 
-    The override is not read here: `build_from_backbone` reads each rank's rows of it.
+    The override is not read here: `build_from_backbone` reads each rank's rows of it. A per-domain
+    folder gives its parameter-free adapter and no override: load each member (`member_dirs`) to score.
     """
     path = Path(path)
     config = verify_adapter(path, backbone_meta)
@@ -118,6 +133,8 @@ def load_adapter(path: str | Path, backbone_meta: dict[str, Any]) -> tuple[Adapt
     if section_cls is not None:
         holder.settings[name] = from_dict(section_cls, config["strategy_config"], str(path / CONFIG_FILE))
     adapter = build_adapter(name, len(config["domains"]), config["tower_widths"], holder)
+    if adapter.per_domain_models:
+        return adapter, None, config
     weights = SafetensorsFile(path / WEIGHTS_FILE, _REFINETUNE)  # its hash was checked above
     own = {k[len("adapter."):]: weights.read(k, 0, shape[0] if shape else 1).view(shape)
            for k, (_, shape, _) in weights.entries.items() if k.startswith("adapter.")}
@@ -130,3 +147,55 @@ def load_adapter(path: str | Path, backbone_meta: dict[str, Any]) -> tuple[Adapt
     else:
         override = None
     return adapter, override, config
+
+
+def is_per_domain(config: dict[str, Any]) -> bool:
+    """Whether an adapter config is a folder of per-domain models (its strategy's `per_domain_models`)."""
+    try:
+        return adapter_class(config.get("strategy", "")).per_domain_models
+    except KeyError:  # not registered here: load_adapter says so
+        return False
+
+
+def member_dirs(path: str | Path, config: dict[str, Any]) -> dict[str, Path]:
+    """Domain name -> the folder of its own model, for each member of the per-domain adapter in `path`."""
+    return {domain: Path(path) / MEMBERS_FOLDER / domain for domain in config["members"]}
+
+
+def verify_member(path: Path, domain: str, member: Path, recorded_hash: str, backbone_meta: dict[str, Any],
+                  every_file: bool) -> dict[str, Any]:
+    """The member's config after checking it is the one `path`'s config recorded, then as an adapter."""
+    if not (member / CONFIG_FILE).is_file():
+        raise UserError(f"{member}: the model of domain {domain!r} listed in {path / CONFIG_FILE} is missing; "
+                        f"{_REFINETUNE}")
+    actual = file_hash(member / CONFIG_FILE)
+    if actual != recorded_hash:
+        raise UserError(f"{member / CONFIG_FILE}: hash {actual} differs from {recorded_hash} recorded in "
+                        f"{path / CONFIG_FILE} (a member of another run?); {_REFINETUNE}")
+    return verify_adapter(member, backbone_meta, every_file)
+
+
+def save_members(out_dir: str | Path, strategy: str, domains: list[str], tower_widths: list[int],
+                 backbone_meta: dict[str, Any], members: list[str]) -> dict[str, Any]:
+    """Write the config of per-domain adapter folder `out_dir`, whose `members` (domain names) are saved
+    under `domains/<name>/`: the stamps `save_adapter` writes, each member's config hash, and each
+    domain's fine-tune rows (its member's; 0 for a domain without a member). Returns the config."""
+    out_dir = Path(out_dir)
+    member_configs = {d: read_json(out_dir / MEMBERS_FOLDER / d / CONFIG_FILE, _REFINETUNE) for d in members}
+    config = {
+        "strategy": strategy,
+        "strategy_config": None,
+        "domains": domains,
+        "tower_widths": tower_widths,
+        "backbone_identity": backbone_meta["identity"],
+        "backbone_weights": backbone_meta["weights"],
+        "members": {d: file_hash(out_dir / MEMBERS_FOLDER / d / CONFIG_FILE) for d in members},
+        "rows_per_domain": [own_rows(member_configs[d], d) if d in member_configs else 0 for d in domains],
+    }
+    atomic_write_json(out_dir / CONFIG_FILE, config)
+    return config
+
+
+def own_rows(member_config: dict[str, Any], domain: str) -> int:
+    """The fine-tune rows of `domain` a member's config records (its `rows_per_domain`, by its own domain order)."""
+    return int(member_config["rows_per_domain"][member_config["domains"].index(domain)])
