@@ -1,5 +1,8 @@
 """One contract over every strategy: zero-init parity, frozen backbone, domain activation, save/load."""
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +20,24 @@ from iak_dist.phases.finetune import build_finetune, sampled_batches
 from iak_dist.phases.loop import train_loop
 
 STRATEGIES = ["none", "full", "head", "lora", "patch", "iak"]
+# IAK options, each tested to start at the pre-trained model and keep the backbone frozen
+IAK_VARIANTS = {
+    "iak:input": {"insertion": "input"},
+    "iak:every-option": {"insertion": "input+every_layer", "encoder": "mlp", "logvar_init": -3.0, "init_std": 0.1,
+                         "beta_size_gamma": 1.0, "decoder_in_compression": True},
+}
+
+
+def build_variant(name, small_cfg, synth_dir, backbone_dir, ctx):
+    """`build_finetune` for a strategy, or for an IAK variant of `IAK_VARIANTS` (as finetune would:
+    told the domain sizes)."""
+    cfg = small_cfg.finetune
+    if name in IAK_VARIANTS:
+        cfg = copy.deepcopy(cfg)
+        cfg.settings["iak"] = dataclasses.replace(cfg.settings["iak"], **IAK_VARIANTS[name])
+    run = build_finetune(synth_dir, backbone_dir, name.split(":")[0], cfg, ctx)
+    run.adapter.set_domain_sizes(np.bincount(run.domains, minlength=len(run.schema.domains)))
+    return run
 
 
 def scores(model, batch):
@@ -39,9 +60,9 @@ def train_some(run, cfg, steps=30):
                    show_progress=False)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES + list(IAK_VARIANTS))
 def test_attached_adapter_starts_exactly_at_the_pretrained_model(strategy, small_cfg, synth_dir, backbone_dir, ctx):
-    run = build_finetune(synth_dir, backbone_dir, strategy, small_cfg.finetune, ctx)
+    run = build_variant(strategy, small_cfg, synth_dir, backbone_dir, ctx)
     plain = build_from_backbone(backbone_dir, None, ctx, train_embeddings=False)[0].model
     batch = first_rows(run)
     for got, want in zip(scores(run.model, batch), scores(plain, batch), strict=True):
@@ -51,10 +72,10 @@ def test_attached_adapter_starts_exactly_at_the_pretrained_model(strategy, small
             assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("strategy", ["head", "lora", "patch", "iak"])
+@pytest.mark.parametrize("strategy", ["head", "lora", "patch", "iak", *IAK_VARIANTS])
 def test_frozen_backbone_is_bitwise_unchanged_and_adapter_trains(strategy, small_cfg, synth_dir, backbone_dir, ctx):
     torch.manual_seed(0)
-    run = build_finetune(synth_dir, backbone_dir, strategy, small_cfg.finetune, ctx)
+    run = build_variant(strategy, small_cfg, synth_dir, backbone_dir, ctx)
     adapter_before = {k: v.clone() for k, v in run.adapter.state_dict().items()}
     train_some(run, small_cfg)
     after = plain_state_dict(run.model, prefix="backbone.")
@@ -64,6 +85,9 @@ def test_frozen_backbone_is_bitwise_unchanged_and_adapter_trains(strategy, small
         assert torch.equal(after[key], original[key]), key
     changed = [k for k, v in run.adapter.state_dict().items() if not torch.equal(v, adapter_before[k])]
     assert changed, "the adapter did not train"
+    if strategy in IAK_VARIANTS:  # every kernel trained, the input kernel's decoder included
+        assert "kernels.input.decoder.weight" in changed
+        assert {k.split(".")[1] for k in changed} == set(run.adapter.kernels)
 
 
 def test_full_finetune_changes_embeddings_and_tower(small_cfg, synth_dir, backbone_dir, ctx):

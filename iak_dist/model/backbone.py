@@ -146,6 +146,8 @@ class Backbone(nn.Module):
         x = self.interaction(vectors)
         aux = x.new_zeros(())
         rows = DomainRows.of(domain, adapter.num_domains) if adapter is not None else None
+        if adapter is not None:
+            x, aux = adapter.adapt_input(x, rows)
         for i, layer in enumerate(self.tower):
             y = layer(x)
             if adapter is not None:

@@ -3,6 +3,7 @@
 A strategy is an `Adapter` (an `nn.Module` holding only its own parameters) plus a rule for which
 backbone parameters train. The backbone calls the adapter's hooks in its forward:
 
+* `adapt_input(x, rows)`: the interaction output, before the first tower layer; return (x', aux_loss) (IAK).
 * `adapt_preactivation(i, x, y, rows)`: tower layer i computed `y = W x + b`; return y' (LoRA).
 * `adapt_activation(i, y, rows)`: after layer i's ReLU; return (y', aux_loss) (patch, IAK).
 * `head_logits(h, rows)`: per-domain heads, or None to use the backbone's (head).
@@ -132,6 +133,9 @@ class Adapter(nn.Module):
         self.num_domains = num_domains
         self.tower_widths = tower_widths
         self.cfg = cfg
+
+    def adapt_input(self, x: torch.Tensor, rows: DomainRows) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, x.new_zeros(())
 
     def adapt_preactivation(self, layer: int, x: torch.Tensor, y: torch.Tensor, rows: DomainRows) -> torch.Tensor:
         return y

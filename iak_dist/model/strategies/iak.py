@@ -2,18 +2,22 @@
 
 Our design (docs/iak.md), after Jiang et al., "Pre-train and Fine-tune: Recommenders as Large
 Models" (WWW 2025 Companion): fine-tuning finds knowledge G' minimising
-`-I(G'; T) + beta * I(G'; G)`. For domain d, at the tower output h (or after every tower layer):
+`-I(G'; T) + beta * I(G'; G)`. For domain d, at each insertion point's activation h (the tower input,
+after every tower layer, or the tower output):
 
-* encoder (knowledge compression): `q_d(z | h) = N(mu_d(h), diag(sigma_d(h)^2))`, z of width k;
+* encoder (knowledge compression): `q_d(z | h) = N(mu_d(h), diag(sigma_d(h)^2))`, z of width k,
+  a linear map or a small MLP to `(mu, log sigma^2)`;
 * adaptive prior: `p_d(z) = N(m_d, diag(s_d^2))`, learned per domain;
 * decoder (knowledge matching): `h' = h + W_d z`, `W_d = 0` at start, so fine-tuning starts
-  exactly at the pre-trained model (`form: residual`);
+  exactly at the pre-trained model (`form: residual`). At the tower input the change `W_d z`
+  passes through the first tower layer (which the kernels after a layer never adapt);
 * the paper-shaped ablation (`form: bottleneck`): the compressed code replaces h downstream,
   `h_bar = U_d z`, `h' = h_bar + W2_d relu(W1_d h_bar)` (G_hat = G_bar + f(G_bar)), `W2_d = 0`;
 * training samples `z = mu + sigma * eps`; inference uses `z = mu`;
-* loss: task BCEs + `beta * KL(q_d || p_d)` (closed form for diagonal Gaussians);
+* loss: task BCEs + `beta_d * KL(q_d || p_d)` (closed form for diagonal Gaussians), with
+  `beta_d = beta * (n_max / n_d)^gamma` per domain (gamma = 0: one beta);
 * schedule: compression (first `compression_fraction` of steps, `beta_compression`, decoder
-  frozen) then matching (`beta_matching`, decoder trains).
+  frozen unless `decoder_in_compression`) then matching (`beta_matching`, decoder trains).
 
 All K domain kernels are stacked `[K, ...]`; each row activates its own domain's kernel.
 """
@@ -24,11 +28,21 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
 from iak_dist.config import at_least
 from iak_dist.model.strategies.base import Adapter, DomainLinear, DomainRows, register
+
+INSERTIONS = {
+    "output": (False, "output"),
+    "every_layer": (False, "every_layer"),
+    "input": (True, None),
+    "input+output": (True, "output"),
+    "input+every_layer": (True, "every_layer"),
+}
+"""`insertion` value -> (a kernel on the tower input, which tower layers get one after them)."""
 
 
 @dataclass
@@ -41,25 +55,40 @@ class IakConfig:
     """Weight of KL(q_d || p_d) during the compression phase."""
     beta_matching: float = 0.01
     """Weight of KL(q_d || p_d) during the matching phase."""
+    beta_size_gamma: float = 0.0
+    """Per-domain beta scaled by size: `beta_d = beta * (n_max / n_d)^gamma` over the fine-tune rows
+    of each domain (small domains are held closer to their prior). 0: one beta for all domains."""
     compression_fraction: float = 0.3
-    """Share of fine-tune steps spent in compression (encoder + prior train, decoder frozen)."""
+    """Share of fine-tune steps spent in compression (high beta); 0: no compression phase."""
     decoder_in_compression: bool = False
-    """Let the decoder train during compression too (then compression = high-beta training of the
-    whole kernel). With False, a zero-initialised residual decoder passes no task gradient to
-    the encoder, so compression only fits the encoder to the prior."""
+    """What compression trains. False: encoder + prior only; a zero-initialised residual decoder
+    passes no task gradient to the encoder, so compression then only fits the encoder to the prior.
+    True: the whole kernel trains under `beta_compression`, so the code keeps what predicts the
+    labels at a high price per nat; matching then lowers beta."""
     form: Literal["residual", "bottleneck"] = "residual"
     """`residual`: h' = h + W_d z (starts exactly at the pre-trained model). `bottleneck`: the
     paper-shaped ablation h' = U_d z + W_d z, where the compressed code replaces h downstream."""
-    insertion: Literal["output", "every_layer"] = "every_layer"
-    """One kernel after every tower layer, or at the tower output only (measured on MovieLens-100K:
-    every_layer +0.023 CTR-AUC over output, see docs/results.md)."""
+    insertion: Literal["output", "every_layer", "input", "input+output", "input+every_layer"] = "every_layer"
+    """Where kernels sit: `input` on the interaction output before the first tower layer (its change
+    passes through that layer), `every_layer` after every tower layer's activation, `output` after
+    the last one only; `input+...` combines the input kernel with the others."""
+    encoder: Literal["linear", "mlp"] = "linear"
+    """`linear`: one map h -> (mu, log sigma^2); `mlp`: h -> ReLU(hidden) -> (mu, log sigma^2)."""
+    encoder_hidden: int = 32
+    """Hidden width of the `mlp` encoder."""
     init_std: float = 0.01
-    """Std of the Gaussian initialisation of encoder weights."""
+    """Std of the Gaussian initialisation of the encoder's output layer."""
+    logvar_init: float = 0.0
+    """Start of log sigma^2 (the bias of the encoder's log-variance output). 0: sigma = 1, so z is
+    mostly noise at the start; -3: sigma ~ 0.22."""
 
     def problems(self) -> dict[str, str]:
-        found = at_least(self, width=1, beta_compression=0.0, beta_matching=0.0, init_std=0.0)
+        found = at_least(self, width=1, beta_compression=0.0, beta_matching=0.0, init_std=0.0,
+                         beta_size_gamma=0.0, encoder_hidden=1)
         if not 0.0 <= self.compression_fraction <= 1.0:
             found["compression_fraction"] = f"must be within [0, 1], got {self.compression_fraction}"
+        if not -8.0 <= self.logvar_init <= 8.0:
+            found["logvar_init"] = f"must be within [-8, 8] (log sigma^2 is clamped there), got {self.logvar_init}"
         return found
 
 
@@ -76,14 +105,27 @@ def gaussian_kl(
     ).sum(-1)
 
 
+def domain_beta_scale(rows_per_domain: np.ndarray, gamma: float) -> torch.Tensor:
+    """`(n_max / n_d)^gamma` per domain; a domain without rows gets 1 (none of its rows train)."""
+    n = torch.as_tensor(np.asarray(rows_per_domain, dtype=np.float64))
+    scale = (n.max() / n.clamp(min=1.0)) ** gamma
+    return torch.where(n > 0, scale, torch.ones_like(scale)).to(torch.get_default_dtype())
+
+
 class GaussianKernel(nn.Module):
-    """One insertion point's K stacked kernels: encoder, learned prior, decoder."""
+    """One insertion point's K stacked kernels: encoder (linear, or `encoder_hidden` then linear),
+    learned prior, decoder."""
 
     def __init__(self, num_domains: int, width: int, cfg: IakConfig) -> None:
         super().__init__()
         k = cfg.width
         self.form = cfg.form
-        self.encoder = DomainLinear(num_domains, width, 2 * k, init_std=cfg.init_std)
+        if cfg.encoder == "mlp":  # He-initialised hidden layer: the code sees h's variation from step 0
+            self.encoder_hidden = DomainLinear(num_domains, width, cfg.encoder_hidden, init_std=math.sqrt(2.0 / width))
+        self.encoder = DomainLinear(num_domains, cfg.encoder_hidden if cfg.encoder == "mlp" else width, 2 * k,
+                                    init_std=cfg.init_std)
+        with torch.no_grad():
+            self.encoder.bias[:, k:] = cfg.logvar_init
         self.prior_mu = nn.Parameter(torch.zeros(num_domains, k))
         self.prior_logvar = nn.Parameter(torch.zeros(num_domains, k))
         if cfg.form == "residual":
@@ -94,8 +136,9 @@ class GaussianKernel(nn.Module):
             self.decoder = DomainLinear(num_domains, k, width, init_std=0.0)
 
     def forward(self, h: torch.Tensor, rows: DomainRows) -> tuple[torch.Tensor, torch.Tensor]:
-        stats = self.encoder(h, rows)
-        mu, logvar = stats.chunk(2, dim=-1)
+        """Returns (h', per-row KL [B], 0 on rows of unknown domains)."""
+        code_in = torch.relu(self.encoder_hidden(h, rows)) if hasattr(self, "encoder_hidden") else h
+        mu, logvar = self.encoder(code_in, rows).chunk(2, dim=-1)
         logvar = logvar.clamp(-8.0, 8.0)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
         known = rows.known.squeeze(1).to(h.dtype)
@@ -107,7 +150,7 @@ class GaussianKernel(nn.Module):
             h_bar = self.reconstruct(z, rows)
             adapted = h_bar + self.decoder(torch.relu(self.match_in(h_bar, rows)), rows)
             out = torch.where(known.bool().unsqueeze(1), adapted, h)
-        return out, kl.sum() / known.sum().clamp(min=1.0)
+        return out, kl
 
 
 @register
@@ -117,21 +160,40 @@ class IakAdapter(Adapter):
 
     def __init__(self, num_domains: int, tower_widths: list[int], cfg: IakConfig) -> None:
         super().__init__(num_domains, tower_widths, cfg)
-        layers = range(1, len(tower_widths)) if cfg.insertion == "every_layer" else [len(tower_widths) - 1]
-        self.kernels = nn.ModuleDict({str(i - 1): GaussianKernel(num_domains, tower_widths[i], cfg) for i in layers})
+        at_input, after = INSERTIONS[cfg.insertion]
+        last = len(tower_widths) - 1
+        layers = {"every_layer": range(1, last + 1), "output": [last], None: []}[after]
+        kernels = {str(i - 1): GaussianKernel(num_domains, tower_widths[i], cfg) for i in layers}
+        if at_input:
+            kernels["input"] = GaussianKernel(num_domains, tower_widths[0], cfg)
+        self.kernels = nn.ModuleDict(kernels)
+        # beta_d / beta; only fine-tuning's loss reads it, so it is not saved with the adapter
+        self.register_buffer("beta_scale", torch.ones(num_domains), persistent=False)
         self.beta = cfg.beta_compression
         self.phase = "compression"
         self._phase_applied = False  # set_phase not yet run in this process (see on_step)
 
-    def adapt_activation(self, layer, y, rows):
-        kernel = self.kernels[str(layer)] if str(layer) in self.kernels else None
+    def set_domain_sizes(self, rows_per_domain: np.ndarray) -> None:
+        """beta_d = beta * (n_max / n_d)^gamma, from the fine-tune rows of each domain."""
+        scale = domain_beta_scale(rows_per_domain, self.cfg.beta_size_gamma)
+        self.beta_scale.copy_(scale.to(self.beta_scale.device, self.beta_scale.dtype))
+
+    def _kernel(self, key: str, h: torch.Tensor, rows: DomainRows) -> tuple[torch.Tensor, torch.Tensor]:
+        kernel = self.kernels[key] if key in self.kernels else None
         if kernel is None:
-            return y, y.new_zeros(())
-        out, kl = kernel(y, rows)
-        return out, self.beta * kl
+            return h, h.new_zeros(())
+        out, kl = kernel(h, rows)
+        weighted = (kl * self.beta_scale.index_select(0, rows.index).to(kl.dtype)).sum()
+        return out, self.beta * weighted / rows.known.sum().clamp(min=1.0)
+
+    def adapt_input(self, x, rows):
+        return self._kernel("input", x, rows)
+
+    def adapt_activation(self, layer, y, rows):
+        return self._kernel(str(layer), y, rows)
 
     def set_phase(self, phase: str) -> None:
-        """Compression: encoder + prior (+ reconstruction) train; matching: the decoder joins."""
+        """Compression: encoder + prior (+ decoder with `decoder_in_compression`); matching: all train."""
         self.phase = phase
         self._phase_applied = True
         self.beta = self.cfg.beta_compression if phase == "compression" else self.cfg.beta_matching
