@@ -193,14 +193,6 @@ def set_sparse_lr(model: nn.Module, data_parallel_optimizer: DataParallelTableOp
         data_parallel_optimizer.set_lr(lr)
 
 
-def kernel_lrs(model: nn.Module) -> list[float]:
-    """The learning rate each FBGEMM table kernel of `model` holds now (what its next update uses)."""
-    from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
-
-    return [float(m.get_learning_rate()) for m in model.modules()
-            if isinstance(m, SplitTableBatchedEmbeddingBagsCodegen)]
-
-
 def plan_rows(plan: ShardingPlan, ranker: Ranker, world_size: int) -> list[dict[str, Any]]:
     """One row per table: rows, dim, dtype, sharding, kernel, ranks and weight bytes held by each rank."""
     configs = {c.name: c for c in ranker.backbone.table_configs}
