@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("out", help="new folder: <split>/dt=<day>/part-<n>.parquet, schema.yaml, stats.json")
     synth.add_argument("--rows", type=lambda s: int(float(s)), help="impressions in all, e.g. 1e8 "
                                                                      "(default: data.synth_rows)")
-    synth.add_argument("--files", type=int, default=64, help="Parquet files in all (at least 3: one per split)")
+    synth.add_argument("--files", type=int, default=64, help="Parquet files in all (at least 4: one per split)")
     synth.add_argument("--files-per-day", type=int, default=4, help="files in each dt=<day> folder")
     synth.add_argument("--domains", type=int, help="number of domains (default: data.synth_domains)")
     synth.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -67,8 +67,13 @@ class DataConfig:
     """Rows per Parquet row group written by `prepare` (the reader streams row groups)."""
 
     def problems(self) -> dict[str, str]:
-        return at_least(self, negatives_per_positive=0, synth_rows=1, synth_domains=1, synth_id_space=1,
+        found = at_least(self, negatives_per_positive=0, synth_rows=1, synth_domains=1, synth_id_space=1,
                          row_group_size=1)
+        fr = self.split_fractions
+        if len(fr) != 4 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+            found["split_fractions"] = (f"need four positive fractions (pretrain, finetune, valid, test) "
+                                        f"summing to 1, got {fr}")
+        return found
 
 
 @dataclass
@@ -335,10 +340,6 @@ class PipelineConfig:
             raise UserError(f"finetune.strategies: unknown strategy {unknown[0]!r}; known: {', '.join(known)}")
         if not self.seeds:
             raise UserError("seeds: give at least one seed, e.g. seeds: [0]")
-        fr = self.data.split_fractions
-        if len(fr) != 4 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
-            raise UserError(f"data.split_fractions: need four positive fractions (pretrain, finetune, valid, test) "
-                            f"summing to 1, got {fr}")
 
 
 def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
