@@ -83,3 +83,46 @@ def test_two_ranks_sum_the_loss_and_restore_the_best(two_rank_validated, tmp_pat
     loss = validation_loss(sharded.model, ParquetReader(split, schema, 4096), ctx,
                            lambda: arrow_to_batch(split.read(split.parts[0]).slice(0, 1), schema))
     assert loss == pytest.approx(summary["valid/best_loss"], rel=1e-6)
+
+
+def test_finetune_on_one_domain_reads_and_validates_only_it(tmp_path, synth_dir, backbone_dir, small_cfg, ctx):
+    """`only_domain`: that domain's rows alone are trained on and validated; the best pass is what is saved."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from iak_dist.data.batch import arrow_to_batch
+    from iak_dist.data.parquet import ParquetReader
+    from iak_dist.data.schema import Schema
+    from iak_dist.data.source import Split
+    from iak_dist.distributed.checkpoint import read_backbone_meta
+    from iak_dist.errors import UserError
+    from iak_dist.model.strategies.saving import load_adapter
+    from iak_dist.phases.common import build_from_backbone
+    from iak_dist.phases.finetune import finetune
+    from iak_dist.phases.validation import validation_loss
+
+    schema = Schema.load(synth_dir / "schema.yaml")
+    name = schema.domains[1]
+    optim = replace(small_cfg.finetune.optim, steps=12, validate_every=0.1, lr_dense=0.05)
+    cfg = replace(small_cfg.finetune, optim=optim)
+    unknown = rf"^finetune split at .*: domain 'nowhere' is not in the schema; known: {', '.join(schema.domains)}$"
+    with pytest.raises(UserError, match=unknown):
+        finetune(synth_dir, backbone_dir, "lora", cfg, 0, tmp_path / "bad", ctx, show_progress=False,
+                 only_domain="nowhere")
+    summary = finetune(synth_dir, backbone_dir, "lora", cfg, 0, tmp_path / "lora", ctx, show_progress=False,
+                       only_domain=name)
+    saved = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert np.flatnonzero(saved["rows_per_domain"]).tolist() == [1]
+    assert summary["valid/losses"][-1][0] == 12 and len(summary["valid/losses"]) >= 3
+
+    split = Split.open(synth_dir, "valid", schema)
+    adapter, override, _ = load_adapter(tmp_path / "lora", read_backbone_meta(backbone_dir))
+    sharded, _ = build_from_backbone(backbone_dir, adapter, ctx, train_embeddings=False, backbone_override=override)
+
+    def loss(domain):
+        return validation_loss(sharded.model, ParquetReader(split, schema, 4096), ctx,
+                               lambda: arrow_to_batch(split.read(split.parts[0]).slice(0, 1), schema), domain)
+
+    assert loss(1) == pytest.approx(summary["valid/best_loss"], rel=1e-6)  # the saved adapter: the best pass's
+    assert loss(None) != pytest.approx(loss(1), rel=1e-3)  # ... on domain 1's rows alone

@@ -94,17 +94,28 @@ class DomainShare:
         return mine
 
 
+def domain_index(schema: Schema, name: str, where: str) -> int:
+    """Index of domain `name` in the schema; an unknown name is a UserError naming the known ones."""
+    if name not in schema.domains:
+        raise UserError(f"{where}: domain {name!r} is not in the schema; known: {', '.join(schema.domains)}")
+    return schema.domains.index(name)
+
+
 def count_share(split: Split, schema: Schema, rank: int, world_size: int, seed: int,
-                all_reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> DomainShare:
+                all_reduce: Callable[[np.ndarray], np.ndarray] | None = None,
+                only_domain: str | None = None) -> DomainShare:
     """Rank `rank`'s view of every domain's rows (see module docstring), from the domain column alone.
 
     `all_reduce` sums an int64 matrix over ranks (the phase passes a collective; every rank calls
     it once). Without it this process counts every rank's counting parts itself (one process, tests).
+    With `only_domain`, the other domains count zero rows: streams over the share read that domain alone.
 
     Raises UserError on every rank alike (the checks use the summed counts) when some rank's share
     would be empty (always with fewer rows of known domains than ranks; possible with a few more
     spread over tiny domains).
     """
+    where = f"{split.name or 'fine-tune'} split at {split.location}"
+    keep = None if only_domain is None else domain_index(schema, only_domain, where)
     per_rank = [assign(split.parts, r, world_size, seed, 0, shuffle=True) for r in range(world_size)]
     parts = [p for ps in per_rank for p in ps]
     counts = np.zeros((len(parts), len(schema.domains)), dtype=np.int64)
@@ -115,11 +126,13 @@ def count_share(split: Split, schema: Schema, rank: int, world_size: int, seed: 
         counts[i] = np.bincount(index[index >= 0], minlength=len(schema.domains))
     if all_reduce is not None:
         counts = all_reduce(counts)
+    if keep is not None:
+        counts[:, np.arange(counts.shape[1]) != keep] = 0
     share = DomainShare(parts, counts, rank, world_size)
     empty = [r for r in range(world_size) if share.rows_of_rank(r).sum() == 0]
     if empty:
-        raise UserError(f"{split.name or 'fine-tune'} split at {split.location}: "
-                        f"{int(counts.sum())} rows with a known domain for {world_size} ranks, rank {empty[0]} "
+        which = "with a known domain" if only_domain is None else f"of domain {only_domain!r}"
+        raise UserError(f"{where}: {int(counts.sum())} rows {which} for {world_size} ranks, rank {empty[0]} "
                         f"would get none: use fewer ranks or more data")
     return share
 

@@ -18,7 +18,7 @@ import torch
 
 from iak_dist.config import DistributedConfig, FinetuneConfig
 from iak_dist.data.batch import Batch, arrow_to_batch, domain_indices
-from iak_dist.data.domain_streams import DomainShare, DomainStreams, count_share
+from iak_dist.data.domain_streams import DomainShare, DomainStreams, count_share, domain_index
 from iak_dist.data.sampler import DomainBatchSampler
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Split
@@ -34,6 +34,7 @@ from iak_dist.model.strategies.saving import save_adapter, save_backbone_state
 from iak_dist.phases.common import build_from_backbone, check_schema_matches
 from iak_dist.phases.loop import train_loop
 from iak_dist.phases.pretrain import steps_for
+from iak_dist.phases.validation import EarlyStopping
 from iak_dist.runtime import say
 from iak_dist.tracking import summary_writer
 
@@ -180,34 +181,56 @@ def count_trainable(run: FinetuneSetup) -> int:
 def finetune(
     data_dir: str | Path, backbone_dir: str | Path, strategy: str, cfg: FinetuneConfig, seed: int,
     out_dir: str | Path, ctx: DistContext, show_progress: bool = True, dist_cfg: DistributedConfig | None = None,
-    on_checkpoint: Callable[[int, Path], None] | None = None,
+    on_checkpoint: Callable[[int, Path], None] | None = None, only_domain: str | None = None,
 ) -> dict[str, float]:
     """Fine-tune `strategy` on the fine-tune split of `data_dir`; save the adapter to `out_dir`.
 
     `on_checkpoint(step, path)` runs on every rank after each checkpoint. `show_progress`: a progress
     bar, and a closing line saying where the adapter went (pipelines log their own lines instead).
+    With `only_domain`, only that domain's rows are read, trained on and validated (the adapter's
+    `rows_per_domain` holds zeros for the others). With `cfg.optim.validate_every`, validation
+    passes over the `valid` split pick the best weights, which are saved (`phases/validation.py`).
+    A strategy with `per_domain_models` is handed to `per_domain.finetune_per_domain` whole.
     """
+    if adapter_class(strategy).per_domain_models:
+        from iak_dist.phases.per_domain import finetune_per_domain  # imports this module: lazily
+
+        return finetune_per_domain(data_dir, backbone_dir, strategy, cfg, seed, out_dir, ctx, show_progress,
+                                   dist_cfg, on_checkpoint)
     dist_cfg = dist_cfg or DistributedConfig()
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     run = build_finetune(data_dir, backbone_dir, strategy, cfg, ctx, dist_cfg)
     num_domains = len(run.schema.domains)
-    share = count_share(run.split, run.schema, ctx.rank, ctx.world_size, seed, all_reduce=sum_over_ranks)
+    share = count_share(run.split, run.schema, ctx.rank, ctx.world_size, seed, all_reduce=sum_over_ranks,
+                        only_domain=only_domain)
     say_thin_domains(share, run.schema, ctx.rank)
     rows_per_domain = share.global_rows_per_domain
+    run.adapter.set_domain_sizes(rows_per_domain)
     summary: dict = {"finetune/trainable_params": float(count_trainable(run))}
     if run.trainable:
         dense = DenseEngine(run.trainable, cfg.optim.lr_dense, cfg.optim.weight_decay, dist_cfg.zero,
                             cfg.optim.batch_size, ctx.world_size)
         sampler = DomainStreams(run.split, run.schema, share, cfg.optim.batch_size, cfg.sampler_alpha, seed)
         total = steps_for(cfg.optim, int(share.rows_per_domain.sum()))
-        checkpoints = CheckpointManager(out_dir.parent / ".checkpoints" / strategy, ctx, dist_cfg.keep_checkpoints)
+        # one folder per (strategy, domain): the members of a per-domain fine-tune share out_dir.parent
+        folder = strategy if only_domain is None else f"{strategy}.{only_domain}"
+        checkpoints = CheckpointManager(out_dir.parent / ".checkpoints" / folder, ctx, dist_cfg.keep_checkpoints)
         state = checkpoints.restore_latest(run.model, dense, warn=lambda m: say(m, ctx.rank),
                                            data_parallel_optimizer=run.sharded.data_parallel_optimizer)
+        validation = None
+        if cfg.optim.validate_every > 0:
+            domain = None if only_domain is None else domain_index(run.schema, only_domain, "only_domain")
+            validation = EarlyStopping(data_dir, run.schema, cfg.optim, int(share.rows_per_domain.sum()), ctx,
+                                       checkpoints.root, run.model, dense, run.sharded.data_parallel_optimizer,
+                                       steps_for, domain)
+            validation.load_state_dict(state.get("valid") if state else None)
         start = 0
         if state:
             start = restore_position(state, sampler, total, ctx.world_size,
                                      lambda line: say(f"[finetune {strategy}] {line}", ctx.rank))
+            if validation is not None and validation.record.stopped:
+                start = total  # stopped early before the restart: nothing left to train
             say(f"[finetune {strategy}] resuming at step {start} from {state['path']}", ctx.rank)
 
         batches = PositionedBatches(run.schema, sampler, start)
@@ -215,6 +238,8 @@ def finetune(
         def on_step_end(step: int) -> None:
             if dist_cfg.checkpoint_every and step % dist_cfg.checkpoint_every == 0 and step < total:
                 train_state = {"step": step, "total": total, "sampler": batches.state_before(step)}
+                if validation is not None:
+                    train_state["valid"] = validation.state_dict()
                 path = checkpoints.save(step, run.model, dense, train_state,
                                         data_parallel_optimizer=run.sharded.data_parallel_optimizer)
                 if on_checkpoint is not None:
@@ -228,10 +253,14 @@ def finetune(
                                   adapter=run.adapter, num_domains=num_domains,
                                   show_progress=show_progress and ctx.is_main, on_step_end=on_step_end,
                                   progress_path=out_dir / "progress.json" if ctx.is_main else None,
-                                  overlap_input_dist=dist_cfg.overlap_input_dist, device=ctx.device)
+                                  overlap_input_dist=dist_cfg.overlap_input_dist, device=ctx.device,
+                                  validation=validation)
         finally:
             if writer is not None:
                 writer.close()
+        if validation is not None:
+            validation.restore_best(lambda m: say(m, ctx.rank))
+            summary |= validation.summary()
         with dense.gathered():
             adapter_state = {k: v.detach().clone() for k, v in run.adapter.state_dict().items()}
             backbone_state = save_backbone_state(run.model, out_dir, ctx.rank) if run.trains_backbone else None

@@ -15,6 +15,7 @@ the re-run repeat those steps (resume is exact) and reach the same best pass aga
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -157,5 +158,11 @@ class EarlyStopping:
         return self.record.state_dict()
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Resume the bookkeeping; None (a fresh start) removes a best checkpoint left by an earlier run,
+        which a pass at the same step would otherwise take for its own (saves skip a complete step)."""
         if state:
             self.record.load_state_dict(state)
+            return
+        if self.ctx.is_main:
+            shutil.rmtree(self.best.root, ignore_errors=True)
+        self.ctx.barrier()  # sync point: no rank writes the new best before the old one is gone
