@@ -185,8 +185,10 @@ def plain_text(text: str) -> str:
 def build_figure(agg: dict[str, Any], title: str):
     """The report's figure (a matplotlib `Figure`, not yet saved): per domain, each strategy's CTR-
     and CTCVR-AUC as its gain over `none` (the pre-trained backbone, whose own AUC is written under
-    each domain's name: its gain would be 0 by definition, so it has no bar and no legend entry).
-    Error bars (± std over seeds) only where a mean has more than one seed behind it."""
+    each domain's name: its gain would be 0 by definition, so it has no bar in those panels). Where
+    the evaluations hold the constant predictor's LogLoss, a third panel shows every strategy's test
+    LogLoss minus it (`none` included: a backbone above 0 knows less than the base rate). Error bars
+    (± std over seeds) only where a mean has more than one seed behind it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,7 +201,12 @@ def build_figure(agg: dict[str, Any], title: str):
     low, high = min(counts.values()), max(counts.values())
     seeds_text = "1 seed" if high == 1 else f"mean ± std over {low if low == high else f'{low}-{high}'} seeds"
     # constrained layout makes room for the legend outside the axes (it covered the last bars)
-    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.3 * len(domains)) + 1.5, 8),
+    first = next(iter(agg.values()))
+    constant = np.array([np.nan if (c := first[d].get("constant_logloss", {}).get("mean")) is None else c
+                         for d in domains], dtype=float)
+    with_constant = bool(np.isfinite(constant).any())
+    panels = 3 if with_constant else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(max(8.0, 1.3 * len(domains)) + 1.5, 4 * panels),
                              layout="constrained")  # not sharex: each axes names its own `none` AUCs
     x = np.arange(len(domains))
     width = 0.8 / max(1, len(strategies))
@@ -213,7 +220,7 @@ def build_figure(agg: dict[str, Any], title: str):
             return None  # one seed: no spread, and a zero-length bar would still draw its caps
         return np.where(n > 1, values(s, metric, "std"), np.nan)
 
-    for ax, metric in zip(axes, ("ctr_auc", "ctcvr_auc"), strict=True):
+    for ax, metric in zip(axes[:2], ("ctr_auc", "ctcvr_auc"), strict=True):
         base = values(base_name, metric, "mean") if base_name else None
         for i, s in enumerate(strategies):
             shown = values(s, metric, "mean") - base if base is not None else values(s, metric, "mean")
@@ -234,7 +241,21 @@ def build_figure(agg: dict[str, Any], title: str):
             ax.set_title(f"{metric}, {seeds_text}", fontsize=10)
         ax.axhline(0, color="black", linewidth=0.6)
         ax.grid(axis="y", alpha=0.3)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8, title="strategy")
+    if with_constant:
+        ax, every = axes[2], list(agg)
+        for i, s in enumerate(every):
+            at = x + i * 0.8 / len(every) - 0.4 + 0.4 / len(every)
+            ax.bar(at, values(s, "logloss", "mean") - constant, 0.8 / len(every), yerr=spread_of(s, "logloss"),
+                   label=s, capsize=2, color=f"C{i}")
+        ax.set_xticks(x, [f"{d}\nconstant {format_metric(c, '.3f')}" for d, c in zip(domains, constant, strict=True)],
+                      fontsize=8)
+        ax.set_ylabel("LogLoss minus the constant's")
+        ax.set_title("logloss minus the constant predictor's (every row at the domain's click rate; its LogLoss "
+                     f"under each domain); below 0: better than the base rate; {seeds_text}", fontsize=10)
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.grid(axis="y", alpha=0.3)
+    legend_from = axes[2] if with_constant else axes[0]  # the LogLoss panel has a bar for `none` too
+    fig.legend(*legend_from.get_legend_handles_labels(), loc="outside right upper", fontsize=8, title="strategy")
     fig.suptitle(plain_text(title))
     return fig
 

@@ -352,6 +352,19 @@ def test_constant_predictor_logloss_is_the_label_entropy_and_the_report_sets_it_
     assert table_row(md, "logloss", "a")["constant"] == f"{label_entropy(1 / 4):.4f}"
     assert table_row(md, "logloss", "b")["none"] == f"**{math.log(2):.4f}**"
 
+    import matplotlib.pyplot as plt
+
+    from iak_dist.report import build_figure
+
+    fig = build_figure(agg, "t")  # a third panel: LogLoss minus the constant's, `none` included
+    try:
+        heights = [bar.get_height() for bar in fig.axes[2].patches]
+        want = [metrics[d]["logloss"] - metrics[d]["constant_logloss"] for d in ("a", "b", "overall")]
+        assert len(fig.axes) == 3 and heights == pytest.approx(want, rel=1e-6)
+        assert [t.get_text() for t in fig.legends[0].get_texts()] == ["none"]
+    finally:
+        plt.close(fig)
+
 
 def test_export_and_sweeps_choose_by_the_valid_split_not_the_test_split(tmp_path, synth_dir, backbone_dir,
                                                                        small_cfg, ctx):
