@@ -28,8 +28,11 @@ sweep() {
 }
 sweep beta --strategies iak --grid finetune.iak.beta_matching=0,0.001,0.01,0.1,1 "$@"
 sweep width --strategies iak --grid finetune.iak.width=2,4,8,16,32 "$@"
-sweep shape --strategies iak \
-  --grid finetune.iak.insertion=output,every_layer --grid finetune.iak.form=residual,bottleneck "$@"
+sweep insertion --strategies iak \
+  --grid finetune.iak.insertion=output,every_layer,input,input+output,input+every_layer "$@"
+sweep form --strategies iak --grid finetune.iak.form=residual,bottleneck "$@"
+sweep encoder --strategies iak --grid finetune.iak.encoder=linear,mlp --grid finetune.iak.logvar_init=0,-3 "$@"
+sweep beta-size --strategies iak --grid finetune.iak.beta_size_gamma=0,0.5,1 "$@"
 sweep schedule --strategies iak \
   --grid finetune.iak.compression_fraction=0,0.3,0.6 --grid finetune.iak.decoder_in_compression=false,true "$@"
 sweep sampler --strategies iak,lora --grid finetune.sampler_alpha=0,0.5,1 "$@"
