@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from iak_dist.config import DistributedConfig
 from iak_dist.data.schema import Schema
 from iak_dist.distributed.checkpoint import read_backbone_meta
 from iak_dist.errors import UserError
@@ -41,12 +42,14 @@ def read_json(path):
 
 @pytest.fixture(scope="module")
 def two_members(tmp_path_factory, synth_dir, backbone_dir, small_cfg, ctx):
-    """`full_per_domain` fine-tuned where the last domain has no fine-tune rows: two members."""
+    """`full_per_domain` fine-tuned where the last domain has no fine-tune rows: two members, each
+    checkpointed on the way (its checkpoints are removed once both are saved)."""
     root = tmp_path_factory.mktemp("per_domain")
     domains = Schema.load(synth_dir / "schema.yaml").domains
     data = finetune_only(synth_dir, root / "data", domains[:2])
     summary = finetune(data, backbone_dir, "full_per_domain", small_cfg.finetune, 0, root / "adapter", ctx,
-                       show_progress=False)
+                       show_progress=False, dist_cfg=DistributedConfig(checkpoint_every=10))
+    assert sorted(p.name for p in (root / "adapter" / "domains").iterdir()) == domains[:2]
     return data, root / "adapter", summary
 
 

@@ -4,11 +4,13 @@ Each domain with fine-tune rows gets its own run of the member strategy (`full`)
 (`finetune(..., only_domain=...)`), saved under `out_dir/domains/<name>/`; then `out_dir`'s config
 lists the members with their hashes (`saving.save_members`) and its summary sums their cost. A
 member already saved (its config present and verified) is not trained again: an interrupted run
-resumes at the first unfinished member, which resumes from its own checkpoints.
+resumes at the first unfinished member, which resumes from its own checkpoints (removed once every
+member is saved).
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,6 +71,9 @@ def finetune_per_domain(
         save_members(out_dir, strategy, schema.domains, tower_widths(meta["schema_obj"], meta["model_obj"]), meta,
                      members)
         atomic_write_json(out_dir / "train_summary.json", summary)
+        # the members' checkpoints (finetune keeps them beside its out_dir, here inside this adapter
+        # folder): K whole models no resume needs once every member is saved, nor an export should copy
+        shutil.rmtree(out_dir / MEMBERS_FOLDER / ".checkpoints", ignore_errors=True)
     ctx.barrier()
     if show_progress:
         say(f"[finetune {strategy}] seed {seed}: {len(members)} models (one per domain) written to {out_dir}",
