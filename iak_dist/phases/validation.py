@@ -50,25 +50,21 @@ def validation_loss(model: torch.nn.Module, reader: ParquetReader, ctx: DistCont
     """
     was_training = model.training
     model.eval()
-    sums = torch.zeros(2, dtype=torch.float64)
+    sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, rows: on the device, no syncs
     try:
         for batch, real in lockstep(reader.epoch(0), ctx, padding):
-            out = model(batch.to(ctx.device))
+            batch = batch.to(ctx.device)
+            out = model(batch)
             if not real:
                 continue
-            per_row = esmm_loss_per_row(out, batch.to(ctx.device)).double()
-            if domain is not None:
-                keep = batch.domain.to(ctx.device) == domain
-                per_row, rows = per_row[keep], int(keep.sum())
-            else:
-                rows = len(batch)
-            sums += torch.stack([per_row.sum().cpu(), torch.tensor(float(rows), dtype=torch.float64)])
+            per_row = esmm_loss_per_row(out, batch).double()
+            counted = torch.ones_like(per_row) if domain is None else (batch.domain == domain).double()
+            sums += torch.stack([(per_row * counted).sum(), counted.sum()])
     finally:
         model.train(was_training)
     if ctx.world_size > 1:  # sync point: the loss is global, so every rank decides alike
-        summed = sums.to(collective_device())
-        dist.all_reduce(summed)
-        sums = summed.cpu()
+        sums = sums.to(collective_device())
+        dist.all_reduce(sums)
     loss_sum, rows = sums.tolist()
     return loss_sum / rows if rows else math.nan
 
