@@ -121,12 +121,14 @@ class Adapter(nn.Module):
         trains_backbone: which backbone parameters train: "none", "heads" or "all".
         per_domain_models: one separate model per domain (fine-tuned and scored domain by domain)
             instead of one adapter holding every domain.
+        member_strategy: with `per_domain_models`, the strategy each domain's own model is fine-tuned with.
     """
 
     name: ClassVar[str] = "none"
     config_class: ClassVar[type | None] = None
     trains_backbone: ClassVar[str] = "none"
     per_domain_models: ClassVar[bool] = False
+    member_strategy: ClassVar[str | None] = None
 
     def __init__(self, num_domains: int, tower_widths: list[int], cfg: Any = None) -> None:
         super().__init__()
