@@ -219,7 +219,7 @@ def test_two_ranks_give_exactly_the_metrics_of_one(three_group_data, backbone_di
     want = metrics_by_domain({k: rows[k] for k in rows.dtype.names}, domains)
     assert list(one_rank) == ["overall", "a", "b", "c"] and one_rank["c"]["ctr_auc"] is None  # d has no rows
     for domain, metrics in want.items():
-        for name in ("ctr_auc", "ctcvr_auc", "rows"):
+        for name in ("ctr_auc", "ctcvr_auc", "rows", "constant_logloss", "constant_ctcvr_logloss"):
             assert one_rank[domain][name] == metrics[name], (domain, name)
         for name in ("gauc", "logloss"):
             expected = None if metrics[name] is None else pytest.approx(metrics[name], rel=1e-12, abs=0)
@@ -293,7 +293,7 @@ def test_heavy_users_bucket_is_never_gathered_whole(ctx, tmp_path, monkeypatch):
     assert 0 < max(sizes) <= 64
     want = metrics_by_domain({k: rows[k] for k in rows.dtype.names}, domains)
     for domain, metrics in want.items():
-        for name in ("ctr_auc", "ctcvr_auc", "rows"):
+        for name in ("ctr_auc", "ctcvr_auc", "rows", "constant_logloss", "constant_ctcvr_logloss"):
             assert got[domain][name] == metrics[name], (domain, name)
         for name in ("gauc", "logloss"):
             expected = None if metrics[name] is None else pytest.approx(metrics[name], rel=1e-12, abs=0)

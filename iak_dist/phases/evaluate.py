@@ -84,6 +84,7 @@ from iak_dist.metrics import (
     StreamingAuc,
     StreamingGauc,
     StreamingLogLoss,
+    constant_predictor,
     finite_or_none,
     group_aucs,
     ranking_metrics,
@@ -470,7 +471,9 @@ def stream_metrics(spill: Spill, domains: list[str], ctx: DistContext, folder: P
         return {"ctr_auc": finite_or_none(ctr.result(slot)),
                 "ctcvr_auc": finite_or_none(ctcvr.result(slot)) if has_conversion else None,
                 "gauc": finite_or_none(gauc.result(slot)) if has_user else None,
-                "logloss": finite_or_none(logloss.result(slot)), "rows": float(ctr.rows(slot))}
+                "logloss": finite_or_none(logloss.result(slot)), "rows": float(ctr.rows(slot)),
+                **constant_predictor(int(ctr.positives[slot]), int(ctcvr.positives[slot]) if has_conversion else None,
+                                     ctr.rows(slot))}
 
     out = {"overall": entry(overall)}
     out |= {name: entry(d) for d, name in enumerate(domains) if ctr.rows(d)}
