@@ -126,3 +126,18 @@ def test_finetune_on_one_domain_reads_and_validates_only_it(tmp_path, synth_dir,
 
     assert loss(1) == pytest.approx(summary["valid/best_loss"], rel=1e-6)  # the saved adapter: the best pass's
     assert loss(None) != pytest.approx(loss(1), rel=1e-3)  # ... on domain 1's rows alone
+
+
+def test_resume_keeps_the_best_so_far(tmp_path, synth_dir, ctx):
+    """A phase resumed from its checkpoint goes on with the passes and the best pass of the first run."""
+    from iak_dist.config import load_config
+    from iak_dist.phases.pretrain import pretrain
+
+    def run(steps: int) -> dict:
+        cfg = load_config(None, [*VALIDATED[:-1], f"pretrain.steps={steps}", "pretrain.patience=0"])
+        return pretrain(synth_dir, cfg.model, cfg.pretrain, cfg.distributed, 0, tmp_path, ctx, show_progress=False)
+
+    before, after = run(40), run(60)
+    assert after["valid/losses"][:len(before["valid/losses"])] == before["valid/losses"]
+    assert after["valid/losses"][-1][0] == 60 and len(after["valid/losses"]) > len(before["valid/losses"])
+    assert after["valid/best_loss"] == min(loss for _, loss in after["valid/losses"])
