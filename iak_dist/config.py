@@ -174,6 +174,7 @@ class FinetuneConfig:
     every registered strategy with settings has one, at its defaults unless the config says otherwise."""
 
     def __post_init__(self) -> None:
+        self.settings = dict(self.settings)  # a copy's own (dataclasses.replace would share the mapping)
         for name, section_cls in strategy_configs().items():
             if section_cls is not None and name not in self.settings:
                 self.settings[name] = section_cls()

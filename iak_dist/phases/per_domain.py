@@ -48,7 +48,14 @@ def finetune_per_domain(
     schema = Schema.load(data_dir / "schema.yaml")
     share = count_share(Split.open(data_dir, "finetune", schema), schema, ctx.rank, ctx.world_size, seed,
                         all_reduce=sum_over_ranks)
-    members = [name for name, rows in zip(schema.domains, share.global_rows_per_domain, strict=True) if rows > 0]
+    # a member trains on every rank, so each rank needs rows of its domain; thinner domains are scored by
+    # the plain backbone, like domains without rows
+    rows_of = dict(zip(schema.domains, share.global_rows_per_domain.tolist(), strict=True))
+    members = [name for name, rows in rows_of.items() if rows >= ctx.world_size]
+    thin = [name for name, rows in rows_of.items() if 0 < rows < ctx.world_size]
+    if thin:
+        say(f"[finetune {strategy}] no model of its own for {', '.join(thin)}: fewer fine-tune rows than ranks "
+            f"(scored by the plain backbone)", ctx.rank)
     for name in members:
         if name in ("", ".", "..") or "/" in name or "\\" in name:
             raise UserError(f"{data_dir / 'schema.yaml'}: domain {name!r} cannot name the folder of its own "
