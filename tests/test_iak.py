@@ -72,7 +72,8 @@ def test_insertion_points_per_value():
             for value in ["output", "every_layer", "input", "input+output", "input+every_layer"]}
     assert keys == {"output": ["1"], "every_layer": ["0", "1"], "input": ["input"],
                     "input+output": ["1", "input"], "input+every_layer": ["0", "1", "input"]}
-    assert IakAdapter(2, widths, IakConfig(insertion="input")).kernels["input"].decoder.weight.shape == (2, 8, 12)
+    input_kernel = IakAdapter(2, widths, IakConfig(insertion="input", width=3)).kernels["input"]
+    assert input_kernel.decoder.weight.shape == (2, 3, 12)
 
 
 def test_logvar_init_sets_the_starting_sigma():
@@ -113,7 +114,7 @@ def test_domain_beta_scale_closed_form():
 def test_kl_is_weighted_per_row_by_its_domains_beta():
     torch.manual_seed(0)
     adapter = IakAdapter(2, [6, 4], IakConfig(width=3, insertion="output", beta_compression=0.5,
-                                              beta_size_gamma=1.0, init_std=0.3))
+                                              compression_fraction=0.5, beta_size_gamma=1.0, init_std=0.3))
     adapter.set_domain_sizes(np.array([100, 25]))
     adapter.on_step(0, 10)
     kernel = adapter.kernels["0"]
@@ -134,7 +135,8 @@ def test_compression_with_the_decoder_sends_task_gradient_to_the_encoder():
     h, rows = torch.randn(16, 4), DomainRows.of(torch.tensor([0, 1] * 8), 2)
     target = torch.randn(16, 4)
     for decoder_trains in (False, True):
-        adapter = IakAdapter(2, [6, 4], IakConfig(width=3, insertion="output", decoder_in_compression=decoder_trains))
+        adapter = IakAdapter(2, [6, 4], IakConfig(width=3, insertion="output", compression_fraction=0.5,
+                                                  decoder_in_compression=decoder_trains))
         adapter.on_step(0, 10)
         assert adapter.phase == "compression" and adapter.beta == 1.0
         trainable = [p for p in adapter.parameters() if p.requires_grad]
