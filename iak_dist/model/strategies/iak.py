@@ -58,9 +58,10 @@ class IakConfig:
     """Weight of KL(q_d || p_d) during the compression phase."""
     beta_matching: float = 0.001
     """Weight of KL(q_d || p_d) during the matching phase."""
-    beta_size_gamma: float = 0.0
+    beta_size_gamma: float = 0.5
     """Per-domain beta scaled by size: `beta_d = beta * (n_max / n_d)^gamma` over the fine-tune rows
-    of each domain (small domains are held closer to their prior). 0: one beta for all domains."""
+    of each domain (small domains are held closer to their prior). 0: one beta for all domains.
+    Measured: 0.5 lifts the smallest domains a little at the same overall AUC."""
     compression_fraction: float = 0.0
     """Share of fine-tune steps spent in compression (high beta); 0: no compression phase (measured
     best: every compression variant lost valid CTR-AUC)."""
