@@ -105,6 +105,14 @@ def test_mlp_encoder_has_a_hidden_layer_and_is_nonlinear():
     torch.testing.assert_close(delta[1], -delta[0])
 
 
+def test_shared_mlp_encoder_pays_its_hidden_layer_once():
+    k, width, hidden = 2, 6, 5
+    count = {domains: sum(p.numel() for n, p in GaussianKernel(
+        domains, width, IakConfig(width=k, encoder="mlp_shared", encoder_hidden=hidden)).named_parameters()
+        if n.startswith("encoder")) for domains in (1, 3)}
+    assert count == {d: width * hidden + hidden + d * (hidden * 2 * k + 2 * k) for d in (1, 3)}
+
+
 def test_domain_beta_scale_closed_form():
     scale = domain_beta_scale(np.array([400, 100, 25, 0]), 0.5)
     torch.testing.assert_close(scale, torch.tensor([1.0, 2.0, 4.0, 1.0]))

@@ -25,6 +25,7 @@ IAK_VARIANTS = {
     "iak:input": {"insertion": "input"},
     "iak:every-option": {"insertion": "input+every_layer", "encoder": "mlp", "logvar_init": -3.0, "init_std": 0.1,
                          "beta_size_gamma": 1.0, "decoder_in_compression": True},
+    "iak:shared-encoder": {"encoder": "mlp_shared"},
 }
 
 

@@ -77,8 +77,10 @@ class IakConfig:
     """Where kernels sit: `input` on the interaction output before the first tower layer (its change
     passes through that layer), `every_layer` after every tower layer's activation, `output` after
     the last one only; `input+...` combines the input kernel with the others."""
-    encoder: Literal["linear", "mlp"] = "linear"
-    """`linear`: one map h -> (mu, log sigma^2); `mlp`: h -> ReLU(hidden) -> (mu, log sigma^2)."""
+    encoder: Literal["linear", "mlp", "mlp_shared"] = "linear"
+    """`linear`: one map h -> (mu, log sigma^2); `mlp`: h -> ReLU(hidden) -> (mu, log sigma^2), every
+    map per domain; `mlp_shared`: the hidden layer is shared by the K domains (its parameters are
+    paid once, not K times), the output map is per domain."""
     encoder_hidden: int = 32
     """Hidden width of the `mlp` encoder."""
     init_std: float = 0.1
@@ -118,16 +120,21 @@ def domain_beta_scale(rows_per_domain: np.ndarray, gamma: float) -> torch.Tensor
 
 
 class GaussianKernel(nn.Module):
-    """One insertion point's K stacked kernels: encoder (linear, or `encoder_hidden` then linear),
-    learned prior, decoder."""
+    """One insertion point's K stacked kernels: encoder (linear, or a hidden layer, per domain or
+    shared, then linear), learned prior, decoder."""
 
     def __init__(self, num_domains: int, width: int, cfg: IakConfig) -> None:
         super().__init__()
         k = cfg.width
         self.form = cfg.form
-        if cfg.encoder == "mlp":  # He-initialised hidden layer: the code sees h's variation from step 0
+        # He-initialised hidden layer: the code sees h's variation from step 0
+        if cfg.encoder == "mlp":
             self.encoder_hidden = DomainLinear(num_domains, width, cfg.encoder_hidden, init_std=math.sqrt(2.0 / width))
-        self.encoder = DomainLinear(num_domains, cfg.encoder_hidden if cfg.encoder == "mlp" else width, 2 * k,
+        elif cfg.encoder == "mlp_shared":
+            self.encoder_shared = nn.Linear(width, cfg.encoder_hidden)
+            nn.init.normal_(self.encoder_shared.weight, std=math.sqrt(2.0 / width))
+            nn.init.zeros_(self.encoder_shared.bias)
+        self.encoder = DomainLinear(num_domains, width if cfg.encoder == "linear" else cfg.encoder_hidden, 2 * k,
                                     init_std=cfg.init_std)
         with torch.no_grad():
             self.encoder.bias[:, k:] = cfg.logvar_init
@@ -142,7 +149,12 @@ class GaussianKernel(nn.Module):
 
     def forward(self, h: torch.Tensor, rows: DomainRows) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (h', per-row KL [B], 0 on rows of unknown domains)."""
-        code_in = torch.relu(self.encoder_hidden(h, rows)) if hasattr(self, "encoder_hidden") else h
+        if hasattr(self, "encoder_hidden"):
+            code_in = torch.relu(self.encoder_hidden(h, rows))
+        elif hasattr(self, "encoder_shared"):
+            code_in = torch.relu(self.encoder_shared(h))
+        else:
+            code_in = h
         mu, logvar = self.encoder(code_in, rows).chunk(2, dim=-1)
         logvar = logvar.clamp(-8.0, 8.0)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
