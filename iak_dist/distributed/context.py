@@ -115,13 +115,14 @@ def on_main(ctx: DistContext | None, fn: Callable[[], T], share: bool = False) -
     return result if ctx.is_main else value
 
 
-def sum_over_ranks(counts: np.ndarray) -> np.ndarray:
-    """`counts` summed over every rank (sync point: every rank calls it with the same shape)."""
+def sum_over_ranks(values: np.ndarray) -> np.ndarray:
+    """`values` summed over every rank, in their own dtype: int64 for counts, float64 for sums of
+    losses (sync point: every rank calls it with the same shape and dtype)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return counts
-    both = torch.from_numpy(np.ascontiguousarray(counts, dtype=np.int64)).to(collective_device())
-    dist.all_reduce(both)
-    return both.cpu().numpy()
+        return values
+    summed = torch.from_numpy(np.ascontiguousarray(values)).to(collective_device())
+    dist.all_reduce(summed)
+    return summed.cpu().numpy()
 
 
 def on_every_rank(action: Callable[..., T], *args: Any, what: str = "") -> T:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from iak_dist.config import OptimConfig
 from iak_dist.data.batch import Batch, arrow_to_batch
@@ -30,7 +29,7 @@ from iak_dist.data.parquet import ParquetReader
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Split
 from iak_dist.distributed.checkpoint import CheckpointManager
-from iak_dist.distributed.context import DistContext, collective_device
+from iak_dist.distributed.context import DistContext, sum_over_ranks
 from iak_dist.distributed.sharding import DataParallelTableOptimizer
 from iak_dist.distributed.zero import DenseEngine
 from iak_dist.phases.evaluate import lockstep
@@ -62,10 +61,8 @@ def validation_loss(model: torch.nn.Module, reader: ParquetReader, ctx: DistCont
             sums += torch.stack([(per_row * counted).sum(), counted.sum()])
     finally:
         model.train(was_training)
-    if ctx.world_size > 1:  # sync point: the loss is global, so every rank decides alike
-        sums = sums.to(collective_device())
-        dist.all_reduce(sums)
-    loss_sum, rows = sums.tolist()
+    # sync point: the loss is global, so every rank decides alike
+    loss_sum, rows = sum_over_ranks(sums.cpu().numpy()).tolist()
     return loss_sum / rows if rows else math.nan
 
 
