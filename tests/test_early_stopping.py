@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -141,3 +142,34 @@ def test_resume_keeps_the_best_so_far(tmp_path, synth_dir, ctx):
     assert after["valid/losses"][:len(before["valid/losses"])] == before["valid/losses"]
     assert after["valid/losses"][-1][0] == 60 and len(after["valid/losses"]) > len(before["valid/losses"])
     assert after["valid/best_loss"] == min(loss for _, loss in after["valid/losses"])
+
+
+def test_a_domain_without_valid_rows_trains_to_the_end(tmp_path, synth_dir, backbone_dir, small_cfg, ctx, capsys):
+    """`only_domain` with fine-tune rows but no valid rows: no pass counts (patience 1 would stop at the
+    first one), every step is trained, one line says why; a NaN loss (diverged) still counts as bad."""
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+
+    from iak_dist.data.batch import domain_indices
+    from iak_dist.data.schema import Schema
+    from iak_dist.phases.finetune import finetune
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    schema = Schema.load(data / "schema.yaml")
+    valid = pq.read_table(data / "valid.parquet")
+    pq.write_table(valid.filter(domain_indices(valid.column(schema.domain), schema.domains) != 1),
+                   data / "valid.parquet", row_group_size=1000)
+
+    optim = replace(small_cfg.finetune.optim, steps=12, validate_every=0.1, patience=1)
+    summary = finetune(data, backbone_dir, "lora", replace(small_cfg.finetune, optim=optim), 0, tmp_path / "lora",
+                       ctx, show_progress=False, only_domain=schema.domains[1])
+    assert summary["train/steps"] == 12 and summary["train/stopped_early"] == 0.0
+    assert summary["valid/losses"] == [] and summary["valid/best_step"] == -1.0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "no valid rows" in line]
+    assert lines == [f"[valid] domain {schema.domains[1]!r} has no valid rows: no validation passes, "
+                     f"so no early stopping"]
+    record = StoppingRecord(patience=1)
+    assert record.add(10, 1.0) and not record.add(20, math.nan) and record.stopped
+

@@ -6,6 +6,7 @@ ESMM task loss and the row count: the validation loss is global, so every rank t
 decision. A pass better than every earlier one saves the weights to a "best" checkpoint
 (`<phase checkpoints>/best`, one kept); `patience` passes without improvement stop training;
 at the end the best checkpoint is loaded back, so the phase exports the best pass's weights.
+A domain without valid rows (`only_domain`) gets no passes: no early stopping.
 
 Resume: the bookkeeping (`EarlyStopping.state_dict`) rides in the phase's train state and the best
 checkpoint stays on disk. A crash after a best save and before the next regular checkpoint makes
@@ -34,6 +35,7 @@ from iak_dist.distributed.sharding import DataParallelTableOptimizer
 from iak_dist.distributed.zero import DenseEngine
 from iak_dist.phases.evaluate import lockstep
 from iak_dist.phases.step import esmm_loss_per_row
+from iak_dist.runtime import say
 
 VALID_BATCH = 4096
 """Rows per rank and forward of a validation pass (no gradients: larger than a training batch)."""
@@ -41,11 +43,12 @@ VALID_BATCH = 4096
 
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, reader: ParquetReader, ctx: DistContext, padding: Callable[[], Batch],
-                    domain: int | None = None) -> float:
+                    domain: int | None = None) -> float | None:
     """Mean ESMM task loss (CTR BCE + CTCVR BCE per row) over every rank's rows of `reader`'s split.
 
     With `domain`, only that domain's rows count (a model trained on one domain stops on its own
-    loss). The model is in eval mode during the pass (IAK: z = mu) and goes back to what it was.
+    loss). None when no rank has a row to count (every rank gets the same answer); NaN means the
+    model diverged. The model is in eval mode during the pass (IAK: z = mu) and goes back to what it was.
     """
     was_training = model.training
     model.eval()
@@ -63,7 +66,7 @@ def validation_loss(model: torch.nn.Module, reader: ParquetReader, ctx: DistCont
         model.train(was_training)
     # sync point: the loss is global, so every rank decides alike
     loss_sum, rows = sum_over_ranks(sums.cpu().numpy()).tolist()
-    return loss_sum / rows if rows else math.nan
+    return loss_sum / rows if rows else None
 
 
 @dataclass
@@ -121,15 +124,24 @@ class EarlyStopping:
         self.every = steps_for(replace(cfg, steps=0, epochs=cfg.validate_every), rows)
         self.record = StoppingRecord(cfg.patience)
         self.best = CheckpointManager(root / "best", ctx, keep=1)
+        self.what = "the valid split" if domain is None else f"domain {schema.domains[domain]!r}"
+        self.no_rows = False  # set by the first pass that finds none: no more passes
         self._padding = lambda: arrow_to_batch(split.read(split.parts[0]).slice(0, 1), schema)
 
     def due(self, step: int, total: int) -> bool:
-        """A pass runs after every `every` steps and after the last one."""
-        return step % self.every == 0 or step == total
+        """A pass runs after every `every` steps and after the last one (none once no rows were found)."""
+        return not self.no_rows and (step % self.every == 0 or step == total)
 
     def validate(self, step: int, writer=None) -> bool:
-        """One pass after `step` steps; saves the best checkpoint; True: stop training now."""
+        """One pass after `step` steps; saves the best checkpoint; True: stop training now.
+
+        A pass without rows (a domain absent from the valid split) is no pass: it neither improves
+        nor counts against patience (NaN, a diverged model, does count as a bad pass)."""
         loss = validation_loss(self.model, self.reader, self.ctx, self._padding, self.domain)
+        if loss is None:
+            self.no_rows = True
+            say(f"[valid] {self.what} has no valid rows: no validation passes, so no early stopping", self.ctx.rank)
+            return False
         if writer is not None:
             writer.add_scalar("valid/loss", loss, step)
         if self.record.add(step, loss):
