@@ -173,3 +173,52 @@ def test_a_domain_without_valid_rows_trains_to_the_end(tmp_path, synth_dir, back
     record = StoppingRecord(patience=1)
     assert record.add(10, 1.0) and not record.add(20, math.nan) and record.stopped
 
+
+def test_the_best_pass_is_restored_by_its_record_not_by_step_order(tmp_path, synth_dir, ctx):
+    """After a resume that renumbered the steps, a best pass at a lower step than the recorded best is
+    the one restored (steps order no folders); a missing best checkpoint is an error, not the final weights."""
+    from iak_dist.config import load_config
+    from iak_dist.data.schema import Schema
+    from iak_dist.distributed.checkpoint import plain_state_dict
+    from iak_dist.errors import UserError
+    from iak_dist.phases.pretrain import build_pretrain, steps_for
+    from iak_dist.phases.validation import EarlyStopping
+
+    cfg = load_config(None, VALIDATED)
+    schema = Schema.load(synth_dir / "schema.yaml")
+    sharded, dense = build_pretrain(schema, cfg.model, cfg.pretrain, cfg.distributed, 0, ctx)
+
+    def stopping() -> EarlyStopping:
+        return EarlyStopping(synth_dir, schema, cfg.pretrain, 1000, ctx, tmp_path, sharded.model, dense,
+                             sharded.data_parallel_optimizer, steps_for)
+
+    def perturb() -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            for p in dense.container.parameters():
+                p.add_(0.25)
+        return {k: v.clone() for k, v in plain_state_dict(sharded.model, prefix="backbone.").items()}
+
+    first = stopping()
+    first.load_state_dict(None)
+    perturb()
+    assert not first.validate(50) and first.record.best_step == 50  # the first pass is the best so far
+    state = first.state_dict() | {"best_loss": 1e9}  # a record whose best pass (step 50) was poor
+    rerun = stopping()  # e.g. at another world size: steps renumbered lower
+    rerun.load_state_dict(state)
+    at_30 = perturb()
+    rerun.validate(30)
+    assert rerun.record.best_step == 30
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["pass_0000", "pass_0001"]  # 0: the record's
+    perturb()  # trained on
+    rerun.restore_best(print)
+    restored = plain_state_dict(sharded.model, prefix="backbone.")
+    assert all(torch.equal(restored[k], at_30[k]) for k in at_30)
+
+    rerun.state_dict()  # a regular checkpoint names pass 1: pass 0 goes at the next best
+    rerun.record.best_loss = 1e9
+    rerun.validate(40)
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["pass_0001", "pass_0002"]
+    shutil.rmtree(tmp_path / "best" / "pass_0002")
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'best' / 'pass_0002'}: the best validation pass \(step 40\) "
+                                        rf"has no checkpoint there; move {tmp_path} aside to train this phase again$"):
+        rerun.restore_best(print)

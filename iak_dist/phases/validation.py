@@ -4,13 +4,16 @@ Every `validate_every` epochs (and after the last step) each rank streams its sh
 split through the model in eval mode (in lockstep: `evaluate.lockstep`), and the ranks sum the
 ESMM task loss and the row count: the validation loss is global, so every rank takes the same
 decision. A pass better than every earlier one saves the weights to a "best" checkpoint
-(`<phase checkpoints>/best`, one kept); `patience` passes without improvement stop training;
-at the end the best checkpoint is loaded back, so the phase exports the best pass's weights.
-A domain without valid rows (`only_domain`) gets no passes: no early stopping.
+(`<phase checkpoints>/best/pass_<index of the pass>`); `patience` passes without improvement stop
+training; at the end the best checkpoint the record names is loaded back, so the phase exports the
+best pass's weights. A domain without valid rows (`only_domain`) gets no passes: no early stopping.
 
 Resume: the bookkeeping (`EarlyStopping.state_dict`) rides in the phase's train state and the best
-checkpoint stays on disk. A crash after a best save and before the next regular checkpoint makes
-the re-run repeat those steps (resume is exact) and reach the same best pass again.
+checkpoints stay on disk. Best folders are named by pass index, not by step: a resume at another
+world size renumbers the steps, never the passes. The best checkpoint the last regular checkpoint's
+record names is kept until a later record names another (a crash between a best save and the next
+regular checkpoint resumes with the older record); on resume, folders the record does not name
+(passes after it) are removed, so a repeated pass never meets a stale folder of its index.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from iak_dist.distributed.checkpoint import CheckpointManager
 from iak_dist.distributed.context import DistContext, sum_over_ranks
 from iak_dist.distributed.sharding import DataParallelTableOptimizer
 from iak_dist.distributed.zero import DenseEngine
+from iak_dist.errors import UserError
 from iak_dist.phases.evaluate import lockstep
 from iak_dist.phases.step import esmm_loss_per_row
 from iak_dist.runtime import say
@@ -76,6 +80,7 @@ class StoppingRecord:
     patience: int
     best_loss: float = math.inf
     best_step: int = -1
+    best_pass: int = -1  # index of the best pass in `losses`: names its checkpoint folder
     losses: list[list[float]] = field(default_factory=list)  # [step, loss] per pass
     bad_passes: int = 0
     stopped: bool = False
@@ -85,17 +90,19 @@ class StoppingRecord:
         self.losses.append([step, loss])
         if loss < self.best_loss:
             self.best_loss, self.best_step, self.bad_passes = loss, step, 0
+            self.best_pass = len(self.losses) - 1
             return True
         self.bad_passes += 1
         self.stopped = self.patience > 0 and self.bad_passes >= self.patience
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_loss": self.best_loss, "best_step": self.best_step, "losses": self.losses,
-                "bad_passes": self.bad_passes, "stopped": self.stopped}
+        return {"best_loss": self.best_loss, "best_step": self.best_step, "best_pass": self.best_pass,
+                "losses": self.losses, "bad_passes": self.bad_passes, "stopped": self.stopped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_loss, self.best_step = float(state["best_loss"]), int(state["best_step"])
+        self.best_pass = int(state.get("best_pass", -1))  # -1: a record from before pass-named folders
         self.losses = [list(pair) for pair in state["losses"]]
         self.bad_passes, self.stopped = int(state["bad_passes"]), bool(state["stopped"])
 
@@ -107,7 +114,7 @@ class EarlyStopping:
         data_dir, schema: where the `valid` split is.
         cfg: the phase's loop (`validate_every`, `patience`, `batch_size`).
         rows: rows this rank trains on per epoch (as `steps_for` counts them).
-        root: the phase's checkpoint folder; the best checkpoint goes to `root/best`.
+        root: the phase's checkpoint folder; the best checkpoints go to `root/best/pass_<index>`.
         model, dense, data_parallel_optimizer: what is validated, saved and restored.
         domain: index of the one domain a phase trains on (its rows alone are validated), or None.
         steps_for: the phase's step count of an `OptimConfig` (agreed over ranks).
@@ -123,14 +130,18 @@ class EarlyStopping:
         self.dp_optimizer = data_parallel_optimizer
         self.every = steps_for(replace(cfg, steps=0, epochs=cfg.validate_every), rows)
         self.record = StoppingRecord(cfg.patience)
-        self.best = CheckpointManager(root / "best", ctx, keep=1)
+        self.best_root = root / "best"
         self.what = "the valid split" if domain is None else f"domain {schema.domains[domain]!r}"
         self.no_rows = False  # set by the first pass that finds none: no more passes
+        self._recorded_pass = -1  # the best pass the newest regular checkpoint's record names: kept
         self._padding = lambda: arrow_to_batch(split.read(split.parts[0]).slice(0, 1), schema)
 
     def due(self, step: int, total: int) -> bool:
         """A pass runs after every `every` steps and after the last one (none once no rows were found)."""
         return not self.no_rows and (step % self.every == 0 or step == total)
+
+    def best_folder(self, index: int) -> Path:
+        return self.best_root / f"pass_{index:04d}"
 
     def validate(self, step: int, writer=None) -> bool:
         """One pass after `step` steps; saves the best checkpoint; True: stop training now.
@@ -145,14 +156,27 @@ class EarlyStopping:
         if writer is not None:
             writer.add_scalar("valid/loss", loss, step)
         if self.record.add(step, loss):
-            self.best.save(step, self.model, self.dense, {"step": step},
-                           data_parallel_optimizer=self.dp_optimizer)
+            best = self.record.best_pass
+            CheckpointManager(self.best_folder(best), self.ctx, keep=1).save(
+                step, self.model, self.dense, {"step": step}, data_parallel_optimizer=self.dp_optimizer)
+            self._remove_best_folders(keep={best, self._recorded_pass})
         return self.record.stopped
 
     def restore_best(self, warn: Callable[[str], None]) -> None:
-        """Load the best pass's weights (a no-op when no pass ran)."""
-        if self.record.best_step >= 0:
-            self.best.restore_latest(self.model, self.dense, warn=warn, data_parallel_optimizer=self.dp_optimizer)
+        """Load the weights of the best pass the record names (a no-op when no pass ran).
+
+        Raises UserError when its checkpoint is missing or holds another step: the final weights
+        would otherwise be exported silently as if they were the best."""
+        if self.record.best_step < 0:
+            return
+        folder = self.best_folder(self.record.best_pass)
+        state = CheckpointManager(folder, self.ctx).restore_latest(self.model, self.dense, warn=warn,
+                                                                    data_parallel_optimizer=self.dp_optimizer)
+        found = None if state is None else int(state["step"])
+        if found != self.record.best_step:
+            raise UserError(f"{folder}: the best validation pass (step {self.record.best_step}) has "
+                            f"{'no checkpoint' if found is None else f'a checkpoint of step {found}'} there; "
+                            f"move {self.best_root.parent} aside to train this phase again")
 
     def summary(self) -> dict[str, Any]:
         """The phase summary's keys (see the contract)."""
@@ -160,14 +184,25 @@ class EarlyStopping:
                 "valid/losses": self.record.losses, "train/stopped_early": float(self.record.stopped)}
 
     def state_dict(self) -> dict[str, Any]:
+        """The bookkeeping for a regular checkpoint: the best checkpoint it names is kept from now on."""
+        self._recorded_pass = self.record.best_pass
         return self.record.state_dict()
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Resume the bookkeeping; None (a fresh start) removes a best checkpoint left by an earlier run,
-        which a pass at the same step would otherwise take for its own (saves skip a complete step)."""
+        """Resume the bookkeeping and remove the best checkpoints its record does not name (a fresh
+        start: every one): a pass of the same index would otherwise take a stale folder for its own
+        (saves skip a complete step)."""
         if state:
             self.record.load_state_dict(state)
+        self._recorded_pass = self.record.best_pass
+        self._remove_best_folders(keep={self._recorded_pass})
+        self.ctx.barrier()  # sync point: no rank writes a new best before the stale ones are gone
+
+    def _remove_best_folders(self, keep: set[int]) -> None:
+        """Rank 0 removes every best folder but those of the passes in `keep` (by name, not step order)."""
+        if not self.ctx.is_main or not self.best_root.is_dir():
             return
-        if self.ctx.is_main:
-            shutil.rmtree(self.best.root, ignore_errors=True)
-        self.ctx.barrier()  # sync point: no rank writes the new best before the old one is gone
+        kept = {self.best_folder(index).name for index in keep if index >= 0}
+        for path in self.best_root.iterdir():
+            if path.name not in kept:
+                shutil.rmtree(path, ignore_errors=True)
