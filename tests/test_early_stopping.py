@@ -26,8 +26,9 @@ def test_patience_counts_passes_without_improvement():
     assert StoppingRecord(patience=0).add(1, 1.0) and not StoppingRecord(patience=0).stopped  # 0: never early
 
 
-def test_early_stopping_restores_the_best_pass_bitwise(tmp_path, synth_dir, ctx):
-    """The exported backbone of a run that stopped early is the backbone of a run of best_step steps."""
+def test_early_stopping_restores_the_best_pass_bitwise(tmp_path, synth_dir, ctx, capsys):
+    """The exported backbone of a run that stopped early is the backbone of a run of best_step steps;
+    a re-run trains nothing and reports the same steps and loss."""
     from iak_dist.config import load_config
     from iak_dist.distributed.checkpoint import load_backbone_weights
     from iak_dist.phases.pretrain import pretrain
@@ -42,6 +43,14 @@ def test_early_stopping_restores_the_best_pass_bitwise(tmp_path, synth_dir, ctx)
     assert summary["train/stopped_early"] == 1.0 and steps == best + 3 * every < 160  # patience 3 passes
     on_disk = json.loads((tmp_path / "validated" / "backbone" / "train_summary.json").read_text())
     assert on_disk["valid/best_step"] == best
+    capsys.readouterr()
+    again = pretrain(synth_dir, cfg.model, cfg.pretrain, cfg.distributed, 0, tmp_path / "validated", ctx,
+                     show_progress=False)
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("[pretrain]")] == [
+        f"[pretrain] sharding plan over 1 rank(s): the same as before, in {tmp_path / 'sharding_plan.txt'}",
+        f"[pretrain] stopped early at step {steps} (best {best}): nothing left to train"]
+    assert again["train/steps"] == steps and again["train/loss_ema"] == summary["train/loss_ema"]
+    assert again["valid/losses"] == summary["valid/losses"] and again["train/stopped_early"] == 1.0
 
     plain = load_config(None, [*VALIDATED[:-2], f"pretrain.steps={best}"])
     pretrain(synth_dir, plain.model, plain.pretrain, plain.distributed, 0, tmp_path / "plain", ctx, show_progress=False)

@@ -226,11 +226,13 @@ def finetune(
                                        steps_for, domain)
             validation.load_state_dict(state.get("valid") if state else None)
         start = 0
-        if state:
+        stopped_at = validation.stopped_at if validation is not None else None
+        if stopped_at is not None:
+            say(f"[finetune {strategy}] stopped early at step {stopped_at} (best {validation.record.best_step}): "
+                f"nothing left to train", ctx.rank)
+        elif state:
             start = restore_position(state, sampler, total, ctx.world_size,
                                      lambda line: say(f"[finetune {strategy}] {line}", ctx.rank))
-            if validation is not None and validation.record.stopped:
-                start = total  # stopped early before the restart: nothing left to train
             say(f"[finetune {strategy}] resuming at step {start} from {state['path']}", ctx.rank)
 
         batches = PositionedBatches(run.schema, sampler, start)
@@ -247,14 +249,17 @@ def finetune(
 
         writer = summary_writer(out_dir / "tb", ctx)
         try:
-            summary |= train_loop(run.model, dense, batches, total,
-                                  cfg.optim, desc=f"finetune {strategy} seed {seed}", start_step=start,
-                                  data_parallel_optimizer=run.sharded.data_parallel_optimizer, writer=writer,
-                                  adapter=run.adapter, num_domains=num_domains,
-                                  show_progress=show_progress and ctx.is_main, on_step_end=on_step_end,
-                                  progress_path=out_dir / "progress.json" if ctx.is_main else None,
-                                  overlap_input_dist=dist_cfg.overlap_input_dist, device=ctx.device,
-                                  validation=validation)
+            if stopped_at is not None:  # the loop would count from `start`, which is not where it stopped
+                summary |= {"train/steps": float(stopped_at), "train/seconds": 0.0}
+            else:
+                summary |= train_loop(run.model, dense, batches, total,
+                                      cfg.optim, desc=f"finetune {strategy} seed {seed}", start_step=start,
+                                      data_parallel_optimizer=run.sharded.data_parallel_optimizer, writer=writer,
+                                      adapter=run.adapter, num_domains=num_domains,
+                                      show_progress=show_progress and ctx.is_main, on_step_end=on_step_end,
+                                      progress_path=out_dir / "progress.json" if ctx.is_main else None,
+                                      overlap_input_dist=dist_cfg.overlap_input_dist, device=ctx.device,
+                                      validation=validation)
         finally:
             if writer is not None:
                 writer.close()

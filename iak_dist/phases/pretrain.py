@@ -137,18 +137,23 @@ def pretrain(
     per_epoch = reader.batches_per_epoch()
     note = reader.resume_note(saved)
     start = resume_step(int(state["step"]) if state else 0, position, per_epoch, note is None, optim.steps == 0)
-    if validation is not None and validation.record.stopped:
-        start = total  # stopped early before the restart: nothing left to train
-    if state:
+    stopped_at = validation.stopped_at if validation is not None else None
+    if stopped_at is not None:
+        say(f"[pretrain] stopped early at step {stopped_at} (best {validation.record.best_step}): "
+            f"nothing left to train", ctx.rank)
+    elif state:
         say(f"[pretrain] resuming at step {start} of {total} from {state['path']} (epoch {position.epoch}, "
             f"batch {position.batches})", ctx.rank)
         if note is not None:
             say(f"[pretrain] {note}: epoch {saved['epoch']} ends there and reading goes on at epoch "
                 f"{position.epoch}", ctx.rank)
 
-    def save(step: int) -> None:
+    def save(step: int, loss_ema: float | None = None) -> None:
+        """`loss_ema`: the final checkpoint's, reported again by a re-run that finds nothing left to train."""
         data = position.advanced(step - start, per_epoch).state_dict()  # the batches of steps done, not prefetched
         train_state = {"step": step, "data": data}
+        if loss_ema is not None:
+            train_state["loss_ema"] = loss_ema
         if validation is not None:
             train_state["valid"] = validation.state_dict()
         path = checkpoints.save(step, sharded.model, dense, train_state, plan_text,
@@ -162,18 +167,22 @@ def pretrain(
 
     writer = summary_writer(out_dir / "tb" / "pretrain", ctx)
     try:
-        summary = train_loop(sharded.model, dense, reader.batches(position), total, optim,
-                             desc=f"pretrain seed {seed}", start_step=min(start, total),
-                             data_parallel_optimizer=sharded.data_parallel_optimizer, writer=writer,
-                             show_progress=show_progress and ctx.is_main, on_step_end=on_step_end,
-                             progress_path=out_dir / "progress.json" if ctx.is_main else None,
-                             overlap_input_dist=dist_cfg.overlap_input_dist, device=ctx.device,
-                             validation=validation)
-        if start < total:
-            save(int(summary["train/steps"]))  # early stopping: the step it stopped at
-        elif state:  # the resumed position is at or past the end: the checkpoint stays as it is
-            say(f"[pretrain] the checkpoint's position is at or past the end (step {start} of {total}): "
-                f"nothing left to train", ctx.rank)
+        if stopped_at is not None:  # the loop would count from `start`, which is not where it stopped
+            summary = {"train/steps": float(stopped_at), "train/seconds": 0.0,
+                       "train/loss_ema": float(state.get("loss_ema", math.nan)) if state else math.nan}
+        else:
+            summary = train_loop(sharded.model, dense, reader.batches(position), total, optim,
+                                 desc=f"pretrain seed {seed}", start_step=min(start, total),
+                                 data_parallel_optimizer=sharded.data_parallel_optimizer, writer=writer,
+                                 show_progress=show_progress and ctx.is_main, on_step_end=on_step_end,
+                                 progress_path=out_dir / "progress.json" if ctx.is_main else None,
+                                 overlap_input_dist=dist_cfg.overlap_input_dist, device=ctx.device,
+                                 validation=validation)
+            if start < total:  # early stopping: the step it stopped at
+                save(int(summary["train/steps"]), summary["train/loss_ema"])
+            elif state:  # the resumed position is at or past the end: the checkpoint stays as it is
+                say(f"[pretrain] the checkpoint's position is at or past the end (step {start} of {total}): "
+                    f"nothing left to train", ctx.rank)
         if validation is not None:
             validation.restore_best(lambda m: say(m, ctx.rank))
             summary |= validation.summary()

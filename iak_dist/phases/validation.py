@@ -162,6 +162,11 @@ class EarlyStopping:
             self._remove_best_folders(keep={best, self._recorded_pass})
         return self.record.stopped
 
+    @property
+    def stopped_at(self) -> int | None:
+        """The step of the pass that stopped training (on resume: an earlier run's); None: not stopped."""
+        return int(self.record.losses[-1][0]) if self.record.stopped else None
+
     def restore_best(self, warn: Callable[[str], None]) -> None:
         """Load the weights of the best pass the record names (a no-op when no pass ran).
 
