@@ -109,6 +109,7 @@ def test_a_strategy_is_one_file_its_settings_found_through_the_registry(tmp_path
 
     from iak_dist.config import at_least, to_dict
     from iak_dist.model.strategies import base
+    from iak_dist.model.strategies.iak import IakConfig
 
     @dataclass
     class ToyConfig:
@@ -126,7 +127,7 @@ def test_a_strategy_is_one_file_its_settings_found_through_the_registry(tmp_path
     path = tmp_path / "c.yaml"
     path.write_text("finetune:\n  strategies: [toy, iak]\n  toy:\n    size: 5\n")
     cfg = load_config(path)
-    assert cfg.finetune.toy == ToyConfig(size=5) and cfg.finetune.iak.width == 8  # untouched: its defaults
+    assert cfg.finetune.toy == ToyConfig(size=5) and cfg.finetune.iak == IakConfig()  # untouched: its defaults
     assert load_config(path, ["finetune.toy.size=7"]).finetune.toy.size == 7
     assert to_dict(cfg.finetune)["toy"] == {"size": 5}
     assert load_config(None, []).finetune.toy == ToyConfig()  # every registered strategy has its section
