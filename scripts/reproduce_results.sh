@@ -26,13 +26,13 @@ sweep() {
   shift
   $IAK sweep configs/movielens_age.yaml --set "run_dir=${RUNS}/ablation-${name}" "$@"
 }
-sweep beta --strategies iak --grid finetune.iak.beta_matching=0,0.001,0.01,0.1,1 "$@"
-sweep width --strategies iak --grid finetune.iak.width=2,4,8,16,32 "$@"
-sweep insertion --strategies iak \
-  --grid finetune.iak.insertion=output,every_layer,input,input+output,input+every_layer "$@"
-sweep form --strategies iak --grid finetune.iak.form=residual,bottleneck "$@"
-sweep encoder --strategies iak --grid finetune.iak.encoder=linear,mlp --grid finetune.iak.logvar_init=0,-3 "$@"
+# Each grid varies one thing from the defaults (iak_dist/model/strategies/iak.py), as in docs/iak.md.
+sweep beta --strategies iak --grid finetune.iak.beta_matching=0,0.001,0.01,0.1 "$@"
+sweep width --strategies iak --grid finetune.iak.width=2,4,8 "$@"
+sweep insertion --strategies iak --grid finetune.iak.insertion=every_layer,input,input+every_layer "$@"
+sweep encoder --strategies iak --grid finetune.iak.encoder=linear,mlp,mlp_shared "$@"
+sweep start --strategies iak --grid finetune.iak.init_std=0.01,0.1 --grid finetune.iak.logvar_init=0,-3 "$@"
 sweep beta-size --strategies iak --grid finetune.iak.beta_size_gamma=0,0.5,1 "$@"
-sweep schedule --strategies iak \
-  --grid finetune.iak.compression_fraction=0,0.3,0.6 --grid finetune.iak.decoder_in_compression=false,true "$@"
+sweep compression --strategies iak \
+  --grid finetune.iak.compression_fraction=0,0.3 --grid finetune.iak.decoder_in_compression=false,true "$@"
 sweep sampler --strategies iak,lora --grid finetune.sampler_alpha=0,0.5,1 "$@"
