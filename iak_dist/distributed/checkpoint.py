@@ -494,6 +494,18 @@ def _fused_optimizer_state(model: nn.Module) -> dict[str, Any]:
     return state
 
 
+def _sparse_checkpoint(model: nn.Module) -> dict[str, Any]:
+    """What DCP saves and loads of the sparse side: the tables, and their fused optimizer's state if any.
+
+    Trap: a frozen-embedding model (fine-tuning an adapter) has a fused optimizer whose state dict is
+    `{"state": {}}`; saved as such on 2 ranks, DCP then fails to load it ("Missing key in checkpoint
+    state_dict: optim."). It is left out: there is nothing to resume.
+    """
+    optim = _fused_optimizer_state(model)
+    has_optimizer = bool(optim["state"]) or bool(optim.get("param_groups"))
+    return {"model": _sparse_state(model), **({"optim": optim} if has_optimizer else {})}
+
+
 class CheckpointManager:
     """Atomic, resumable checkpoints of one training phase under `root`.
 
@@ -536,8 +548,7 @@ class CheckpointManager:
                 partial.mkdir(parents=True)
 
         self._together(prepare)
-        dcp.save({"model": _sparse_state(model), "optim": _fused_optimizer_state(model)},
-                 checkpoint_id=str(partial / "sparse"))
+        dcp.save(_sparse_checkpoint(model), checkpoint_id=str(partial / "sparse"))
         fault_point("save", step, self.ctx.rank)
         if dense is not None:
             dense.engine.save_checkpoint(str(partial / "dense"), tag="state")
@@ -651,12 +662,11 @@ class CheckpointManager:
             raise UserError(f"{path}: checkpoint is from a different model config: tables "
                             + ", ".join(f"{k} (checkpoint {saved_tables.get(k)}, model {own_tables.get(k)})"
                                         for k in bad[:4]))
-        sparse = _sparse_state(model)
-        optim = _fused_optimizer_state(model)
-        dcp.load({"model": sparse, "optim": optim}, checkpoint_id=str(path / "sparse"))
-        model.load_state_dict(sparse, strict=False)
-        if optim["state"]:
-            model.fused_optimizer.load_state_dict(optim)
+        checkpoint = _sparse_checkpoint(model)
+        dcp.load(checkpoint, checkpoint_id=str(path / "sparse"))
+        model.load_state_dict(checkpoint["model"], strict=False)
+        if "optim" in checkpoint and checkpoint["optim"]["state"]:
+            model.fused_optimizer.load_state_dict(checkpoint["optim"])
         if dense is not None:
             if saved_world != self.ctx.world_size and dense.engine.zero_optimization_stage() > 0:
                 raise UserError(f"{path}: ZeRO stage {dense.engine.zero_optimization_stage()} state saved on "
