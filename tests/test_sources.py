@@ -242,7 +242,8 @@ def fake_train_loop(seen, on_step=None):
                 on_step_end(step + 1)
             if on_step is not None:
                 on_step(step + 1)
-        return {"train/losses": [], "train/steps": float(total), "train/loss_ema": 0.0}  # as train_loop's summary: the steps it ran to
+        # as train_loop's summary: the steps it ran to, and the loss pretrain stores in its last checkpoint
+        return {"train/losses": [], "train/steps": float(total), "train/loss_ema": 0.0}
 
     return loop
 
