@@ -54,6 +54,7 @@ score-range files: twice its rows) at a time.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -110,6 +111,11 @@ def row_dtype(num_domains: int) -> np.dtype:
     domain = np.int16 if num_domains <= np.iinfo(np.int16).max else np.int32
     return np.dtype([("p_ctr", np.float32), ("p_ctcvr", np.float32), ("click", np.int8),
                      ("conversion", np.int8), ("domain", domain), ("user", np.int64)])
+
+
+def first_row(source: Split, schema: Schema) -> Batch:
+    """One row of `source` as a batch: `lockstep`'s padding for a rank without rows of its own."""
+    return arrow_to_batch(source.read(source.parts[0]).slice(0, 1), schema)
 
 
 def lockstep(batches: Iterator[Batch], ctx: DistContext, padding: Callable[[], Batch]) -> Iterator[tuple[Batch, bool]]:
@@ -585,8 +591,7 @@ def evaluate(
     source = Split.open(data_dir, split, schema)
     reader = ParquetReader(source, schema, batch_size, ctx.rank, ctx.world_size)  # this rank's rows only
 
-    def padding() -> Batch:  # a rank without rows of its own still joins every forward
-        return arrow_to_batch(source.read(source.parts[0]).slice(0, 1), schema)
+    padding = functools.partial(first_row, source, schema)  # a rank without rows still joins every forward
 
     finetune_rows = None
     if adapter_cfg is not None and "rows_per_domain" in adapter_cfg:

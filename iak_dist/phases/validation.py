@@ -18,6 +18,7 @@ regular checkpoint resumes with the older record); on resume, folders the record
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 
 from iak_dist.config import OptimConfig
-from iak_dist.data.batch import Batch, arrow_to_batch
+from iak_dist.data.batch import Batch
 from iak_dist.data.parquet import ParquetReader
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Split
@@ -37,7 +38,7 @@ from iak_dist.distributed.context import DistContext, sum_over_ranks
 from iak_dist.distributed.sharding import DataParallelTableOptimizer
 from iak_dist.distributed.zero import DenseEngine
 from iak_dist.errors import UserError
-from iak_dist.phases.evaluate import lockstep
+from iak_dist.phases.evaluate import first_row, lockstep
 from iak_dist.phases.step import esmm_loss_per_row
 from iak_dist.runtime import say
 
@@ -134,7 +135,7 @@ class EarlyStopping:
         self.what = "the valid split" if domain is None else f"domain {schema.domains[domain]!r}"
         self.no_rows = False  # set by the first pass that finds none: no more passes
         self._recorded_pass = -1  # the best pass the newest regular checkpoint's record names: kept
-        self._padding = lambda: arrow_to_batch(split.read(split.parts[0]).slice(0, 1), schema)
+        self._padding = functools.partial(first_row, split, schema)
 
     def due(self, step: int, total: int) -> bool:
         """A pass runs after every `every` steps and after the last one (none once no rows were found)."""
