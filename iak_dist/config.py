@@ -132,6 +132,14 @@ class OptimConfig:
     validation loss; training ends on the weights of the best pass (early stopping restores them)."""
     patience: int = 0
     """Validation passes without improvement after which training stops early (0: never early)."""
+    early_stopping_metric: Literal["loss", "ctr_auc"] = "loss"
+    """What each validation pass measures and the best pass is chosen by: `loss` (the ESMM task loss,
+    lower is better) or `ctr_auc` (CTR-AUC over the valid rows, higher is better: keeps the best ranker,
+    which may be over-confident; pair it with `calibrate` in pre-training)."""
+    calibrate: bool = False
+    """Pre-training only: after training, fit a scale and a bias of each ESMM head's logit on the valid
+    split (Newton steps on the ESMM loss, the backbone fixed) and fold them into the heads' weights, so the
+    exported backbone's probabilities are calibrated; rankings within a head do not change."""
 
     def problems(self) -> dict[str, str]:
         found = at_least(self, steps=0, batch_size=1, lr_dense=0.0, lr_sparse=0.0, weight_decay=0.0, log_every=1,
@@ -341,6 +349,9 @@ class PipelineConfig:
             raise UserError(f"finetune.strategies: unknown strategy {unknown[0]!r}; known: {', '.join(known)}")
         if not self.seeds:
             raise UserError("seeds: give at least one seed, e.g. seeds: [0]")
+        if self.finetune.optim.calibrate:
+            raise UserError("finetune.optim.calibrate: calibration applies to pre-training only "
+                            "(pretrain.calibrate); fine-tuned heads are the strategies' own")
 
 
 def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
