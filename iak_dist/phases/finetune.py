@@ -182,6 +182,7 @@ def finetune(
     data_dir: str | Path, backbone_dir: str | Path, strategy: str, cfg: FinetuneConfig, seed: int,
     out_dir: str | Path, ctx: DistContext, show_progress: bool = True, dist_cfg: DistributedConfig | None = None,
     on_checkpoint: Callable[[int, Path], None] | None = None, only_domain: str | None = None,
+    prepare_adapter: Callable[[Adapter], None] | None = None,
 ) -> dict[str, float]:
     """Fine-tune `strategy` on the fine-tune split of `data_dir`; save the adapter to `out_dir`.
 
@@ -190,6 +191,8 @@ def finetune(
     With `only_domain`, only that domain's rows are read, trained on and validated (the adapter's
     `rows_per_domain` holds zeros for the others). With `cfg.optim.validate_every`, validation
     passes over the `valid` split pick the best weights, which are saved (`phases/validation.py`).
+    `prepare_adapter(adapter)` runs on the built adapter before its optimizer is made: a caller that
+    starts from trained weights loads them there and freezes what must not change.
     A strategy with `per_domain_models` is handed to `per_domain.finetune_per_domain` whole.
     """
     if adapter_class(strategy).per_domain_models:
@@ -201,6 +204,8 @@ def finetune(
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     run = build_finetune(data_dir, backbone_dir, strategy, cfg, ctx, dist_cfg)
+    if prepare_adapter is not None:
+        prepare_adapter(run.adapter)
     num_domains = len(run.schema.domains)
     share = count_share(run.split, run.schema, ctx.rank, ctx.world_size, seed, all_reduce=sum_over_ranks,
                         only_domain=only_domain)
