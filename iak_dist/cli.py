@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(fin)
     fin.add_argument("--strategy", required=True)
     fin.add_argument("--seed", type=int, default=None)
+    fin.add_argument("--add-domain", metavar="NAME",
+                     help="grow the adapter of --from by domain NAME (the schema's last), training only its kernel")
+    fin.add_argument("--from", dest="from_adapter", metavar="ADAPTER_DIR",
+                     help="with --add-domain: the trained adapter to grow")
+    fin.add_argument("--out", help="with --add-domain: where the grown adapter goes "
+                                   "(default: <run_dir>/seed<seed>/adapters/<strategy>+<NAME>)")
 
     ev = verbs.add_parser("evaluate", help="evaluate what is fine-tuned; writes the report as JSON, Markdown and PNG")
     _add_config(ev)
@@ -280,12 +286,21 @@ def run(args: argparse.Namespace) -> int:
 
             if args.strategy not in known_strategies():
                 raise UserError(f"--strategy {args.strategy}: unknown; known: {', '.join(known_strategies())}")
+            if (args.add_domain is None) != (args.from_adapter is None) or (args.out and args.add_domain is None):
+                raise UserError("--add-domain NAME and --from ADAPTER_DIR go together (--out only with them)")
             from iak_dist.phases.common import check_model_matches
 
             seed_dir = run_dir / f"seed{seed}"
             check_model_matches(cfg.model, seed_dir / "backbone")
-            finetune(cfg.data.dir, seed_dir / "backbone", args.strategy, cfg.finetune, seed,
-                     seed_dir / "adapters" / args.strategy, ctx, dist_cfg=cfg.distributed)
+            if args.add_domain is not None:
+                from iak_dist.phases.add_domain import add_domain
+
+                out = args.out or seed_dir / "adapters" / f"{args.strategy}+{args.add_domain}"
+                add_domain(cfg.data.dir, seed_dir / "backbone", args.strategy, cfg.finetune, seed,
+                           args.from_adapter, args.add_domain, out, ctx, dist_cfg=cfg.distributed)
+            else:
+                finetune(cfg.data.dir, seed_dir / "backbone", args.strategy, cfg.finetune, seed,
+                         seed_dir / "adapters" / args.strategy, ctx, dist_cfg=cfg.distributed)
         elif args.verb == "evaluate":
             from iak_dist.model.strategies import known_strategies
             from iak_dist.orchestration.local import evaluate_and_report

@@ -122,6 +122,8 @@ class Adapter(nn.Module):
         per_domain_models: one separate model per domain (fine-tuned and scored domain by domain)
             instead of one adapter holding every domain.
         member_strategy: with `per_domain_models`, the strategy each domain's own model is fine-tuned with.
+        grows_domains: every per-domain parameter is stacked `[K, ...]` and a new domain's slice starts at
+            the pre-trained model, so `grow_domains` can add a domain to a trained adapter.
     """
 
     name: ClassVar[str] = "none"
@@ -129,6 +131,7 @@ class Adapter(nn.Module):
     trains_backbone: ClassVar[str] = "none"
     per_domain_models: ClassVar[bool] = False
     member_strategy: ClassVar[str | None] = None
+    grows_domains: ClassVar[bool] = False
 
     def __init__(self, num_domains: int, tower_widths: list[int], cfg: Any = None) -> None:
         super().__init__()
@@ -157,6 +160,50 @@ class Adapter(nn.Module):
 
     def set_domain_sizes(self, rows_per_domain: np.ndarray) -> None:
         """Told before fine-tuning: the fine-tune rows of each domain over all ranks ([K] counts)."""
+
+    def grow_domains(self, trained: dict[str, torch.Tensor], trained_domains: int,
+                     trained_rows: np.ndarray | None = None) -> None:
+        """Start from `trained`, the state of this strategy's adapter for this adapter's first
+        `trained_domains` domains, so that only the domains after them train (`--add-domain`).
+        `trained_rows`: the fine-tune rows those domains were trained on (a loss that weighs domains
+        by size reads them; the grown run counts only the new domains' rows).
+
+        A parameter stacked per domain (`[trained_domains, ...]` there, `[K, ...]` here) takes the
+        trained rows, and a gradient hook zeroes those rows' gradient; one of the same shape in both is
+        shared by the domains: it takes the trained value and freezes. The new rows keep their own
+        initialisation (the pre-trained model, for a zero-initialised decoder).
+
+        Trap: a zero gradient leaves AdamW's rows bitwise unchanged only without weight decay.
+        """
+        own = self.state_dict()
+        if set(own) != set(trained):
+            raise ValueError(f"the trained adapter's tensors differ: {sorted(set(own) ^ set(trained))[:4]}")
+        params = dict(self.named_parameters())
+        for name, value in own.items():
+            old = trained[name]
+            stacked = (tuple(old.shape[1:]) == tuple(value.shape[1:]) and old.dim() > 0
+                       and (old.shape[0], value.shape[0]) == (trained_domains, self.num_domains))
+            if tuple(old.shape) != tuple(value.shape) and not stacked:
+                raise ValueError(f"{name}: trained shape {tuple(old.shape)} is neither shared nor stacked "
+                                 f"per domain with {tuple(value.shape)}")
+            with torch.no_grad():
+                (value[:trained_domains] if stacked else value).copy_(old)
+            if name in params:
+                if stacked:
+                    params[name].register_hook(_zero_rows_hook(trained_domains))
+                else:
+                    params[name].requires_grad_(False)
+
+
+def _zero_rows_hook(rows: int):
+    """A gradient hook that zeroes the first `rows` rows: the trained domains of a grown adapter."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[:rows] = 0
+        return grad
+
+    return hook
 
 
 _REGISTRY: dict[str, type[Adapter]] = {}

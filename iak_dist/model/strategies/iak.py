@@ -174,6 +174,7 @@ class GaussianKernel(nn.Module):
 class IakAdapter(Adapter):
     name = "iak"
     config_class = IakConfig
+    grows_domains = True
 
     def __init__(self, num_domains: int, tower_widths: list[int], cfg: IakConfig) -> None:
         super().__init__(num_domains, tower_widths, cfg)
@@ -189,11 +190,23 @@ class IakAdapter(Adapter):
         self.beta = cfg.beta_compression
         self.phase = "compression"
         self._phase_applied = False  # set_phase not yet run in this process (see on_step)
+        self.trained_rows: np.ndarray | None = None  # rows of the domains a grown adapter was trained on
 
     def set_domain_sizes(self, rows_per_domain: np.ndarray) -> None:
-        """beta_d = beta * (n_max / n_d)^gamma, from the fine-tune rows of each domain."""
-        scale = domain_beta_scale(rows_per_domain, self.cfg.beta_size_gamma)
+        """beta_d = beta * (n_max / n_d)^gamma, from the fine-tune rows of each domain.
+
+        A grown adapter counts its trained domains' rows too (this run reads only the new domains'), so a
+        new domain gets the beta_d of fine-tuning every domain together."""
+        counts = np.array(rows_per_domain, dtype=np.int64)
+        if self.trained_rows is not None:
+            counts[:len(self.trained_rows)] = self.trained_rows
+        scale = domain_beta_scale(counts, self.cfg.beta_size_gamma)
         self.beta_scale.copy_(scale.to(self.beta_scale.device, self.beta_scale.dtype))
+
+    def grow_domains(self, trained: dict[str, torch.Tensor], trained_domains: int,
+                     trained_rows: np.ndarray | None = None) -> None:
+        super().grow_domains(trained, trained_domains, trained_rows)
+        self.trained_rows = None if trained_rows is None else np.asarray(trained_rows, dtype=np.int64)
 
     def _kernel(self, key: str, h: torch.Tensor, rows: DomainRows) -> tuple[torch.Tensor, torch.Tensor]:
         kernel = self.kernels[key] if key in self.kernels else None
