@@ -5,6 +5,11 @@ parameters) and never the embedding tables: its start-up broadcast from rank 0 w
 overwrite the other ranks' embedding shards. The modules stay where they are in the Ranker; the
 container only references them, so the Ranker's forward runs them (ZeRO-3 gathers partitioned
 parameters through the hooks it registers on these very modules).
+
+The gradient all-reduce overlaps backward at every stage, switched by DeepSpeed's own key
+`zero_optimization.overlap_comm` (in `distributed.zero.deepspeed`): at stage 0 DeepSpeed has no
+overlap (it all-reduces once after backward), so `OverlappedGradReduce` starts bucketed asynchronous
+all-reduces from gradient hooks, as DDP does; at stages 1-3 DeepSpeed's own overlap runs.
 """
 
 from __future__ import annotations
@@ -108,6 +113,120 @@ def check_accelerator(device: torch.device) -> None:
                         f"but the model is on {device.type}: set DS_ACCELERATOR={device.type} or unset it")
 
 
+OVERLAP_BUCKET_ELEMENTS = 2**16
+"""Gradient elements per asynchronous all-reduce at stage 0 (256 KiB in fp32). Small enough that the
+dense part of a recommender (about 0.5M parameters on MovieLens-100K) splits into several buckets,
+the first of which leaves while the rest of backward runs; large enough that the per-call latency
+of gloo / NCCL stays small against the step."""
+
+_reduce_groups: dict[str, Any] = {}
+
+
+def gradient_reduce_group(backend: str):
+    """A process group of all ranks for the dense gradients' all-reduces only, made once per process.
+
+    Trap: those all-reduces are started from gradient hooks in the middle of backward, where TorchRec
+    runs its own collectives (the pooled embeddings' and their gradients' all-to-all) on the default
+    group. Collectives on one group must be issued in the same order on every rank, and the moment a
+    bucket is ready can differ between ranks (a parameter unused by one rank's batch); on a group of
+    their own, only the buckets' order matters, and it is fixed. (`new_group` is collective: every rank
+    builds its engine at the same point, so every rank calls it once, in the same order.)
+    """
+    import torch.distributed as dist
+
+    if backend not in _reduce_groups:
+        _reduce_groups[backend] = dist.new_group(backend=backend)
+    return _reduce_groups[backend]
+
+
+class OverlappedGradReduce:
+    """Stage 0: the dense gradients are all-reduced in buckets, each started (asynchronously) as soon as
+    backward has produced all its gradients, instead of once after backward.
+
+    The arithmetic is DeepSpeed's stage-0 `allreduce_bucket` (sum over ranks, scaled by the engine's
+    settings: `pre` before the sum, `post` after; by default x 1/world after), on the same gradients;
+    only the grouping into buckets and the moment each leaves differ. Each element's sum over ranks
+    does not depend on the grouping on 2 ranks (a + b == b + a), so the update is bitwise DeepSpeed's
+    there; on more ranks, ring all-reduces add the ranks' values in an order that depends on where an
+    element falls in its buffer, so it equals DeepSpeed's to fp32 rounding.
+
+    Buckets follow the parameters in reverse order (backward produces the last layers' gradients
+    first, as DDP assumes) and leave in bucket order on every rank. A parameter without a gradient
+    after backward gets zeros, as DeepSpeed gives it.
+
+    Args:
+        params: the trainable dense parameters (fp32).
+        group: the process group of the gradient all-reduces (`gradient_reduce_group`).
+        pre, post: factors applied to each bucket before and after the sum (None: no scaling).
+        bucket_elements: gradient elements per bucket (a parameter is never split).
+    """
+
+    def __init__(self, params: list[nn.Parameter], group, pre: float | None, post: float | None,
+                 bucket_elements: int = OVERLAP_BUCKET_ELEMENTS) -> None:
+        self.group, self.pre, self.post = group, pre, post
+        self.buckets: list[list[nn.Parameter]] = [[]]
+        for param in reversed(params):
+            if self.buckets[-1] and sum(p.numel() for p in self.buckets[-1]) + param.numel() > bucket_elements:
+                self.buckets.append([])
+            self.buckets[-1].append(param)
+        self.bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self.armed = False
+        self.missing: list[int] = []
+        self.next_bucket = 0
+        self.in_flight: list[tuple[torch.Tensor, Any]] = []
+        self.handles = [p.register_post_accumulate_grad_hook(self._on_gradient) for p in params]
+
+    def start(self) -> None:
+        """Arm the hooks for one backward (they stay inert outside `DenseEngine.backward`)."""
+        self.armed = True
+        self.missing = [len(bucket) for bucket in self.buckets]
+        self.next_bucket = 0
+        self.in_flight = []
+
+    def _on_gradient(self, param: nn.Parameter) -> None:
+        if not self.armed:
+            return
+        self.missing[self.bucket_of[id(param)]] -= 1
+        while self.next_bucket < len(self.buckets) and self.missing[self.next_bucket] == 0:
+            self._launch(self.next_bucket)
+
+    def _launch(self, index: int) -> None:
+        import torch.distributed as dist
+
+        grads = []
+        for param in self.buckets[index]:
+            if param.grad is None:  # unused by this batch: DeepSpeed reduces zeros for it too
+                param.grad = torch.zeros_like(param)
+            grads.append(param.grad.reshape(-1))
+        flat = torch.cat(grads)
+        if self.pre is not None:
+            flat.mul_(self.pre)
+        self.in_flight.append((flat, dist.all_reduce(flat, group=self.group, async_op=True)))
+        self.next_bucket = index + 1
+
+    def finish(self) -> None:
+        """After backward: start the buckets still waiting (unused parameters), wait for all, write back."""
+        self.armed = False
+        for index in range(self.next_bucket, len(self.buckets)):
+            self._launch(index)
+        for (flat, work), bucket in zip(self.in_flight, self.buckets, strict=True):
+            work.wait()  # sync point: this bucket's sum over ranks
+            if self.post is not None:
+                flat.mul_(self.post)
+            for param, reduced in zip(bucket, torch.split(flat, [p.numel() for p in bucket]), strict=True):
+                param.grad.copy_(reduced.view_as(param.grad))
+        self.in_flight = []
+
+    def abandon(self) -> None:
+        """Backward failed: disarm without starting or waiting for any more all-reduces."""
+        self.armed = False
+        self.in_flight = []
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 class DenseEngine:
     """Backward and optimizer step of the dense side, through a DeepSpeed engine.
 
@@ -141,6 +260,11 @@ class DenseEngine:
         # gradients are already averaged over the ranks after backward, so PyTorch's one-kernel
         # clip computes the same norm on each rank. Other stages and precisions clip in DeepSpeed.
         plain_fp32 = not config["bf16"].get("enabled") and not config.get("fp16", {}).get("enabled")
+        overlap = config["zero_optimization"].get("overlap_comm")
+        if overlap is None and cfg.stage in (1, 2) and device.type == "cuda":
+            # DeepSpeed's own overlap (a side stream per reduction) pays on GPUs; on CPU there are no
+            # streams, its hooks reduce synchronously, and it measured slower (docs/performance.md)
+            config["zero_optimization"]["overlap_comm"] = True
         self.params = params
         self.clip_norm = float(config["gradient_clipping"]) if cfg.stage == 0 and plain_fp32 else 0.0
         if self.clip_norm:
@@ -152,10 +276,36 @@ class DenseEngine:
                 model=self.container, optimizer=optimizer, model_parameters=params, config=config,
                 dist_init_required=False,
             )
+        self.overlap: OverlappedGradReduce | None = None
         if world_size == 1 and cfg.stage == 0:
             # one replica: DeepSpeed's gradient all-reduce would flatten, reduce over one rank and
             # copy every gradient back each step for nothing (measured in docs/performance.md)
             self.engine.enable_backward_allreduce = False
+        elif cfg.stage == 0 and params and overlap is not False:
+            self.overlap = self._overlapped_reduce(params)
+
+    def _overlapped_reduce(self, params: list[nn.Parameter]) -> OverlappedGradReduce | None:
+        """Our stage-0 overlap, with DeepSpeed's own scaling of the reduced gradients; None (DeepSpeed
+        reduces after backward, as before) for a setting whose arithmetic it does not reproduce."""
+        import torch.distributed as dist
+
+        engine = self.engine
+        if engine.communication_data_type != params[0].dtype or engine.has_moe_layers \
+                or engine.sequence_parallel_size != 1 or any(p.dtype != params[0].dtype for p in params):
+            say("[zero] gradient all-reduce not overlapped with backward: communication_data_type, MoE or "
+                "sequence parallelism set in distributed.zero.deepspeed (DeepSpeed reduces after backward)")
+            return None
+        world = float(dist.get_world_size())
+        factor = float(engine.gradient_predivide_factor())
+        if not engine.gradient_average:  # DeepSpeed's allreduce_bucket, factor by factor
+            pre, post = None, None
+        elif engine.postscale_gradients():
+            pre = 1.0 / factor if factor != 1.0 else None
+            post = factor / world if factor != world else None
+        else:
+            pre, post = 1.0 / world, None
+        engine.enable_backward_allreduce = False
+        return OverlappedGradReduce(params, gradient_reduce_group(dist.get_backend()), pre, post)
 
     def set_lr(self, lr: float) -> None:
         """The learning rate of the next steps (a schedule sets it every step).
@@ -171,8 +321,18 @@ class DenseEngine:
         return [float(group["lr"]) for group in self.optimizer.param_groups]
 
     def backward(self, loss: torch.Tensor) -> None:
-        """loss.backward() (the sparse side's fused optimizer runs inside it), then the dense reduce."""
-        self.engine.backward(loss)
+        """loss.backward() (the sparse side's fused optimizer runs inside it), then the dense reduce
+        (at stage 0 with several ranks, started bucket by bucket during backward: `OverlappedGradReduce`)."""
+        if self.overlap is None:
+            self.engine.backward(loss)
+            return
+        self.overlap.start()
+        try:
+            self.engine.backward(loss)
+        except BaseException:
+            self.overlap.abandon()  # no further collectives: the other ranks may be gone
+            raise
+        self.overlap.finish()
 
     def step(self) -> None:
         if self.clip_norm:
