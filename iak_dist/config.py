@@ -177,6 +177,11 @@ class FinetuneConfig:
     """Loop settings of each strategy's fine-tune run."""
     sampler_alpha: float = 0.5
     """Domain d is drawn with probability proportional to n_d ** alpha (0: uniform, 1: by size)."""
+    prefix_cache: Literal["auto", "on", "off"] = "auto"
+    """Fine-tune a frozen-backbone strategy from a cache of the backbone's interaction output (one pass
+    over the split, under `<seed dir>/prefix_cache/`, reused while backbone and data are unchanged)
+    instead of the embedding lookups at every step. `auto`: for every strategy but `full`/`full_per_domain`
+    (which train the backbone); `on`: the same, and an error for those; `off`: never."""
     settings: dict[str, Any] = field(default_factory=dict, metadata={"sections": strategy_configs})
     """The strategies' sections by name (written in YAML as `finetune.<strategy>`, not under `settings`);
     every registered strategy with settings has one, at its defaults unless the config says otherwise."""

@@ -142,8 +142,17 @@ class Backbone(nn.Module):
 
     def dense_part(self, embedded: torch.Tensor, dense: torch.Tensor, adapter=None, domain=None) -> ModelOutput:
         """Everything after the embedding lookup: interaction, tower (with adapter hooks), heads."""
+        return self.after_prefix(self.prefix(embedded, dense), adapter, domain)
+
+    def prefix(self, embedded: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """The interaction output [B, tower_widths[0]]: the last point no fine-tuning strategy but `full`
+        changes (adapters hook in from `adapt_input` on), so a frozen backbone's can be cached
+        (`data/prefix_cache.py`)."""
         vectors = torch.cat([embedded, self.dense_proj(dense).unsqueeze(1)], dim=1)
-        x = self.interaction(vectors)
+        return self.interaction(vectors)
+
+    def after_prefix(self, x: torch.Tensor, adapter=None, domain=None) -> ModelOutput:
+        """From the interaction output `x` on: adapter input hook, tower (with adapter hooks), heads."""
         aux = x.new_zeros(())
         rows = DomainRows.of(domain, adapter.num_domains) if adapter is not None else None
         if adapter is not None:

@@ -32,3 +32,17 @@ class Ranker(nn.Module):
         else:
             embedded = self.backbone.embed(batch.sparse)
         return self.backbone.dense_part(embedded, batch.dense, self.adapter, batch.domain)
+
+
+class PrefixRanker(nn.Module):
+    """The ranker from the frozen backbone's prefix on (`Backbone.after_prefix`): what fine-tuning from
+    the prefix cache trains. Holds the same backbone and adapter modules as the sharded `Ranker`."""
+
+    def __init__(self, backbone: Backbone, adapter: Adapter | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.adapter = adapter
+
+    def forward(self, batch) -> ModelOutput:
+        """Scores of a `data.prefix_cache.PrefixBatch` (its `prefix` is the interaction output)."""
+        return self.backbone.after_prefix(batch.prefix, self.adapter, batch.domain)

@@ -2,11 +2,14 @@
 
 Reads top to bottom: build (data, backbone + adapter, dense engine) -> restore -> loop -> save.
 The fine-tune split is streamed: each rank reads its share, one stream per domain
-(`data/domain_streams.py`), never the whole split.
+(`data/domain_streams.py`), never the whole split. A strategy that freezes the backbone reads those
+streams from the prefix cache (`data/prefix_cache.py`: the interaction output of every row, computed
+once) instead of the files, and trains from there (`PrefixRanker`): no lookups in its steps.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -19,19 +22,30 @@ import torch
 from iak_dist.config import DistributedConfig, FinetuneConfig
 from iak_dist.data.batch import Batch, arrow_to_batch, domain_indices
 from iak_dist.data.domain_streams import DomainShare, DomainStreams, count_share, domain_index
+from iak_dist.data.prefix_cache import (
+    CachedSplit,
+    PrefixBatch,
+    build_prefix_cache,
+    cache_key,
+    cache_problem,
+    clear_folder,
+)
 from iak_dist.data.sampler import DomainBatchSampler
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Split
 from iak_dist.distributed.checkpoint import CheckpointManager, read_backbone_meta
-from iak_dist.distributed.context import DistContext, sum_over_ranks
+from iak_dist.distributed.context import DistContext, on_main, sum_over_ranks
 from iak_dist.distributed.sharding import ShardedRanker
 from iak_dist.distributed.zero import DenseEngine
+from iak_dist.errors import UserError
 from iak_dist.io import atomic_write_json
 from iak_dist.model.backbone import tower_widths
+from iak_dist.model.ranker import PrefixRanker
 from iak_dist.model.strategies import build_adapter
 from iak_dist.model.strategies.base import Adapter, adapter_class
 from iak_dist.model.strategies.saving import save_adapter, save_backbone_state
 from iak_dist.phases.common import build_from_backbone, check_schema_matches
+from iak_dist.phases.evaluate import lockstep
 from iak_dist.phases.loop import train_loop
 from iak_dist.phases.pretrain import steps_for
 from iak_dist.phases.validation import EarlyStopping
@@ -53,8 +67,9 @@ class PositionedBatches:
     A checkpoint must save `state_before(steps_done)`: the position of the next untrained batch.
     """
 
-    def __init__(self, schema: Schema, sampler: DomainStreams, start: int) -> None:
-        self.schema, self.sampler = schema, sampler
+    def __init__(self, to_batch: Callable[[pa.Table], Batch | PrefixBatch], sampler: DomainStreams,
+                 start: int) -> None:
+        self.to_batch, self.sampler = to_batch, sampler
         self._next = start  # index (from the phase's step 0) of the next batch to draw
         self._before: dict[int, dict] = {}
 
@@ -63,11 +78,11 @@ class PositionedBatches:
 
     keep = 8  # states remembered: more than the pipeline's read-ahead (two batches)
 
-    def __next__(self) -> Batch:
+    def __next__(self) -> Batch | PrefixBatch:
         self._before[self._next] = self.sampler.state_dict()
         self._before.pop(self._next - self.keep, None)
         self._next += 1
-        return arrow_to_batch(self.sampler.next_batch(), self.schema)
+        return self.to_batch(self.sampler.next_batch())
 
     def state_before(self, index: int) -> dict:
         """The sampler state from which batch `index` is drawn (`index` at most `keep` batches back)."""
@@ -178,6 +193,53 @@ def count_trainable(run: FinetuneSetup) -> int:
     return n
 
 
+def uses_prefix_cache(strategy: str, setting: str) -> bool:
+    """Whether `strategy` fine-tunes from the prefix cache under `finetune.prefix_cache: setting`: every
+    strategy that freezes the backbone, unless `off`; `on` for one that trains it is a UserError."""
+    trains_backbone = adapter_class(strategy).trains_backbone == "all"
+    if setting == "on" and trains_backbone:
+        raise UserError(f"finetune.prefix_cache: on, but strategy {strategy!r} trains the backbone (its prefix "
+                        f"changes every step); set it to auto (cache for the strategies that freeze it) or off")
+    return setting != "off" and not trains_backbone
+
+
+def open_prefix_cache(run: FinetuneSetup, root: Path, ctx: DistContext) -> CachedSplit:
+    """The prefix cache of `run`'s split and backbone under `root/<key>`: reused when complete, else
+    (no cache, another key, an interrupted build, a truncated file) built by one pass over the split,
+    each rank its row groups (collective: every rank calls it). Says which, in one line."""
+    width = run.sharded.ranker.backbone.tower_widths[0]
+    key = cache_key(run.meta, run.split, run.schema)
+    folder = root / key
+    problems = [cache_problem(folder, key, run.split)]
+    if ctx.world_size > 1:  # every rank must take the same branch (the build is collective)
+        everyone: list = [None] * ctx.world_size
+        torch.distributed.all_gather_object(everyone, problems[0])  # sync point
+        problems = everyone
+    problem = next((p for p in problems if p is not None), None)
+    if problem is None:
+        say(f"[finetune] prefix cache: reused {folder}", ctx.rank)
+        return CachedSplit(folder, run.split, run.schema)
+    on_main(ctx, lambda: clear_folder(folder))
+    backbone = run.sharded.ranker.backbone
+    started = time.perf_counter()
+
+    @torch.no_grad()
+    def prefix_of(batch: Batch) -> torch.Tensor:
+        return backbone.prefix(backbone.embed(batch.sparse), batch.dense)
+
+    was_training = run.model.training
+    run.model.eval()
+    try:
+        build_prefix_cache(folder, key, run.split, run.schema, width, prefix_of, ctx.rank, ctx.world_size,
+                           lambda batches, padding: lockstep(batches, ctx, padding), ctx.device)
+    finally:
+        run.model.train(was_training)
+    ctx.barrier()  # rank 0's marker is written
+    say(f"[finetune] prefix cache: built {folder} ({run.split.num_rows:,} rows x {width} floats, "
+        f"{time.perf_counter() - started:.1f} s; {problem})", ctx.rank)
+    return CachedSplit(folder, run.split, run.schema)
+
+
 def finetune(
     data_dir: str | Path, backbone_dir: str | Path, strategy: str, cfg: FinetuneConfig, seed: int,
     out_dir: str | Path, ctx: DistContext, show_progress: bool = True, dist_cfg: DistributedConfig | None = None,
@@ -195,6 +257,7 @@ def finetune(
     starts from trained weights loads them there and freezes what must not change.
     A strategy with `per_domain_models` is handed to `per_domain.finetune_per_domain` whole.
     """
+    cached = uses_prefix_cache(strategy, cfg.prefix_cache)
     if adapter_class(strategy).per_domain_models:
         from iak_dist.phases.per_domain import finetune_per_domain  # imports this module: lazily
 
@@ -216,7 +279,9 @@ def finetune(
     if run.trainable:
         dense = DenseEngine(run.trainable, cfg.optim.lr_dense, cfg.optim.weight_decay, dist_cfg.zero,
                             cfg.optim.batch_size, ctx.world_size)
-        sampler = DomainStreams(run.split, run.schema, share, cfg.optim.batch_size, cfg.sampler_alpha, seed)
+        # the cache's `read` serves the same rows as the split's: the same streams, batches and positions
+        source = open_prefix_cache(run, Path(backbone_dir).parent / "prefix_cache", ctx) if cached else run.split
+        sampler = DomainStreams(source, run.schema, share, cfg.optim.batch_size, cfg.sampler_alpha, seed)
         total = steps_for(cfg.optim, int(share.rows_per_domain.sum()))
         # one folder per (strategy, domain): the members of a per-domain fine-tune share out_dir.parent
         folder = strategy if only_domain is None else f"{strategy}.{only_domain}"
@@ -240,7 +305,10 @@ def finetune(
                                      lambda line: say(f"[finetune {strategy}] {line}", ctx.rank))
             say(f"[finetune {strategy}] resuming at step {start} from {state['path']}", ctx.rank)
 
-        batches = PositionedBatches(run.schema, sampler, start)
+        batches = PositionedBatches(source.to_batch if cached else lambda t: arrow_to_batch(t, run.schema),
+                                    sampler, start)
+        # from the cache the steps start at the prefix: the same backbone and adapter modules, no tables
+        model = PrefixRanker(run.sharded.ranker.backbone, run.adapter) if cached else run.model
 
         def on_step_end(step: int) -> None:
             if dist_cfg.checkpoint_every and step % dist_cfg.checkpoint_every == 0 and step < total:
@@ -257,13 +325,14 @@ def finetune(
             if stopped_at is not None:  # the loop would count from `start`, which is not where it stopped
                 summary |= {"train/steps": float(stopped_at), "train/seconds": 0.0}
             else:
-                summary |= train_loop(run.model, dense, batches, total,
+                summary |= train_loop(model, dense, batches, total,
                                       cfg.optim, desc=f"finetune {strategy} seed {seed}", start_step=start,
                                       data_parallel_optimizer=run.sharded.data_parallel_optimizer, writer=writer,
                                       adapter=run.adapter, num_domains=num_domains,
                                       show_progress=show_progress and ctx.is_main, on_step_end=on_step_end,
                                       progress_path=out_dir / "progress.json" if ctx.is_main else None,
-                                      overlap_input_dist=dist_cfg.overlap_input_dist, device=ctx.device,
+                                      overlap_input_dist=dist_cfg.overlap_input_dist and not cached,
+                                      device=ctx.device,
                                       validation=validation)
         finally:
             if writer is not None:

@@ -1,0 +1,290 @@
+"""The frozen backbone's prefix, computed once per row of the fine-tune split and read back in batches.
+
+Every strategy but `full` leaves the backbone up to the interaction output unchanged (adapters hook in
+from `Adapter.adapt_input` on), so that output is a fixed function of each row. One streamed pass over
+the split computes it (the embedding lookups and, on several ranks, their all-to-all, paid once); the
+fine-tune loop then draws its batches from the cache instead of the Parquet files and the tables.
+
+Layout, under `<root>/<key>/` (`<root>`: `<seed dir>/prefix_cache`, shared by every strategy of the seed):
+
+    part-000000.rec ...  one file per row group of the split (`Split.parts`, in order): one `record_dtype`
+                         record per row, in the row group's order (prefix fp32, labels, domain index, user)
+    cache.json           written last, by rank 0: the key, the record layout, each file's rows, bytes and hash
+
+`key` hashes the backbone's weights and identity, the split's fingerprint and the schema: another
+backbone or changed data gives another folder, never a silent reuse. A folder without `cache.json`,
+with a file of the wrong size (a truncated write) or of another key is rebuilt (`ensure_prefix_cache`);
+a file whose bytes differ from its recorded hash is refused when first read (`CachedSplit.read`).
+
+Reading: `CachedSplit` answers `read(part)` as `Split` does, with the cached columns of that part's
+rows, so `DomainStreams` draws exactly the same rows in the same order from the cache as from the
+files (the batch-aware domain sampler is unchanged). Files are memory-mapped: memory holds what the
+streams hold, whatever the size of the cache. Row groups are not tied to ranks: a cache built on
+W ranks is read at any world size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+
+from iak_dist.config import to_dict
+from iak_dist.data.batch import Batch, arrow_to_batch, domain_indices
+from iak_dist.data.schema import Schema
+from iak_dist.data.source import Part, Split
+from iak_dist.errors import UserError
+from iak_dist.io import atomic_write_json, fsync_file
+
+FORMAT = 1
+"""Version of the record layout: part of the key, so a cache of an older layout is rebuilt."""
+MARKER = "cache.json"
+PREFIX = "prefix"  # the cached table's column of prefix vectors
+BUILD_ROWS = 4096  # rows per forward of the build pass
+
+
+def record_dtype(width: int) -> np.dtype:
+    """One cached row: the prefix (interaction output) and what the loop and the sampler read."""
+    return np.dtype([(PREFIX, np.float32, (width,)), ("click", np.float32), ("conversion", np.float32),
+                     ("domain", np.int64), ("user", np.int64)])
+
+
+@dataclass
+class PrefixBatch:
+    """A batch read from the cache: what `Batch` gives the loop, with the prefix in place of the IDs."""
+
+    prefix: torch.Tensor  # [B, width] float32: the frozen backbone's interaction output
+    click: torch.Tensor  # [B] float32
+    conversion: torch.Tensor  # [B] float32
+    domain: torch.Tensor  # [B] int64, -1 for a domain the schema does not know
+    user: torch.Tensor  # [B] int64
+
+    def __len__(self) -> int:
+        return int(self.click.shape[0])
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> PrefixBatch:
+        return PrefixBatch(*(t.to(device, non_blocking=non_blocking) for t in
+                             (self.prefix, self.click, self.conversion, self.domain, self.user)))
+
+
+def cache_key(backbone_meta: dict[str, Any], split: Split, schema: Schema) -> str:
+    """What the cached prefix is a function of: the backbone (weights hash, identity), the data files
+    (fingerprint) and the schema (columns, hashing, domain order)."""
+    blob = json.dumps({"format": FORMAT, "weights": backbone_meta["weights"], "identity": backbone_meta["identity"],
+                       "data": split.fingerprint(), "schema": to_dict(schema)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:06d}.rec"
+
+
+def cache_problem(folder: Path, key: str, split: Split) -> str | None:
+    """Why `folder` is not a complete cache of `key` over `split`'s row groups (None: it is).
+
+    Checks the marker and every file's size (cheap: no file is read); hashes are checked on read.
+    """
+    marker = folder / MARKER
+    if not marker.is_file():
+        return "no cache yet" if not folder.exists() else f"{MARKER} missing (an interrupted build)"
+    try:
+        meta = json.loads(marker.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return f"{MARKER} unreadable"
+    if meta.get("key") != key or meta.get("format") != FORMAT:
+        return f"{MARKER} is for key {meta.get('key')}, not {key}"
+    recorded = [(p["path"], p["row_group"], p["rows"]) for p in meta.get("parts", [])]
+    if recorded != [(p.path, p.row_group, p.rows) for p in split.parts]:
+        return f"{MARKER} lists other row groups than the split's"
+    itemsize = record_dtype(meta["width"]).itemsize
+    for p in meta["parts"]:
+        path = folder / p["file"]
+        size = path.stat().st_size if path.is_file() else None
+        if size != p["bytes"] or size != p["rows"] * itemsize:
+            return f"{path.name} has {size} bytes, {MARKER} says {p['bytes']} (truncated or missing)"
+    return None
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class CachedSplit:
+    """The cache read as a `Split` of the same row groups: `read(part)` gives the cached columns of
+    `part`'s rows (`PREFIX`, the labels, the user and the domain column under the schema's name).
+
+    `DomainStreams` takes it in place of the split: the same parts, pieces, filters and shuffles, so
+    the same rows in the same order. `fingerprint()` is the source split's, so a checkpoint's stream
+    position carries over between the cache and the files.
+    """
+
+    def __init__(self, folder: Path, source: Split, schema: Schema) -> None:
+        self.folder, self.source, self.schema = folder, source, schema
+        self.name, self.location, self.parts = source.name, str(folder), source.parts
+        meta = json.loads((folder / MARKER).read_text())
+        self.width = int(meta["width"])
+        self.dtype = record_dtype(self.width)
+        self._files = {(p["path"], p["row_group"]): (p["file"], p["sha256"]) for p in meta["parts"]}
+        self._verified: set[str] = set()
+        # domain index -> the schema's name (-1 -> null): `domain_indices` maps it back to the index
+        self._domain_names = pa.array(schema.domains, pa.string())
+
+    def fingerprint(self) -> str:
+        return self.source.fingerprint()
+
+    def records(self, part: Part) -> np.ndarray:
+        """The cached records of `part`'s rows (memory-mapped: read when touched)."""
+        file, expected = self._files[(part.path, part.row_group)]
+        path = self.folder / file
+        if file not in self._verified:  # first read in this process: the bytes must be what was written
+            if file_sha256(path) != expected:
+                raise UserError(f"{path}: hash differs from {MARKER} (damaged since it was written); delete "
+                                f"{self.folder} and re-run: the cache is rebuilt")
+            self._verified.add(file)
+        records = np.memmap(path, dtype=self.dtype, mode="r")
+        return records[part.offset:part.offset + part.rows]
+
+    def read(self, part: Part, columns: list[str] | None = None, check: bool = True) -> pa.Table:
+        """The cached columns of `part` (`columns` and `check` are ignored: `DomainStreams` asks for the
+        schema's columns, the cache holds the ones training reads, checked when it was built)."""
+        records = self.records(part)
+        prefix = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(records[PREFIX]).reshape(-1)),
+                                                   self.width)
+        index = np.asarray(records["domain"])
+        domain = pa.DictionaryArray.from_arrays(pa.array(index.astype(np.int32), mask=index < 0), self._domain_names)
+        return pa.table({PREFIX: prefix, "click": np.asarray(records["click"]),
+                         "conversion": np.asarray(records["conversion"]), "user": np.asarray(records["user"]),
+                         self.schema.domain: domain})
+
+    def to_batch(self, table: pa.Table) -> PrefixBatch:
+        """Rows that `DomainStreams` drew from this cache, as the loop's batch."""
+        prefix = table.column(PREFIX).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+
+        def column(name: str, dtype: type) -> torch.Tensor:
+            return torch.from_numpy(table.column(name).to_numpy(zero_copy_only=False).astype(dtype, copy=False))
+
+        return PrefixBatch(
+            prefix=torch.from_numpy(prefix.reshape(table.num_rows, self.width).copy()),
+            click=column("click", np.float32), conversion=column("conversion", np.float32),
+            domain=torch.from_numpy(domain_indices(table.column(self.schema.domain), self.schema.domains)),
+            user=column("user", np.int64))
+
+
+def _chunks(split: Split, schema: Schema, indices: list[int]) -> Iterator[tuple[int, Batch, bool]]:
+    """(row group index, batch of at most `BUILD_ROWS` of its rows, last of the row group) for each
+    row group in `indices`, in row order (one row group in memory at a time, as the streams read)."""
+    for i in indices:
+        table = split.read(split.parts[i], columns=schema.columns())
+        for lo in range(0, table.num_rows, BUILD_ROWS):
+            rows = table.slice(lo, BUILD_ROWS)
+            yield i, arrow_to_batch(rows, schema), lo + BUILD_ROWS >= table.num_rows
+
+
+class ShardWriter:
+    """Appends one row group's records to its file, hashing them as they go out; renamed when whole."""
+
+    def __init__(self, folder: Path, index: int, part: Part) -> None:
+        self.final = folder / shard_name(index)
+        self.temp = self.final.with_suffix(".tmp")
+        self.entry: dict[str, Any] = {"path": part.path, "row_group": part.row_group, "rows": part.rows,
+                                      "file": self.final.name, "bytes": 0}
+        self.digest = hashlib.sha256()
+        self.out = self.temp.open("wb")
+
+    def append(self, records: np.ndarray) -> None:
+        data = records.tobytes()
+        self.out.write(data)
+        self.digest.update(data)
+        self.entry["bytes"] += len(data)
+
+    def finish(self) -> dict[str, Any]:
+        """Close and name the file (the marker, written later, vouches for it); its marker entry."""
+        self.out.close()
+        fsync_file(self.temp)
+        os.replace(self.temp, self.final)
+        return {**self.entry, "sha256": self.digest.hexdigest()}
+
+
+def build_prefix_cache(folder: Path, key: str, split: Split, schema: Schema, width: int,
+                       prefix_of: Callable[[Batch], torch.Tensor], rank: int, world_size: int,
+                       lockstep: Callable[[Iterator, Callable[[], Any]], Iterator[tuple[Any, bool]]],
+                       device: torch.device | None = None) -> dict[str, Any]:
+    """Write the cache of `split` into `folder` (collective: every rank calls it; `folder` is empty).
+
+    Rank r computes row groups r, r + W, ...: `prefix_of(batch)` ([B, width], no grad) for each batch
+    of `BUILD_ROWS` rows. `lockstep` keeps the ranks' forwards matched (the sharded lookups are
+    collective; a rank with fewer batches forwards padding, whose output is dropped). A failure to
+    write (a full disk) is raised after the last forward, on every rank, not at once (the others'
+    forwards would wait for this rank's). Rank 0 writes `cache.json` last, once every rank's files
+    are in place (the all-gather of their hashes is the barrier). Returns the marker's content.
+    """
+    from iak_dist.distributed.context import on_every_rank
+
+    dtype = record_dtype(width)
+    mine: list[dict[str, Any]] = []
+    writer: ShardWriter | None = None
+    failure: OSError | None = None
+
+    def padding() -> tuple[int, Batch, bool]:
+        return -1, arrow_to_batch(split.read(split.parts[0]).slice(0, 1), schema), False
+
+    ours = list(range(rank, len(split.parts), world_size))
+    for (index, batch, last), real in lockstep(_chunks(split, schema, ours), padding):
+        prefix = prefix_of(batch if device is None else batch.to(device))
+        if not real or failure is not None:
+            continue
+        records = np.empty(len(batch), dtype=dtype)
+        records[PREFIX] = prefix.detach().float().cpu().numpy()
+        for name in ("click", "conversion", "domain", "user"):
+            records[name] = getattr(batch, name).numpy()
+        try:
+            writer = writer or ShardWriter(folder, index, split.parts[index])
+            writer.append(records)
+            if last:
+                mine.append(writer.finish())
+                writer = None
+        except OSError as exc:
+            failure = exc
+    if writer is not None:
+        writer.out.close()
+
+    def written() -> None:
+        if failure is not None:
+            raise failure
+
+    on_every_rank(written, what=f"prefix cache {folder}")
+    everyone: list[list[dict[str, Any]]] = [mine]
+    if world_size > 1:
+        everyone = [[] for _ in range(world_size)]
+        dist.all_gather_object(everyone, mine)  # sync point: a few bytes per row group
+    by_file = {p["file"]: p for ps in everyone for p in ps}
+    meta = {"key": key, "format": FORMAT, "width": width, "rows": split.num_rows, "source": split.location,
+            "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "parts": [by_file[shard_name(i)] for i in range(len(split.parts))]}
+    if rank == 0:
+        atomic_write_json(folder / MARKER, meta)
+    return meta
+
+
+def clear_folder(folder: Path) -> None:
+    """Remove a stale or partial cache folder and other keys' folders beside it (one cache per seed)."""
+    if folder.parent.is_dir():
+        for other in folder.parent.iterdir():
+            if other.is_dir():
+                shutil.rmtree(other, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
