@@ -20,7 +20,7 @@ def test_patience_counts_passes_without_improvement():
     record = StoppingRecord(patience=2)
     decisions = [record.add(step, loss) for step, loss in [(10, 1.0), (20, 0.8), (30, 0.8), (40, 0.7), (50, 0.9)]]
     assert decisions == [True, True, False, True, False]  # equal is no improvement
-    assert (record.best_step, record.best_loss, record.stopped) == (40, 0.7, False)
+    assert (record.best_step, record.best_value, record.stopped) == (40, 0.7, False)
     assert not record.add(60, math.nan)  # a NaN pass is never the best
     assert record.stopped and record.bad_passes == 2
     assert StoppingRecord(patience=0).add(1, 1.0) and not StoppingRecord(patience=0).stopped  # 0: never early
@@ -37,9 +37,9 @@ def test_early_stopping_restores_the_best_pass_bitwise(tmp_path, synth_dir, ctx,
     summary = pretrain(synth_dir, cfg.model, cfg.pretrain, cfg.distributed, 0, tmp_path / "validated", ctx,
                        show_progress=False)
     best, steps = int(summary["valid/best_step"]), int(summary["train/steps"])
-    every = int(summary["valid/losses"][0][0])  # 0.25 epoch
-    assert every > 1 and [s for s, _ in summary["valid/losses"]] == list(range(every, steps + 1, every))
-    assert summary["valid/best_loss"] == min(loss for _, loss in summary["valid/losses"])
+    every = int(summary["valid/passes"][0][0])  # 0.25 epoch
+    assert every > 1 and [s for s, _ in summary["valid/passes"]] == list(range(every, steps + 1, every))
+    assert summary["valid/best"] == min(loss for _, loss in summary["valid/passes"])
     assert summary["train/stopped_early"] == 1.0 and steps == best + 3 * every < 160  # patience 3 passes
     on_disk = json.loads((tmp_path / "validated" / "backbone" / "train_summary.json").read_text())
     assert on_disk["valid/best_step"] == best
@@ -50,7 +50,7 @@ def test_early_stopping_restores_the_best_pass_bitwise(tmp_path, synth_dir, ctx,
         f"[pretrain] sharding plan over 1 rank(s): the same as before, in {tmp_path / 'sharding_plan.txt'}",
         f"[pretrain] stopped early at step {steps} (best {best}): nothing left to train"]
     assert again["train/steps"] == steps and again["train/loss_ema"] == summary["train/loss_ema"]
-    assert again["valid/losses"] == summary["valid/losses"] and again["train/stopped_early"] == 1.0
+    assert again["valid/passes"] == summary["valid/passes"] and again["train/stopped_early"] == 1.0
 
     plain = load_config(None, [*VALIDATED[:-2], f"pretrain.steps={best}"])
     pretrain(synth_dir, plain.model, plain.pretrain, plain.distributed, 0, tmp_path / "plain", ctx, show_progress=False)
@@ -65,11 +65,14 @@ def two_rank_validated(tmp_path_factory, synth_dir):
     from test_distributed import torchrun
 
     root = tmp_path_factory.mktemp("valid_two_ranks")
-    spec = {"scenarios": [{"kind": "pretrain", "data": str(synth_dir), "out": str(root / "run"),
-                           "overrides": [*VALIDATED, "pretrain.steps=80", "pretrain.patience=0"]}]}
+    by_loss = [*VALIDATED, "pretrain.steps=80", "pretrain.patience=0"]
+    by_auc = [*by_loss, "pretrain.early_stopping_metric=ctr_auc", "pretrain.calibrate=true"]
+    spec = {"scenarios": [{"kind": "pretrain", "data": str(synth_dir), "out": str(root / name), "overrides": overrides}
+                          for name, overrides in (("run", by_loss), ("auc", by_auc))]}
     result = torchrun(spec, root)
     assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads((root / "run" / "backbone" / "train_summary.json").read_text()), root / "run" / "backbone"
+    return {name: (json.loads((root / name / "backbone" / "train_summary.json").read_text()), root / name / "backbone")
+            for name in ("run", "auc")}
 
 
 def test_two_ranks_sum_the_loss_and_restore_the_best(two_rank_validated, tmp_path, synth_dir, ctx):
@@ -82,17 +85,17 @@ def test_two_ranks_sum_the_loss_and_restore_the_best(two_rank_validated, tmp_pat
     from iak_dist.phases.common import build_from_backbone
     from iak_dist.phases.validation import validation_loss
 
-    summary, backbone = two_rank_validated
-    losses = dict((int(s), loss) for s, loss in summary["valid/losses"])
+    summary, backbone = two_rank_validated["run"]
+    losses = dict((int(s), loss) for s, loss in summary["valid/passes"])
     every = min(losses)
     assert sorted(losses) == [*range(every, 80, every), 80] and summary["train/stopped_early"] == 0.0
-    assert losses[int(summary["valid/best_step"])] == summary["valid/best_loss"] == min(losses.values())
+    assert losses[int(summary["valid/best_step"])] == summary["valid/best"] == min(losses.values())
     schema = Schema.load(synth_dir / "schema.yaml")
     split = Split.open(synth_dir, "valid", schema)
     sharded, _ = build_from_backbone(backbone, None, ctx, train_embeddings=False)
     loss = validation_loss(sharded.model, ParquetReader(split, schema, 4096), ctx,
                            lambda: arrow_to_batch(split.read(split.parts[0]).slice(0, 1), schema))
-    assert loss == pytest.approx(summary["valid/best_loss"], rel=1e-6)
+    assert loss == pytest.approx(summary["valid/best"], rel=1e-6)
 
 
 def test_finetune_on_one_domain_reads_and_validates_only_it(tmp_path, synth_dir, backbone_dir, small_cfg, ctx):
@@ -124,7 +127,7 @@ def test_finetune_on_one_domain_reads_and_validates_only_it(tmp_path, synth_dir,
                        only_domain=name)
     saved = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert np.flatnonzero(saved["rows_per_domain"]).tolist() == [1]
-    assert summary["valid/losses"][-1][0] == 12 and len(summary["valid/losses"]) >= 3
+    assert summary["valid/passes"][-1][0] == 12 and len(summary["valid/passes"]) >= 3
 
     split = Split.open(synth_dir, "valid", schema)
     adapter, override, _ = load_adapter(tmp_path / "lora", read_backbone_meta(backbone_dir))
@@ -134,7 +137,7 @@ def test_finetune_on_one_domain_reads_and_validates_only_it(tmp_path, synth_dir,
         return validation_loss(sharded.model, ParquetReader(split, schema, 4096), ctx,
                                lambda: arrow_to_batch(split.read(split.parts[0]).slice(0, 1), schema), domain)
 
-    assert loss(1) == pytest.approx(summary["valid/best_loss"], rel=1e-6)  # the saved adapter: the best pass's
+    assert loss(1) == pytest.approx(summary["valid/best"], rel=1e-6)  # the saved adapter: the best pass's
     assert loss(None) != pytest.approx(loss(1), rel=1e-3)  # ... on domain 1's rows alone
 
 
@@ -148,9 +151,9 @@ def test_resume_keeps_the_best_so_far(tmp_path, synth_dir, ctx):
         return pretrain(synth_dir, cfg.model, cfg.pretrain, cfg.distributed, 0, tmp_path, ctx, show_progress=False)
 
     before, after = run(40), run(60)
-    assert after["valid/losses"][:len(before["valid/losses"])] == before["valid/losses"]
-    assert after["valid/losses"][-1][0] == 60 and len(after["valid/losses"]) > len(before["valid/losses"])
-    assert after["valid/best_loss"] == min(loss for _, loss in after["valid/losses"])
+    assert after["valid/passes"][:len(before["valid/passes"])] == before["valid/passes"]
+    assert after["valid/passes"][-1][0] == 60 and len(after["valid/passes"]) > len(before["valid/passes"])
+    assert after["valid/best"] == min(loss for _, loss in after["valid/passes"])
 
 
 def test_a_domain_without_valid_rows_trains_to_the_end(tmp_path, synth_dir, backbone_dir, small_cfg, ctx, capsys):
@@ -175,7 +178,7 @@ def test_a_domain_without_valid_rows_trains_to_the_end(tmp_path, synth_dir, back
     summary = finetune(data, backbone_dir, "lora", replace(small_cfg.finetune, optim=optim), 0, tmp_path / "lora",
                        ctx, show_progress=False, only_domain=schema.domains[1])
     assert summary["train/steps"] == 12 and summary["train/stopped_early"] == 0.0
-    assert summary["valid/losses"] == [] and summary["valid/best_step"] == -1.0
+    assert summary["valid/passes"] == [] and summary["valid/best_step"] == -1.0
     lines = [line for line in capsys.readouterr().err.splitlines() if "no valid rows" in line]
     assert lines == [f"[valid] domain {schema.domains[1]!r} has no valid rows: no validation passes, "
                      f"so no early stopping"]
@@ -211,7 +214,7 @@ def test_the_best_pass_is_restored_by_its_record_not_by_step_order(tmp_path, syn
     first.load_state_dict(None)
     perturb()
     assert not first.validate(50) and first.record.best_step == 50  # the first pass is the best so far
-    state = first.state_dict() | {"best_loss": 1e9}  # a record whose best pass (step 50) was poor
+    state = first.state_dict() | {"best_value": 1e9}  # a record whose best pass (step 50) was poor
     rerun = stopping()  # e.g. at another world size: steps renumbered lower
     rerun.load_state_dict(state)
     at_30 = perturb()
@@ -224,10 +227,39 @@ def test_the_best_pass_is_restored_by_its_record_not_by_step_order(tmp_path, syn
     assert all(torch.equal(restored[k], at_30[k]) for k in at_30)
 
     rerun.state_dict()  # a regular checkpoint names pass 1: pass 0 goes at the next best
-    rerun.record.best_loss = 1e9
+    rerun.record.best_value = 1e9
     rerun.validate(40)
     assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["pass_0001", "pass_0002"]
     shutil.rmtree(tmp_path / "best" / "pass_0002")
     with pytest.raises(UserError, match=rf"^{tmp_path / 'best' / 'pass_0002'}: the best validation pass \(step 40\) "
                                         rf"has no checkpoint there; move {tmp_path} aside to train this phase again$"):
         rerun.restore_best(print)
+
+
+def test_two_ranks_stop_on_the_auc_and_calibrate_the_export(two_rank_validated, synth_dir, ctx):
+    """`early_stopping_metric: ctr_auc` on 2 ranks keeps the pass of the highest valid CTR-AUC, which is
+    `evaluate`'s (1 process) valid CTR-AUC of the exported backbone; `calibrate` fitted the heads on every
+    valid row once: the export's 1-process valid loss is the fit's, below the uncalibrated one."""
+    from iak_dist.data.batch import arrow_to_batch
+    from iak_dist.data.parquet import ParquetReader
+    from iak_dist.data.schema import Schema
+    from iak_dist.data.source import Split
+    from iak_dist.phases.common import build_from_backbone
+    from iak_dist.phases.evaluate import evaluate
+    from iak_dist.phases.validation import validation_loss
+
+    summary, backbone = two_rank_validated["auc"]
+    aucs = dict((int(s), auc) for s, auc in summary["valid/passes"])
+    assert summary["valid/metric"] == "ctr_auc" and summary["valid/best"] == max(aucs.values())
+    assert aucs[int(summary["valid/best_step"])] == summary["valid/best"]
+    valid_auc = evaluate(synth_dir, backbone, None, ctx, split="valid")["overall"]["ctr_auc"]
+    assert valid_auc == pytest.approx(summary["valid/best"], abs=1e-4)  # a positive scale keeps the order
+
+    schema = Schema.load(synth_dir / "schema.yaml")
+    split = Split.open(synth_dir, "valid", schema)
+    sharded, _ = build_from_backbone(backbone, None, ctx, train_embeddings=False)
+    loss = validation_loss(sharded.model, ParquetReader(split, schema, 4096), ctx,
+                           lambda: arrow_to_batch(split.read(split.parts[0]).slice(0, 1), schema))
+    assert summary["calibration/ctr_scale"] > 0
+    assert loss == pytest.approx(summary["calibration/valid_loss_after"], rel=1e-5)
+    assert summary["calibration/valid_loss_after"] < summary["calibration/valid_loss_before"]

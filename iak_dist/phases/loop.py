@@ -127,7 +127,10 @@ def train_loop(
             losses.append(value)
     bar.close()
     seconds = time.perf_counter() - start
+    pipelined = len(pipeline._pipelined_modules) if pipeline is not None else 0
+    if pipeline is not None:  # forwards after the loop (calibration, a test's check) need the tables' own
+        pipeline.detach()
     return {"train/loss_ema": float(ema or 0.0), "train/samples_per_s": samples / max(seconds, 1e-9),
             "train/seconds": seconds, "train/steps": float(done), "train/losses": losses,
             # sharded modules whose input dist the pipeline overlaps (0: plain loop)
-            "train/pipelined_modules": float(len(pipeline._pipelined_modules)) if pipeline is not None else 0.0}
+            "train/pipelined_modules": float(pipelined)}

@@ -24,6 +24,7 @@ from iak_dist.distributed.zero import DenseEngine
 from iak_dist.io import atomic_write_json, atomic_write_text
 from iak_dist.model.backbone import Backbone
 from iak_dist.model.ranker import Ranker
+from iak_dist.phases.calibration import calibrate_heads, fold_into_heads
 from iak_dist.phases.loop import train_loop
 from iak_dist.phases.validation import EarlyStopping
 from iak_dist.runtime import say
@@ -110,7 +111,9 @@ def pretrain(
     from the newest complete one, at the same batch (at another world size: at the next epoch,
     see `ParquetReader.resume_position`). With `optim.validate_every`, validation passes over the
     `valid` split pick the best weights, which are exported (`phases/validation.py`; early stopping
-    with `optim.patience`). `on_checkpoint(step, path)` runs on
+    with `optim.patience`). With `optim.calibrate`, the exported heads are calibrated on the valid
+    split (`phases/calibration.py`); checkpoints keep the uncalibrated weights, so a re-run fits
+    the same calibration again. `on_checkpoint(step, path)` runs on
     every rank after each checkpoint (Ray Train reports it there). `show_progress`: a progress bar,
     and a closing line saying where the backbone went (pipelines log their own lines instead).
     """
@@ -186,7 +189,21 @@ def pretrain(
         if validation is not None:
             validation.restore_best(lambda m: say(m, ctx.rank))
             summary |= validation.summary()
+        calibration = None
+        if optim.calibrate:
+            calibration = calibrate_heads(sharded.model, data_dir, schema, ctx)
+            if calibration is None:
+                say("[pretrain] the valid split has no rows: the heads are not calibrated", ctx.rank)
+            else:
+                summary |= calibration.summary()
+                say(f"[pretrain] heads calibrated on the valid split: ESMM loss {calibration.valid_loss_before:.4f}"
+                    f" -> {calibration.valid_loss_after:.4f} (ctr logit x{calibration.ctr_scale:.3f} "
+                    f"{calibration.ctr_bias:+.3f}, cvr logit x{calibration.cvr_scale:.3f} "
+                    f"{calibration.cvr_bias:+.3f})", ctx.rank)
         with dense.gathered():
+            if calibration is not None:  # the live heads: only the export below reads them again
+                backbone = sharded.ranker.backbone
+                fold_into_heads(backbone.ctr_head, backbone.cvr_head, calibration)
             export_backbone(sharded.model, schema, model_cfg, out_dir / "backbone", ctx.rank)
         if ctx.is_main:
             atomic_write_json(out_dir / "backbone" / "train_summary.json", summary)

@@ -1,9 +1,10 @@
 """Validation passes and early stopping, shared by pre-training and fine-tuning.
 
 Every `validate_every` epochs (and after the last step) each rank streams its share of the `valid`
-split through the model in eval mode (in lockstep: `evaluate.lockstep`), and the ranks sum the
-ESMM task loss and the row count: the validation loss is global, so every rank takes the same
-decision. A pass better than every earlier one saves the weights to a "best" checkpoint
+split through the model in eval mode (in lockstep: `evaluate.lockstep`) and the pass measures
+`early_stopping_metric`: `loss` (the ranks sum the ESMM task loss and the row count) or `ctr_auc`
+(scores spilled and ranked as `evaluate` does, `stream_metrics`). Either is global, so every rank
+takes the same decision. A pass better than every earlier one saves the weights to a "best" checkpoint
 (`<phase checkpoints>/best/pass_<index of the pass>`); `patience` passes without improvement stop
 training; at the end the best checkpoint the record names is loaded back, so the phase exports the
 best pass's weights. A domain without valid rows (`only_domain`) gets no passes: no early stopping.
@@ -34,11 +35,11 @@ from iak_dist.data.parquet import ParquetReader
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Split
 from iak_dist.distributed.checkpoint import CheckpointManager
-from iak_dist.distributed.context import DistContext, sum_over_ranks
+from iak_dist.distributed.context import DistContext, on_every_rank, on_main, sum_over_ranks
 from iak_dist.distributed.sharding import DataParallelTableOptimizer
 from iak_dist.distributed.zero import DenseEngine
 from iak_dist.errors import UserError
-from iak_dist.phases.evaluate import first_row, lockstep
+from iak_dist.phases.evaluate import Spill, first_row, lockstep, row_dtype, score, spill_folder, stream_metrics
 from iak_dist.phases.step import esmm_loss_per_row
 from iak_dist.runtime import say
 
@@ -74,38 +75,80 @@ def validation_loss(model: torch.nn.Module, reader: ParquetReader, ctx: DistCont
     return loss_sum / rows if rows else None
 
 
+@torch.no_grad()
+def validation_ctr_auc(model: torch.nn.Module, reader: ParquetReader, ctx: DistContext, padding: Callable[[], Batch],
+                       schema: Schema, domain: int | None = None) -> float | None:
+    """CTR-AUC over every rank's rows of `reader`'s split (with `domain`: that domain's rows), as
+    `evaluate` computes it (spilled scores, ranked bucket by bucket; memory bounded). None when no
+    rank has a row to count; NaN when the rows hold one class only (or the scores are not finite).
+    Collective; the model goes back to the mode it was in."""
+    was_training = model.training
+    try:
+        with spill_folder() as folder:
+            spill = Spill(folder / "scored.bin", row_dtype(len(schema.domains)))
+            on_every_rank(score, model, lockstep(reader.epoch(0), ctx, padding), spill, ctx.device)
+            metrics = stream_metrics(spill, schema.domains, ctx, folder, has_conversion=False, has_user=False)
+    finally:
+        model.train(was_training)
+    shared = on_main(ctx, lambda: metrics, share=True)  # rank 0 ranked the rows; the others get its numbers
+    assert shared is not None
+    entry = shared.get("overall" if domain is None else schema.domains[domain])
+    if entry is None or not entry["rows"]:
+        return None
+    return math.nan if entry["ctr_auc"] is None else float(entry["ctr_auc"])
+
+
 @dataclass
 class StoppingRecord:
     """The bookkeeping of early stopping: what each pass measured and when to stop."""
 
     patience: int
-    best_loss: float = math.inf
+    metric: str = "loss"  # `OptimConfig.early_stopping_metric`: the loss is minimised, the AUC maximised
+    best_value: float = math.nan  # nan: no pass yet
     best_step: int = -1
-    best_pass: int = -1  # index of the best pass in `losses`: names its checkpoint folder
-    losses: list[list[float]] = field(default_factory=list)  # [step, loss] per pass
+    best_pass: int = -1  # index of the best pass in `values`: names its checkpoint folder
+    values: list[list[float]] = field(default_factory=list)  # [step, metric] per pass
     bad_passes: int = 0
     stopped: bool = False
 
-    def add(self, step: int, loss: float) -> bool:
-        """Record a pass; True when it is the best so far (a NaN loss never is)."""
-        self.losses.append([step, loss])
-        if loss < self.best_loss:
-            self.best_loss, self.best_step, self.bad_passes = loss, step, 0
-            self.best_pass = len(self.losses) - 1
+    def better(self, value: float) -> bool:
+        """Strictly better than the best pass so far (a NaN pass never is; any number beats no pass)."""
+        if math.isnan(value):
+            return False
+        if math.isnan(self.best_value):
+            return True
+        return value > self.best_value if self.metric == "ctr_auc" else value < self.best_value
+
+    def add(self, step: int, value: float) -> bool:
+        """Record a pass; True when it is the best so far."""
+        self.values.append([step, value])
+        if self.better(value):
+            self.best_value, self.best_step, self.bad_passes = value, step, 0
+            self.best_pass = len(self.values) - 1
             return True
         self.bad_passes += 1
         self.stopped = self.patience > 0 and self.bad_passes >= self.patience
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_loss": self.best_loss, "best_step": self.best_step, "best_pass": self.best_pass,
-                "losses": self.losses, "bad_passes": self.bad_passes, "stopped": self.stopped}
+        return {"metric": self.metric, "best_value": self.best_value, "best_step": self.best_step,
+                "best_pass": self.best_pass, "values": self.values, "bad_passes": self.bad_passes,
+                "stopped": self.stopped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best_loss, self.best_step = float(state["best_loss"]), int(state["best_step"])
+        """A record of another metric is refused: its best pass was chosen by a rule this run does not follow."""
+        metric = state.get("metric", "loss")  # records before `early_stopping_metric`: the loss
+        if metric != self.metric:
+            raise UserError(f"the checkpoint's early stopping measured {metric}, the config says "
+                            f"{self.metric}; set early_stopping_metric: {metric} or train this phase anew "
+                            f"(move its checkpoints aside)")
+        self.best_value = float(state.get("best_value", state.get("best_loss", math.nan)))
+        self.best_step = int(state["best_step"])
         self.best_pass = int(state.get("best_pass", -1))  # -1: a record from before pass-named folders
-        self.losses = [list(pair) for pair in state["losses"]]
+        self.values = [list(pair) for pair in state.get("values", state.get("losses", []))]
         self.bad_passes, self.stopped = int(state["bad_passes"]), bool(state["stopped"])
+        if self.best_step < 0:
+            self.best_value = math.nan  # an old record's inf: no pass yet
 
 
 class EarlyStopping:
@@ -113,7 +156,7 @@ class EarlyStopping:
 
     Args:
         data_dir, schema: where the `valid` split is.
-        cfg: the phase's loop (`validate_every`, `patience`, `batch_size`).
+        cfg: the phase's loop (`validate_every`, `patience`, `early_stopping_metric`, `batch_size`).
         rows: rows this rank trains on per epoch (as `steps_for` counts them).
         root: the phase's checkpoint folder; the best checkpoints go to `root/best/pass_<index>`.
         model, dense, data_parallel_optimizer: what is validated, saved and restored.
@@ -130,7 +173,8 @@ class EarlyStopping:
         self.ctx, self.model, self.dense, self.domain = ctx, model, dense, domain
         self.dp_optimizer = data_parallel_optimizer
         self.every = steps_for(replace(cfg, steps=0, epochs=cfg.validate_every), rows)
-        self.record = StoppingRecord(cfg.patience)
+        self.record = StoppingRecord(cfg.patience, cfg.early_stopping_metric)
+        self.schema = schema
         self.best_root = root / "best"
         self.what = "the valid split" if domain is None else f"domain {schema.domains[domain]!r}"
         self.no_rows = False  # set by the first pass that finds none: no more passes
@@ -149,14 +193,17 @@ class EarlyStopping:
 
         A pass without rows (a domain absent from the valid split) is no pass: it neither improves
         nor counts against patience (NaN, a diverged model, does count as a bad pass)."""
-        loss = validation_loss(self.model, self.reader, self.ctx, self._padding, self.domain)
-        if loss is None:
+        if self.record.metric == "ctr_auc":
+            value = validation_ctr_auc(self.model, self.reader, self.ctx, self._padding, self.schema, self.domain)
+        else:
+            value = validation_loss(self.model, self.reader, self.ctx, self._padding, self.domain)
+        if value is None:
             self.no_rows = True
             say(f"[valid] {self.what} has no valid rows: no validation passes, so no early stopping", self.ctx.rank)
             return False
         if writer is not None:
-            writer.add_scalar("valid/loss", loss, step)
-        if self.record.add(step, loss):
+            writer.add_scalar(f"valid/{self.record.metric}", value, step)
+        if self.record.add(step, value):
             best = self.record.best_pass
             CheckpointManager(self.best_folder(best), self.ctx, keep=1).save(
                 step, self.model, self.dense, {"step": step}, data_parallel_optimizer=self.dp_optimizer)
@@ -166,7 +213,7 @@ class EarlyStopping:
     @property
     def stopped_at(self) -> int | None:
         """The step of the pass that stopped training (on resume: an earlier run's); None: not stopped."""
-        return int(self.record.losses[-1][0]) if self.record.stopped else None
+        return int(self.record.values[-1][0]) if self.record.stopped else None
 
     def restore_best(self, warn: Callable[[str], None]) -> None:
         """Load the weights of the best pass the record names (a no-op when no pass ran).
@@ -185,9 +232,10 @@ class EarlyStopping:
                             f"move {self.best_root.parent} aside to train this phase again")
 
     def summary(self) -> dict[str, Any]:
-        """The phase summary's keys (see the contract)."""
-        return {"valid/best_loss": self.record.best_loss, "valid/best_step": float(self.record.best_step),
-                "valid/losses": self.record.losses, "train/stopped_early": float(self.record.stopped)}
+        """The phase summary's keys: what the passes measured, each pass's [step, value], the best."""
+        return {"valid/metric": self.record.metric, "valid/best": self.record.best_value,
+                "valid/best_step": float(self.record.best_step), "valid/passes": self.record.values,
+                "train/stopped_early": float(self.record.stopped)}
 
     def state_dict(self) -> dict[str, Any]:
         """The bookkeeping for a regular checkpoint: the best checkpoint it names is kept from now on."""
