@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from iak_dist.config import to_dict
-from iak_dist.data.batch import Batch, arrow_to_batch, domain_indices
+from iak_dist.data.batch import Batch, arrow_to_batch
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Part, Split
 from iak_dist.errors import UserError
@@ -50,8 +51,10 @@ from iak_dist.io import atomic_write_json, fsync_file
 FORMAT = 1
 """Version of the record layout: part of the key, so a cache of an older layout is rebuilt."""
 MARKER = "cache.json"
-PREFIX = "prefix"  # the cached table's column of prefix vectors
+PREFIX = "prefix"  # a record's prefix vector
+ROW = "cache_row"  # `CachedSplit.read`'s column: where a row's record is
 BUILD_ROWS = 4096  # rows per forward of the build pass
+OPEN_FILES = 16  # cache files kept memory-mapped per process (one row group each)
 
 
 def record_dtype(width: int) -> np.dtype:
@@ -125,12 +128,15 @@ def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
 
 
 class CachedSplit:
-    """The cache read as a `Split` of the same row groups: `read(part)` gives the cached columns of
-    `part`'s rows (`PREFIX`, the labels, the user and the domain column under the schema's name).
+    """The cache read as a `Split` of the same row groups: `read(part)` gives, for each of `part`'s
+    rows, where its record is (`ROW`) and its domain (under the schema's column name).
 
     `DomainStreams` takes it in place of the split: the same parts, pieces, filters and shuffles, so
-    the same rows in the same order. `fingerprint()` is the source split's, so a checkpoint's stream
-    position carries over between the cache and the files.
+    the same rows in the same order; what it shuffles and takes is two integer columns, and
+    `to_batch` gathers the drawn rows' records from the memory-mapped files (a prefix row is ~10x
+    the bytes of its IDs: moving those through Arrow's take cost more than the Parquet path).
+    `fingerprint()` is the source split's, so a checkpoint's stream position carries over between
+    the cache and the files.
     """
 
     def __init__(self, folder: Path, source: Split, schema: Schema) -> None:
@@ -139,50 +145,55 @@ class CachedSplit:
         meta = json.loads((folder / MARKER).read_text())
         self.width = int(meta["width"])
         self.dtype = record_dtype(self.width)
-        self._files = {(p["path"], p["row_group"]): (p["file"], p["sha256"]) for p in meta["parts"]}
-        self._verified: set[str] = set()
+        self._files = [(p["file"], p["sha256"]) for p in meta["parts"]]
+        self._index = {(p["path"], p["row_group"]): i for i, p in enumerate(meta["parts"])}
+        self._open: OrderedDict[int, np.ndarray] = OrderedDict()  # file index -> its memory-mapped records
+        self._verified: set[int] = set()
         # domain index -> the schema's name (-1 -> null): `domain_indices` maps it back to the index
         self._domain_names = pa.array(schema.domains, pa.string())
 
     def fingerprint(self) -> str:
         return self.source.fingerprint()
 
-    def records(self, part: Part) -> np.ndarray:
-        """The cached records of `part`'s rows (memory-mapped: read when touched)."""
-        file, expected = self._files[(part.path, part.row_group)]
+    def _records(self, index: int) -> np.ndarray:
+        """File `index`'s records, memory-mapped (read when touched). Its hash is checked the first
+        time this process opens it (the bytes must be what was written). At most `OPEN_FILES` stay
+        mapped: the pages a mapping touched count in the process's memory until it is closed."""
+        if index in self._open:
+            self._open.move_to_end(index)
+            return self._open[index]
+        file, expected = self._files[index]
         path = self.folder / file
-        if file not in self._verified:  # first read in this process: the bytes must be what was written
+        if index not in self._verified:
             if file_sha256(path) != expected:
                 raise UserError(f"{path}: hash differs from {MARKER} (damaged since it was written); delete "
                                 f"{self.folder} and re-run: the cache is rebuilt")
-            self._verified.add(file)
-        records = np.memmap(path, dtype=self.dtype, mode="r")
-        return records[part.offset:part.offset + part.rows]
+            self._verified.add(index)
+        self._open[index] = np.memmap(path, dtype=self.dtype, mode="r")
+        while len(self._open) > OPEN_FILES:
+            self._open.popitem(last=False)  # unmapped when the last reference goes
+        return self._open[index]
 
     def read(self, part: Part, columns: list[str] | None = None, check: bool = True) -> pa.Table:
-        """The cached columns of `part` (`columns` and `check` are ignored: `DomainStreams` asks for the
-        schema's columns, the cache holds the ones training reads, checked when it was built)."""
-        records = self.records(part)
-        prefix = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(records[PREFIX]).reshape(-1)),
-                                                   self.width)
-        index = np.asarray(records["domain"])
-        domain = pa.DictionaryArray.from_arrays(pa.array(index.astype(np.int32), mask=index < 0), self._domain_names)
-        return pa.table({PREFIX: prefix, "click": np.asarray(records["click"]),
-                         "conversion": np.asarray(records["conversion"]), "user": np.asarray(records["user"]),
-                         self.schema.domain: domain})
+        """`ROW` (file index << 32 | row in the file) and the domain of each of `part`'s rows (`columns`
+        and `check` are ignored: the cache holds what training reads, checked when it was built)."""
+        index = self._index[(part.path, part.row_group)]
+        records = self._records(index)[part.offset:part.offset + part.rows]
+        rows = (np.int64(index) << 32) + np.arange(part.offset, part.offset + part.rows, dtype=np.int64)
+        domain = np.asarray(records["domain"])
+        names = pa.DictionaryArray.from_arrays(pa.array(domain.astype(np.int32), mask=domain < 0), self._domain_names)
+        return pa.table({ROW: rows, self.schema.domain: names})
 
     def to_batch(self, table: pa.Table) -> PrefixBatch:
-        """Rows that `DomainStreams` drew from this cache, as the loop's batch."""
-        prefix = table.column(PREFIX).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-
-        def column(name: str, dtype: type) -> torch.Tensor:
-            return torch.from_numpy(table.column(name).to_numpy(zero_copy_only=False).astype(dtype, copy=False))
-
-        return PrefixBatch(
-            prefix=torch.from_numpy(prefix.reshape(table.num_rows, self.width).copy()),
-            click=column("click", np.float32), conversion=column("conversion", np.float32),
-            domain=torch.from_numpy(domain_indices(table.column(self.schema.domain), self.schema.domains)),
-            user=column("user", np.int64))
+        """The records of the rows that `DomainStreams` drew from this cache, as the loop's batch."""
+        where = table.column(ROW).to_numpy()
+        files, rows = where >> 32, where & 0xFFFFFFFF
+        records = np.empty(len(where), dtype=self.dtype)
+        for index in np.unique(files).tolist():
+            mine = files == index
+            records[mine] = self._records(index)[rows[mine]]
+        return PrefixBatch(*(torch.from_numpy(np.ascontiguousarray(records[name])) for name in
+                             (PREFIX, "click", "conversion", "domain", "user")))
 
 
 def _chunks(split: Split, schema: Schema, indices: list[int]) -> Iterator[tuple[int, Batch, bool]]:
