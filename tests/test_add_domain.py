@@ -5,7 +5,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +21,7 @@ import torch
 import yaml
 
 from iak_dist.cli import main
+from iak_dist.config import to_dict
 from iak_dist.data.batch import arrow_to_batch
 from iak_dist.data.schema import Schema
 from iak_dist.distributed.checkpoint import read_backbone_meta
@@ -176,3 +182,51 @@ def test_cli_add_domain_flags(grown, synth_dir, backbone_dir, tmp_path, capsys):
                                                         "together (--out only with them)")
     assert main([*base, "--add-domain", first, "--from", str(before_dir)]) == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: --add-domain {first}: the adapter in")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_grow_the_adapter_alike(grown, synth_dir, backbone_dir, cfg, tmp_path):
+    """On 2 ranks (gloo, DeepSpeed's gradient all-reduce) the trained domains stay bitwise too, and rank 0
+    completes the config once both ranks have saved."""
+    _, before_dir, one_rank_dir = grown
+    config_file, spec = tmp_path / "c.yaml", tmp_path / "spec.json"
+    config_file.write_text(yaml.safe_dump({"finetune": to_dict(cfg)}))
+    spec.write_text(json.dumps({"data": str(synth_dir), "backbone": str(backbone_dir), "from": str(before_dir),
+                                "out": str(tmp_path / "grown"), "config": str(config_file)}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", __file__, str(spec)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr[-4000:]
+    before, after = states(backbone_dir, before_dir, tmp_path / "grown")
+    for name, old in before.items():
+        kept = after[name] if ".encoder_shared." in name else after[name][:2]
+        assert torch.equal(kept, old), name
+    assert all(after[name][2].abs().sum() > 0 for name in after if name.endswith("decoder.weight"))
+    config, one_rank = (json.loads((path / "adapter_config.json").read_text())
+                        for path in (tmp_path / "grown", one_rank_dir))
+    assert config["rows_per_domain"] == one_rank["rows_per_domain"] and config["grown_from"] == one_rank["grown_from"]
+
+
+def two_rank_worker(spec_path: str) -> None:
+    """One rank of `test_two_ranks_grow_the_adapter_alike` (started by torchrun)."""
+    from iak_dist.config import load_config
+    from iak_dist.distributed.context import close_distributed, init_distributed
+    from iak_dist.runtime import configure_environment, exit_launched_rank
+
+    configure_environment()
+    spec = json.loads(Path(spec_path).read_text())
+    ctx = init_distributed()
+    domain = Schema.load(Path(spec["data"]) / "schema.yaml").domains[2]
+    add_domain(spec["data"], spec["backbone"], "iak", load_config(spec["config"]).finetune, 1, spec["from"],
+               domain, spec["out"], ctx, show_progress=False)
+    close_distributed(ctx)
+    exit_launched_rank(0)
+
+
+if __name__ == "__main__":
+    two_rank_worker(sys.argv[1])
