@@ -1,14 +1,17 @@
 """The dense update of a pre-train step: our DeepSpeed engine against DeepSpeed's defaults and plain loops.
 
-    .venv/bin/python -m profiling.dense_update configs/movielens_age.yaml [--nproc 2]
+    .venv/bin/python -m profiling.dense_update configs/movielens_age.yaml [--nproc 2] [--set key=value ...]
 
 On the config's model, sharding plan and pre-train batches, the same forward and backward through
 these dense updates, taking turns (`profiling/steps.interleaved`):
 
 - `DenseEngine` as the phases build it (clipping with PyTorch's foreach kernel, fused AdamW,
-  no all-reduce over one rank);
-- a DeepSpeed ZeRO-0 engine with DeepSpeed's own handling: its clipping at the config's norm,
-  unfused AdamW, its gradient all-reduce (how `DenseEngine` ran before docs/performance.md's fix);
+  no all-reduce over one rank; on several ranks the gradient all-reduce overlapped with backward);
+- on more than one rank, the same with that overlap off (`zero_optimization.overlap_comm: false`:
+  DeepSpeed's one all-reduce after backward, how `DenseEngine` ran before);
+- a DeepSpeed engine (ZeRO-0 unless `--set distributed.zero.stage=N`) with DeepSpeed's own handling:
+  its clipping at the config's norm, unfused AdamW, its gradient all-reduce (how `DenseEngine` ran
+  before docs/performance.md's fix);
 - plain TorchRec DMP (DDP around the dense part) with `torch.optim.AdamW`'s defaults, no clipping;
 - the same doing our update: fused AdamW and foreach clipping;
 - on more than one rank, the same again with DDP replaced by one all-reduce of the dense
@@ -22,7 +25,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-KINDS = ("DenseEngine (ours)", "DeepSpeed ZeRO-0 defaults", "DMP + DDP, AdamW defaults, no clipping",
+KINDS = ("DenseEngine (ours)", "DenseEngine, overlap off (all-reduce after backward)",
+         "DeepSpeed with its own defaults",
+         "DMP + DDP, AdamW defaults, no clipping",
          "DMP + DDP, our update (fused AdamW + foreach clipping)",
          "DMP, our update, one all-reduce after backward")
 
@@ -42,7 +47,7 @@ def main() -> None:
     from iak_dist.phases.pretrain import build_pretrain
     from iak_dist.phases.step import task_loss
     from iak_dist.runtime import configure_environment, exit_launched_rank, is_launched_rank
-    from profiling.steps import clock, interleaved, plain_torchrec_stepper
+    from profiling.steps import TURN, clock, interleaved, overlap_off, plain_torchrec_stepper
 
     configure_environment()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -50,11 +55,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--nproc", type=int, default=1, help="ranks on this machine (re-runs itself under torchrun)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_args()
     if args.nproc > 1 and not is_launched_rank():
         sys.exit(subprocess.call(torchrun_command(args.nproc, "profiling.dense_update", [
-            args.config, "--steps", str(args.steps), "--rounds", str(args.rounds)])))
-    cfg = load_config(args.config)
+            args.config, "--steps", str(args.steps), "--rounds", str(args.rounds),
+            *(f"--set={kv}" for kv in args.set)])))
+    cfg = load_config(args.config, args.set)
     ctx = init_distributed()
     schema = Schema.load(Path(cfg.data.dir) / "schema.yaml")
     bs = cfg.pretrain.batch_size
@@ -67,8 +74,9 @@ def main() -> None:
         import deepspeed
 
         torch.manual_seed(0)
-        sharded, engine = build_pretrain(schema, cfg.model, cfg.pretrain, cfg.distributed, 0, ctx)
-        if kind != KINDS[0]:
+        distributed = overlap_off(cfg.distributed) if kind == KINDS[1] else cfg.distributed
+        sharded, engine = build_pretrain(schema, cfg.model, cfg.pretrain, distributed, 0, ctx)
+        if kind == KINDS[2]:
             modules = engine.container
             params = [p for p in modules.parameters() if p.requires_grad]
             engine, _, _, _ = deepspeed.initialize(
@@ -84,12 +92,12 @@ def main() -> None:
         return step, sharded.plan
 
     steppers = {}
-    for kind in KINDS[:2]:
+    for kind in KINDS[:3] if ctx.world_size > 1 else KINDS[0:3:2]:
         steppers[kind], plan = engine_stepper(kind)
-    for kind in KINDS[2:] if ctx.world_size > 1 else KINDS[2:4]:
+    for kind in KINDS[3:] if ctx.world_size > 1 else KINDS[3:5]:
         steppers[kind] = plain_torchrec_stepper(cfg, schema, ctx, plan, ddp="DDP" in kind,
                                                 our_update="our update" in kind)
-    times = interleaved(steppers, batches, args.rounds)
+    times = interleaved(steppers, batches, args.rounds, turn=TURN)
     if ctx.is_main:
         ours = times[KINDS[0]]["step"]
         print(f"| dense update, {ctx.world_size} rank(s) ({args.rounds} rounds of {args.steps} steps, batch {bs}) "

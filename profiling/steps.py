@@ -9,6 +9,8 @@ timed by part. `interleaved` runs steppers in turns over the same batches and ke
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 
-from iak_dist.config import PipelineConfig, ZeroConfig
+from iak_dist.config import DistributedConfig, PipelineConfig, ZeroConfig
 from iak_dist.data.batch import Batch
 
 WARMUP = 3
@@ -74,26 +76,45 @@ def clip_and_step(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, 
     opt.step()
 
 
+def overlap_off(distributed: DistributedConfig) -> DistributedConfig:
+    """`distributed` with the dense gradient all-reduce after backward instead of overlapped with it
+    (DeepSpeed's `zero_optimization.overlap_comm: false`): how `DenseEngine` ran before, for a
+    side-by-side "before"."""
+    ds = copy.deepcopy(distributed.zero.deepspeed)
+    ds.setdefault("zero_optimization", {})["overlap_comm"] = False
+    return dataclasses.replace(distributed, zero=dataclasses.replace(distributed.zero, deepspeed=ds))
+
+
 Stepper = Callable[[Batch], dict[str, float]]
 """Runs one training step on a batch and returns its timings in seconds, by part."""
 
 
 def interleaved(steppers: dict[str, Stepper], batches: Sequence[Batch] | dict[str, Sequence[Batch]],
-                rounds: int) -> dict[str, dict[str, float]]:
+                rounds: int, turn: int | None = None) -> dict[str, dict[str, float]]:
     """Every stepper's per-part median over `rounds` passes of `batches` (shared, or one list per
-    stepper), the steppers taking turns pass by pass, so that a shared machine's changing load hits
-    them all alike (their ratios are what to read). Each stepper first runs `WARMUP` untimed steps."""
+    stepper), the steppers taking turns every `turn` batches (default: every pass), so that a shared
+    machine's changing load hits them all alike (their ratios are what to read). Each stepper first
+    runs `WARMUP` untimed steps."""
     mine = batches if isinstance(batches, dict) else dict.fromkeys(steppers, batches)
     for name, step in steppers.items():
         for batch in mine[name][:WARMUP]:
             step(batch)
     times: dict[str, dict[str, list[float]]] = {name: {} for name in steppers}
+    longest = max(len(b) for b in mine.values())
+    turn = turn or longest
     for _ in range(rounds):
-        for name, step in steppers.items():
-            for batch in mine[name]:
-                for part, seconds in step(batch).items():
-                    times[name].setdefault(part, []).append(seconds)
+        for start in range(0, longest, turn):
+            for name, step in steppers.items():
+                for batch in mine[name][start:start + turn]:
+                    for part, seconds in step(batch).items():
+                        times[name].setdefault(part, []).append(seconds)
     return {name: {part: median(t) for part, t in parts.items()} for name, parts in times.items()}
+
+
+TURN = 10
+"""Steps each loop runs before the next takes its turn in the side-by-side comparisons: the load of
+a shared machine changes within a pass of 60 steps (2-rank ratios moved from 0.8x to 1.6x between
+runs taking turns pass by pass)."""
 
 
 def pretrain_stepper(sharded, dense, loader_batches) -> Stepper:

@@ -8,6 +8,8 @@ and model; the loops compared take turns over the same batches (`steps.interleav
   (fused sparse update included), dense optimizer; one checkpoint save, amortised over
   `distributed.checkpoint_every` steps; the pre-train loop as the phase runs it (input
   distribution overlapped with compute when `distributed.overlap_input_dist`);
+- on more than one rank, the same step with the dense gradient all-reduce after backward instead of
+  overlapped with it (`zero_optimization.overlap_comm: false`: how iak-dist ran before);
 - a plain hand-written TorchRec DMP loop on the same model and batches (what our layers cost);
 - plain PyTorch `nn.EmbeddingBag` tables + the same dense part under DDP (no TorchRec);
 - an IAK fine-tune step against a full fine-tune step, both built as the fine-tune phase builds them;
@@ -69,13 +71,19 @@ def run_profile(cfg: PipelineConfig, steps: int = 60, trace: bool = False) -> Pa
                             "loader_samples_per_s": timed.loader_samples_per_s(reader(), steps)}
     torch.manual_seed(0)
     sharded, dense = build_pretrain(schema, cfg.model, cfg.pretrain, cfg.distributed, 0, ctx)
-    steppers = {"ours": timed.pretrain_stepper(sharded, dense, batches_from(reader(), steps)),
-                "plain_torchrec": timed.plain_torchrec_stepper(cfg, schema, ctx, sharded.plan),
-                "plain_pytorch_ddp": timed.plain_pytorch_stepper(cfg, schema, ctx)}
-    medians = timed.interleaved(steppers, batches, ROUNDS)
+    steppers = {"ours": timed.pretrain_stepper(sharded, dense, batches_from(reader(), steps))}
+    if ctx.world_size > 1:  # the "before": one all-reduce after backward (on one rank there is none)
+        torch.manual_seed(0)
+        before = build_pretrain(schema, cfg.model, cfg.pretrain, timed.overlap_off(cfg.distributed), 0, ctx)
+        steppers["ours_overlap_off"] = timed.pretrain_stepper(*before, batches_from(reader(), steps))
+    steppers["plain_torchrec"] = timed.plain_torchrec_stepper(cfg, schema, ctx, sharded.plan)
+    steppers["plain_pytorch_ddp"] = timed.plain_pytorch_stepper(cfg, schema, ctx)
+    medians = timed.interleaved(steppers, batches, ROUNDS, turn=timed.TURN)
     parts = medians["ours"]
     mine["step_parts_s"] = parts
     mine["train_step_s"] = sum(v for k, v in parts.items() if k != "data")
+    if "ours_overlap_off" in medians:
+        mine["overlap_off_step_s"] = sum(v for k, v in medians["ours_overlap_off"].items() if k != "data")
     mine["plain_torchrec_step_s"] = medians["plain_torchrec"]["step"]
     mine["plain_pytorch_ddp_step_s"] = medians["plain_pytorch_ddp"]["step"]
     lookup_bytes = timed.lookup_bytes_per_step(batches, cfg.model.embedding_dim)
@@ -121,7 +129,8 @@ def summarise(ranks: list[dict[str, Any]], batch_size: int, steps: int, cfg: Pip
     every = cfg.distributed.checkpoint_every
     ckpt = max(r["checkpoint_s"] for r in ranks)
     ft = {name: max(r["finetune"][name]["step_s"] for r in ranks) for name in FINETUNE_STRATEGIES}
-    return {
+    before = {"overlap_off_samples_per_s_total": total("overlap_off_step_s")} if world > 1 else {}
+    return {**before,
         "batch_size_per_rank": batch_size, "steps": steps, "world_size": world, "ranks": ranks,
         "samples_per_s_total": total("train_step_s"),
         "plain_torchrec_samples_per_s_total": total("plain_torchrec_step_s"),
@@ -149,6 +158,11 @@ def markdown(r: dict[str, Any]) -> str:
     parts = rank0["step_parts_s"]
     step = sum(parts.values())
     ours = r["samples_per_s_total"]
+
+    def ratios(samples_per_s: float) -> str:
+        return (f"{samples_per_s / r['plain_torchrec_samples_per_s_total']:.2f}x / "
+                f"{samples_per_s / r['plain_pytorch_ddp_samples_per_s_total']:.2f}x")
+
     lines = [
         "# Throughput profile", "",
         f"Batch {r['batch_size_per_rank']} per rank, {r['steps']} steps, {r['world_size']} rank(s).",
@@ -176,11 +190,17 @@ def markdown(r: dict[str, Any]) -> str:
     lines += ["", "## Side by side (training only, data excluded)", "", "| loop | samples/s | vs iak-dist |",
               "|---|---:|---:|",
               f"| iak-dist (TorchRec DMP + DeepSpeed) | {ours:,.0f} | 1.00x |",
+              *([f"| iak-dist, dense all-reduce after backward (overlap off: before) | "
+                 f"{r['overlap_off_samples_per_s_total']:,.0f} | {r['overlap_off_samples_per_s_total'] / ours:.2f}x |"]
+                if "overlap_off_samples_per_s_total" in r else []),
               "| plain TorchRec DMP loop, same model and dense update | "
               f"{r['plain_torchrec_samples_per_s_total']:,.0f} | "
               f"{r['plain_torchrec_samples_per_s_total'] / ours:.2f}x |",
               f"| plain nn.EmbeddingBag + DDP | {r['plain_pytorch_ddp_samples_per_s_total']:,.0f} | "
               f"{r['plain_pytorch_ddp_samples_per_s_total'] / ours:.2f}x |", "",
+              f"iak-dist / plain TorchRec DMP loop / DDP: {ratios(ours)}"
+              + (f" (before, overlap off: {ratios(r['overlap_off_samples_per_s_total'])})"
+                 if "overlap_off_samples_per_s_total" in r else "") + ".", "",
               "## Fine-tune step: IAK against full fine-tuning", "",
               "| strategy | ms per step | trainable parameters | vs full |", "|---|---:|---:|---:|"]
     lines += [f"| {n} | {1000 * ft[n]:.2f} | {params[n]:,} | {ft[n] / ft['full']:.2f}x |" for n in FINETUNE_STRATEGIES]
@@ -207,7 +227,10 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ours = r["samples_per_s_total"]
     names = ["iak-dist", "plain TorchRec", "EmbeddingBag+DDP"]
     ratios = [1.0, r["plain_torchrec_samples_per_s_total"] / ours, r["plain_pytorch_ddp_samples_per_s_total"] / ours]
-    bars = b.bar(names, ratios, color=["C0", "C1", "C2"])
+    if "overlap_off_samples_per_s_total" in r:
+        names.insert(1, "iak-dist, overlap off")
+        ratios.insert(1, r["overlap_off_samples_per_s_total"] / ours)
+    bars = b.bar(names, ratios, color=[f"C{i}" for i in range(len(names))])
     b.bar_label(bars, [f"{x:.2f}x" for x in ratios])
     b.axhline(1.0, color="grey", lw=0.8)
     b.set_ylim(0, 1.15 * max(ratios))
