@@ -16,6 +16,7 @@ row goes through its own domain's slice in one pass (`DomainLinear`). A row whos
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
@@ -195,7 +196,7 @@ class Adapter(nn.Module):
                     params[name].requires_grad_(False)
 
 
-def _zero_rows_hook(rows: int):
+def _zero_rows_hook(rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """A gradient hook that zeroes the first `rows` rows: the trained domains of a grown adapter."""
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
