@@ -177,17 +177,20 @@ class FinetuneConfig:
     """Loop settings of each strategy's fine-tune run."""
     sampler_alpha: float = 0.5
     """Domain d is drawn with probability proportional to n_d ** alpha (0: uniform, 1: by size)."""
-    prefix_cache: Literal["auto", "on", "off"] = "auto"
+    prefix_cache: Literal["auto", "on", "off", True, False] = "auto"
     """Fine-tune a frozen-backbone strategy from a cache of the backbone's interaction output (one pass
     over the split, under `<seed dir>/prefix_cache/`, reused while backbone and data are unchanged)
     instead of the embedding lookups at every step. `auto`: for every strategy but `full`/`full_per_domain`
-    (which train the backbone); `on`: the same, and an error for those; `off`: never."""
+    (which train the backbone); `on`: the same, and an error for those; `off`: never. (YAML reads a bare
+    on / off as true / false: those mean on / off.)"""
     settings: dict[str, Any] = field(default_factory=dict, metadata={"sections": strategy_configs})
     """The strategies' sections by name (written in YAML as `finetune.<strategy>`, not under `settings`);
     every registered strategy with settings has one, at its defaults unless the config says otherwise."""
 
     def __post_init__(self) -> None:
         self.settings = dict(self.settings)  # a copy's own (dataclasses.replace would share the mapping)
+        if isinstance(self.prefix_cache, bool):  # `prefix_cache: off` in YAML (1.1) is False
+            self.prefix_cache = "on" if self.prefix_cache else "off"
         for name, section_cls in strategy_configs().items():
             if section_cls is not None and name not in self.settings:
                 self.settings[name] = section_cls()

@@ -23,6 +23,7 @@ would hide the buffer refills), and added for the per-sample cost.
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -170,7 +171,7 @@ def measure(data_dir: Path, backbone: Path, cfg, ctx, strategies: list[str], ste
 
 def main() -> None:
     from iak_dist.config import load_config
-    from iak_dist.distributed.context import close_distributed, init_distributed
+    from iak_dist.distributed.context import close_distributed, init_distributed, on_main
     from iak_dist.runtime import configure_environment
 
     configure_environment()
@@ -198,10 +199,15 @@ def main() -> None:
             data_dir, backbone = args.synthetic, synthetic_backbone(args.synthetic, cfg, ctx)
         else:
             data_dir, backbone = Path(cfg.data.dir), Path(args.backbone)
-        with tempfile.TemporaryDirectory(prefix="prefix-cache-") as tmp:
-            cache_dir = args.cache_dir or Path(tmp) / "prefix_cache"
+        # one folder for every rank (each writes its row groups of the cache there)
+        tmp = None if args.cache_dir else on_main(ctx, lambda: tempfile.mkdtemp(prefix="prefix-cache-"), share=True)
+        try:
             rows, facts = measure(data_dir, backbone, cfg, ctx, args.strategies.split(","), args.steps, args.rounds,
-                                  cache_dir)
+                                  args.cache_dir or Path(tmp))
+        finally:
+            ctx.barrier()
+            if tmp is not None and ctx.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
     finally:
         close_distributed(ctx)
     if not ctx.is_main:

@@ -156,6 +156,15 @@ def test_prefix_cache_on_for_a_strategy_that_trains_the_backbone_is_refused(smal
                      tmp_path / strategy, ctx, show_progress=False)
 
 
+def test_prefix_cache_on_and_off_read_from_yaml_as_booleans_mean_on_and_off(tmp_path):
+    from iak_dist.config import load_config
+
+    (tmp_path / "c.yaml").write_text("finetune:\n  prefix_cache: off\n")
+    assert load_config(str(tmp_path / "c.yaml")).finetune.prefix_cache == "off"
+    assert load_config(None, ["finetune.prefix_cache=on"]).finetune.prefix_cache == "on"
+    assert load_config(None, []).finetune.prefix_cache == "auto"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
