@@ -54,7 +54,9 @@ def train(stage: int, overlap: bool, rank: int, out: Path) -> dict:
     if engine.overlap is not None:
         finish = engine.overlap.finish
         engine.overlap.finish = lambda: (left_during_backward.append(engine.overlap.next_bucket), finish())
-    for _ in range(STEPS):
+    for step in range(STEPS):
+        if stage == 0 and step == STEPS // 2:  # frozen after the engine was built: DeepSpeed leaves it alone
+            net.side.bias.requires_grad_(False)
         x = torch.randn(32, 64, generator=gen) * 10
         engine.backward(((net(x, use_side) - 3.0) ** 2).mean())
         engine.step()
@@ -129,13 +131,14 @@ def test_overlapped_update_is_bitwise_the_update_after_backward(runs, stage):
 
 
 def test_stage0_buckets_leave_during_backward(runs):
-    """Our stage-0 overlap: several buckets, all started from gradient hooks on the rank that used every
-    parameter; on the rank whose batch left one parameter without a gradient, the buckets before it left
-    during backward and its own after. Off: DeepSpeed reduces after backward."""
+    """Our stage-0 overlap: several buckets, all started from gradient hooks while every parameter gets a
+    gradient; where one gets none (unused by the batch, or frozen), the buckets before its own left during
+    backward and its own after. Off: DeepSpeed reduces after backward."""
     reports = [json.loads((runs / f"report_rank{r}.json").read_text()) for r in (0, 1)]
     on = [r["stage0_on"] for r in reports]
     assert all(r["overlapped"] and r["buckets"] >= 4 for r in on)
-    assert on[0]["left_during_backward"] == [on[0]["buckets"]] * STEPS
+    n = on[0]["buckets"]  # rank 0 used every parameter until one was frozen half-way
+    assert on[0]["left_during_backward"] == [n] * (STEPS // 2) + [n - 1] * (STEPS - STEPS // 2)
     assert all(0 < n < on[1]["buckets"] for n in on[1]["left_during_backward"])
     assert not any(r[f"stage{s}_off"]["overlapped"] or r[f"stage{s}_on"]["overlapped"]
                    for r in reports for s in STAGES[1:])

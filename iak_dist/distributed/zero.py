@@ -195,9 +195,10 @@ class OverlappedGradReduce:
 
         grads = []
         for param in self.buckets[index]:
-            if param.grad is None:  # unused by this batch: DeepSpeed reduces zeros for it too
+            if param.grad is None and param.requires_grad:  # unused by this batch: DeepSpeed reduces zeros too
                 param.grad = torch.zeros_like(param)
-            grads.append(param.grad.reshape(-1))
+            # frozen since the engine was built: DeepSpeed skips it; zeros keep every rank's layout
+            grads.append(param.grad.reshape(-1) if param.grad is not None else param.new_zeros(param.numel()))
         flat = torch.cat(grads)
         if self.pre is not None:
             flat.mul_(self.pre)
@@ -214,7 +215,8 @@ class OverlappedGradReduce:
             if self.post is not None:
                 flat.mul_(self.post)
             for param, reduced in zip(bucket, torch.split(flat, [p.numel() for p in bucket]), strict=True):
-                param.grad.copy_(reduced.view_as(param.grad))
+                if param.grad is not None:
+                    param.grad.copy_(reduced.view_as(param.grad))
         self.in_flight = []
 
     def abandon(self) -> None:
