@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -117,40 +118,47 @@ a shared machine changes within a pass of 60 steps (2-rank ratios moved from 0.8
 runs taking turns pass by pass)."""
 
 
-def pretrain_stepper(sharded, dense, loader_batches) -> Stepper:
+def pretrain_stepper(sharded, dense, loader_batches=None) -> Stepper:
     """Our pre-train step, timed by part.
 
     The sharded embedding collection is driven through its own two halves, as TorchRec's train
     pipeline drives it: `input_dist` (the KeyedJaggedTensor all-to-all to the ranks owning each
-    table) and `compute_and_output_dist` (FBGEMM lookup + pooled embeddings back). `data` is the
-    loader producing one more batch from Parquet, measured in the same step.
+    table) and `compute_and_output_dist` (FBGEMM lookup + pooled embeddings back). With
+    `loader_batches`, `data` is the loader producing one more batch from Parquet in the same step.
+
+    Trap (several ranks): a loader inside the timed step runs between collectives, and the time one
+    rank's Parquet decoding takes longer than the other's lands in the next all-to-all as waiting.
+    Side by side with loops fed pre-loaded batches, leave `loader_batches` out and time the loader
+    alone (`loader_samples_per_s`).
     """
     from iak_dist.phases.step import task_loss
 
     backbone = sharded.ranker.backbone
     tables = backbone.embeddings
+    parts = STEP_PARTS if loader_batches is not None else STEP_PARTS[1:]
 
     def step(batch: Batch) -> dict[str, float]:
         device = batch.dense.device  # on CUDA every part boundary synchronises (see `clock`)
-        t0 = clock(device)
-        next(loader_batches)
-        t1 = clock(device)
+        times = [clock(device)]
+        if loader_batches is not None:
+            next(loader_batches)
+            times.append(clock(device))
         context = tables.create_context()
         dist_input = tables.input_dist(context, batch.sparse).wait().wait()
-        t2 = clock(device)
+        times.append(clock(device))
         pooled = tables.compute_and_output_dist(context, dist_input).wait().to_dict()
         embedded = torch.stack([pooled[name] for name in backbone.feature_names], dim=1)
-        t3 = clock(device)
+        times.append(clock(device))
         out = backbone.dense_part(embedded, batch.dense)
         loss = task_loss(out, batch, None) + out.aux_loss  # pre-training's loss: the mean over rows
-        t4 = clock(device)
+        times.append(clock(device))
         dense.backward(loss)
-        t5 = clock(device)
+        times.append(clock(device))
         dense.step()
         if sharded.data_parallel_optimizer is not None:
             sharded.data_parallel_optimizer.step()
-        t6 = clock(device)
-        return dict(zip(STEP_PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5), strict=True))
+        times.append(clock(device))
+        return dict(zip(parts, (b - a for a, b in itertools.pairwise(times)), strict=True))
 
     return step
 

@@ -3,7 +3,8 @@
 Measured in one run, on every rank (`--nproc N`: N ranks under torchrun), on the config's own data
 and model; the loops compared take turns over the same batches (`steps.interleaved`):
 
-- an iak-dist pre-train step, timed by part: data loading (Parquet row groups -> KeyedJaggedTensor),
+- an iak-dist pre-train step, timed by part: data loading (Parquet row groups -> KeyedJaggedTensor,
+  the loader timed alone: inside a step on several ranks its skew would land in the all-to-alls),
   input distribution, embedding lookup (TorchRec sharded tables, FBGEMM), dense forward, backward
   (fused sparse update included), dense optimizer; one checkpoint save, amortised over
   `distributed.checkpoint_every` steps; the pre-train loop as the phase runs it (input
@@ -71,15 +72,16 @@ def run_profile(cfg: PipelineConfig, steps: int = 60, trace: bool = False) -> Pa
                             "loader_samples_per_s": timed.loader_samples_per_s(reader(), steps)}
     torch.manual_seed(0)
     sharded, dense = build_pretrain(schema, cfg.model, cfg.pretrain, cfg.distributed, 0, ctx)
-    steppers = {"ours": timed.pretrain_stepper(sharded, dense, batches_from(reader(), steps))}
+    # every loop is fed the same pre-loaded batches; the loader is timed alone (see `pretrain_stepper`)
+    steppers = {"ours": timed.pretrain_stepper(sharded, dense)}
     if ctx.world_size > 1:  # the "before": one all-reduce after backward (on one rank there is none)
         torch.manual_seed(0)
         before = build_pretrain(schema, cfg.model, cfg.pretrain, timed.overlap_off(cfg.distributed), 0, ctx)
-        steppers["ours_overlap_off"] = timed.pretrain_stepper(*before, batches_from(reader(), steps))
+        steppers["ours_overlap_off"] = timed.pretrain_stepper(*before)
     steppers["plain_torchrec"] = timed.plain_torchrec_stepper(cfg, schema, ctx, sharded.plan)
     steppers["plain_pytorch_ddp"] = timed.plain_pytorch_stepper(cfg, schema, ctx)
     medians = timed.interleaved(steppers, batches, ROUNDS, turn=timed.TURN)
-    parts = medians["ours"]
+    parts = {"data": bs / mine["loader_samples_per_s"], **medians["ours"]}
     mine["step_parts_s"] = parts
     mine["train_step_s"] = sum(v for k, v in parts.items() if k != "data")
     if "ours_overlap_off" in medians:
@@ -145,7 +147,7 @@ def summarise(ranks: list[dict[str, Any]], batch_size: int, steps: int, cfg: Pip
 
 
 def _chrome_trace(sharded, dense, batches, path: Path) -> None:
-    step = timed.pretrain_stepper(sharded, dense, iter(batches * 2))
+    step = timed.pretrain_stepper(sharded, dense)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for batch in batches:
             step(batch)
