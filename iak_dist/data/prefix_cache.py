@@ -13,12 +13,14 @@ Layout, under `<root>/<key>/` (`<root>`: `<seed dir>/prefix_cache`, shared by ev
 
 `key` hashes the backbone's weights and identity, the split's fingerprint and the schema: another
 backbone or changed data gives another folder, never a silent reuse. A folder without `cache.json`,
-with a file of the wrong size (a truncated write) or of another key is rebuilt (`ensure_prefix_cache`);
-a file whose bytes differ from its recorded hash is refused when first read (`CachedSplit.read`).
+with a file of the wrong size (a truncated write) or of another key is rebuilt
+(`phases.finetune.open_prefix_cache`); a file whose bytes differ from its recorded hash is refused
+when this process first opens it.
 
-Reading: `CachedSplit` answers `read(part)` as `Split` does, with the cached columns of that part's
-rows, so `DomainStreams` draws exactly the same rows in the same order from the cache as from the
-files (the batch-aware domain sampler is unchanged). Files are memory-mapped: memory holds what the
+Reading: `CachedSplit` answers `read(part)` as `Split` does, for the same rows (where each row's
+record is, and its domain), so `DomainStreams` draws exactly the same rows in the same order from
+the cache as from the files (the batch-aware domain sampler is unchanged); `to_batch` gathers the
+drawn records. At most `OPEN_FILES` files are memory-mapped at a time: memory holds what the
 streams hold, whatever the size of the cache. Row groups are not tied to ranks: a cache built on
 W ranks is read at any world size.
 """
@@ -45,10 +47,12 @@ from iak_dist.config import to_dict
 from iak_dist.data.batch import Batch, arrow_to_batch
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Part, Split
+from iak_dist.distributed.checkpoint import file_hash
+from iak_dist.distributed.context import on_every_rank
 from iak_dist.errors import UserError
 from iak_dist.io import atomic_write_json, fsync_file
 
-FORMAT = 1
+FORMAT = 2
 """Version of the record layout: part of the key, so a cache of an older layout is rebuilt."""
 MARKER = "cache.json"
 PREFIX = "prefix"  # a record's prefix vector
@@ -103,28 +107,20 @@ def cache_problem(folder: Path, key: str, split: Split) -> str | None:
         return "no cache yet" if not folder.exists() else f"{MARKER} missing (an interrupted build)"
     try:
         meta = json.loads(marker.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        if meta.get("key") != key or meta.get("format") != FORMAT:
+            return f"{MARKER} is for key {meta.get('key')}, not {key}"
+        recorded = [(p["path"], p["row_group"], p["rows"]) for p in meta["parts"]]
+        if recorded != [(p.path, p.row_group, p.rows) for p in split.parts]:
+            return f"{MARKER} lists other row groups than the split's"
+        itemsize = record_dtype(meta["width"]).itemsize
+        for p in meta["parts"]:
+            path = folder / p["file"]
+            size = path.stat().st_size if path.is_file() else None
+            if size != p["bytes"] or size != p["rows"] * itemsize or not p.get("hash"):
+                return f"{path.name} has {size} bytes, {MARKER} says {p['bytes']} (truncated or missing)"
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
         return f"{MARKER} unreadable"
-    if meta.get("key") != key or meta.get("format") != FORMAT:
-        return f"{MARKER} is for key {meta.get('key')}, not {key}"
-    recorded = [(p["path"], p["row_group"], p["rows"]) for p in meta.get("parts", [])]
-    if recorded != [(p.path, p.row_group, p.rows) for p in split.parts]:
-        return f"{MARKER} lists other row groups than the split's"
-    itemsize = record_dtype(meta["width"]).itemsize
-    for p in meta["parts"]:
-        path = folder / p["file"]
-        size = path.stat().st_size if path.is_file() else None
-        if size != p["bytes"] or size != p["rows"] * itemsize:
-            return f"{path.name} has {size} bytes, {MARKER} says {p['bytes']} (truncated or missing)"
     return None
-
-
-def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class CachedSplit:
@@ -145,7 +141,7 @@ class CachedSplit:
         meta = json.loads((folder / MARKER).read_text())
         self.width = int(meta["width"])
         self.dtype = record_dtype(self.width)
-        self._files = [(p["file"], p["sha256"]) for p in meta["parts"]]
+        self._files = [(p["file"], p["hash"]) for p in meta["parts"]]
         self._index = {(p["path"], p["row_group"]): i for i, p in enumerate(meta["parts"])}
         self._open: OrderedDict[int, np.ndarray] = OrderedDict()  # file index -> its memory-mapped records
         self._verified: set[int] = set()
@@ -165,7 +161,7 @@ class CachedSplit:
         file, expected = self._files[index]
         path = self.folder / file
         if index not in self._verified:
-            if file_sha256(path) != expected:
+            if file_hash(path) != expected:
                 raise UserError(f"{path}: hash differs from {MARKER} (damaged since it was written); delete "
                                 f"{self.folder} and re-run: the cache is rebuilt")
             self._verified.add(index)
@@ -228,7 +224,7 @@ class ShardWriter:
         self.out.close()
         fsync_file(self.temp)
         os.replace(self.temp, self.final)
-        return {**self.entry, "sha256": self.digest.hexdigest()}
+        return {**self.entry, "hash": self.digest.hexdigest()[:16]}  # as `file_hash` gives it
 
 
 def build_prefix_cache(folder: Path, key: str, split: Split, schema: Schema, width: int,
@@ -244,8 +240,6 @@ def build_prefix_cache(folder: Path, key: str, split: Split, schema: Schema, wid
     forwards would wait for this rank's). Rank 0 writes `cache.json` last, once every rank's files
     are in place (the all-gather of their hashes is the barrier). Returns the marker's content.
     """
-    from iak_dist.distributed.context import on_every_rank
-
     dtype = record_dtype(width)
     mine: list[dict[str, Any]] = []
     writer: ShardWriter | None = None
