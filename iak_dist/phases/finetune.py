@@ -256,6 +256,9 @@ def finetune(
     `prepare_adapter(adapter)` runs on the built adapter before its optimizer is made: a caller that
     starts from trained weights loads them there and freezes what must not change.
     A strategy with `per_domain_models` is handed to `per_domain.finetune_per_domain` whole.
+    A strategy that freezes the backbone trains from the prefix cache (`cfg.prefix_cache`, under
+    `<backbone_dir>/../prefix_cache`, built by the first run that needs it): the same batches and the
+    same arithmetic as through the lookups (tests/test_prefix_cache.py: bitwise), without them.
     """
     cached = uses_prefix_cache(strategy, cfg.prefix_cache)
     if adapter_class(strategy).per_domain_models:
