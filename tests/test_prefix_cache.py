@@ -71,12 +71,14 @@ def test_finetuning_from_the_cache_is_bitwise_the_lookups_training(strategy, sma
 
 
 def test_cache_rows_are_the_backbones_prefix_and_the_streams_draw_the_same_rows(small_cfg, grouped_dir, backbone_dir,
-                                                                                 ctx, tmp_path):
+                                                                                 ctx, tmp_path, monkeypatch):
     """What a cached row holds is the interaction output of that row's lookups; `DomainStreams` over the
-    cache serves the same rows (labels, users, domains) in the same order as over the files."""
+    cache serves the same rows (labels, users, domains) in the same order as over the files, with at
+    most `OPEN_FILES` files mapped."""
     import numpy as np
     import torch
 
+    from iak_dist.data import prefix_cache
     from iak_dist.data.batch import arrow_to_batch
     from iak_dist.data.domain_streams import DomainStreams, count_share
     from iak_dist.phases.finetune import build_finetune, open_prefix_cache
@@ -84,6 +86,7 @@ def test_cache_rows_are_the_backbones_prefix_and_the_streams_draw_the_same_rows(
     backbone = own_backbone(backbone_dir, tmp_path)
     run = build_finetune(grouped_dir, backbone, "iak", small_cfg.finetune, ctx)
     cache = open_prefix_cache(run, backbone.parent / "prefix_cache", ctx)
+    monkeypatch.setattr(prefix_cache, "OPEN_FILES", 2)  # fewer than the 5 files: mappings are closed as it goes
     share = count_share(run.split, run.schema, 0, 1, 0)
     files, cached = (DomainStreams(source, run.schema, share, 128, 0.5, 0, buffer_rows=500)
                      for source in (run.split, cache))
@@ -94,6 +97,7 @@ def test_cache_rows_are_the_backbones_prefix_and_the_streams_draw_the_same_rows(
             assert torch.equal(getattr(rows, name), getattr(prefix, name)), name
         with torch.no_grad():
             assert torch.equal(bb.prefix(bb.embed(rows.sparse), rows.dense), prefix.prefix)
+        assert len(cache._open) <= 2
     assert np.all(prefix.domain.numpy() >= 0)
 
 
