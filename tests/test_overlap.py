@@ -21,8 +21,9 @@ def run(kind, overlap, small_cfg, synth_dir, backbone_dir, ctx, out):
         summary = pretrain(synth_dir, small_cfg.model, small_cfg.pretrain, dist_cfg, 0, out, ctx, show_progress=False)
         assert summary["train/pipelined_modules"] == (1.0 if overlap else 0.0)
         return summary["train/losses"], load_backbone_weights(out / "backbone")
-    summary = finetune(synth_dir, backbone_dir, kind, small_cfg.finetune, 0, out / kind, ctx, show_progress=False,
-                       dist_cfg=dist_cfg)
+    # the lookups' input pipeline is what is compared (tests/test_prefix_cache.py covers the prefix cache)
+    ft = replace(small_cfg.finetune, prefix_cache="off")
+    summary = finetune(synth_dir, backbone_dir, kind, ft, 0, out / kind, ctx, show_progress=False, dist_cfg=dist_cfg)
     assert summary["train/pipelined_modules"] == (1.0 if overlap else 0.0)
     weights = load_file(str(out / kind / "adapter_model.safetensors"))
     _, backbone, _ = load_adapter(out / kind, read_backbone_meta(backbone_dir))  # `full` carries its backbone

@@ -71,12 +71,17 @@ def _sweep(config, overrides, grid, strategies, base, ctx) -> Path:
                 shared = Path(base.run_dir) / f"seed{seed}"
                 if not (shared / "backbone" / "backbone.json").is_file():
                     run_pipeline(load_config(config, overrides + ["finetune.strategies=[none]"]), ctx=ctx)
-                # the backbone and `none` (fine-tuned and scored) are the same at every point: linked, not redone
-                for part in ("backbone", "adapters/none"):
+                # the backbone, `none` (fine-tuned and scored) and the prefix cache (a function of the backbone
+                # and the data, built by the first point) are the same at every point: linked, not redone
+                for part in ("backbone", "adapters/none", "prefix_cache"):
                     if (shared / part).is_dir():
                         _link_tree(shared / part, Path(cfg.run_dir) / f"seed{seed}" / part)
         log(f"sweep point {name}")
         run_dir = run_pipeline(cfg, ctx=ctx)
+        for seed in cfg.seeds if shares_backbone else []:  # the cache this point built serves the next ones
+            built = Path(cfg.run_dir) / f"seed{seed}" / "prefix_cache"
+            if built.is_dir():
+                _link_tree(built, Path(base.run_dir) / f"seed{seed}" / "prefix_cache")
         agg = json.loads((run_dir / "report.json").read_text()).get("aggregate_valid")
         if not agg:
             raise UserError(f"{run_dir / 'report.json'}: no valid-split metrics (written before the valid split "
