@@ -62,6 +62,15 @@ def test_pipeline_end_to_end_and_rerun_skips_finished_work(tmp_path, synth_dir, 
     assert "fine-tuning every domain" not in err and "pre-training" not in err
     assert adapter.stat().st_mtime_ns == stamp
 
+    # what the finished phases produced stays theirs: a key that decides it is refused, one that does not is not
+    assert main(["pipeline", "run", "--no-ray", str(config), "--set", "finetune.iak.width=8"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {run}: its phases ran with another config (finetune.iak.width: 4 -> 8); use another run_dir "
+        f"for the new settings, or move {run} aside to run them afresh")
+    assert main(["pipeline", "run", "--no-ray", str(config), "--set", "finetune.prefix_cache=off"]) == 0
+    assert capsys.readouterr().err.count("done in an earlier run, skipping") == 5
+    assert adapter.stat().st_mtime_ns == stamp
+
     # a finished run still says how fast and how well each phase went
     assert main(["pipeline", "status", str(run)]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}

@@ -42,6 +42,13 @@ from iak_dist.orchestration.status import progress_line
 from iak_dist.runtime import interrupt_or_defer
 
 PROGRESS_EVERY_S = 15.0
+WHAT_SECTIONS = ("data", "model", "pretrain", "finetune")
+"""The config sections that decide what a run's phases produce (the others say how: workers, retries,
+sharding, evaluation batches). A run directory whose phases ran keeps them: a re-run that changes one
+of their keys is refused, or the report would mix results of two configs under the new one's name."""
+HOW_KEYS = ("finetune.strategies", "finetune.prefix_cache")
+"""Keys of those sections that do not change a finished phase's results: strategies are each phase's
+spec (new ones run, finished ones are kept); the prefix cache is bitwise equal to the lookups."""
 
 
 def run_pipeline(cfg: PipelineConfig, use_ray: bool = False, address: str | None = None,
@@ -115,6 +122,7 @@ class Driver:
         """Rank 0 writes config.yaml and the manifest; every rank gets the manifest's phases."""
 
         def write() -> dict:
+            refuse_other_config(self.run_dir, self.cfg)
             try:
                 atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             except OSError as exc:
@@ -222,3 +230,43 @@ def _close_progress_bars() -> None:
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
         bar.close()
+
+
+def refuse_other_config(run_dir: Path, cfg: PipelineConfig) -> None:
+    """Raise UserError when `run_dir` holds phases that ran with another value of a key of `WHAT_SECTIONS`
+    (its `config.yaml` against `cfg`); a directory where no phase started takes any config."""
+    manifest, recorded = run_dir / "manifest.json", run_dir / "config.yaml"
+    if not (manifest.is_file() and recorded.is_file()):
+        return
+    if all(entry.get("state") == "pending" for entry in Manifest.read(run_dir).values()):
+        return
+    try:
+        old = yaml.safe_load(recorded.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"{recorded}: unreadable ({type(exc).__name__}); the run's phases cannot be checked "
+                        f"against this config: move {run_dir} aside to run afresh") from exc
+    new = to_dict(cfg)
+    for section in WHAT_SECTIONS:
+        found = first_difference((old or {}).get(section), new.get(section), section)
+        if found is not None:
+            raise UserError(f"{run_dir}: its phases ran with another config ({found}); use another run_dir for "
+                            f"the new settings, or move {run_dir} aside to run them afresh")
+
+
+_ABSENT = object()
+
+
+def first_difference(old: Any, new: Any, key: str) -> str | None:
+    """`key: old -> new` for the first (dotted, sorted) key whose value differs, None when none does."""
+    if key in HOW_KEYS:
+        return None
+    if isinstance(old, dict) and isinstance(new, dict):
+        for name in sorted(set(old) | set(new)):
+            found = first_difference(old.get(name, _ABSENT), new.get(name, _ABSENT), f"{key}.{name}")
+            if found is not None:
+                return found
+        return None
+    if old == new:
+        return None
+    shown = ["(absent)" if v is _ABSENT else repr(v) for v in (old, new)]
+    return f"{key}: {shown[0]} -> {shown[1]}"
