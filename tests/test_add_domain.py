@@ -49,7 +49,8 @@ def first_domains(synth_dir, out, count: int):
 def cfg(small_cfg):
     """IAK with a shared encoder layer: the grown adapter must freeze it, not only mask stacked rows."""
     cfg = copy.deepcopy(small_cfg.finetune)
-    cfg.settings["iak"] = dataclasses.replace(cfg.settings["iak"], encoder="mlp_shared", encoder_hidden=8)
+    cfg.settings["iak"] = dataclasses.replace(cfg.settings["iak"], encoder="mlp_shared", encoder_hidden=8,
+                                             insertion="input+every_layer")
     return cfg
 
 

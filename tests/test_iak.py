@@ -35,7 +35,7 @@ def test_kl_is_zero_when_posterior_equals_prior():
 
 def test_schedule_compression_then_matching():
     adapter = IakAdapter(2, [8, 4], IakConfig(width=2, compression_fraction=0.5, beta_compression=2.0,
-                                              beta_matching=0.1))
+                                              beta_matching=0.1, insertion="every_layer"))
     kernel = adapter.kernels["0"]
     adapter.on_step(0, 10)
     assert adapter.beta == 2.0 and not kernel.decoder.weight.requires_grad and kernel.encoder.weight.requires_grad
@@ -60,7 +60,7 @@ def test_inference_uses_the_mean_and_training_samples():
 def test_a_run_resumed_in_compression_freezes_the_decoder():
     """A fresh process whose first step is past 0 but still in compression must apply the phase."""
     adapter = IakAdapter(2, [8, 4], IakConfig(width=2, compression_fraction=0.5, beta_compression=2.0,
-                                              beta_matching=0.1))
+                                              beta_matching=0.1, insertion="every_layer"))
     logs = adapter.on_step(3, 10)
     assert not adapter.kernels["0"].decoder.weight.requires_grad
     assert adapter.beta == 2.0 and logs["iak/matching"] == 0.0
@@ -98,7 +98,7 @@ def test_mlp_encoder_has_a_hidden_layer_and_is_nonlinear():
     # a linear encoder with zero bias is odd, delta(-h) = -delta(h); the ReLU layer is not
     delta = [kernel(x, rows)[0] - x for x in (h, -h)]
     assert not torch.allclose(delta[1], -delta[0], atol=1e-4)
-    linear = GaussianKernel(domains, width, IakConfig(width=k, init_std=0.5))
+    linear = GaussianKernel(domains, width, IakConfig(width=k, encoder="linear", init_std=0.5))
     torch.nn.init.normal_(linear.decoder.weight)
     linear.eval()
     delta = [linear(x, rows)[0] - x for x in (h, -h)]
