@@ -80,6 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--strategy", action="append",
                     help="only this strategy (repeatable; default: finetune.strategies of the config)")
 
+    exp = verbs.add_parser("export", help="write the serving artefact of one strategy of a run (what `score` and "
+                                          "`serve` read)")
+    exp.add_argument("run_dir", help="a run folder (seed<N>/backbone, seed<N>/adapters/<strategy>)")
+    exp.add_argument("--strategy", required=True, help="the fine-tuned strategy whose domain kernels are served")
+    exp.add_argument("--seed", type=int, help="which seed's backbone and adapter (default: the lowest fine-tuned)")
+    exp.add_argument("--out", required=True, help="the artefact folder (replaced once the new one is complete)")
+    exp.add_argument("--table-dtype", choices=["fp32", "fp16", "int8"], default="fp32",
+                     help="embedding tables as stored and served: fp32 (scores equal evaluate's), fp16 or int8 "
+                          "row-wise quantised")
+
+    sco = verbs.add_parser("score", help="score a Parquet file or folder with a serving artefact")
+    sco.add_argument("artefact", help="a folder written by `iak-dist export`")
+    sco.add_argument("data", help="a Parquet file or folder with the schema's columns (labels not needed)")
+    sco.add_argument("--out", required=True, help="Parquet file: the input's key columns + p_ctr, p_cvr, p_ctcvr")
+    sco.add_argument("--batch-size", type=int, default=65536, help="rows scored at a time (bounds the memory)")
+
     plan = verbs.add_parser("plan", help="print the sharding plan and per-rank memory without allocating tables")
     _add_config(plan)
     plan.add_argument("--world-size", type=int, required=True)
@@ -232,6 +248,21 @@ def run(args: argparse.Namespace) -> int:
         from iak_dist.orchestration.status import format_status
 
         print(format_status(args.run_dir))
+        return 0
+    if args.verb == "export":
+        from iak_dist.model.strategies import known_strategies
+        from iak_dist.serving.artefact import export_artefact
+
+        if args.strategy not in known_strategies():
+            raise UserError(f"--strategy {args.strategy}: unknown; known: {', '.join(known_strategies())}")
+        out = export_artefact(Path(args.run_dir), args.strategy, Path(args.out), args.seed, args.table_dtype)
+        print(f"wrote {out}")
+        return 0
+    if args.verb == "score":
+        from iak_dist.serving.score import score_parquet
+
+        rows = score_parquet(Path(args.artefact), Path(args.data), Path(args.out), args.batch_size)
+        print(f"wrote {args.out}: {rows:,} rows")
         return 0
     cfg: PipelineConfig = load_config(args.config, args.set)
     if args.verb == "plan":
