@@ -125,11 +125,12 @@ def _valid_metrics(run_dir: Path, adapter_dir: Path, strategy: str) -> dict[str,
 
 def export_artefact(run_dir: Path, strategy: str, out: Path, seed: int | None = None,
                     table_dtype: Literal["fp32", "fp16", "int8"] = "fp32",
-                    extra: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None, json_files: dict[str, Any] | None = None) -> Path:
     """Write the serving artefact of `strategy` (seed `seed`, None: the lowest fine-tuned) of `run_dir` to `out`.
 
-    Every weights file read is checked against its recorded hash first. `extra`: more manifest keys
-    (the pipeline's export adds what it chose from). An existing `out` is replaced only once the new
+    Every weights file read is checked against its recorded hash first. `extra`: more manifest keys;
+    `json_files`: more files {name: content} written as JSON beside the manifest, hashed like the rest
+    (the pipeline's export adds what it chose from, as both). An existing `out` is replaced only once the new
     artefact is complete. Returns `out`.
     """
     from iak_dist.distributed.checkpoint import backbone_weights, file_hash, verify_backbone, write_safetensors
@@ -191,7 +192,10 @@ def export_artefact(run_dir: Path, strategy: str, out: Path, seed: int | None = 
         shutil.copyfile(adapter_dir / WEIGHTS_FILE, staging / ADAPTER_FOLDER / WEIGHTS_FILE)
         atomic_write_json(staging / MODEL_FILE, {k: meta[k] for k in ("schema", "model", "identity", "weights")},
                           durable=False)
-        for name in (f"{ADAPTER_FOLDER}/{CONFIG_FILE}", f"{ADAPTER_FOLDER}/{WEIGHTS_FILE}", MODEL_FILE):
+        for name, content in (json_files or {}).items():
+            atomic_write_json(staging / name, content, durable=False)
+        for name in (f"{ADAPTER_FOLDER}/{CONFIG_FILE}", f"{ADAPTER_FOLDER}/{WEIGHTS_FILE}", MODEL_FILE,
+                     *(json_files or {})):
             files[name] = file_hash(staging / name)
         manifest = {
             "format_version": FORMAT_VERSION,

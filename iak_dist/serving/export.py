@@ -1,62 +1,62 @@
-"""Export: one serving bundle with the backbone and every domain kernel side by side.
+"""The pipeline's export phase: the serving artefact of the strategy measured best on the valid split.
 
-`<run>/export/` holds the backbone of the first seed and, per strategy, its adapter (domain
-kernels stacked `[K, ...]`: one graph scores every domain, each row activating its own domain's
-kernel), with `bundle.json` naming the domains and the strategy measured best on the valid split
-(the test split is the report's alone: choosing by it would leak it into a decision).
-Every weights file (the backbone's shards, a `full` adapter's shards) is checked against its recorded
-hash before anything is copied; the copies keep the per-rank layout (a server reads it by row chunks:
-`ShardedWeights.row_chunks`).
+`<run>/export/` is the artefact `serving.artefact.export_artefact` writes (what `iak-dist score` and
+`iak-dist serve` read) for the first seed and the strategy of highest mean overall CTR-AUC on the valid
+split (the test split is the report's alone: choosing by it would leak it into a decision). Only
+strategies one graph can serve compete (`full_per_domain`, one whole model per domain, does not). The
+manifest's `bundle` (and `bundle.json`, as before the artefact) records what the choice was made from:
+the fine-tuned strategies and the best one.
+Every fine-tuned adapter (and the backbone) is checked against its recorded hashes before anything is
+written, so a damaged one stops the export with nothing left behind.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from iak_dist.config import PipelineConfig
 from iak_dist.errors import UserError
-from iak_dist.io import atomic_write_json
 
 
 def export_run(cfg: PipelineConfig) -> Path:
+    """Write `<run_dir>/export/`: the artefact of the best servable strategy of the first seed. Returns its path."""
+    from iak_dist.distributed.checkpoint import verify_backbone
+    from iak_dist.model.strategies.base import adapter_class
+    from iak_dist.model.strategies.saving import verify_adapter
+    from iak_dist.serving.artefact import export_artefact
+
     run_dir = Path(cfg.run_dir)
     seed = cfg.seeds[0]
     source = run_dir / f"seed{seed}"
     if not (source / "backbone" / "backbone.json").is_file():
         raise UserError(f"{source / 'backbone'}: nothing to export; run pre-training first")
-    from iak_dist.distributed.checkpoint import verify_backbone
-    from iak_dist.model.strategies.saving import verify_adapter
-
-    meta = verify_backbone(source / "backbone")  # a copy must be what its files claim: checked first
+    meta = verify_backbone(source / "backbone")
     adapters = [s for s in cfg.finetune.strategies if (source / "adapters" / s / "adapter_config.json").is_file()]
     for strategy in adapters:
         verify_adapter(source / "adapters" / strategy, meta, every_file=True)
-    out = run_dir / "export"
-    staging = run_dir / "export.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source / "backbone", staging / "backbone",
-                    ignore=shutil.ignore_patterns("train_summary.json", "progress.json"))
-    for strategy in adapters:
-        shutil.copytree(source / "adapters" / strategy, staging / "adapters" / strategy,
-                        ignore=shutil.ignore_patterns("tb", "train_summary.json", "progress.json"))
-    atomic_write_json(staging / "bundle.json", {"seed": seed, "domains": meta["schema"]["domains"],
-                                                "strategies": adapters,
-                                                "best_by_valid_ctr_auc": best_by_valid(run_dir / "report.json")})
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    return out
+    servable = [s for s in adapters if not adapter_class(s).per_domain_models]
+    if not servable:
+        raise UserError(f"{source / 'adapters'}: no fine-tuned strategy one graph can serve "
+                        f"(found: {', '.join(adapters) or 'none'}); fine-tune one of them first")
+    best = best_by_valid(run_dir / "report.json", servable)
+    chosen = best or servable[0]
+    bundle = {"seed": seed, "domains": meta["schema"]["domains"], "strategies": adapters,
+              "best_by_valid_ctr_auc": best,
+              "chosen_by": "valid ctr_auc" if best else "no valid metrics: the first fine-tuned strategy"}
+    return export_artefact(run_dir, chosen, run_dir / "export", seed=seed, extra={"bundle": bundle},
+                           json_files={"bundle.json": bundle})
 
 
-def best_by_valid(report: Path) -> str | None:
-    """The strategy of highest mean overall CTR-AUC on the valid split in `report` (report.json), or
-    None: no report yet, one written before the valid split (no `aggregate_valid`), or no strategy
-    scored (a valid split of one class)."""
+def best_by_valid(report: Path, among: list[str] | None = None) -> str | None:
+    """The strategy (of `among`, None: any) of highest mean overall CTR-AUC on the valid split in `report`
+    (report.json), or None: no report yet, one written before the valid split (no `aggregate_valid`), or
+    no strategy scored (a valid split of one class)."""
     if not report.is_file():
         return None
     valid = json.loads(report.read_text()).get("aggregate_valid")
     if not valid:
         return None
-    scored = [s for s in valid if valid[s]["overall"]["ctr_auc"]["mean"] is not None]
+    scored = [s for s in valid if valid[s]["overall"]["ctr_auc"]["mean"] is not None
+              and (among is None or s in among)]
     return max(scored, key=lambda s: valid[s]["overall"]["ctr_auc"]["mean"]) if scored else None
