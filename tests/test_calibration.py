@@ -83,3 +83,19 @@ def test_the_calibrated_export_is_the_plain_one_with_the_fit_folded_into_the_hea
         scale, bias = summary[f"calibration/{head}_scale"], summary[f"calibration/{head}_bias"]
         assert torch.equal(calibrated[f"{head}_head.weight"], plain[f"{head}_head.weight"] * scale)
         assert torch.equal(calibrated[f"{head}_head.bias"], plain[f"{head}_head.bias"] * scale + bias)
+
+
+def test_calibration_without_a_valid_split_is_refused_before_training(tmp_path, synth_dir, ctx):
+    import shutil
+
+    from iak_dist.config import load_config
+    from iak_dist.errors import UserError
+    from iak_dist.phases.pretrain import pretrain
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    (data / "valid.parquet").unlink()
+    cfg = load_config(None, ["pretrain.steps=5", "pretrain.calibrate=true"])
+    with pytest.raises(UserError, match="valid"):
+        pretrain(data, cfg.model, cfg.pretrain, cfg.distributed, 0, tmp_path / "run", ctx, show_progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any step

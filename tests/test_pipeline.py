@@ -69,6 +69,11 @@ def test_pipeline_end_to_end_and_rerun_skips_finished_work(tmp_path, synth_dir, 
         f"for the new settings, or move {run} aside to run them afresh")
     assert main(["pipeline", "run", "--no-ray", str(config), "--set", "finetune.prefix_cache=off"]) == 0
     assert capsys.readouterr().err.count("done in an earlier run, skipping") == 5
+    recorded = yaml.safe_load((run / "config.yaml").read_text())  # a run from before `pretrain.calibrate` existed
+    del recorded["pretrain"]["calibrate"]
+    (run / "config.yaml").write_text(yaml.safe_dump(recorded))
+    assert main(["pipeline", "run", "--no-ray", str(config)]) == 0  # it ran at the key's default: the same
+    assert capsys.readouterr().err.count("done in an earlier run, skipping") == 5
     assert adapter.stat().st_mtime_ns == stamp
 
     # a finished run still says how fast and how well each phase went

@@ -119,7 +119,7 @@ model's dense part (36,498 parameters) is one bucket, which leaves when the dens
 and overlaps the embeddings' backward; a larger tower splits into several, the first leaving while
 the rest of the dense backward runs. Large enough that gloo's / NCCL's per-call latency stays small."""
 
-_reduce_groups: dict[str, Any] = {}
+_reduce_groups: dict[tuple[int, str], Any] = {}
 
 
 def gradient_reduce_group(backend: str):
@@ -134,9 +134,11 @@ def gradient_reduce_group(backend: str):
     """
     import torch.distributed as dist
 
-    if backend not in _reduce_groups:
-        _reduce_groups[backend] = dist.new_group(backend=backend)
-    return _reduce_groups[backend]
+    key = (id(dist.group.WORLD), backend)  # a world destroyed and made again gets a group of its own
+    if key not in _reduce_groups:
+        _reduce_groups.clear()  # groups of an earlier world are dead
+        _reduce_groups[key] = dist.new_group(backend=backend)
+    return _reduce_groups[key]
 
 
 class OverlappedGradReduce:
@@ -288,6 +290,12 @@ class DenseEngine:
         import torch.distributed as dist
 
         engine = self.engine
+        if dist.get_backend() != "gloo":
+            # Untested off gloo: a bucket holding a parameter without a gradient on one rank leaves after
+            # backward there but during it elsewhere, so the two groups' collectives can be issued in
+            # different orders across ranks, which NCCL does not promise to survive. Until measured on
+            # GPUs, DeepSpeed reduces after backward there (its own overlap_comm serves ZeRO 1-2).
+            return None
         if engine.communication_data_type != params[0].dtype or engine.has_moe_layers \
                 or engine.sequence_parallel_size != 1 or any(p.dtype != params[0].dtype for p in params):
             say("[zero] gradient all-reduce not overlapped with backward: communication_data_type, MoE or "

@@ -245,9 +245,9 @@ def refuse_other_config(run_dir: Path, cfg: PipelineConfig) -> None:
     except (OSError, yaml.YAMLError) as exc:
         raise UserError(f"{recorded}: unreadable ({type(exc).__name__}); the run's phases cannot be checked "
                         f"against this config: move {run_dir} aside to run afresh") from exc
-    new = to_dict(cfg)
+    new, defaults = to_dict(cfg), to_dict(PipelineConfig())
     for section in WHAT_SECTIONS:
-        found = first_difference((old or {}).get(section), new.get(section), section)
+        found = first_difference((old or {}).get(section), new.get(section), section, defaults.get(section))
         if found is not None:
             raise UserError(f"{run_dir}: its phases ran with another config ({found}); use another run_dir for "
                             f"the new settings, or move {run_dir} aside to run them afresh")
@@ -256,13 +256,19 @@ def refuse_other_config(run_dir: Path, cfg: PipelineConfig) -> None:
 _ABSENT = object()
 
 
-def first_difference(old: Any, new: Any, key: str) -> str | None:
-    """`key: old -> new` for the first (dotted, sorted) key whose value differs, None when none does."""
+def first_difference(old: Any, new: Any, key: str, default: Any = _ABSENT) -> str | None:
+    """`key: old -> new` for the first (dotted, sorted) key whose value differs, None when none does.
+
+    A key the old config lacks (written before the key existed) ran at what is now its `default`."""
     if key in HOW_KEYS:
         return None
+    if old is _ABSENT:
+        old = default
     if isinstance(old, dict) and isinstance(new, dict):
+        below = default if isinstance(default, dict) else {}
         for name in sorted(set(old) | set(new)):
-            found = first_difference(old.get(name, _ABSENT), new.get(name, _ABSENT), f"{key}.{name}")
+            found = first_difference(old.get(name, _ABSENT), new.get(name, _ABSENT), f"{key}.{name}",
+                                     below.get(name, _ABSENT))
             if found is not None:
                 return found
         return None

@@ -120,6 +120,8 @@ def pretrain(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     schema = Schema.load(data_dir / "schema.yaml")
     split = Split.open(data_dir, "pretrain", schema)
+    if optim.calibrate:
+        Split.open(data_dir, "valid", schema)  # a missing or empty valid split: refused now, not after training
     reader = ParquetReader(split, schema, optim.batch_size, ctx.rank, ctx.world_size, shuffle=True, seed=seed,
                            drop_last=True, split_mode=dist_cfg.data_split)
     torch.manual_seed(seed)

@@ -80,7 +80,8 @@ def validation_ctr_auc(model: torch.nn.Module, reader: ParquetReader, ctx: DistC
                        schema: Schema, domain: int | None = None) -> float | None:
     """CTR-AUC over every rank's rows of `reader`'s split (with `domain`: that domain's rows), as
     `evaluate` computes it (spilled scores, ranked bucket by bucket; memory bounded). None when no
-    rank has a row to count; NaN when the rows hold one class only (or the scores are not finite).
+    rank has a row to count or the rows hold one class only (no pass can be judged: a run of NaNs
+    would stop training on weights no pass chose); NaN when the scores are not finite (diverged).
     Collective; the model goes back to the mode it was in."""
     was_training = model.training
     try:
@@ -95,7 +96,10 @@ def validation_ctr_auc(model: torch.nn.Module, reader: ParquetReader, ctx: DistC
     entry = shared.get("overall" if domain is None else schema.domains[domain])
     if entry is None or not entry["rows"]:
         return None
-    return math.nan if entry["ctr_auc"] is None else float(entry["ctr_auc"])
+    if entry["ctr_auc"] is None:
+        one_class = entry["constant_logloss"] == 0.0  # every row clicked, or none
+        return None if one_class else math.nan
+    return float(entry["ctr_auc"])
 
 
 @dataclass
@@ -199,7 +203,8 @@ class EarlyStopping:
             value = validation_loss(self.model, self.reader, self.ctx, self._padding, self.domain)
         if value is None:
             self.no_rows = True
-            say(f"[valid] {self.what} has no valid rows: no validation passes, so no early stopping", self.ctx.rank)
+            why = "no valid rows" if self.record.metric == "loss" else "no valid rows of both classes"
+            say(f"[valid] {self.what} has {why}: no validation passes, so no early stopping", self.ctx.rank)
             return False
         if writer is not None:
             writer.add_scalar(f"valid/{self.record.metric}", value, step)
