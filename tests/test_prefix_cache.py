@@ -127,6 +127,20 @@ def test_a_changed_key_or_a_truncated_shard_is_rebuilt_never_reused(small_cfg, g
     assert other.folder != first.folder and not first.folder.exists()
     assert "prefix cache: built" in capsys.readouterr().err
 
+    # the data rewritten in place at the same size (same fingerprint): its modification time gives another key
+    import os
+
+    from iak_dist.data.prefix_cache import cache_key
+
+    data_file = run.split.parts[0].path
+    before = cache_key(run.meta, run.split, run.schema)
+    stat = os.stat(data_file)
+    os.utime(data_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    try:
+        assert cache_key(run.meta, run.split, run.schema) != before
+    finally:
+        os.utime(data_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
     # a marker of another key in the folder of this one (copied over, edited): rebuilt
     marker = other.folder / MARKER
     meta = json.loads(marker.read_text())
@@ -220,3 +234,25 @@ def build_on_every_rank(spec_path: str) -> None:
 
 if __name__ == "__main__":
     build_on_every_rank(sys.argv[1])
+
+
+def test_a_second_phase_waits_for_the_first_ones_build(tmp_path):
+    """Two phases of one seed deciding at once: the second takes the building lock once the first let go."""
+    import threading
+    import time
+
+    from iak_dist.data.prefix_cache import building_lock
+
+    events: list[str] = []
+
+    def second() -> None:
+        with building_lock(tmp_path, holder=True):
+            events.append("second")
+
+    with building_lock(tmp_path, holder=True):
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        time.sleep(0.3)
+        events.append("first done")
+    waiting.join(timeout=10)
+    assert events == ["first done", "second"]

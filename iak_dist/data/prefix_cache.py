@@ -11,9 +11,11 @@ Layout, under `<root>/<key>/` (`<root>`: `<seed dir>/prefix_cache`, shared by ev
                          record per row, in the row group's order (prefix fp32, labels, domain index, user)
     cache.json           written last, by rank 0: the key, the record layout, each file's rows, bytes and hash
 
-`key` hashes the backbone's weights and identity, the split's fingerprint and the schema: another
-backbone or changed data gives another folder, never a silent reuse. A folder without `cache.json`,
-with a file of the wrong size (a truncated write) or of another key is rebuilt
+`key` hashes the backbone's weights and identity, the split's fingerprint (paths, sizes, rows) with each
+file's modification time (data rewritten in place at the same size) and the schema: another backbone or
+changed data gives another folder, never a silent reuse. Two phases of one seed running at once (Ray
+runs independent phases together) decide and build one at a time: `<root>/.lock` (`building_lock`).
+A folder without `cache.json`, with a file of the wrong size (a truncated write) or of another key is rebuilt
 (`phases.finetune.open_prefix_cache`); a file whose bytes differ from its recorded hash is refused
 when this process first opens it.
 
@@ -27,6 +29,8 @@ W ranks is read at any world size.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -88,9 +92,27 @@ class PrefixBatch:
 def cache_key(backbone_meta: dict[str, Any], split: Split, schema: Schema) -> str:
     """What the cached prefix is a function of: the backbone (weights hash, identity), the data files
     (fingerprint) and the schema (columns, hashing, domain order)."""
+    modified = {str(path): os.stat(path).st_mtime_ns for path in sorted({str(p.path) for p in split.parts})}
     blob = json.dumps({"format": FORMAT, "weights": backbone_meta["weights"], "identity": backbone_meta["identity"],
-                       "data": split.fingerprint(), "schema": to_dict(schema)}, sort_keys=True)
+                       "data": split.fingerprint(), "modified": modified, "schema": to_dict(schema)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def building_lock(root: Path, holder: bool) -> Iterator[None]:
+    """An exclusive `flock` on `root/.lock` while a phase decides whether to build and builds (`holder`:
+    this process takes it, rank 0 of a phase; the others wait at a barrier). Released with the process
+    if it dies."""
+    if not holder:
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / ".lock").open("a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # waits for another phase's build
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def shard_name(index: int) -> str:

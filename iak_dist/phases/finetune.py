@@ -26,6 +26,7 @@ from iak_dist.data.prefix_cache import (
     CachedSplit,
     PrefixBatch,
     build_prefix_cache,
+    building_lock,
     cache_key,
     cache_problem,
     clear_folder,
@@ -207,6 +208,14 @@ def open_prefix_cache(run: FinetuneSetup, root: Path, ctx: DistContext) -> Cache
     """The prefix cache of `run`'s split and backbone under `root/<key>`: reused when complete, else
     (no cache, another key, an interrupted build, a truncated file) built by one pass over the split,
     each rank its row groups (collective: every rank calls it). Says which, in one line."""
+    with building_lock(root, holder=ctx.is_main):
+        ctx.barrier()  # sync point: every rank decides once rank 0 holds the lock
+        cached = _open_or_build(run, root, ctx)
+        ctx.barrier()  # the cache is whole before another phase may look at it
+    return cached
+
+
+def _open_or_build(run: FinetuneSetup, root: Path, ctx: DistContext) -> CachedSplit:
     width = run.sharded.ranker.backbone.tower_widths[0]
     key = cache_key(run.meta, run.split, run.schema)
     folder = root / key
