@@ -3,7 +3,6 @@ each bad request's status and one-line message, concurrent clients, a replica ki
 
 import json
 import shutil
-import socket
 import threading
 import time
 import urllib.error
@@ -13,12 +12,6 @@ import numpy as np
 import pytest
 
 CLIENT_TIMEOUT_S = 30.0  # no request may take longer (the service's own bound is request_timeout_s=20)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +45,10 @@ def rows(synth_dir, predictor):
 
 @pytest.fixture(scope="module")
 def service(artefact):
+    from iak_dist.orchestration.ray_pipeline import _free_port
     from iak_dist.serving.service import serve
 
-    handle = serve(artefact, port=free_port(), replicas=2, replica_cpus=0.5, max_batch_size=256,
+    handle = serve(artefact, port=_free_port(), replicas=2, replica_cpus=0.5, max_batch_size=256,
                    max_request_rows=256, batch_wait_timeout_s=0.01, request_timeout_s=20.0,
                    unknown_domain="refuse", blocking=False)
     yield handle
