@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 BATCH = 256
 
@@ -183,3 +184,26 @@ def test_a_tampered_file_is_refused_at_load(artefacts, tmp_path):
                                         r"export the artefact again") as caught:
         Predictor.load(copy)
     assert str(shard) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_bad_values_are_refused_naming_the_column(artefacts, test_rows):
+    from iak_dist.serving.predictor import Predictor, RequestError
+
+    predictor = Predictor.load(artefacts["fp32"])
+    one = test_rows.select(predictor.request_columns()).slice(0, 1).to_pylist()[0]
+    feature = predictor.schema.feature_names[0]
+    for value in (1 << 64, True, 1.5):
+        with pytest.raises(RequestError, match=f"column {feature!r} must be an integer ID"):
+            predictor.score([{**one, feature: value}])
+    with pytest.raises(RequestError, match="expected a pyarrow Table, pandas DataFrame or list of dicts"):
+        predictor.score("rows")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_scores_match_cpu(artefacts, test_rows):
+    from iak_dist.serving.predictor import Predictor
+
+    cpu = predict(Predictor.load(artefacts["fp32"]), test_rows)
+    cuda = predict(Predictor.load(artefacts["fp32"], device="cuda"), test_rows)
+    for key in cpu:
+        np.testing.assert_allclose(cuda[key], cpu[key], rtol=0, atol=1e-5)

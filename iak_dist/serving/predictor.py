@@ -14,6 +14,7 @@ states (measured by tests/test_serving.py).
 from __future__ import annotations
 
 import json
+import math
 import threading
 from pathlib import Path
 from typing import Any, Literal
@@ -162,8 +163,7 @@ class Predictor:
                 elif column in multi_hot:
                     ok, want = _is_int(value), "an integer ID"
                 else:
-                    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-                    want = "a finite number"
+                    ok, want = _is_finite_number(value), "a finite number"
                 if not ok:
                     raise RequestError(column, f"row {i}: column {column!r} must be {want}, got {value!r}")
         if self.unknown_domain == "refuse":
@@ -255,7 +255,17 @@ class Predictor:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    """An int64 ID (JSON has no int64: a bigger integer is refused here, not as an overflow later)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and -(1 << 63) <= value < (1 << 63)
+
+
+def _is_finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond float's range
+        return False
 
 
 __all__ = ["Predictor", "RequestError"]
