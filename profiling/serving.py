@@ -16,6 +16,9 @@ becomes), then prints Markdown tables:
    (threads, one keep-alive connection each) sending requests of `--request-rows`: p50 / p99 latency
    seen by the client, requests/s and rows/s.
 
+The eager cases of one table take turns call by call (`interleaved`), so that load from other
+processes that comes and goes hits each case alike.
+
 The clients share the machine with the replica: on a 2-core machine the served figures include the
 clients' own JSON and HTTP work. `--device cuda` scores on the GPU (eager and served).
 """
@@ -35,16 +38,23 @@ import numpy as np
 SCORES = ("p_ctr", "p_cvr", "p_ctcvr")
 
 
-def timed_calls(fn, seconds: float, min_calls: int = 5) -> np.ndarray:
-    """Seconds of each call of `fn` over about `seconds` (after one warm-up call)."""
-    fn()
-    times = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < min_calls:
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return np.asarray(times)
+def interleaved(cases: dict, seconds: float, min_rounds: int = 5) -> dict[str, np.ndarray]:
+    """Seconds of each call of every case, the cases taking turns (one call each a round) for about
+    `seconds` per case: on a shared machine, load that comes and goes then hits every case alike."""
+    for fn in cases.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {label: [] for label in cases}
+    spent = dict.fromkeys(cases, 0.0)
+    rounds = 0
+    while rounds < min_rounds or min(spent.values()) < seconds:
+        for label, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            times[label].append(elapsed)
+            spent[label] += elapsed
+        rounds += 1
+    return {label: np.asarray(t) for label, t in times.items()}
 
 
 def latency_row(label: str, rows_per_call: int, times: np.ndarray) -> str:
@@ -58,18 +68,21 @@ LATENCY_HEADER = "| case | rows / call | p50 ms | p99 ms | rows/s |\n|---|---|--
 def eager_tables(predictors: dict, rows: list[dict], batch_sizes: list[int], seconds: float) -> None:
     print("\n### Eager `Predictor.score` (fp32), list-of-dicts input\n")
     print(LATENCY_HEADER)
+    times = interleaved({n: lambda n=n: predictors["fp32"].score(rows[:n]) for n in batch_sizes}, seconds)
     for n in batch_sizes:
-        print(latency_row("fp32", n, timed_calls(lambda n=n: predictors["fp32"].score(rows[:n]), seconds)))
+        print(latency_row("fp32", n, times[n]))
 
     print("\n### Table dtypes\n")
     reference = predictors["fp32"].score(rows)
     print("| dtype | rows / call | p50 ms | p99 ms | rows/s | max abs drift vs fp32 |\n|---|---|---|---|---|---|")
+    sizes = (batch_sizes[len(batch_sizes) // 2], batch_sizes[-1])
+    times = interleaved({(dtype, n): lambda n=n, p=predictor: p.score(rows[:n])
+                         for dtype, predictor in predictors.items() for n in sizes}, seconds)
     for dtype, predictor in predictors.items():
         scores = predictor.score(rows)
         drift = max(float(np.abs(scores[k] - reference[k]).max()) for k in SCORES)
-        for n in (batch_sizes[len(batch_sizes) // 2], batch_sizes[-1]):
-            times = timed_calls(lambda n=n, p=predictor: p.score(rows[:n]), seconds)
-            print(latency_row(dtype, n, times) + f" {drift:.1e} |")
+        for n in sizes:
+            print(latency_row(dtype, n, times[dtype, n]) + f" {drift:.1e} |")
 
 
 def domain_table(predictor, rows: list[dict], n: int, seconds: float) -> None:
@@ -80,10 +93,11 @@ def domain_table(predictor, rows: list[dict], n: int, seconds: float) -> None:
     unknown = [{**row, column: "__not_a_domain__"} for row in mixed]
     print(f"\n### Domain activation (K = {len(predictor.domains)} domains, fp32, {n} rows)\n")
     print(LATENCY_HEADER)
-    for label, batch in ((f"one domain ({first})", single),
-                         (f"mixed ({len({r[column] for r in mixed})} domains)", mixed),
-                         ("unknown domain: backbone only", unknown)):
-        print(latency_row(label, n, timed_calls(lambda b=batch: predictor.score(b), seconds)))
+    batches = {f"one domain ({first})": single, f"mixed ({len({r[column] for r in mixed})} domains)": mixed,
+               "unknown domain: backbone only": unknown}
+    times = interleaved({label: lambda b=batch: predictor.score(b) for label, batch in batches.items()}, seconds)
+    for label in batches:
+        print(latency_row(label, n, times[label]))
 
 
 def client_load(host: str, port: int, bodies: list[bytes], concurrency: int, seconds: float) -> tuple[np.ndarray, int]:

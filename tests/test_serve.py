@@ -205,3 +205,17 @@ def test_a_replica_killed_mid_load_is_replaced_and_no_request_hangs(service, pre
         status, answer = post(service.url, {"rows": rows[:20]})
         assert status == 200
         assert_scores_equal(answer, expected)
+
+
+def test_config_and_a_folder_that_is_no_artefact_are_refused_in_one_line(tmp_path):
+    from iak_dist.errors import UserError
+    from iak_dist.serving.service import ServeConfig, serve
+
+    assert ServeConfig(max_batch_size=64).max_request_rows == 64  # follows the batch size unless set
+    with pytest.raises(UserError, match=r"^serve: max_request_rows \(65\) must be <= max_batch_size \(64\): one "
+                                        r"request is never split across batches$"):
+        ServeConfig(max_batch_size=64, max_request_rows=65)
+    with pytest.raises(UserError, match="^serve: unknown_domain must be backbone or refuse, got 'drop'$"):
+        ServeConfig(unknown_domain="drop")
+    with pytest.raises(UserError, match=r"no manifest.json; not a serving artefact \(write one with `iak-dist export`"):
+        serve(tmp_path, port=1)

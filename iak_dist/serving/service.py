@@ -42,8 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ray import serve as ray_serve
-
 from iak_dist.errors import UserError
 from iak_dist.runtime import say
 
@@ -73,8 +71,8 @@ class ServeConfig:
     """Most rows one `Predictor.score` call coalesces from concurrent requests."""
     batch_wait_timeout_s: float = 0.005
     """How long a replica waits for more requests after the first of a batch arrived."""
-    max_request_rows: int = 1024
-    """Most rows one request may carry (413 above); at most `max_batch_size`."""
+    max_request_rows: int | None = None
+    """Most rows one request may carry (413 above); at most `max_batch_size`; None: `max_batch_size`."""
     max_request_bytes: int = 16 << 20
     """Most bytes one request body may have (413 above), checked before it is read whole."""
     request_timeout_s: float = 30.0
@@ -89,6 +87,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise UserError(f"serve: replicas must be >= 1, got {self.replicas}")
+        if self.max_request_rows is None:
+            object.__setattr__(self, "max_request_rows", self.max_batch_size)  # frozen: set once, here
         if self.max_batch_size < 1 or self.max_request_rows < 1:
             raise UserError("serve: max_batch_size and max_request_rows must be >= 1")
         if self.max_request_rows > self.max_batch_size:
@@ -120,6 +120,7 @@ class ScoringService:
 
     def __init__(self, artefact: str, config: ServeConfig) -> None:
         import torch
+        from ray import serve
 
         from iak_dist.serving.predictor import Predictor
 
@@ -128,8 +129,10 @@ class ScoringService:
         self.predictor = Predictor.load(artefact, device=config.device, unknown_domain=config.unknown_domain)
         self.known_domains = set(self.predictor.domains)
         self.domain_column = self.predictor.schema.domain
-        self.score_batch.set_max_batch_size(config.max_batch_size)
-        self.score_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        # batched here, not by a decorator on the class: the batch settings come from the config, and
+        # this module (ServeConfig: the CLI's defaults) imports without Ray
+        self.score_batch = serve.batch(self.score_requests, max_batch_size=config.max_batch_size,
+                                       batch_wait_timeout_s=config.batch_wait_timeout_s, batch_size_fn=_rows_in)
 
     async def __call__(self, request: Request) -> Response:
         from starlette.responses import JSONResponse
@@ -190,8 +193,7 @@ class ScoringService:
             raise BadRequest(400, exc.field, str(exc).splitlines()[0]) from None
         return rows
 
-    @ray_serve.batch(batch_size_fn=_rows_in)
-    async def score_batch(self, requests: list[list[dict]]) -> list[dict[str, list[float]]]:
+    async def score_requests(self, requests: list[list[dict]]) -> list[dict[str, list[float]]]:
         """Score coalesced requests in one `Predictor.score` call, then split the scores back."""
         rows = [row for request in requests for row in request]
         # a worker thread: the event loop keeps collecting the next batch and answering /healthz
@@ -212,6 +214,8 @@ def _error(bad: BadRequest) -> Response:
 
 def build_app(artefact: str | Path, config: ServeConfig):
     """The Serve application: `ScoringService` with the config's replicas, CPUs and batching."""
+    from ray import serve as ray_serve
+
     actor_options: dict[str, Any] = {"num_cpus": config.replica_cpus}
     if config.device.startswith("cuda"):
         actor_options["num_gpus"] = 1
@@ -239,6 +243,7 @@ class ServiceHandle:
 
     def stop(self) -> None:
         import ray
+        from ray import serve as ray_serve
 
         try:
             if self.embedded is not None:
@@ -267,6 +272,8 @@ def serve(artefact: str | Path, config: ServeConfig | None = None, *, blocking: 
     artefact = Path(artefact)
     if not (artefact / "manifest.json").is_file():
         raise UserError(f"{artefact}: no manifest.json; not a serving artefact (write one with `iak-dist export`)")
+    from ray import serve as ray_serve
+
     from iak_dist.orchestration.ray_pipeline import EmbeddedRay, connect_ray
 
     embedded = None
