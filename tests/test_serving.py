@@ -14,12 +14,12 @@ BATCH = 256
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, backbone_dir, synth_dir, small_cfg, ctx):
-    """A run folder with seed 0's backbone and its `none` and `iak` adapters."""
+    """A run folder with seed 0's backbone and its `none`, `iak` and `full` adapters."""
     from iak_dist.phases.finetune import finetune
 
     run_dir = tmp_path_factory.mktemp("serving") / "run"
     shutil.copytree(backbone_dir, run_dir / "seed0" / "backbone")
-    for strategy in ("none", "iak"):
+    for strategy in ("none", "iak", "full"):
         finetune(synth_dir, run_dir / "seed0" / "backbone", strategy, small_cfg.finetune, 0,
                  run_dir / "seed0" / "adapters" / strategy, ctx, show_progress=False)
     return run_dir
@@ -32,6 +32,7 @@ def artefacts(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("artefacts")
     made = {dtype: export_artefact(run, "iak", out / dtype, table_dtype=dtype) for dtype in ("fp32", "fp16", "int8")}
     made["none"] = export_artefact(run, "none", out / "none")
+    made["full"] = export_artefact(run, "full", out / "full")  # its own tables and dense weights
     return made
 
 
@@ -90,6 +91,17 @@ def test_fp32_scores_equal_evaluate_bitwise_and_fp16_int8_drift_is_bounded(artef
         drift = max(float(np.abs(scores[k] - fp32[k]).max()) for k in ("p_ctr", "p_cvr", "p_ctcvr"))
         print(f"{dtype}: max |score - fp32 score| = {drift:.2e}")
         assert 0 < drift < bound, (dtype, drift)
+
+
+def test_a_full_finetune_is_served_with_its_own_tables_bitwise(artefacts, run, synth_dir, test_rows, ctx):
+    from iak_dist.serving.predictor import Predictor
+
+    reference = evaluate_scores(synth_dir, run, "full", ctx)
+    full = predict(Predictor.load(artefacts["full"]), test_rows)
+    plain = predict(Predictor.load(artefacts["none"]), test_rows)
+    for key in ("p_ctr", "p_ctcvr"):
+        assert np.array_equal(full[key].view(np.uint32), reference[key].view(np.uint32)), key
+    assert not np.array_equal(full["p_ctr"], plain["p_ctr"])
 
 
 def test_manifest_files_and_layout(artefacts, run):
