@@ -3,9 +3,11 @@
 import json
 import math
 
+import pyarrow.parquet as pq
 import yaml
 
 from iak_dist.cli import main
+from iak_dist.data.source import split_location
 
 STRATEGIES = ["none", "full", "head", "lora", "patch", "iak"]
 
@@ -52,6 +54,12 @@ def test_pipeline_end_to_end_and_rerun_skips_finished_work(tmp_path, synth_dir, 
     assert set(manifest["pretrain"]["metrics"]) == {"pretrain/loss/seed0", "pretrain/loss/seed1"}
     assert manifest["evaluate"]["metrics"]["eval/ctr_auc/iak"] == agg["iak"]["overall"]["ctr_auc"]["mean"]
     assert json.loads((run / "export" / "bundle.json").read_text())["strategies"] == STRATEGIES
+    # the run ends with a serving artefact of the strategy best on valid, which `iak-dist score` accepts
+    exported = json.loads((run / "export" / "manifest.json").read_text())
+    assert exported["strategy"] == exported["bundle"]["best_by_valid_ctr_auc"] in STRATEGIES
+    assert main(["score", str(run / "export"), split_location(synth_dir, "test"), "--out",
+                 str(tmp_path / "scores.parquet")]) == 0
+    assert pq.read_metadata(tmp_path / "scores.parquet").num_rows > 0
     adapter = run / "seed0" / "adapters" / "iak" / "adapter_model.safetensors"
     stamp = adapter.stat().st_mtime_ns
     capsys.readouterr()
