@@ -86,7 +86,8 @@ def test_phases_run_as_ray_tasks_and_train_runs(finished_run):
     assert sorted(report["aggregate"]) == ["iak", "lora", "none"]
     bundle = json.loads((run / "export" / "bundle.json").read_text())
     assert bundle["strategies"] == ["none", "lora", "iak"] and bundle["domains"] == ["d0", "d1", "d2"]
-    assert (run / "export" / "adapters" / "iak" / "adapter_model.safetensors").is_file()
+    assert (run / "export" / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "export" / "manifest.json").read_text())["strategy"] == bundle["best_by_valid_ctr_auc"]
 
 
 def test_rerun_skips_finished_phases_and_status_shows_them(finished_run):
