@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--seconds", type=float, default=3.0, help="per measured point")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--skip-served", action="store_true")
+    parser.add_argument("--parts", default="eager,served", help="which tables: eager (1-3), served (4)")
     args = parser.parse_args()
 
     import pyarrow.parquet as pq
@@ -191,9 +191,11 @@ def main() -> None:
         print(f"## {args.run_dir} `{args.strategy}` on {args.device} (torch threads {torch.get_num_threads()}), "
               f"{len(rows)} request rows from {args.data}")
         batch_sizes = [int(b) for b in args.batch_sizes.split(",") if int(b) <= len(rows)]
-        eager_tables(predictors, rows, batch_sizes, args.seconds)
-        domain_table(predictors["fp32"], rows, min(1024, len(rows)), args.seconds)
-        if not args.skip_served:
+        parts = args.parts.split(",")
+        if "eager" in parts:
+            eager_tables(predictors, rows, batch_sizes, args.seconds)
+            domain_table(predictors["fp32"], rows, min(1024, len(rows)), args.seconds)
+        if "served" in parts:
             served_table(artefacts["fp32"], rows, [int(c) for c in args.concurrency.split(",")],
                          [int(r) for r in args.request_rows.split(",")], args.seconds, args.device,
                          args.max_batch_size, args.batch_wait_ms)
