@@ -217,5 +217,22 @@ def test_config_and_a_folder_that_is_no_artefact_are_refused_in_one_line(tmp_pat
         ServeConfig(max_batch_size=64, max_request_rows=65)
     with pytest.raises(UserError, match="^serve: unknown_domain must be backbone or refuse, got 'drop'$"):
         ServeConfig(unknown_domain="drop")
-    with pytest.raises(UserError, match=r"no manifest.json; not a serving artefact \(write one with `iak-dist export`"):
+    with pytest.raises(UserError, match=r"no manifest.json; not a serving artefact"):
         serve(tmp_path, port=1)
+
+
+def test_a_damaged_artefact_is_refused_in_one_line_before_ray_starts(artefact, tmp_path):
+    import ray
+
+    from iak_dist.errors import UserError
+    from iak_dist.serving.service import serve
+
+    damaged = tmp_path / "artefact"
+    shutil.copytree(artefact, damaged)
+    data = bytearray((damaged / "dense.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (damaged / "dense.safetensors").write_bytes(bytes(data))
+    started = ray.is_initialized()
+    with pytest.raises(UserError, match="dense.safetensors"):
+        serve(damaged, port=1, blocking=False)
+    assert ray.is_initialized() == started

@@ -226,7 +226,7 @@ def build_app(artefact: str | Path, config: ServeConfig):
         ray_actor_options=actor_options,
         # every request holds at least one row, so a batch never needs more requests than rows
         max_ongoing_requests=config.max_batch_size,
-        # a broken artefact fails the start in seconds, not after Serve's default retries
+        # a replica that cannot start (no GPU left, ...) fails the start in seconds, not after Serve's retries
         max_constructor_retry_count=1,
         health_check_period_s=2.0,
     )
@@ -270,8 +270,11 @@ def serve(artefact: str | Path, config: ServeConfig | None = None, *, blocking: 
     """
     config = dataclasses.replace(config or ServeConfig(), **overrides)
     artefact = Path(artefact)
-    if not (artefact / "manifest.json").is_file():
-        raise UserError(f"{artefact}: no manifest.json; not a serving artefact (write one with `iak-dist export`)")
+    from iak_dist.serving.predictor import Predictor
+
+    # a broken artefact: the predictor's one line naming the file, here and before Ray starts (in a
+    # replica, Serve would only say the deployment failed); tables are memory-mapped, not read whole
+    Predictor.load(artefact, unknown_domain=config.unknown_domain)
     from ray import serve as ray_serve
 
     from iak_dist.orchestration.ray_pipeline import EmbeddedRay, connect_ray
