@@ -90,6 +90,12 @@ def test_scores_equal_the_predictors_and_health_and_readiness_answer(service, pr
     manifest = ready["manifest"]
     assert manifest["provenance"]["backbone_identity"] == predictor.manifest["provenance"]["backbone_identity"]
     assert manifest["strategy"] == "iak" and manifest["domains"] == predictor.domains
+    wrong = (("/score", 405, "method: /score takes POST, not GET"),
+             ("/nowhere", 404, "path: no endpoint /nowhere (POST /score, GET /healthz, GET /ready)"))
+    for path, status, message in wrong:
+        with pytest.raises(urllib.error.HTTPError) as error:
+            get(service.url + path)
+        assert (error.value.code, json.load(error.value)["error"]) == (status, message)
 
 
 BAD_REQUESTS = [
