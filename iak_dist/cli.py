@@ -96,6 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
     sco.add_argument("--out", required=True, help="Parquet file: the input's key columns + p_ctr, p_cvr, p_ctcvr")
     sco.add_argument("--batch-size", type=int, default=65536, help="rows scored at a time (bounds the memory)")
 
+    from iak_dist.serving.service import ServeConfig  # light: Ray is imported only when the service starts
+
+    srv = verbs.add_parser("serve", help="an HTTP scoring service over a serving artefact on Ray Serve (POST /score, "
+                                         "GET /healthz, GET /ready); runs until Ctrl-C")
+    srv.add_argument("artefact", help="a folder written by `iak-dist export`")
+    srv.add_argument("--host", default=ServeConfig.host, help="interface to bind (default %(default)s; 0.0.0.0: every "
+                                                              "interface, i.e. the network)")
+    srv.add_argument("--port", type=int, default=ServeConfig.port, help="HTTP port (default %(default)s)")
+    srv.add_argument("--address", default=ServeConfig.address,
+                     help="Ray cluster to serve on (HOST:PORT, ray://HOST:PORT, auto); default: an embedded Ray "
+                          "of its own")
+    srv.add_argument("--replicas", type=int, default=ServeConfig.replicas, help="replicas (default %(default)s)")
+    srv.add_argument("--max-batch-size", type=int, default=ServeConfig.max_batch_size,
+                     help="most rows one scoring call coalesces from concurrent requests (default %(default)s)")
+    srv.add_argument("--batch-wait-ms", type=float, default=ServeConfig.batch_wait_timeout_s * 1000,
+                     help="how long a replica waits for more requests to batch (default %(default)g ms)")
+    srv.add_argument("--max-request-rows", type=int, default=ServeConfig.max_request_rows,
+                     help="most rows one request may carry, 413 above (default: --max-batch-size)")
+    srv.add_argument("--unknown-domain", choices=["backbone", "refuse"], default=ServeConfig.unknown_domain,
+                     help="a row of a domain the artefact does not know: scored by the plain backbone (default) "
+                          "or refused (400)")
+    srv.add_argument("--device", default=ServeConfig.device, help="cpu (default) or cuda (one GPU per replica)")
+
     plan = verbs.add_parser("plan", help="print the sharding plan and per-rank memory without allocating tables")
     _add_config(plan)
     plan.add_argument("--world-size", type=int, required=True)
@@ -263,6 +286,14 @@ def run(args: argparse.Namespace) -> int:
 
         rows = score_parquet(Path(args.artefact), Path(args.data), Path(args.out), args.batch_size)
         print(f"wrote {args.out}: {rows:,} rows")
+        return 0
+    if args.verb == "serve":
+        from iak_dist.serving.service import ServeConfig, serve
+
+        serve(Path(args.artefact), ServeConfig(
+            host=args.host, port=args.port, address=args.address, replicas=args.replicas,
+            max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
+            max_request_rows=args.max_request_rows, unknown_domain=args.unknown_domain, device=args.device))
         return 0
     cfg: PipelineConfig = load_config(args.config, args.set)
     if args.verb == "plan":
