@@ -239,6 +239,27 @@ def test_a_damaged_artefact_is_refused_in_one_line_before_ray_starts(artefact, t
     data[-1] ^= 0xFF
     (damaged / "dense.safetensors").write_bytes(bytes(data))
     started = ray.is_initialized()
-    with pytest.raises(UserError, match="dense.safetensors"):
+    with pytest.raises(UserError, match="dense.safetensors") as refused:
         serve(damaged, port=1, blocking=False)
     assert ray.is_initialized() == started
+    assert "did not start" not in str(refused.value)  # the predictor's own line, not a replica's failure
+
+
+def test_replicas_the_cluster_cannot_place_are_refused_not_awaited():
+    from iak_dist.errors import UserError
+    from iak_dist.serving.service import ServeConfig, check_resources
+
+    check_resources(ServeConfig(replicas=2), {"CPU": 2.0})
+    with pytest.raises(UserError, match=r"^serve: 2 replica\(s\) need 2 GPU, the Ray cluster has 4 CPU, 0 GPU; "
+                                        r"lower --replicas or add nodes$"):
+        check_resources(ServeConfig(replicas=2, device="cuda"), {"CPU": 4.0})
+
+
+def test_a_second_service_in_a_process_running_ray_is_refused(service, artefact):
+    """The module's service holds this process's Ray: a second embedded start would stop it."""
+    from iak_dist.errors import UserError
+    from iak_dist.serving.service import serve
+
+    with pytest.raises(UserError, match="Ray is already running in this process"):
+        serve(artefact, blocking=False)
+    assert urllib.request.urlopen(f"{service.url}/healthz", timeout=10).status == 200  # still serving

@@ -212,6 +212,18 @@ def _error(bad: BadRequest) -> Response:
     return JSONResponse({"error": str(bad), "field": bad.field}, status_code=bad.status)
 
 
+def check_resources(config: ServeConfig, have: dict[str, float]) -> None:
+    """Raise UserError when the Ray cluster (`have`: `ray.cluster_resources()`) cannot place every replica:
+    Serve would wait forever for a replica no node can place (ray-project/ray#50426)."""
+    need = {"CPU": config.replicas * config.replica_cpus}
+    if config.device.startswith("cuda"):
+        need["GPU"] = float(config.replicas)
+    short = [f"{n:g} {kind}" for kind, n in need.items() if have.get(kind, 0.0) < n]
+    if short:
+        raise UserError(f"serve: {config.replicas} replica(s) need {' and '.join(short)}, the Ray cluster has "
+                        f"{', '.join(f'{have.get(k, 0.0):g} {k}' for k in need)}; lower --replicas or add nodes")
+
+
 def build_app(artefact: str | Path, config: ServeConfig):
     """The Serve application: `ScoringService` with the config's replicas, CPUs and batching."""
     from ray import serve as ray_serve
@@ -226,7 +238,8 @@ def build_app(artefact: str | Path, config: ServeConfig):
         ray_actor_options=actor_options,
         # every request holds at least one row, so a batch never needs more requests than rows
         max_ongoing_requests=config.max_batch_size,
-        # a replica that cannot start (no GPU left, ...) fails the start in seconds, not after Serve's retries
+        # a replica whose constructor fails (a broken artefact, ...) fails the start in seconds, not after
+        # Serve's retries; one that cannot be placed (no GPU / CPU left) never runs it: `serve` checks first
         max_constructor_retry_count=1,
         health_check_period_s=2.0,
     )
@@ -275,6 +288,7 @@ def serve(artefact: str | Path, config: ServeConfig | None = None, *, blocking: 
     # a broken artefact: the predictor's one line naming the file, here and before Ray starts (in a
     # replica, Serve would only say the deployment failed); tables are memory-mapped, not read whole
     Predictor.load(artefact, unknown_domain=config.unknown_domain)
+    import ray
     from ray import serve as ray_serve
 
     from iak_dist.orchestration.ray_pipeline import EmbeddedRay, connect_ray
@@ -282,11 +296,15 @@ def serve(artefact: str | Path, config: ServeConfig | None = None, *, blocking: 
     embedded = None
     if config.address:
         connect_ray(config.address)
+    elif ray.is_initialized():  # EmbeddedRay would stop a Ray this process did not start for us
+        raise UserError("serve: Ray is already running in this process; pass its address (--address) or serve "
+                        "from a fresh process")
     else:
         # logical CPUs enough for every replica: Ray would otherwise never place the last ones
         embedded = EmbeddedRay.start(max(os.cpu_count() or 1, math.ceil(config.replicas * config.replica_cpus)))
     handle = ServiceHandle(f"http://{config.host}:{config.port}", config, embedded)
     try:
+        check_resources(config, ray.cluster_resources())
         # Serve's INFO lines (controller, proxy, replicas, this driver) say nothing a user acts on
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         quiet = {"log_level": "WARNING", "enable_access_log": config.access_log}
