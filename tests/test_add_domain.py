@@ -61,7 +61,10 @@ def grown(tmp_path_factory, synth_dir, backbone_dir, cfg, ctx):
     two = first_domains(synth_dir, root / "two", 2)
     finetune(two, backbone_dir, "iak", cfg, 0, root / "iak2", ctx, show_progress=False)
     third = Schema.load(synth_dir / "schema.yaml").domains[2]
-    add_domain(synth_dir, backbone_dir, "iak", cfg, 1, root / "iak2", third, root / "iak3", ctx, show_progress=False)
+    from iak_dist.config import DistributedConfig
+
+    add_domain(synth_dir, backbone_dir, "iak", cfg, 1, root / "iak2", third, root / "iak3", ctx, show_progress=False,
+               dist_cfg=DistributedConfig(checkpoint_every=5))
     return two, root / "iak2", root / "iak3"
 
 
@@ -83,6 +86,8 @@ def test_trained_domains_stay_bitwise_and_only_the_new_kernel_trains(grown, back
             assert new.shape == (3, *old.shape[1:]) and torch.equal(new[:2], old), name
     # the new kernel trained: its decoders (zero at start) moved
     assert all(after[name][2].abs().sum() > 0 for name in after if name.endswith("decoder.weight"))
+    # its checkpoints are its own output's (two grown by one domain with other settings may share a parent)
+    assert (after_dir.parent / ".checkpoints" / f"grown.{after_dir.name}").is_dir()
 
     config = json.loads((after_dir / "adapter_config.json").read_text())
     old_config = json.loads((before_dir / "adapter_config.json").read_text())

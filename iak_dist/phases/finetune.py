@@ -295,8 +295,12 @@ def finetune(
         source = open_prefix_cache(run, Path(backbone_dir).parent / "prefix_cache", ctx) if cached else run.split
         sampler = DomainStreams(source, run.schema, share, cfg.optim.batch_size, cfg.sampler_alpha, seed)
         total = steps_for(cfg.optim, int(share.rows_per_domain.sum()))
-        # one folder per (strategy, domain): the members of a per-domain fine-tune share out_dir.parent
+        # one folder per (strategy, domain): the members of a per-domain fine-tune share out_dir.parent; an
+        # adapter grown from trained weights (`prepare_adapter`) one per output, since two grown by the same
+        # domain with other settings may share a parent
         folder = strategy if only_domain is None else f"{strategy}.{only_domain}"
+        if prepare_adapter is not None:
+            folder = f"grown.{out_dir.name}"
         checkpoints = CheckpointManager(out_dir.parent / ".checkpoints" / folder, ctx, dist_cfg.keep_checkpoints)
         state = checkpoints.restore_latest(run.model, dense, warn=lambda m: say(m, ctx.rank),
                                            data_parallel_optimizer=run.sharded.data_parallel_optimizer)
