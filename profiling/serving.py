@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--parts", default="eager,served", help="which tables: eager (1-3), served (4)")
     args = parser.parse_args()
 
-    import pyarrow.parquet as pq
+    import pyarrow.dataset as ds
     import torch
 
     from iak_dist.runtime import configure_environment
@@ -187,7 +187,7 @@ def main() -> None:
                      for dtype in TABLE_DTYPES}
         predictors = {d: Predictor.load(a, device=args.device) for d, a in artefacts.items()}
         columns = predictors["fp32"].request_columns()
-        rows = pq.read_table(args.data, columns=columns).slice(0, args.rows).to_pylist()
+        rows = ds.dataset(args.data).head(args.rows, columns=columns).to_pylist()  # the first rows only
         print(f"## {args.run_dir} `{args.strategy}` on {args.device} (torch threads {torch.get_num_threads()}), "
               f"{len(rows)} request rows from {args.data}")
         batch_sizes = [int(b) for b in args.batch_sizes.split(",") if int(b) <= len(rows)]

@@ -33,7 +33,7 @@ from iak_dist.data.parquet import ParquetReader
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Split
 from iak_dist.distributed.context import DistContext, on_every_rank, sum_over_ranks
-from iak_dist.phases.evaluate import Spill, first_row, lockstep, spill_folder
+from iak_dist.phases.evaluate import Spill, first_row, lockstep, real_outputs, spill_folder
 
 LOGITS = np.dtype([("ctr", np.float32), ("cvr", np.float32), ("click", np.int8), ("conversion", np.int8)])
 """One spilled valid row: both heads' logits and both labels."""
@@ -140,25 +140,15 @@ def fit(spill: Spill, with_conversion: bool) -> HeadCalibration | None:
                            steps=steps)
 
 
-@torch.no_grad()
 def spill_logits(model: nn.Module, reader: ParquetReader, ctx: DistContext, padding: Callable[[], Batch],
                  spill: Spill) -> None:
     """Append both logits and labels of this rank's valid rows to `spill` (eval mode, lockstep)."""
-    was_training = model.training
-    model.eval()
-    try:
-        for batch, real in lockstep(reader.epoch(0), ctx, padding):
-            batch = batch.to(ctx.device)
-            out = model(batch)
-            if not real:
-                continue
-            rows = np.empty(len(batch), dtype=LOGITS)
-            for key, value in (("ctr", out.ctr_logit), ("cvr", out.cvr_logit), ("click", batch.click),
-                               ("conversion", batch.conversion)):
-                rows[key] = value.detach().cpu().numpy()
-            spill.append(rows)
-    finally:
-        model.train(was_training)
+    for batch, out in real_outputs(model, lockstep(reader.epoch(0), ctx, padding), ctx.device):
+        rows = np.empty(len(batch), dtype=LOGITS)
+        for key, value in (("ctr", out.ctr_logit), ("cvr", out.cvr_logit), ("click", batch.click),
+                           ("conversion", batch.conversion)):
+            rows[key] = value.detach().cpu().numpy()
+        spill.append(rows)
 
 
 def calibrate_heads(model: nn.Module, data_dir: str | Path, schema: Schema, ctx: DistContext,

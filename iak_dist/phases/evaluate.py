@@ -92,6 +92,7 @@ from iak_dist.metrics import (
     score_codes,
     score_values,
 )
+from iak_dist.model.backbone import ModelOutput
 from iak_dist.model.strategies.base import Adapter, adapter_class
 from iak_dist.model.strategies.saving import load_adapter, member_dirs
 from iak_dist.phases.common import build_from_backbone, check_schema_matches
@@ -151,6 +152,24 @@ def lockstep(batches: Iterator[Batch], ctx: DistContext, padding: Callable[[], B
         else:
             last = last if last is not None else padding()
             yield last, False
+
+
+def real_outputs(model: torch.nn.Module, batches: Iterator[tuple[Batch, bool]],
+                 device: torch.device | None = None) -> Iterator[tuple[Batch, ModelOutput]]:
+    """`(batch, model output)` of the real batches of a `lockstep` stream, forwarded in eval mode without
+    gradients (IAK: z = mu); padding batches are forwarded too (collectives) and dropped. The model goes
+    back to the mode it was in when the stream ends."""
+    was_training = model.training
+    model.eval()
+    try:
+        for batch, real in batches:
+            batch = batch.to(device) if device is not None else batch
+            with torch.no_grad():
+                out = model(batch)
+            if real:
+                yield batch, out
+    finally:
+        model.train(was_training)
 
 
 class Spill:

@@ -39,7 +39,16 @@ from iak_dist.distributed.context import DistContext, on_every_rank, on_main, su
 from iak_dist.distributed.sharding import DataParallelTableOptimizer
 from iak_dist.distributed.zero import DenseEngine
 from iak_dist.errors import UserError
-from iak_dist.phases.evaluate import Spill, first_row, lockstep, row_dtype, score, spill_folder, stream_metrics
+from iak_dist.phases.evaluate import (
+    Spill,
+    first_row,
+    lockstep,
+    real_outputs,
+    row_dtype,
+    score,
+    spill_folder,
+    stream_metrics,
+)
 from iak_dist.phases.step import esmm_loss_per_row
 from iak_dist.runtime import say
 
@@ -56,20 +65,11 @@ def validation_loss(model: torch.nn.Module, reader: ParquetReader, ctx: DistCont
     loss). None when no rank has a row to count (every rank gets the same answer); NaN means the
     model diverged. The model is in eval mode during the pass (IAK: z = mu) and goes back to what it was.
     """
-    was_training = model.training
-    model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, rows: on the device, no syncs
-    try:
-        for batch, real in lockstep(reader.epoch(0), ctx, padding):
-            batch = batch.to(ctx.device)
-            out = model(batch)
-            if not real:
-                continue
-            per_row = esmm_loss_per_row(out, batch).double()
-            counted = torch.ones_like(per_row) if domain is None else (batch.domain == domain).double()
-            sums += torch.stack([(per_row * counted).sum(), counted.sum()])
-    finally:
-        model.train(was_training)
+    for batch, out in real_outputs(model, lockstep(reader.epoch(0), ctx, padding), ctx.device):
+        per_row = esmm_loss_per_row(out, batch).double()
+        counted = torch.ones_like(per_row) if domain is None else (batch.domain == domain).double()
+        sums += torch.stack([(per_row * counted).sum(), counted.sum()])
     # sync point: the loss is global, so every rank decides alike
     loss_sum, rows = sum_over_ranks(sums.cpu().numpy()).tolist()
     return loss_sum / rows if rows else None
