@@ -45,6 +45,10 @@ class DataConfig:
     """MovieLens domain split: user age group, first digit of the zip code, or month of the rating."""
     negatives_per_positive: int = 2
     """Unrated items sampled (by popularity) per rated pair, at the same user and timestamp."""
+    history_length: int = 0
+    """MovieLens: > 0 adds the sequence feature `hist_items`, the item IDs the user rated strictly before
+    the impression's time, oldest first, the last `history_length` of them (docs/data.md, "Sequence
+    features"); 0: no such column (the data of before)."""
     split_fractions: list[float] = field(default_factory=lambda: [0.65, 0.15, 0.05, 0.15])
     """Time quantiles for pre-train / fine-tune / valid / test, taken within each `split_within` group.
     `valid` (between fine-tune and test in time) serves early stopping and every choice of strategy or
@@ -67,8 +71,11 @@ class DataConfig:
     """Rows per Parquet row group written by `prepare` (the reader streams row groups)."""
 
     def problems(self) -> dict[str, str]:
-        found = at_least(self, negatives_per_positive=0, synth_rows=1, synth_domains=1, synth_id_space=1,
-                         row_group_size=1)
+        found = at_least(self, negatives_per_positive=0, history_length=0, synth_rows=1, synth_domains=1,
+                         synth_id_space=1, row_group_size=1)
+        if self.history_length and self.source != "movielens-100k":
+            found["history_length"] = (f"only movielens-100k data is prepared with a history, got source "
+                                       f"{self.source} (a parquet source lists its sequence features in schema.yaml)")
         fr = self.split_fractions
         if len(fr) != 4 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
             found["split_fractions"] = (f"need four positive fractions (pretrain, finetune, valid, test) "

@@ -6,7 +6,9 @@ into a cache folder and never committed.
 
 Impressions: every rated (user, item) pair is a click; for each one, `negatives_per_positive`
 unrated items are sampled by popularity at the same user and timestamp (non-clicks).
-conversion = rated >= 4. Domains: the user's age group, the first digit of the zip code, or the
+conversion = rated >= 4. With `history_length` > 0, each impression also carries `hist_items`: the
+items its user rated strictly before its timestamp, oldest first, the last `history_length` of them
+(`histories`). Domains: the user's age group, the first digit of the zip code, or the
 month of the rating. Splits: by time within each user (`split_within: user`, default) or each
 domain, at the quantiles `split_fractions`: the earliest impressions pre-train, then fine-tune,
 then valid (early stopping, model choice), the latest the test set.
@@ -145,21 +147,49 @@ def build_impressions(raw: dict[str, str], cfg: DataConfig) -> tuple[pa.Table, S
         "item_year": pa.array(np.where(year[irow] > 0, (year[irow] - 1900) / 100.0, 0.0), pa.float32()),
         "timestamp": pa.array(when, pa.int64()),
     })
-    schema = Schema(
-        sparse=[
-            SparseFeature("user_id", 8192),
-            SparseFeature("item_id", 16384),
-            SparseFeature("genres", 1024, multi_hot=True),
-            SparseFeature("gender", 1024),
-            SparseFeature("occupation", 1024),
-            SparseFeature("age_group", 1024),
-            SparseFeature("zip_region", 1024),
-            SparseFeature("release_year", 1024),
-        ],
-        domains=domains,
-        dense=["user_age", "item_year"],
-    )
-    return table, schema
+    sparse = [
+        SparseFeature("user_id", 8192),
+        SparseFeature("item_id", 16384),
+        SparseFeature("genres", 1024, multi_hot=True),
+        SparseFeature("gender", 1024),
+        SparseFeature("occupation", 1024),
+        SparseFeature("age_group", 1024),
+        SparseFeature("zip_region", 1024),
+        SparseFeature("release_year", 1024),
+    ]
+    if cfg.history_length:  # last, so the other features keep their positions (and 0 writes the data of before)
+        table = table.append_column("hist_items", histories(pos_user, ts, pos_item, user, when, cfg.history_length))
+        sparse.append(SparseFeature("hist_items", 16384, multi_hot=True, sequence=True, pooling="mean",
+                                    shares_table="item_id", max_length=cfg.history_length))
+    return table, Schema(sparse=sparse, domains=domains, dense=["user_age", "item_year"])
+
+
+def histories(rated_user: np.ndarray, rated_time: np.ndarray, rated_item: np.ndarray,
+              user: np.ndarray, when: np.ndarray, length: int) -> pa.ListArray:
+    """Per row (`user`, `when`): the items that user rated strictly before `when`, the last `length` of them.
+
+    Oldest first (most recent last); ratings in the same second are ordered by item ID. A rating at
+    the row's own second is not history (its own rating, and the negatives sampled at its time, never
+    see it). Vectorised: the ratings sorted by (user, time, item) put each user's history before a
+    time in one run, so a row's history is the slice that ends where its (user, time) key would go.
+    """
+    times = np.unique(rated_time)
+    users = np.unique(rated_user)
+    stride = len(times) + 1
+    order = np.lexsort((rated_item, rated_time, rated_user))
+    keys = (np.searchsorted(users, rated_user) * stride + np.searchsorted(times, rated_time))[order]
+    user_rank = np.minimum(np.searchsorted(users, user), len(users) - 1)
+    known = users[user_rank] == user
+    end = np.searchsorted(keys, user_rank * stride + np.searchsorted(times, when), side="left")
+    first = np.searchsorted(keys, user_rank * stride, side="left")
+    start = np.where(known, np.maximum(first, end - length), end)
+    lengths = end - start
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    if offsets[-1] >= 2**31:
+        raise UserError(f"data.history_length {length}: the histories hold {offsets[-1]} IDs, more than a "
+                        f"Parquet list column holds; lower it")
+    flat = np.repeat(start - offsets[:-1], lengths) + np.arange(offsets[-1])
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(rated_item[order][flat], pa.int64()))
 
 
 def prepare_movielens(cfg: DataConfig, out_dir: str | Path) -> dict:

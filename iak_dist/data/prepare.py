@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from iak_dist.config import DataConfig
+from iak_dist.data.schema import Schema
 from iak_dist.data.source import SPLITS, split_locations
 from iak_dist.errors import UserError
 
@@ -25,10 +26,30 @@ def missing_splits(data_dir: str | Path) -> list[str] | None:
     return [s for s in SPLITS if not (data_dir / f"{s}.parquet").is_file()]
 
 
-def is_prepared(data_dir: str | Path) -> bool:
+def is_prepared(data_dir: str | Path, cfg: DataConfig | None = None) -> bool:
     """schema.yaml is there and every split of `SPLITS` with it (a folder of an older layout, e.g.
-    without `valid`, is not: movielens and synth folders are then prepared again)."""
-    return missing_splits(data_dir) == []
+    without `valid`, is not: movielens and synth folders are then prepared again).
+
+    With `cfg` (a source that `prepare` writes), a complete folder prepared with another
+    `history_length` is refused with one line rather than reused or overwritten: other runs may be
+    reading it, and preparing it again would change their data under them.
+    """
+    if missing_splits(data_dir) != []:
+        return False
+    if cfg is not None and cfg.source != "parquet":
+        _refuse_other_history(Path(data_dir), cfg)
+    return True
+
+
+def _refuse_other_history(data_dir: Path, cfg: DataConfig) -> None:
+    """UserError when the folder's sequence features are not those `cfg.history_length` prepares."""
+    sequences = Schema.load(data_dir / "schema.yaml").sequence_features
+    had = max((f.max_length or 0 for f in sequences), default=0)
+    if had != cfg.history_length:
+        raise UserError(f"{data_dir}: prepared with data.history_length {had}, the config asks "
+                        f"{cfg.history_length}; set data.dir to another folder (e.g. {data_dir}-hist"
+                        f"{cfg.history_length}), or prepare this one again (iak-dist data prepare {cfg.source} "
+                        f"--out {data_dir} --set history_length={cfg.history_length}) if no run reads it")
 
 
 def prepare(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:

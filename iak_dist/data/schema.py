@@ -20,7 +20,10 @@ domain: domain
 user: user_id                   # column that groups impressions for GAUC (null: no GAUC)
 sparse:
   - {name: user_id, table_size: 4096}
+  - {name: item_id, table_size: 16384}
   - {name: genres, table_size: 64, multi_hot: true}
+  - {name: hist_items, table_size: 16384, multi_hot: true, sequence: true, pooling: mean,
+     shares_table: item_id, max_length: 20}   # the user's earlier items, most recent last (optional)
 dense: [user_age]
 domains: ["<18", "18-24", "25-34"]
 splits:                         # optional: where each split is (default: <split>.parquet beside this file)
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import yaml
@@ -49,7 +53,25 @@ class SparseFeature:
     table_size: int
     """Rows of the feature's embedding table; raw IDs are hashed into [0, table_size)."""
     multi_hot: bool = False
-    """True when the column is a list of IDs (pooled by sum)."""
+    """True when the column is a list of IDs (pooled: `pooling`)."""
+    sequence: bool = False
+    """A time-ordered list, most recent last: a sequence encoder reads the order, pooling ignores it
+    (needs `multi_hot: true`)."""
+    pooling: Literal["sum", "mean"] = "sum"
+    """What the backbone's bag does with a multi-hot list (an empty list pools to zeros either way)."""
+    shares_table: str | None = None
+    """The name of another feature whose embedding table this one looks up (the same ID space: a
+    history of item IDs shares item_id's table, so a history item and the target item have one
+    embedding). The named feature must exist, not share itself, and have the same `table_size`
+    (IDs are hashed into the same range)."""
+    max_length: int | None = None
+    """The longest list the column holds (a sequence encoder's positions; `data prepare` writes
+    `data.history_length`); None: not bounded. Longer lists are refused as values are checked."""
+
+
+# Keys of a sparse feature that came after `multi_hot`: left out of `Schema.as_dict` at their defaults, so
+# schema files and backbone identities of data without sequences are what they were before these existed.
+_LATER_KEYS = {"sequence": False, "pooling": "sum", "shares_table": None, "max_length": None}
 
 
 @dataclass
@@ -70,9 +92,29 @@ class Schema:
         if not self.domains:
             raise UserError("schema: key domains: list the known domains, e.g. domains: [a, b]")
         self.domains = [str(d) for d in self.domains]
+        by_name = {f.name: f for f in self.sparse}
         for f in self.sparse:
             if f.table_size <= 0:
                 raise UserError(f"schema: sparse feature {f.name}: table_size must be > 0")
+            if f.sequence and not f.multi_hot:
+                raise UserError(f"schema: sparse feature {f.name}: sequence: true needs multi_hot: true "
+                                f"(a sequence is a list of IDs)")
+            if f.max_length is not None and (not f.multi_hot or f.max_length <= 0):
+                raise UserError(f"schema: sparse feature {f.name}: max_length must be > 0 on a multi_hot "
+                                f"feature, got {f.max_length!r}")
+            if f.shares_table is not None:
+                owner = by_name.get(f.shares_table)
+                if owner is None or owner is f:
+                    others = ", ".join(n for n in by_name if n != f.name)
+                    raise UserError(f"schema: sparse feature {f.name}: shares_table names no other sparse feature: "
+                                    f"{f.shares_table!r}; features: {others}")
+                if owner.shares_table is not None:
+                    raise UserError(f"schema: sparse feature {f.name}: shares_table: {owner.name} itself looks up "
+                                    f"{owner.shares_table}'s table; name the table's owner, {owner.shares_table}")
+                if owner.table_size != f.table_size:
+                    raise UserError(f"schema: sparse feature {f.name}: table_size {f.table_size} differs from "
+                                    f"{owner.name}'s {owner.table_size}; a shared table needs the same size "
+                                    f"(IDs are hashed into it)")
 
     @property
     def feature_names(self) -> list[str]:
@@ -92,12 +134,28 @@ class Schema:
     def domain_index(self) -> dict[str, int]:
         return {d: i for i, d in enumerate(self.domains)}
 
+    @property
+    def sequence_features(self) -> list[SparseFeature]:
+        """The features whose lists are time-ordered (most recent last)."""
+        return [f for f in self.sparse if f.sequence]
+
+    def as_dict(self) -> dict:
+        """The schema as plain data, each sparse feature without the keys that came later at their defaults.
+
+        What schema.yaml holds and what a backbone's identity should hash: a schema without sequence
+        features gives exactly the layout it had before they existed.
+        """
+        data = to_dict(self)
+        data["sparse"] = [{k: v for k, v in f.items() if k not in _LATER_KEYS or v != _LATER_KEYS[k]}
+                          for f in data["sparse"]]
+        return data
+
     def save(self, path: str | Path) -> None:
         """Write the schema; a `splits` mapping already in the file is kept (it is not part of `Schema`)."""
         from iak_dist.io import atomic_write_text
 
         path = Path(path)
-        data = to_dict(self)
+        data = self.as_dict()
         if path.is_file():
             splits = (yaml.safe_load(path.read_text()) or {}).get("splits")
             if splits is not None:

@@ -129,6 +129,14 @@ def _value_problems(path: str, col: str, data: pa.ChunkedArray, schema: Schema, 
             nulls = pc.is_null(flat).to_numpy(zero_copy_only=False)
             row = int(np.searchsorted(np.cumsum(lengths), np.flatnonzero(nulls)[0], side="right"))
             out.append(f"{where} row {first_row + row}: the ID list holds a null; drop null IDs from the lists")
+        longest = next(f.max_length for f in schema.sparse if f.name == col)
+        if longest is not None:
+            too_long = pc.greater(pc.list_value_length(data), longest)
+            if pc.any(too_long).as_py():
+                row = _first_row(too_long)
+                out.append(f"{where} row {first_row + row}: the list holds {len(data[row])} IDs, more than the "
+                           f"schema's max_length {longest}; cut the lists (a sequence: to its last {longest}) "
+                           f"or raise max_length")
     elif kind == "domain":
         known = pa.array(schema.domains, pa.string())
         as_str = pc.cast(data.cast(data.type.value_type) if pa.types.is_dictionary(data.type) else data,

@@ -1,0 +1,192 @@
+"""Behaviour sequences: `hist_items` holds each impression's earlier items (no leakage), and the schema keys."""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from iak_dist.errors import UserError
+
+LENGTH = 5
+TODAYS_COLUMNS = ["label_click", "label_conversion", "domain", "user_id", "item_id", "genres", "gender", "occupation",
+                  "age_group", "zip_region", "release_year", "user_age", "item_year", "timestamp"]
+
+
+@pytest.fixture(scope="module")
+def movielens():
+    """The raw ratings, and the impressions without and with a history of `LENGTH`."""
+    from iak_dist.config import DataConfig
+    from iak_dist.data.movielens import build_impressions, fetch_raw
+
+    raw = fetch_raw()
+    return raw, build_impressions(raw, DataConfig()), build_impressions(raw, DataConfig(history_length=LENGTH))
+
+
+def test_histories_of_hand_made_ratings():
+    """Ties in time are ordered by item and are not each other's history; an unknown user has none."""
+    from iak_dist.data.movielens import histories
+
+    rated = np.array([[1, 10, 5], [1, 10, 3], [1, 20, 7], [1, 30, 1], [2, 5, 9]])
+    rows = np.array([[1, 10], [1, 20], [1, 25], [1, 30], [1, 31], [2, 5], [2, 6], [3, 100], [0, 50]])
+    got = histories(rated[:, 0], rated[:, 1], rated[:, 2], rows[:, 0], rows[:, 1], length=2).to_pylist()
+    assert got == [[], [3, 5], [5, 7], [5, 7], [7, 1], [], [9], [], []]
+    longer = histories(rated[:, 0], rated[:, 1], rated[:, 2], rows[:, 0], rows[:, 1], length=10).to_pylist()
+    assert longer[4] == [3, 5, 7, 1] and longer[2] == [3, 5, 7]
+
+
+def test_each_history_is_the_users_earlier_ratings_recomputed_from_the_raw_file(movielens):
+    raw, _, (table, _) = movielens
+    lines = [line.split("\t") for line in raw["inter"].splitlines()[1:] if line]
+    rated_at = {(int(u), int(i)): int(float(t)) for u, i, _, t in lines}
+    by_user: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for (user, item), when in rated_at.items():
+        by_user[user].append((when, item))
+    for ratings in by_user.values():
+        ratings.sort()
+    times = {user: [when for when, _ in ratings] for user, ratings in by_user.items()}
+
+    users, items, whens, clicks = (table.column(c).to_pylist() for c in ("user_id", "item_id", "timestamp",
+                                                                          "label_click"))
+    history = table.column("hist_items").to_pylist()
+    lengths, first_of_time = [], {}
+    for user, item, when, click, hist in zip(users, items, whens, clicks, history, strict=True):
+        earlier = bisect.bisect_left(times[user], when)  # ratings strictly before `when`
+        assert hist == [i for _, i in by_user[user][max(0, earlier - LENGTH):earlier]]
+        hist_times = [rated_at[user, h] for h in hist]
+        assert (not hist_times or hist_times[-1] < when) and item not in hist  # no leakage
+        assert hist_times == sorted(hist_times) and len(hist) == min(LENGTH, earlier)  # most recent last
+        lengths.append(len(hist))
+        if click:
+            first_of_time[user, when] = hist
+    for user, when, hist in zip(users, whens, history, strict=True):
+        assert hist == first_of_time[user, when]  # a negative (and a rating in the same second) has its positive's
+    assert min(lengths) == 0 and max(lengths) == LENGTH  # first impressions of a user have none
+
+
+def test_no_history_writes_exactly_the_columns_and_schema_of_before(movielens, tmp_path):
+    from iak_dist.data.schema import SparseFeature
+
+    _, (plain, plain_schema), (table, schema) = movielens
+    assert plain.column_names == TODAYS_COLUMNS
+    assert table.drop_columns(["hist_items"]).equals(plain) and table.column_names[-1] == "hist_items"
+    assert table.schema.field("hist_items").type == pa.list_(pa.int64())
+    plain_schema.save(tmp_path / "schema.yaml")
+    assert all(set(f) == {"name", "table_size", "multi_hot"} for f in yaml.safe_load(
+        (tmp_path / "schema.yaml").read_text())["sparse"])
+    assert schema.sparse[:-1] == plain_schema.sparse
+    assert schema.sparse[-1] == SparseFeature("hist_items", 16384, multi_hot=True, sequence=True, pooling="mean",
+                                              shares_table="item_id", max_length=LENGTH)
+    assert schema.as_dict()["sparse"][-1] == {"name": "hist_items", "table_size": 16384, "multi_hot": True,
+                                              "sequence": True, "pooling": "mean", "shares_table": "item_id",
+                                              "max_length": LENGTH}
+
+
+def test_a_prepared_history_reads_into_a_jagged_tensor_and_empty_bags_pool_to_zeros(movielens, tmp_path):
+    import torch
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from iak_dist.config import DataConfig
+    from iak_dist.data.batch import arrow_to_batch
+    from iak_dist.data.schema import Schema, hash_ids
+    from iak_dist.data.splits import write_splits
+    from iak_dist.data.validate import value_problems
+
+    _, _, (table, schema) = movielens
+    write_splits(table, schema, DataConfig(history_length=LENGTH), tmp_path, time_column="timestamp")
+    assert Schema.load(tmp_path / "schema.yaml") == schema
+    part = pq.read_table(tmp_path / "pretrain.parquet").slice(0, 4096)
+    assert value_problems("pretrain.parquet", part, schema) == []
+    hist = part.column("hist_items").to_pylist()
+    sparse = arrow_to_batch(part, schema).sparse["hist_items"]
+    assert sparse.lengths().tolist() == [len(h) for h in hist] and min(map(len, hist)) == 0
+    flat = np.array([i for h in hist for i in h], dtype=np.int64)
+    assert sparse.values().tolist() == hash_ids(flat, 16384).tolist()  # item_id's hashing: one ID space
+
+    bag = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="item_table", embedding_dim=4, num_embeddings=16384,
+                                                            feature_names=["hist_items"], pooling=PoolingType.MEAN)])
+    pooled = bag(KeyedJaggedTensor(["hist_items"], sparse.values(), lengths=sparse.lengths()))["hist_items"]
+    empty = torch.tensor([len(h) == 0 for h in hist])
+    assert (pooled[empty] == 0).all() and (pooled[~empty] != 0).any(dim=1).all()
+
+    shorter = Schema.load(tmp_path / "schema.yaml")
+    shorter.sparse[-1].max_length = LENGTH - 1
+    row = next(r for r, h in enumerate(hist) if len(h) == LENGTH)
+    assert value_problems("pretrain.parquet", part, shorter) == [
+        f"pretrain.parquet: column 'hist_items' row {row}: the list holds {LENGTH} IDs, more than the schema's "
+        f"max_length {LENGTH - 1}; cut the lists (a sequence: to its last {LENGTH - 1}) or raise max_length"]
+
+
+def test_a_folder_prepared_with_another_history_length_is_refused(movielens, tmp_path):
+    from iak_dist.config import DataConfig
+    from iak_dist.data.prepare import is_prepared
+    from iak_dist.data.source import SPLITS
+
+    _, (_, plain_schema), (_, schema) = movielens
+    for name, written in (("plain", plain_schema), ("hist", schema)):
+        (tmp_path / name).mkdir()
+        written.save(tmp_path / name / "schema.yaml")
+        for split in SPLITS:
+            (tmp_path / name / f"{split}.parquet").touch()
+    plain, hist = tmp_path / "plain", tmp_path / "hist"
+    assert is_prepared(plain, DataConfig()) and is_prepared(hist, DataConfig(history_length=LENGTH))
+    assert is_prepared(hist) and is_prepared(hist, DataConfig(source="parquet"))  # a parquet source: its schema says
+    for folder, had, asked in ((plain, 0, 3), (hist, LENGTH, 0), (hist, LENGTH, LENGTH + 1)):
+        with pytest.raises(UserError) as refused:
+            is_prepared(folder, DataConfig(history_length=asked))
+        assert str(refused.value) == (
+            f"{folder}: prepared with data.history_length {had}, the config asks {asked}; set data.dir to another "
+            f"folder (e.g. {folder}-hist{asked}), or prepare this one again (iak-dist data prepare movielens-100k "
+            f"--out {folder} --set history_length={asked}) if no run reads it")
+
+
+BAD_SCHEMAS = [
+    ({"sequence": True, "multi_hot": False},
+     "schema: sparse feature hist: sequence: true needs multi_hot: true (a sequence is a list of IDs)"),
+    ({"shares_table": "items"},
+     "schema: sparse feature hist: shares_table names no other sparse feature: 'items'; features: item_id, other"),
+    ({"shares_table": "hist"},
+     "schema: sparse feature hist: shares_table names no other sparse feature: 'hist'; features: item_id, other"),
+    ({"shares_table": "other"},
+     "schema: sparse feature hist: shares_table: other itself looks up item_id's table; name the table's owner, "
+     "item_id"),
+    ({"table_size": 32},
+     "schema: sparse feature hist: table_size 32 differs from item_id's 16; a shared table needs the same size "
+     "(IDs are hashed into it)"),
+    ({"max_length": 0}, "schema: sparse feature hist: max_length must be > 0 on a multi_hot feature, got 0"),
+    ({"pooling": "max"}, "{path}: key sparse[2].pooling: 'max' is not one of 'sum', 'mean'"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_SCHEMAS)
+def test_bad_sequence_keys_are_one_line_errors(tmp_path, change, message):
+    from iak_dist.data.schema import Schema
+
+    hist = {"name": "hist", "table_size": 16, "multi_hot": True, "sequence": True, "pooling": "mean",
+            "shares_table": "item_id", "max_length": 4}
+    sparse = [{"name": "item_id", "table_size": 16}, {"name": "other", "table_size": 16, "shares_table": "item_id"},
+              {**hist, **change}]
+    path = tmp_path / "schema.yaml"
+    path.write_text(yaml.safe_dump({"sparse": sparse, "domains": ["a"]}))
+    with pytest.raises(UserError) as bad:
+        Schema.load(path)
+    assert str(bad.value) == message.format(path=path)
+
+
+def test_history_length_is_checked_with_the_config():
+    from iak_dist.config import load_config
+
+    assert load_config(None, ["data.history_length=20"]).data.history_length == 20
+    with pytest.raises(UserError, match=r"data.history_length: must be >= 0, got -1$"):
+        load_config(None, ["data.history_length=-1"])
+    with pytest.raises(UserError) as other:
+        load_config(None, ["data.source=synth", "data.history_length=3"])
+    assert str(other.value).endswith("data.history_length: only movielens-100k data is prepared with a history, "
+                                     "got source synth (a parquet source lists its sequence features in schema.yaml)")
