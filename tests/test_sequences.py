@@ -141,10 +141,11 @@ def test_a_folder_prepared_with_another_history_length_is_refused(movielens, tmp
     for folder, had, asked in ((plain, 0, 3), (hist, LENGTH, 0), (hist, LENGTH, LENGTH + 1)):
         with pytest.raises(UserError) as refused:
             is_prepared(folder, DataConfig(history_length=asked))
+        example = f" (e.g. {folder}-hist{asked})" if asked else ""
         assert str(refused.value) == (
             f"{folder}: prepared with data.history_length {had}, the config asks {asked}; set data.dir to another "
-            f"folder (e.g. {folder}-hist{asked}), or prepare this one again (iak-dist data prepare movielens-100k "
-            f"--out {folder} --set history_length={asked}) if no run reads it")
+            f"folder{example}, or prepare this one again (iak-dist data prepare movielens-100k --out {folder} "
+            f"--set history_length={asked}) if no run reads it")
 
 
 BAD_SCHEMAS = [

@@ -45,11 +45,12 @@ def _refuse_other_history(data_dir: Path, cfg: DataConfig) -> None:
     """UserError when the folder's sequence features are not those `cfg.history_length` prepares."""
     sequences = Schema.load(data_dir / "schema.yaml").sequence_features
     had = max((f.max_length or 0 for f in sequences), default=0)
-    if had != cfg.history_length:
-        raise UserError(f"{data_dir}: prepared with data.history_length {had}, the config asks "
-                        f"{cfg.history_length}; set data.dir to another folder (e.g. {data_dir}-hist"
-                        f"{cfg.history_length}), or prepare this one again (iak-dist data prepare {cfg.source} "
-                        f"--out {data_dir} --set history_length={cfg.history_length}) if no run reads it")
+    asked = cfg.history_length
+    if had != asked:
+        example = f" (e.g. {data_dir}-hist{asked})" if asked else ""
+        raise UserError(f"{data_dir}: prepared with data.history_length {had}, the config asks {asked}; set "
+                        f"data.dir to another folder{example}, or prepare this one again (iak-dist data prepare "
+                        f"{cfg.source} --out {data_dir} --set history_length={asked}) if no run reads it")
 
 
 def prepare(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
