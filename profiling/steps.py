@@ -189,6 +189,7 @@ def plain_torchrec_stepper(cfg: PipelineConfig, schema, ctx, plan, ddp: bool = T
     """
     import torch.distributed as dist
     from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
     from torchrec.distributed.types import ShardingPlan
     from torchrec.optim import RowWiseAdagrad
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -202,7 +203,12 @@ def plain_torchrec_stepper(cfg: PipelineConfig, schema, ctx, plan, ddp: bool = T
     apply_optimizer_in_backward(RowWiseAdagrad, backbone.embeddings.parameters(), {"lr": cfg.pretrain.lr_sparse})
     # our plan is keyed by the Ranker's path to the tables, this model is the bare backbone
     same_plan = ShardingPlan({"embeddings": plan.plan[EBC_PATH]})
-    model = DistributedModelParallel(backbone, device=ctx.device, plan=same_plan, init_data_parallel=ddp)
+    # Trap: DMP's default DDP wrapper sets `static_graph=True`, and DDP finds no tensor in the backbone's
+    # output (a `ModelOutput` dataclass is a leaf to its pytree flattening): static-graph DDP then never
+    # all-reduces the dense gradients, and the ranks' dense weights drift apart silently (this loop ran
+    # so, with no dense all-reduce at all, until 2026-12-03). Dynamic DDP reduces from its hooks every step.
+    model = DistributedModelParallel(backbone, device=ctx.device, plan=same_plan, init_data_parallel=ddp,
+                                     data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False))
     params = backbone.dense_parameters()
     fused = cfg.distributed.zero.fused_optimizer if our_update else False
     opt = torch.optim.AdamW(params, lr=cfg.pretrain.lr_dense, fused=fused or None)
