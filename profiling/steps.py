@@ -177,17 +177,10 @@ def checkpoint_seconds(sharded, dense, ctx, root: Path, repeats: int = 3) -> flo
     return median(times)
 
 
-def plain_torchrec_stepper(cfg: PipelineConfig, schema, ctx, plan, ddp: bool = True,
-                           our_update: bool = True) -> Stepper:
-    """A hand-written TorchRec DMP loop on the same model and sharding plan (`plan`: ours, from
-    `ShardedRanker.plan`): fused row-wise Adagrad in backward, torch AdamW, nothing else.
-
-    Args:
-        ddp: DMP's default DDP around the dense part (all-reduces overlapped with backward); else one
-            all-reduce of the dense gradients after backward, as DeepSpeed does at stage 0.
-        our_update: fused AdamW and our clipping; else `torch.optim.AdamW`'s defaults, no clipping.
-    """
-    import torch.distributed as dist
+def plain_torchrec_model(cfg: PipelineConfig, schema, ctx, plan, ddp: bool = True):
+    """The bare backbone as a hand-written TorchRec loop would shard it: DMP with our sharding plan
+    (`plan`: ours, from `ShardedRanker.plan`), fused row-wise Adagrad in backward and, with `ddp`, DDP
+    around the dense part (its all-reduces overlapped with backward). Returns the DMP model."""
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
     from torchrec.distributed.types import ShardingPlan
@@ -196,7 +189,6 @@ def plain_torchrec_stepper(cfg: PipelineConfig, schema, ctx, plan, ddp: bool = T
 
     from iak_dist.distributed.sharding import EBC_PATH
     from iak_dist.model.backbone import Backbone
-    from iak_dist.phases.step import esmm_loss_per_row
 
     torch.manual_seed(0)
     backbone = Backbone(schema, cfg.model, device=torch.device("meta"))
@@ -207,9 +199,26 @@ def plain_torchrec_stepper(cfg: PipelineConfig, schema, ctx, plan, ddp: bool = T
     # output (a `ModelOutput` dataclass is a leaf to its pytree flattening): static-graph DDP then never
     # all-reduces the dense gradients, and the ranks' dense weights drift apart silently (this loop ran
     # so, with no dense all-reduce at all, until 2026-12-03). Dynamic DDP reduces from its hooks every step.
-    model = DistributedModelParallel(backbone, device=ctx.device, plan=same_plan, init_data_parallel=ddp,
-                                     data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False))
-    params = backbone.dense_parameters()
+    return DistributedModelParallel(backbone, device=ctx.device, plan=same_plan, init_data_parallel=ddp,
+                                    data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False))
+
+
+def plain_torchrec_stepper(cfg: PipelineConfig, schema, ctx, plan, ddp: bool = True,
+                           our_update: bool = True) -> Stepper:
+    """A hand-written TorchRec DMP loop on the same model and sharding plan (`plain_torchrec_model`):
+    fused row-wise Adagrad in backward, torch AdamW, nothing else.
+
+    Args:
+        ddp: DDP around the dense part (all-reduces overlapped with backward); else one all-reduce of the
+            dense gradients after backward, as DeepSpeed does at stage 0.
+        our_update: fused AdamW and our clipping; else `torch.optim.AdamW`'s defaults, no clipping.
+    """
+    import torch.distributed as dist
+
+    from iak_dist.phases.step import esmm_loss_per_row
+
+    model = plain_torchrec_model(cfg, schema, ctx, plan, ddp)
+    params = model.module.dense_parameters()
     fused = cfg.distributed.zero.fused_optimizer if our_update else False
     opt = torch.optim.AdamW(params, lr=cfg.pretrain.lr_dense, fused=fused or None)
 

@@ -68,11 +68,50 @@ def train(stage: int, overlap: bool, rank: int, out: Path) -> dict:
     return {"overlapped": engine.overlap is not None, "buckets": buckets, "left_during_backward": left_during_backward}
 
 
-def worker(out: Path) -> None:
+def plain_torchrec_gradient_gaps(ctx, data_dir: Path, steps: int = 2) -> list[list[float]]:
+    """The plain TorchRec DMP loop the profile compares us with (`profiling.steps.plain_torchrec_model`),
+    each rank on its own batches: after each backward, [largest difference of this rank's dense gradients
+    from rank 0's, their largest magnitude]. DDP averages them over the ranks: no difference."""
+    import torch.distributed as dist
+
+    from iak_dist.config import load_config
+    from iak_dist.data.parquet import ParquetReader
+    from iak_dist.data.schema import Schema
+    from iak_dist.data.source import Split
+    from iak_dist.distributed.sharding import shard_ranker
+    from iak_dist.model.backbone import Backbone
+    from iak_dist.model.ranker import Ranker
+    from iak_dist.phases.step import esmm_loss_per_row
+    from profiling.steps import plain_torchrec_model
+
+    cfg = load_config(None, ["data.source=parquet", f"data.dir={data_dir}", "model.tower=[32, 16]",
+                             "pretrain.batch_size=64"])
+    schema = Schema.load(data_dir / "schema.yaml")
+    bs = cfg.pretrain.batch_size
+    ranker = Ranker(Backbone(schema, cfg.model, device=torch.device("meta")))
+    plan = shard_ranker(ranker, ctx, cfg.distributed.sharding, cfg.pretrain.lr_sparse, bs).plan
+    model = plain_torchrec_model(cfg, schema, ctx, plan)
+    params = model.module.dense_parameters()
+    reader = ParquetReader(Split.open(data_dir, "pretrain", schema), schema, bs, ctx.rank, ctx.world_size,
+                           shuffle=True, drop_last=True)
+    gaps = []
+    for batch, _ in zip(reader.epoch(0), range(steps), strict=False):
+        for param in params:
+            param.grad = None
+        esmm_loss_per_row(model(batch.sparse, batch.dense), batch).mean().backward()
+        grads = torch.cat([p.grad.reshape(-1) for p in params])
+        rank0 = grads.clone()
+        dist.broadcast(rank0, 0)
+        gaps.append([(grads - rank0).abs().max().item(), grads.abs().max().item()])
+    return gaps
+
+
+def worker(out: Path, data_dir: Path) -> None:
     from iak_dist.distributed.context import close_distributed, init_distributed
 
     ctx = init_distributed()
     report = {f"stage{s}_{'on' if o else 'off'}": train(s, o, ctx.rank, out) for s in STAGES for o in (True, False)}
+    report["plain_torchrec_gradient_gaps"] = plain_torchrec_gradient_gaps(ctx, data_dir)
     (out / f"report_rank{ctx.rank}.json").write_text(json.dumps(report))
     ctx.barrier()
     close_distributed(ctx)
@@ -85,10 +124,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
+def runs(tmp_path_factory, synth_dir) -> Path:
     out = tmp_path_factory.mktemp("grad_overlap")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", __file__, str(out)]
+           f"--master_port={free_port()}", __file__, str(out), str(synth_dir)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
@@ -170,5 +209,13 @@ def test_checkpoint_format_is_unchanged(runs, stage):
                     get_fp32_state_dict_from_zero_checkpoint(str(off_dir.parent), tag="state"), "zero_to_fp32")
 
 
+def test_plain_torchrec_baseline_averages_its_dense_gradients(runs):
+    """The loop the 2-rank profile measures us against does the dense all-reduce we do. Trap: under DMP's
+    default DDP wrapper (`static_graph=True`) it did none, and its ranks' dense weights drifted apart."""
+    gaps = json.loads((runs / "report_rank1.json").read_text())["plain_torchrec_gradient_gaps"]
+    assert len(gaps) == 2
+    assert all(gap == 0.0 and magnitude > 0.0 for gap, magnitude in gaps)
+
+
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]))
+    worker(Path(sys.argv[1]), Path(sys.argv[2]))
