@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from iak_dist.config import DataConfig, to_dict
+from iak_dist.config import DataConfig
 from iak_dist.data.schema import Schema, SparseFeature, hash_ids
 from iak_dist.data.source import SPLITS
 from iak_dist.errors import UserError
@@ -270,7 +270,7 @@ def write_synthetic(cfg: DataConfig, out_dir: str | Path, files: int, files_per_
             "click_rate": acc["clicks"] / max(acc["rows"], 1),
             "rows_per_domain": dict(zip(schema.domains, acc["per_domain"].tolist(), strict=True)),
         }
-    layout = to_dict(schema)
+    layout = schema.as_dict()
     layout["splits"] = {s: s for s in SPLITS}  # each split is the folder of its day partitions
     atomic_write_text(out / "schema.yaml", yaml.safe_dump(layout, sort_keys=False))
     atomic_write_json(stats_path, stats)  # last: its presence marks a finished data set

@@ -397,7 +397,7 @@ def export_backbone(model: nn.Module, schema: Schema, cfg: ModelConfig, out_dir:
     if rank != 0:
         return
     atomic_write_json(out_dir / "backbone.json", {
-        "schema": to_dict(schema),
+        "schema": schema.as_dict(),
         "model": to_dict(cfg),
         "identity": backbone_identity(schema, cfg),
         "weights": layout_hash(layout),

@@ -91,7 +91,7 @@ class Driver:
     def run(self) -> Path:
         cfg, ex = self.cfg, self.executor
         backbones = all((seed_dir(cfg, s) / "backbone" / "backbone.json").is_file() for s in cfg.seeds)
-        phases = phases_of(cfg, backbones_exist=backbones, data_exists=is_prepared(cfg.data.dir))
+        phases = phases_of(cfg, backbones_exist=backbones, data_exists=is_prepared(cfg.data.dir, cfg.data))
         specs = {p.name: phase_spec(cfg, p) for p in phases}
         lock = ex.main_only(lambda: RunLock.acquire(self.run_dir, log))
         try:

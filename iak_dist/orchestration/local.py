@@ -42,7 +42,7 @@ def seed_dir(cfg: PipelineConfig, seed: int) -> Path:
 
 def ensure_data(cfg: PipelineConfig) -> Path:
     data_dir = Path(cfg.data.dir)
-    if is_prepared(data_dir) and cfg.data.source != "parquet":
+    if cfg.data.source != "parquet" and is_prepared(data_dir, cfg.data):
         log(f"data: {data_dir} is prepared, reusing it")
     else:
         log(f"data: checking {data_dir}" if cfg.data.source == "parquet"
