@@ -10,7 +10,9 @@ backward, `OverlappedGradReduce`) and the same with `zero_optimization.overlap_c
 (DeepSpeed's one all-reduce after backward). Each step is timed by part: forward, backward (the
 sparse all-to-all and fused update included; with the overlap, the buckets leave during it), the
 all-reduce left after backward (the wait for the buckets, or DeepSpeed's whole all-reduce), the
-dense optimizer. Prints the medians (rank 0).
+dense optimizer. The plain TorchRec DMP loop (`profiling.steps.plain_torchrec_model`: DDP around the
+dense part, our update) takes its turn too, timed by the same parts: its DDP waits for its all-reduce
+inside backward, so it leaves nothing after. Prints the medians (rank 0).
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ def main() -> None:
     from iak_dist.data.source import Split
     from iak_dist.distributed.context import close_distributed, init_distributed, torchrun_command
     from iak_dist.phases.pretrain import build_pretrain
-    from iak_dist.phases.step import task_loss
+    from iak_dist.phases.step import esmm_loss_per_row, task_loss
     from iak_dist.runtime import configure_environment, exit_launched_rank, is_launched_rank
-    from profiling.steps import TURN, clock, interleaved, overlap_off
+    from profiling.steps import TURN, clip_and_step, clock, interleaved, overlap_off, plain_torchrec_model
 
     configure_environment()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -83,10 +85,33 @@ def main() -> None:
             t4 = clock(batch.dense.device)
             return dict(zip(PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True))
 
+        return step, sharded.plan
+
+    def plain_stepper(plan):
+        """The plain TorchRec DMP loop with DDP and our update, timed by the same parts."""
+        model = plain_torchrec_model(cfg, schema, ctx, plan)
+        params = model.module.dense_parameters()
+        opt = torch.optim.AdamW(params, lr=cfg.pretrain.lr_dense, fused=cfg.distributed.zero.fused_optimizer or None)
+
+        def step(batch) -> dict[str, float]:
+            t0 = clock(batch.dense.device)
+            loss = esmm_loss_per_row(model(batch.sparse, batch.dense), batch).mean()
+            t1 = clock(batch.dense.device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # sync point: DDP waits for its all-reduces at backward's end
+            t2 = clock(batch.dense.device)
+            clip_and_step(params, opt, cfg.distributed.zero)
+            t3 = clock(batch.dense.device)
+            return dict(zip(PARTS, (t1 - t0, t2 - t1, 0.0, t3 - t2), strict=True))
+
         return step
 
-    names = {"overlap on (now)": True, "overlap off (before)": False}
-    times = interleaved({name: stepper(on) for name, on in names.items()}, batches, args.rounds, turn=TURN)
+    steppers = {}
+    for name, on in {"overlap on (now)": True, "overlap off (before)": False}.items():
+        steppers[name], plan = stepper(on)
+    steppers["plain TorchRec DMP + DDP"] = plain_stepper(plan)
+    names = list(steppers)
+    times = interleaved(steppers, batches, args.rounds, turn=TURN)
     if ctx.is_main:
         print(f"| part, {ctx.world_size} rank(s) ({args.rounds} rounds of {args.steps} steps, batch {bs}), ms | "
               + " | ".join(names) + " |")
