@@ -133,7 +133,8 @@ def test_growing_masks_the_trained_rows_gradient_and_freezes_shared_layers():
     x = torch.randn(12, 16)
     rows = DomainRows.of(torch.tensor([0, 1, 2] * 4), 3)
     adapter.kernels["input"].decoder.weight.data.normal_()  # a trained-looking decoder: gradients reach everything
-    out, kl = adapter.adapt_input(x, rows)
+    first = torch.nn.Linear(16, 8)
+    out, kl = adapter.adapt_preactivation(0, x, first(x), rows, first)
     (out.square().sum() + kl).backward()
     for name, param in adapter.named_parameters():
         if ".encoder_shared." in name:

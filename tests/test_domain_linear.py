@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from iak_dist.model.strategies.base import DomainLinear, DomainRows
+from iak_dist.model.strategies.base import DomainLinear, DomainRows, domain_linear
 
 
 def per_row_reference(lin: DomainLinear, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
@@ -12,17 +12,18 @@ def per_row_reference(lin: DomainLinear, x: torch.Tensor, domain: torch.Tensor) 
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("num_domains,d_in,d_out", [
-    (3, 8, 4),     # one GEMM over all K outputs (K * out <= gemm_limit)
-    (40, 16, 8),   # grouped GEMM, aligned shapes
-    (40, 6, 7),    # grouped GEMM, rows narrower than 16 bytes: padded
-    (300, 5, 1),   # grouped GEMM, a head-like single output
+@pytest.mark.parametrize("num_domains,d_in,d_out,path", [
+    (3, 8, 4, "every_output"),  # one GEMM over all K outputs (K * out <= gemm_limit)
+    (7, 4, 144, "spread"),      # one GEMM over the inputs spread into K blocks (K * in <= gemm_limit)
+    (40, 16, 8, "grouped"),     # grouped GEMM, aligned shapes
+    (40, 6, 7, "grouped"),      # grouped GEMM, rows narrower than 16 bytes: padded
+    (300, 5, 1, "grouped"),     # grouped GEMM, a head-like single output
 ])
-def test_each_row_uses_its_own_domain_map_forward_and_backward(num_domains, d_in, d_out):
+def test_each_row_uses_its_own_domain_map_forward_and_backward(num_domains, d_in, d_out, path):
     torch.manual_seed(0)
     lin = DomainLinear(num_domains, d_in, d_out, init_std=0.5)
     torch.nn.init.normal_(lin.bias)
-    assert lin.one_gemm == (num_domains * d_out <= DomainLinear.gemm_limit)
+    assert lin.path == path
     x = torch.randn(64, d_in)
     domain = torch.randint(-1, min(num_domains, 9), (64,))  # some domains absent, some rows unknown
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -37,6 +38,12 @@ def test_each_row_uses_its_own_domain_map_forward_and_backward(num_domains, d_in
     for mine, theirs in zip(got, (x2.grad, lin.weight.grad, lin.bias.grad), strict=True):
         torch.testing.assert_close(mine, theirs)
     assert torch.equal(out[domain < 0], torch.zeros_like(out[domain < 0]))
+
+    # with a residual: added to every row (the spread path accumulates into it inside its GEMM)
+    residual = torch.randn(64, d_out)
+    added = domain_linear(x, lin.weight, lin.bias, DomainRows.of(domain, num_domains), lin.path, residual=residual)
+    torch.testing.assert_close(added, residual + ref)
+    assert torch.equal(added[domain < 0], residual[domain < 0])
 
 
 def test_grouped_path_takes_a_weight_at_an_odd_offset_of_a_flat_buffer():

@@ -165,7 +165,8 @@ def test_bad_logvar_init_names_its_key():
 
 
 def test_input_kernel_change_passes_through_the_first_tower_layer(small_cfg, synth_dir, backbone_dir, ctx):
-    """The first tower layer reads interaction output + W_d mu, and the scores move with it."""
+    """The first tower layer's output is its output on interaction output + W_d mu + c_d (the decoder folded
+    through the frozen layer computes exactly that function), and the scores move with it."""
     torch.manual_seed(0)
     cfg = copy.deepcopy(small_cfg.finetune)
     cfg.settings["iak"] = dataclasses.replace(cfg.settings["iak"], insertion="input", init_std=0.1)
@@ -173,18 +174,22 @@ def test_input_kernel_change_passes_through_the_first_tower_layer(small_cfg, syn
     batch = arrow_to_batch(run.table.slice(0, 64), run.schema)
     model = run.model.eval()
     backbone = local_module(model).backbone
+    assert len(backbone.tower) >= 2
     seen = {}
     hooks = [backbone.interaction.register_forward_hook(lambda m, i, o: seen.__setitem__("x", o)),
-             backbone.tower[0].register_forward_pre_hook(lambda m, i: seen.__setitem__("tower_in", i[0]))]
+             backbone.tower[1].register_forward_pre_hook(lambda m, i: seen.__setitem__("second_in", i[0]))]
+    kernel = run.adapter.kernels["input"]
     with torch.no_grad():
         before = model(batch).p_ctr
-        torch.nn.init.normal_(run.adapter.kernels["input"].decoder.weight)
+        torch.nn.init.normal_(kernel.decoder.weight)
+        torch.nn.init.normal_(kernel.decoder.bias)
         after = model(batch).p_ctr
     for hook in hooks:
         hook.remove()
     rows = DomainRows.of(batch.domain, len(run.schema.domains))
     with torch.no_grad():
-        want, _ = run.adapter.kernels["input"](seen["x"], rows)
-    assert not torch.equal(seen["tower_in"], seen["x"])
-    torch.testing.assert_close(seen["tower_in"], want)
+        adapted, _ = kernel(seen["x"], rows)  # x + W_d mu + c_d, unfolded
+        want = torch.relu(backbone.tower[0](adapted))
+    assert not torch.equal(adapted, seen["x"])
+    torch.testing.assert_close(seen["second_in"], want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(before, after)

@@ -144,23 +144,31 @@ class Backbone(nn.Module):
         """Everything after the embedding lookup: interaction, tower (with adapter hooks), heads."""
         return self.after_prefix(self.prefix(embedded, dense), adapter, domain)
 
-    def prefix(self, embedded: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """The interaction output [B, tower_widths[0]]: the last point no fine-tuning strategy but `full`
-        changes (adapters hook in from `adapt_input` on), so a frozen backbone's can be cached
-        (`data/prefix_cache.py`)."""
-        vectors = torch.cat([embedded, self.dense_proj(dense).unsqueeze(1)], dim=1)
-        return self.interaction(vectors)
+    @property
+    def prefix_width(self) -> int:
+        """Width of `prefix`: the interaction output and the first tower layer's output on it."""
+        return self.tower_widths[0] + self.tower_widths[1]
 
-    def after_prefix(self, x: torch.Tensor, adapter=None, domain=None) -> ModelOutput:
-        """From the interaction output `x` on: adapter input hook, tower (with adapter hooks), heads."""
+    def prefix(self, embedded: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """[B, prefix_width]: the interaction output x and the first tower layer's pre-activation
+        `tower[0](x)`, side by side. It is the last point no fine-tuning strategy but `full` changes:
+        adapters hook in from `adapt_preactivation` on (one on the first layer's input passes through that
+        frozen layer without recomputing it), so a frozen backbone's can be cached (`data/prefix_cache.py`)
+        and the first layer's GEMM is paid once per row, not once per step."""
+        vectors = torch.cat([embedded, self.dense_proj(dense).unsqueeze(1)], dim=1)
+        x = self.interaction(vectors)
+        return torch.cat([x, self.tower[0](x)], dim=1)
+
+    def after_prefix(self, prefix: torch.Tensor, adapter=None, domain=None) -> ModelOutput:
+        """From `prefix` on: the tower with the adapter's hooks (each layer's output, then its ReLU), heads."""
+        x, first = prefix.split(self.tower_widths[:2], dim=1)
         aux = x.new_zeros(())
         rows = DomainRows.of(domain, adapter.num_domains) if adapter is not None else None
-        if adapter is not None:
-            x, aux = adapter.adapt_input(x, rows)
         for i, layer in enumerate(self.tower):
-            y = layer(x)
+            y = first if i == 0 else layer(x)
             if adapter is not None:
-                y = adapter.adapt_preactivation(i, x, y, rows)
+                y, layer_aux = adapter.adapt_preactivation(i, x, y, rows, layer)
+                aux = aux + layer_aux
             y = torch.relu(y)
             if adapter is not None:
                 y, layer_aux = adapter.adapt_activation(i, y, rows)
@@ -201,5 +209,5 @@ def backbone_identity(schema: Schema, cfg: ModelConfig) -> str:
     model = to_dict(cfg)
     if model["table_dtype"] == "fp32":
         del model["table_dtype"]
-    blob = json.dumps({"schema": to_dict(schema), "model": model}, sort_keys=True)
+    blob = json.dumps({"schema": schema.as_dict(), "model": model}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

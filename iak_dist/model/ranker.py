@@ -44,5 +44,5 @@ class PrefixRanker(nn.Module):
         self.adapter = adapter
 
     def forward(self, batch) -> ModelOutput:
-        """Scores of a `data.prefix_cache.PrefixBatch` (its `prefix` is the interaction output)."""
+        """Scores of a `data.prefix_cache.PrefixBatch` (its `prefix` is `Backbone.prefix`)."""
         return self.backbone.after_prefix(batch.prefix, self.adapter, batch.domain)

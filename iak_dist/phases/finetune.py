@@ -3,8 +3,9 @@
 Reads top to bottom: build (data, backbone + adapter, dense engine) -> restore -> loop -> save.
 The fine-tune split is streamed: each rank reads its share, one stream per domain
 (`data/domain_streams.py`), never the whole split. A strategy that freezes the backbone reads those
-streams from the prefix cache (`data/prefix_cache.py`: the interaction output of every row, computed
-once) instead of the files, and trains from there (`PrefixRanker`): no lookups in its steps.
+streams from the prefix cache (`data/prefix_cache.py`: the interaction output of every row and the
+first tower layer's output on it, computed once) instead of the files, and trains from there
+(`PrefixRanker`): no lookups in its steps.
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ def open_prefix_cache(run: FinetuneSetup, root: Path, ctx: DistContext) -> Cache
 
 
 def _open_or_build(run: FinetuneSetup, root: Path, ctx: DistContext) -> CachedSplit:
-    width = run.sharded.ranker.backbone.tower_widths[0]
+    width = run.sharded.ranker.backbone.prefix_width
     key = cache_key(run.meta, run.split, run.schema)
     folder = root / key
     problems = [cache_problem(folder, key, run.split)]

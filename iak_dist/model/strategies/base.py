@@ -3,8 +3,10 @@
 A strategy is an `Adapter` (an `nn.Module` holding only its own parameters) plus a rule for which
 backbone parameters train. The backbone calls the adapter's hooks in its forward:
 
-* `adapt_input(x, rows)`: the interaction output, before the first tower layer; return (x', aux_loss) (IAK).
-* `adapt_preactivation(i, x, y, rows)`: tower layer i computed `y = W x + b`; return y' (LoRA).
+* `adapt_preactivation(i, x, y, rows, linear)`: tower layer i (`linear`, frozen) computed `y = W x + b`;
+  return (y', aux_loss) (LoRA; IAK's kernel on the tower input, folded through `linear`). For the first
+  layer `y` comes from the prefix (`Backbone.prefix`: cached when the backbone is frozen), so nothing
+  may change the interaction output before it.
 * `adapt_activation(i, y, rows)`: after layer i's ReLU; return (y', aux_loss) (patch, IAK).
 * `head_logits(h, rows)`: per-domain heads, or None to use the backbone's (head).
 
@@ -17,7 +19,7 @@ row goes through its own domain's slice in one pass (`DomainLinear`). A row whos
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -75,14 +77,70 @@ def grouped_linear(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.
 torch.fx.wrap("grouped_linear")
 
 
+GemmPath = Literal["every_output", "spread", "grouped"]
+
+
+def gemm_path(num_domains: int, in_features: int, out_features: int, limit: int) -> GemmPath:
+    """How K stacked maps `in -> out` are applied to a batch, by size (decided once, not per call: the
+    forward has no shape-dependent branch, it is fx-traced).
+
+    * `every_output` (`K * out <= limit`): one GEMM computes every domain's output, each row keeps its own;
+    * `spread` (`K * in <= limit`): each row's input is placed in its domain's block of a `[B, K * in]`
+      matrix (zeros elsewhere), times the maps stacked `[K * in, out]`: one GEMM for a narrow input
+      (a decoder from a small code, LoRA's up-projection);
+    * `grouped`: the rows, grouped by domain, go through one grouped GEMM (`F.grouped_mm`: each domain's
+      rows times its own map), so the work is the batch's rows times one map whatever K is.
+
+    The first two cost `B * K * in * out`, K times one map's work, but in one call: fastest for a few
+    tiny maps; the grouped GEMM's cost stays nearly flat in K. `limit` (`DomainLinear.gemm_limit`, 32) is
+    where they cross on CPU, forward + backward at batch 512 with K = 7 (torch 2.10, one thread): K * out
+    = 7 or 28 (heads, a code of 4 from 64-144 inputs) `every_output` 0.6-0.8x of `grouped`; 56 a tie;
+    112 (an encoder 144 -> 16) `grouped` 0.4x of `every_output`; a decoder 4 -> 128 `spread` 0.9x of
+    `grouped`, 0.35x of `every_output`.
+    """
+    if num_domains * out_features <= limit:
+        return "every_output"
+    if num_domains * in_features <= limit:
+        return "spread"
+    return "grouped"
+
+
+def domain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: DomainRows,
+                  path: GemmPath, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`residual[b] + x[b] @ weight[domain[b]] + bias[domain[b]]` for every row b (`residual` or zeros for
+    rows of domain -1), by `path` (`gemm_path`). `weight` [K, in, out] may be computed (a decoder folded
+    through a frozen layer).
+
+    The `spread` path does it in one GEMM: the bias is one more input (a 1 in the row's block), a row of
+    an unknown domain has an all-zero block, and `residual` is the GEMM's accumulator (`addmm`): no
+    elementwise pass over the [B, out] output (at batch 4096 each cost as much as the GEMM).
+    """
+    k, d_in, d_out = weight.shape
+    if path == "spread":
+        select = F.one_hot(rows.index, k).to(x.dtype) * rows.known.to(x.dtype)  # [B, K]: 0 for unknown rows
+        if bias is not None:
+            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+            weight = torch.cat([weight, bias.unsqueeze(1)], dim=1)  # [K, in + 1, out]
+        blocks = (select.unsqueeze(2) * x.unsqueeze(1)).flatten(1)
+        stacked = weight.reshape(-1, d_out)
+        return blocks @ stacked if residual is None else torch.addmm(residual, blocks, stacked)
+    if path == "every_output":
+        every = (x @ weight.permute(1, 0, 2).reshape(d_in, k * d_out)).view(-1, k, d_out)
+        y = every.gather(1, rows.index.view(-1, 1, 1).expand(-1, 1, d_out)).squeeze(1)
+    else:
+        grouped = grouped_linear(x.index_select(0, rows.order), weight, rows.offsets)
+        y = torch.empty_like(grouped).index_copy(0, rows.order, grouped)
+    if bias is not None:
+        y = y + bias.index_select(0, rows.index)
+    y = y * rows.known.to(y.dtype)
+    return y if residual is None else residual + y
+
+
 class DomainLinear(nn.Module):
     """K stacked linear maps; row b uses map `domain[b]`, rows with domain -1 get zeros.
 
-    Two equivalent ways to apply it, picked once by size: when all K outputs together are narrow
-    (`K * out_features <= gemm_limit`), one GEMM computes every domain's output and each row keeps
-    its own (fastest for a few tiny kernels); otherwise the rows, grouped by domain, go through one
-    grouped GEMM (`F.grouped_mm`: each domain's rows times its own map), so the work is the batch's
-    rows times one map whatever K is: the cost stays nearly flat in K.
+    Applied by one of three equivalent GEMM shapes, picked once by size (`gemm_path`, with
+    `gemm_limit`): the batch's cost stays nearly flat in K.
 
     Args:
         num_domains: K.
@@ -90,27 +148,17 @@ class DomainLinear(nn.Module):
         init_std: std of the Gaussian weight init; 0 gives a zero map (changes nothing at start).
     """
 
-    gemm_limit = 128
+    gemm_limit = 32
 
     def __init__(self, num_domains: int, in_features: int, out_features: int, init_std: float,
                  bias: bool = True) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(num_domains, in_features, out_features) * init_std)
         self.bias = nn.Parameter(torch.zeros(num_domains, out_features)) if bias else None
-        # decided here, not per call: the forward has no shape-dependent branch (it is fx-traced)
-        self.one_gemm = num_domains * out_features <= self.gemm_limit
+        self.path = gemm_path(num_domains, in_features, out_features, self.gemm_limit)
 
     def forward(self, x: torch.Tensor, rows: DomainRows) -> torch.Tensor:
-        k, d_in, d_out = self.weight.shape
-        if self.one_gemm:
-            every = (x @ self.weight.permute(1, 0, 2).reshape(d_in, k * d_out)).view(-1, k, d_out)
-            y = every.gather(1, rows.index.view(-1, 1, 1).expand(-1, 1, d_out)).squeeze(1)
-        else:
-            grouped = grouped_linear(x.index_select(0, rows.order), self.weight, rows.offsets)
-            y = torch.empty_like(grouped).index_copy(0, rows.order, grouped)
-        if self.bias is not None:
-            y = y + self.bias.index_select(0, rows.index)
-        return y * rows.known.to(y.dtype)
+        return domain_linear(x, self.weight, self.bias, rows, self.path)
 
 
 class Adapter(nn.Module):
@@ -140,11 +188,9 @@ class Adapter(nn.Module):
         self.tower_widths = tower_widths
         self.cfg = cfg
 
-    def adapt_input(self, x: torch.Tensor, rows: DomainRows) -> tuple[torch.Tensor, torch.Tensor]:
-        return x, x.new_zeros(())
-
-    def adapt_preactivation(self, layer: int, x: torch.Tensor, y: torch.Tensor, rows: DomainRows) -> torch.Tensor:
-        return y
+    def adapt_preactivation(self, layer: int, x: torch.Tensor, y: torch.Tensor, rows: DomainRows,
+                            linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        return y, y.new_zeros(())
 
     def adapt_activation(self, layer: int, y: torch.Tensor, rows: DomainRows) -> tuple[torch.Tensor, torch.Tensor]:
         return y, y.new_zeros(())

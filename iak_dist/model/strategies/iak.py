@@ -30,10 +30,11 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from iak_dist.config import at_least
-from iak_dist.model.strategies.base import Adapter, DomainLinear, DomainRows, register
+from iak_dist.model.strategies.base import Adapter, DomainLinear, DomainRows, domain_linear, gemm_path, register
 
 INSERTIONS = {
     "output": (False, "output"),
@@ -124,10 +125,15 @@ class GaussianKernel(nn.Module):
     """One insertion point's K stacked kernels: encoder (linear, or a hidden layer, per domain or
     shared, then linear), learned prior, decoder."""
 
-    def __init__(self, num_domains: int, width: int, cfg: IakConfig) -> None:
+    def __init__(self, num_domains: int, width: int, cfg: IakConfig, through_width: int | None = None) -> None:
+        """`width`: of the activation h it adapts; `through_width`: the output width of the frozen layer it
+        is applied through (the input kernel: the first tower layer's), None for none."""
         super().__init__()
         k = cfg.width
         self.form = cfg.form
+        # decided here, not per call: the forward has no shape-dependent branch (it is fx-traced)
+        self.folded_path = None if through_width is None else gemm_path(num_domains, k, through_width,
+                                                                        DomainLinear.gemm_limit)
         # He-initialised hidden layer: the code sees h's variation from step 0
         if cfg.encoder == "mlp":
             self.encoder_hidden = DomainLinear(num_domains, width, cfg.encoder_hidden, init_std=math.sqrt(2.0 / width))
@@ -148,8 +154,17 @@ class GaussianKernel(nn.Module):
             self.match_in = DomainLinear(num_domains, width, k, init_std=1.0 / math.sqrt(width))
             self.decoder = DomainLinear(num_domains, k, width, init_std=0.0)
 
-    def forward(self, h: torch.Tensor, rows: DomainRows) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (h', per-row KL [B], 0 on rows of unknown domains)."""
+    def forward(self, h: torch.Tensor, rows: DomainRows,
+                through: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h', per-row KL [B], 0 on rows of unknown domains).
+
+        With `through = (A, b, A h + b)`, the frozen linear layer after h and its output on h: that
+        layer's output on h' instead, without multiplying the batch by A again in the forward or the
+        backward. The residual change `W_d z + c_d` passes through the layer as `z (W_d A^T) + c_d A^T`:
+        the decoder is folded into A once per step ([K, k, out]: K * k * in * out multiply-adds), and the
+        layer's output on h is a fixed function of the row (the prefix cache holds it).
+        """
         if hasattr(self, "encoder_hidden"):
             code_in = torch.relu(self.encoder_hidden(h, rows))
         elif hasattr(self, "encoder_shared"):
@@ -163,12 +178,18 @@ class GaussianKernel(nn.Module):
         prior_mu, prior_logvar = (p.index_select(0, rows.index) for p in (self.prior_mu, self.prior_logvar))
         kl = gaussian_kl(mu, logvar, prior_mu, prior_logvar) * known
         if self.form == "residual":
-            out = h + self.decoder(z, rows)
-        else:
-            h_bar = self.reconstruct(z, rows)
-            adapted = h_bar + self.decoder(torch.relu(self.match_in(h_bar, rows)), rows)
-            out = torch.where(known.bool().unsqueeze(1), adapted, h)
-        return out, kl
+            if through is None:
+                return h + self.decoder(z, rows), kl
+            weight, _, out = through
+            folded = self.decoder.weight @ weight.t()  # [K, k, out]
+            folded_bias = self.decoder.bias @ weight.t()  # [K, out]
+            return domain_linear(z, folded, folded_bias, rows, self.folded_path, residual=out), kl
+        h_bar = self.reconstruct(z, rows)
+        adapted = h_bar + self.decoder(torch.relu(self.match_in(h_bar, rows)), rows)
+        if through is None:
+            return torch.where(known.bool().unsqueeze(1), adapted, h), kl
+        weight, bias, out = through  # the compressed code replaces h: the layer sees it whole
+        return torch.where(known.bool().unsqueeze(1), F.linear(adapted, weight, bias), out), kl
 
 
 @register
@@ -184,7 +205,7 @@ class IakAdapter(Adapter):
         layers = {"every_layer": range(1, last + 1), "output": [last], None: []}[after]
         kernels = {str(i - 1): GaussianKernel(num_domains, tower_widths[i], cfg) for i in layers}
         if at_input:
-            kernels["input"] = GaussianKernel(num_domains, tower_widths[0], cfg)
+            kernels["input"] = GaussianKernel(num_domains, tower_widths[0], cfg, through_width=tower_widths[1])
         self.kernels = nn.ModuleDict(kernels)
         # beta_d / beta; only fine-tuning's loss reads it, so it is not saved with the adapter
         self.register_buffer("beta_scale", torch.ones(num_domains), persistent=False)
@@ -209,19 +230,23 @@ class IakAdapter(Adapter):
         super().grow_domains(trained, trained_domains, trained_rows)
         self.trained_rows = None if trained_rows is None else np.asarray(trained_rows, dtype=np.int64)
 
-    def _kernel(self, key: str, h: torch.Tensor, rows: DomainRows) -> tuple[torch.Tensor, torch.Tensor]:
-        kernel = self.kernels[key] if key in self.kernels else None
-        if kernel is None:
-            return h, h.new_zeros(())
-        out, kl = kernel(h, rows)
+    def _weighted_kl(self, kl: torch.Tensor, rows: DomainRows) -> torch.Tensor:
+        """beta * the mean over the batch's known rows of beta_d / beta * KL."""
         weighted = (kl * self.beta_scale.index_select(0, rows.index).to(kl.dtype)).sum()
-        return out, self.beta * weighted / rows.known.sum().clamp(min=1.0)
+        return self.beta * weighted / rows.known.sum().clamp(min=1.0)
 
-    def adapt_input(self, x, rows):
-        return self._kernel("input", x, rows)
+    def adapt_preactivation(self, layer, x, y, rows, linear):
+        if layer != 0 or "input" not in self.kernels:
+            return y, y.new_zeros(())
+        out, kl = self.kernels["input"](x, rows, (linear.weight, linear.bias, y))
+        return out, self._weighted_kl(kl, rows)
 
     def adapt_activation(self, layer, y, rows):
-        return self._kernel(str(layer), y, rows)
+        key = str(layer)
+        if key not in self.kernels:
+            return y, y.new_zeros(())
+        out, kl = self.kernels[key](y, rows)
+        return out, self._weighted_kl(kl, rows)
 
     def set_phase(self, phase: str) -> None:
         """Compression: encoder + prior (+ decoder with `decoder_in_compression`); matching: all train."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from iak_dist.config import at_least
-from iak_dist.model.strategies.base import Adapter, DomainLinear, register
+from iak_dist.model.strategies.base import Adapter, DomainLinear, domain_linear, register
 
 
 @dataclass
@@ -44,5 +44,7 @@ class LoraAdapter(Adapter):
             DomainLinear(num_domains, r, w, init_std=0.0, bias=False) for w in tower_widths[1:]
         )
 
-    def adapt_preactivation(self, layer, x, y, rows):
-        return y + self.scale * self.up[layer](self.down[layer](x, rows), rows)
+    def adapt_preactivation(self, layer, x, y, rows, linear):
+        up = self.up[layer]  # y + (alpha / r) B_d A_d x, the sum done by the up-projection's GEMM where it can
+        return domain_linear(self.down[layer](x, rows), up.weight * self.scale, None, rows, up.path, residual=y), \
+            y.new_zeros(())
