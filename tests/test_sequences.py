@@ -191,3 +191,47 @@ def test_history_length_is_checked_with_the_config():
         load_config(None, ["data.source=synth", "data.history_length=3"])
     assert str(other.value).endswith("data.history_length: only movielens-100k data is prepared with a history, "
                                      "got source synth (a parquet source lists its sequence features in schema.yaml)")
+
+
+def test_a_history_shares_its_items_table_and_pools_by_mean():
+    """One table for item_id and hist_items (a history item and the target item have one embedding); the
+    history's bag is the mean of its items' rows, an empty history pools to zeros."""
+    import torch
+    from torchrec.modules.embedding_configs import PoolingType
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from iak_dist.config import ModelConfig
+    from iak_dist.data.schema import Schema, SparseFeature
+    from iak_dist.model.backbone import Backbone
+
+    torch.manual_seed(0)
+    schema = Schema(sparse=[SparseFeature("user_id", 32), SparseFeature("item_id", 64),
+                            SparseFeature("hist_items", 64, multi_hot=True, sequence=True, pooling="mean",
+                                          shares_table="item_id", max_length=4)], domains=["a"])
+    backbone = Backbone(schema, ModelConfig(embedding_dim=4, tower=[8]))
+    assert [(t.name, t.feature_names, t.pooling) for t in backbone.table_configs] == [
+        ("t_user_id", ["user_id"], PoolingType.SUM), ("t_item_id", ["item_id", "hist_items"], PoolingType.MEAN)]
+    items, history = [5, 9, 17], [[1, 2, 60], [], [33]]
+    kjt = KeyedJaggedTensor(keys=schema.feature_names,
+                            values=torch.tensor([0, 1, 2, *items, *(i for h in history for i in h)]),
+                            lengths=torch.tensor([1, 1, 1, 1, 1, 1, *(len(h) for h in history)], dtype=torch.int32))
+    with torch.no_grad():
+        pooled = backbone.embed(kjt)
+    table = backbone.embeddings.embedding_bags["t_item_id"].weight.detach()
+    torch.testing.assert_close(pooled[:, 1], table[items])
+    torch.testing.assert_close(pooled[0, 2], table[[1, 2, 60]].mean(0))
+    assert torch.equal(pooled[1, 2], torch.zeros(4))
+    torch.testing.assert_close(pooled[2, 2], table[33])
+
+
+def test_features_that_share_a_table_but_pool_differently_are_refused():
+    from iak_dist.config import ModelConfig
+    from iak_dist.data.schema import Schema, SparseFeature
+    from iak_dist.model.backbone import Backbone
+
+    schema = Schema(sparse=[SparseFeature("tags", 64, multi_hot=True),
+                            SparseFeature("hist_tags", 64, multi_hot=True, pooling="mean", shares_table="tags")],
+                    domains=["a"])
+    with pytest.raises(UserError, match=r"^schema: features tags, hist_tags share table t_tags but pool by mean and "
+                                        r"sum; TorchRec pools per table: give them one pooling$"):
+        Backbone(schema, ModelConfig(embedding_dim=4, tower=[8]))

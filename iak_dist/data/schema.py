@@ -134,6 +134,15 @@ class Schema:
     def domain_index(self) -> dict[str, int]:
         return {d: i for i, d in enumerate(self.domains)}
 
+    def table_owner(self, feature: str) -> str:
+        """The feature whose embedding table `feature` looks up (itself, unless it `shares_table`)."""
+        return next(f.shares_table or f.name for f in self.sparse if f.name == feature)
+
+    @property
+    def table_owners(self) -> list[SparseFeature]:
+        """The features that own an embedding table (every feature but those that share one), in order."""
+        return [f for f in self.sparse if f.shares_table is None]
+
     @property
     def sequence_features(self) -> list[SparseFeature]:
         """The features whose lists are time-ordered (most recent last)."""

@@ -20,6 +20,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from iak_dist.config import ModelConfig, to_dict
 from iak_dist.data.schema import Schema
+from iak_dist.errors import UserError
 from iak_dist.model.strategies.base import DomainRows
 
 # `model.table_dtype` -> TorchRec's table data type, which FBGEMM takes as its weights precision
@@ -103,11 +104,12 @@ class Backbone(nn.Module):
         sharded_later = device is not None and device.type == "meta"
         tables = [
             EmbeddingBagConfig(
-                name=f"t_{f.name}", embedding_dim=d, num_embeddings=f.table_size,
-                feature_names=[f.name], pooling=PoolingType.SUM, data_type=TABLE_DATA_TYPES[cfg.table_dtype],
+                name=f"t_{owner.name}", embedding_dim=d, num_embeddings=owner.table_size,
+                feature_names=[f.name for f in schema.sparse if schema.table_owner(f.name) == owner.name],
+                pooling=table_pooling(schema, owner.name), data_type=TABLE_DATA_TYPES[cfg.table_dtype],
                 init_fn=_left_to_init_tables if sharded_later else None,
             )
-            for f in schema.sparse
+            for owner in schema.table_owners
         ]
         self.table_configs = tables  # kept: a sharded collection no longer exposes them
         self.table_dtype = cfg.table_dtype
@@ -190,6 +192,17 @@ class Backbone(nn.Module):
 
     def dense_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.dense_modules().values() for p in m.parameters()]
+
+
+def table_pooling(schema: Schema, owner: str) -> PoolingType:
+    """How the table of feature `owner` pools a bag: TorchRec pools per table, not per feature, so the
+    multi-hot features on one table must agree (a single-hot bag is the same under sum and mean)."""
+    on_table = [f for f in schema.sparse if schema.table_owner(f.name) == owner]
+    wanted = {f.pooling for f in on_table if f.multi_hot}
+    if len(wanted) > 1:
+        raise UserError(f"schema: features {', '.join(f.name for f in on_table)} share table t_{owner} but pool by "
+                        f"{' and '.join(sorted(wanted))}; TorchRec pools per table: give them one pooling")
+    return PoolingType.MEAN if wanted == {"mean"} else PoolingType.SUM
 
 
 def tower_widths(schema: Schema, cfg: ModelConfig) -> list[int]:

@@ -51,7 +51,8 @@ _VERSIONED = ("torch", "torchrec", "fbgemm_gpu", "fbgemm_gpu-cpu", "numpy", "pya
 
 
 def table_key(feature: str) -> str:
-    """The backbone's state-dict name of `feature`'s table (`Backbone`: one `t_<feature>` bag per feature)."""
+    """The backbone's state-dict name of the table feature `feature` owns (`Backbone`: one `t_<owner>` bag per
+    table; a feature that `shares_table` looks up its owner's)."""
     return f"embeddings.embedding_bags.t_{feature}.weight"
 
 
@@ -164,7 +165,7 @@ def export_artefact(run_dir: Path, strategy: str, out: Path, seed: int | None = 
         (staging / ADAPTER_FOLDER).mkdir(parents=True)
         files: dict[str, str] = {}
         tables: dict[str, Any] = {}
-        for feature in schema.sparse:
+        for feature in schema.table_owners:  # a feature that shares a table reads its owner's
             name = table_key(feature.name)
             rows, dim = weights.tensors[name]["shape"]
             shard_rows = max(1, SHARD_BYTES // (dim * 4))

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
+from torchrec.modules.embedding_configs import PoolingType
 
 from iak_dist.config import ModelConfig, from_dict
 from iak_dist.data.batch import arrow_to_batch, domain_indices
@@ -93,6 +94,9 @@ class Predictor:
         self.backbone = backbone
         self.adapter = adapter
         self.tables = tables
+        self.mean_pooled = {name for t in backbone.table_configs if t.pooling == PoolingType.MEAN
+                            for name in t.feature_names}
+        """Features whose table pools by mean (`Backbone.table_configs`, what training pooled by)."""
         self.device = device
         self.unknown_domain = unknown_domain
         self.unknown_rows = 0
@@ -135,7 +139,8 @@ class Predictor:
         adapter, _, _ = load_adapter(path / ADAPTER_FOLDER, stamps)
         backbone.to(torch_device).eval()
         adapter.to(torch_device).eval()
-        tables = {f.name: _Table(path, manifest["tables"][f.name]) for f in schema.sparse}
+        owned = {f.name: _Table(path, manifest["tables"][f.name]) for f in schema.table_owners}
+        tables = {f.name: owned[schema.table_owner(f.name)] for f in schema.sparse}  # sharers read their owner's
         return cls(path, manifest, schema, backbone, adapter, tables, torch_device, unknown_domain)
 
     # -- requests -------------------------------------------------------------------------------
@@ -243,14 +248,18 @@ class Predictor:
                 "p_ctcvr": out.p_ctcvr.cpu().numpy()}
 
     def _embed(self, sparse) -> torch.Tensor:
-        """Pooled embeddings [B, F, d] in schema order, each bag summed in order (as FBGEMM's CPU kernel does)."""
+        """Pooled embeddings [B, F, d] in schema order, each bag summed in order (as FBGEMM's CPU kernel does),
+        divided by its length where its table pools by mean."""
         pooled = []
         by_name = sparse.to_dict()
-        for name in self.schema.feature_names:
-            ids = by_name[name]
-            gathered = torch.from_numpy(self.tables[name].rows(ids.values().numpy())).to(self.device)
-            pooled.append(F.embedding_bag(torch.arange(len(gathered), device=self.device), gathered,
-                                          ids.offsets().to(self.device), mode="sum", include_last_offset=True))
+        for feature in self.schema.sparse:
+            ids = by_name[feature.name]
+            gathered = torch.from_numpy(self.tables[feature.name].rows(ids.values().numpy())).to(self.device)
+            bags = F.embedding_bag(torch.arange(len(gathered), device=self.device), gathered,
+                                   ids.offsets().to(self.device), mode="sum", include_last_offset=True)
+            if feature.name in self.mean_pooled:
+                bags = bags / ids.lengths().to(self.device, bags.dtype).clamp(min=1.0).unsqueeze(1)
+            pooled.append(bags)
         return torch.stack(pooled, dim=1)
 
 
