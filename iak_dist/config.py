@@ -101,11 +101,24 @@ class ModelConfig:
     """Low rank of each DCNv2 cross layer's weight."""
     tower: list[int] = field(default_factory=lambda: [128, 64])
     """Hidden widths of the MLP tower; the last one is the hidden `h` that kernels adapt."""
+    sequence_encoder: Literal["pool", "transformer"] = "pool"
+    """How a sequence feature (schema `sequence: true`, e.g. `hist_items`) becomes its one vector:
+    `pool`: its items' embeddings summed or averaged (the feature's `pooling`); `transformer`: a small
+    causal Transformer over them (learned positions, most recent last), then target attention with the
+    embedding of the feature whose table it shares as the query (DIN / BST style). A row without
+    history gets a zero vector either way."""
+    sequence_layers: int = 1
+    """Transformer layers of the `transformer` sequence encoder."""
+    sequence_heads: int = 2
+    """Attention heads of the `transformer` sequence encoder (must divide `embedding_dim`)."""
 
     def problems(self) -> dict[str, str]:
-        found = at_least(self, embedding_dim=1, cross_layers=0, cross_rank=1)
+        found = at_least(self, embedding_dim=1, cross_layers=0, cross_rank=1, sequence_layers=1, sequence_heads=1)
         if not self.tower or min(self.tower) < 1:
             found["tower"] = f"need at least one layer, every width >= 1, got {self.tower}"
+        if self.sequence_heads >= 1 and self.embedding_dim % self.sequence_heads:
+            found["sequence_heads"] = (f"must divide embedding_dim {self.embedding_dim}, "
+                                       f"got {self.sequence_heads}")
         return found
 
 

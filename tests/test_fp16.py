@@ -152,7 +152,10 @@ def test_backbones_exported_before_table_dtype_load_as_fp32_with_their_identity(
     from iak_dist.model.backbone import backbone_identity
 
     schema = tiny_schema()
-    old_model = {k: v for k, v in to_dict(ModelConfig()).items() if k != "table_dtype"}  # backbone.json before
+    from iak_dist.model.backbone import LATER_MODEL_KEYS
+
+    # backbone.json before table_dtype and the sequence encoder's keys
+    old_model = {k: v for k, v in to_dict(ModelConfig()).items() if k not in LATER_MODEL_KEYS}
     # backbone.json before the sequence keys of a sparse feature (left out at their defaults) and table_dtype
     old_schema = {**to_dict(schema), "sparse": [{"name": f.name, "table_size": f.table_size, "multi_hot": f.multi_hot}
                                                 for f in schema.sparse]}
@@ -162,6 +165,7 @@ def test_backbones_exported_before_table_dtype_load_as_fp32_with_their_identity(
     assert loaded.table_dtype == "fp32"
     assert backbone_identity(schema, loaded) == old_identity
     assert backbone_identity(schema, ModelConfig(table_dtype="fp16")) != old_identity
+    assert backbone_identity(schema, ModelConfig(sequence_encoder="transformer")) != old_identity
 
 
 def test_fp16_tables_are_refused_data_parallel():

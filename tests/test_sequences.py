@@ -95,7 +95,7 @@ def test_a_prepared_history_reads_into_a_jagged_tensor_and_empty_bags_pool_to_ze
 
     from iak_dist.config import DataConfig
     from iak_dist.data.batch import arrow_to_batch
-    from iak_dist.data.schema import Schema, hash_ids
+    from iak_dist.data.schema import Schema, hash_ids, position_key
     from iak_dist.data.splits import write_splits
     from iak_dist.data.validate import value_problems
 
@@ -105,14 +105,21 @@ def test_a_prepared_history_reads_into_a_jagged_tensor_and_empty_bags_pool_to_ze
     part = pq.read_table(tmp_path / "pretrain.parquet").slice(0, 4096)
     assert value_problems("pretrain.parquet", part, schema) == []
     hist = part.column("hist_items").to_pylist()
-    sparse = arrow_to_batch(part, schema).sparse["hist_items"]
-    assert sparse.lengths().tolist() == [len(h) for h in hist] and min(map(len, hist)) == 0
-    flat = np.array([i for h in hist for i in h], dtype=np.int64)
-    assert sparse.values().tolist() == hash_ids(flat, 16384).tolist()  # item_id's hashing: one ID space
+    batch = arrow_to_batch(part, schema)
+    assert batch.sequence_lengths[:, 0].tolist() == [len(h) for h in hist] and min(map(len, hist)) == 0
+    by_key = batch.sparse.to_dict()
+    for p in range(LENGTH):  # right-aligned: position LENGTH - 1 holds each row's most recent item
+        held = [p >= LENGTH - len(h) for h in hist]
+        want = np.array([h[len(h) - LENGTH + p] for h, there in zip(hist, held, strict=True) if there], dtype=np.int64)
+        position = by_key[position_key("hist_items", p)]
+        assert position.lengths().tolist() == [int(there) for there in held]
+        assert position.values().tolist() == hash_ids(want, 16384).tolist()  # item_id's hashing: one ID space
 
+    flat = torch.from_numpy(hash_ids(np.array([i for h in hist for i in h], dtype=np.int64), 16384))
     bag = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="item_table", embedding_dim=4, num_embeddings=16384,
                                                             feature_names=["hist_items"], pooling=PoolingType.MEAN)])
-    pooled = bag(KeyedJaggedTensor(["hist_items"], sparse.values(), lengths=sparse.lengths()))["hist_items"]
+    lengths = torch.tensor([len(h) for h in hist], dtype=torch.int32)
+    pooled = bag(KeyedJaggedTensor(["hist_items"], flat, lengths=lengths))["hist_items"]
     empty = torch.tensor([len(h) == 0 for h in hist])
     assert (pooled[empty] == 0).all() and (pooled[~empty] != 0).any(dim=1).all()
 
@@ -193,35 +200,95 @@ def test_history_length_is_checked_with_the_config():
                                      "got source synth (a parquet source lists its sequence features in schema.yaml)")
 
 
+def history_schema():
+    from iak_dist.data.schema import Schema, SparseFeature
+
+    return Schema(sparse=[SparseFeature("user_id", 32), SparseFeature("item_id", 64),
+                          SparseFeature("hist_items", 64, multi_hot=True, sequence=True, pooling="mean",
+                                        shares_table="item_id", max_length=4)], domains=["a"], dense=[],
+                  conversion=None)
+
+
+def history_rows(history):
+    return pa.table({"label_click": pa.array([0] * len(history), pa.int8()), "domain": ["a"] * len(history),
+                     "user_id": pa.array(range(len(history)), pa.int64()),
+                     "item_id": pa.array([5, 9, 17, 3][:len(history)], pa.int64()),
+                     "hist_items": pa.array(history, pa.list_(pa.int64()))})
+
+
 def test_a_history_shares_its_items_table_and_pools_by_mean():
-    """One table for item_id and hist_items (a history item and the target item have one embedding); the
-    history's bag is the mean of its items' rows, an empty history pools to zeros."""
+    """One table for item_id and hist_items' positions (a history item and the target item have one
+    embedding); the pooled history is the mean of its items' rows, an empty history pools to zeros."""
     import torch
     from torchrec.modules.embedding_configs import PoolingType
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     from iak_dist.config import ModelConfig
-    from iak_dist.data.schema import Schema, SparseFeature
+    from iak_dist.data.batch import arrow_to_batch
+    from iak_dist.data.schema import hash_ids
     from iak_dist.model.backbone import Backbone
 
     torch.manual_seed(0)
-    schema = Schema(sparse=[SparseFeature("user_id", 32), SparseFeature("item_id", 64),
-                            SparseFeature("hist_items", 64, multi_hot=True, sequence=True, pooling="mean",
-                                          shares_table="item_id", max_length=4)], domains=["a"])
+    schema = history_schema()
     backbone = Backbone(schema, ModelConfig(embedding_dim=4, tower=[8]))
+    positions = [f"hist_items@{p}" for p in range(4)]
     assert [(t.name, t.feature_names, t.pooling) for t in backbone.table_configs] == [
-        ("t_user_id", ["user_id"], PoolingType.SUM), ("t_item_id", ["item_id", "hist_items"], PoolingType.MEAN)]
-    items, history = [5, 9, 17], [[1, 2, 60], [], [33]]
-    kjt = KeyedJaggedTensor(keys=schema.feature_names,
-                            values=torch.tensor([0, 1, 2, *items, *(i for h in history for i in h)]),
-                            lengths=torch.tensor([1, 1, 1, 1, 1, 1, *(len(h) for h in history)], dtype=torch.int32))
+        ("t_user_id", ["user_id"], PoolingType.SUM), ("t_item_id", ["item_id", *positions], PoolingType.SUM)]
+    history = [[1, 2, 60], [], [33], [7, 8, 9, 10, 11]]
+    batch = arrow_to_batch(history_rows(history), schema)
+    assert batch.sequence_lengths[:, 0].tolist() == [3, 0, 1, 4]
     with torch.no_grad():
-        pooled = backbone.embed(kjt)
+        pooled = backbone.embed(batch.sparse, batch.sequence_lengths)
     table = backbone.embeddings.embedding_bags["t_item_id"].weight.detach()
-    torch.testing.assert_close(pooled[:, 1], table[items])
-    torch.testing.assert_close(pooled[0, 2], table[[1, 2, 60]].mean(0))
+
+    def rows(ids):
+        return table[torch.from_numpy(hash_ids(np.array(ids, dtype=np.int64), 64))]
+
+    torch.testing.assert_close(pooled[:, 1], rows([5, 9, 17, 3]))
+    torch.testing.assert_close(pooled[0, 2], rows([1, 2, 60]).mean(0))
     assert torch.equal(pooled[1, 2], torch.zeros(4))
-    torch.testing.assert_close(pooled[2, 2], table[33])
+    torch.testing.assert_close(pooled[2, 2], rows([33])[0])
+    torch.testing.assert_close(pooled[3, 2], rows([8, 9, 10, 11]).mean(0))  # the last max_length items
+
+
+def test_the_transformer_reads_only_held_positions_causally_and_gives_zeros_without_history():
+    import torch
+
+    from iak_dist.config import ModelConfig
+    from iak_dist.data.batch import arrow_to_batch
+    from iak_dist.model.backbone import Backbone
+    from iak_dist.model.sequence import CausalBlock, valid_positions
+
+    torch.manual_seed(0)
+    backbone = Backbone(history_schema(), ModelConfig(embedding_dim=4, tower=[8], sequence_encoder="transformer",
+                                                      sequence_heads=2))
+    encoder = backbone.sequence_encoders["hist_items"]
+    batch = arrow_to_batch(history_rows([[1, 2, 60], [], [33], [7, 8, 9, 10, 11]]), history_schema())
+    vectors = backbone.embed(batch.sparse, batch.sequence_lengths)
+    assert torch.isfinite(vectors).all() and torch.equal(vectors[1, 2], torch.zeros(4))
+    vectors.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in encoder.parameters() if p.grad is not None)
+
+    # what the padded positions hold does not matter; each row is scored on its own
+    items, target = torch.randn(3, 4, 4), torch.randn(3, 4)
+    lengths = torch.tensor([2, 0, 4])
+    noisy = items.clone()
+    noisy[0, :2] = torch.randn(2, 4) * 100  # row 0 holds positions 2, 3 only
+    with torch.no_grad():
+        clean, dirty = encoder(items, lengths, target), encoder(noisy, lengths, target)
+        alone = encoder(items[2:], lengths[2:], target[2:])
+    torch.testing.assert_close(clean, dirty)
+    torch.testing.assert_close(clean[2:], alone)
+    assert torch.equal(clean[1], torch.zeros(4)) and not torch.equal(clean[0], torch.zeros(4))
+
+    # causal: a position's state reads itself and the older positions only
+    block = CausalBlock(4, 2)
+    mask = torch.zeros(1, 1, 4, 4).masked_fill(~(encoder.causal & valid_positions(torch.tensor([4]), 4)), -1e9)
+    later = items[2:].clone()
+    later[0, 3] += 1.0
+    with torch.no_grad():
+        before, after = block(items[2:], mask), block(later, mask)
+    torch.testing.assert_close(before[0, :3], after[0, :3])
+    assert not torch.allclose(before[0, 3], after[0, 3])
 
 
 def test_features_that_share_a_table_but_pool_differently_are_refused():
@@ -237,8 +304,10 @@ def test_features_that_share_a_table_but_pool_differently_are_refused():
         Backbone(schema, ModelConfig(embedding_dim=4, tower=[8]))
 
 
-def test_a_served_history_scores_as_the_trained_model_does(small_cfg, ctx, tmp_path):
-    """Export and `Predictor` with a shared, mean-pooled table: the artefact's scores are the sharded model's."""
+@pytest.mark.parametrize("encoder", ["pool", "transformer"])
+def test_a_served_history_scores_as_the_trained_model_does(encoder, small_cfg, ctx, tmp_path):
+    """A backbone with a history on the item table, pre-trained through the pipelined loop (TorchRec's
+    train pipeline traces it), exported: the `Predictor`'s scores are the sharded model's."""
     import dataclasses
 
     import torch
@@ -257,7 +326,8 @@ def test_a_served_history_scores_as_the_trained_model_does(small_cfg, ctx, tmp_p
 
     data = prepare(DataConfig(history_length=LENGTH, dir=str(tmp_path / "data")))
     run = tmp_path / "run"
-    pretrain(data, small_cfg.model, dataclasses.replace(small_cfg.pretrain, steps=5), small_cfg.distributed, 0,
+    model = dataclasses.replace(small_cfg.model, sequence_encoder=encoder)
+    pretrain(data, model, dataclasses.replace(small_cfg.pretrain, steps=5), small_cfg.distributed, 0,
              run / "seed0", ctx, show_progress=False)
     finetune(data, run / "seed0" / "backbone", "none", small_cfg.finetune, 0, run / "seed0" / "adapters" / "none",
              ctx, show_progress=False)
@@ -270,4 +340,4 @@ def test_a_served_history_scores_as_the_trained_model_does(small_cfg, ctx, tmp_p
     with torch.no_grad():
         trained = sharded.model(arrow_to_batch(rows, schema)).p_ctr.numpy()
     np.testing.assert_allclose(served, trained, rtol=1e-6, atol=1e-7)
-    assert predictor.mean_pooled == {"item_id", "hist_items"}  # the table's pooling (a bag of one: the same)
+    assert predictor.mean_pooled == set()  # a history's positions are bags of one; its encoder pools them

@@ -29,6 +29,9 @@ class Batch(Pipelineable):
     conversion: torch.Tensor  # [B] float32 (click AND converted); zeros when the data has none
     domain: torch.Tensor  # [B] int64
     user: torch.Tensor  # [B] int64 raw user id (GAUC groups); zeros when the schema names none
+    sequence_lengths: torch.Tensor | None = None
+    """[B, S] int64: the items each row holds of each of the schema's S sequence features (at most its
+    max_length), None without sequence features: which positions a sequence encoder may read."""
 
     def __len__(self) -> int:
         return int(self.click.shape[0])
@@ -36,8 +39,9 @@ class Batch(Pipelineable):
     def record_stream(self, stream) -> None:
         """Keep the tensors alive until `stream` (a CUDA stream of the train pipeline) is done with them."""
         self.sparse.record_stream(stream)
-        for t in (self.dense, self.click, self.conversion, self.domain, self.user):
-            t.record_stream(stream)
+        for t in (self.dense, self.click, self.conversion, self.domain, self.user, self.sequence_lengths):
+            if t is not None:
+                t.record_stream(stream)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         return Batch(
@@ -47,15 +51,23 @@ class Batch(Pipelineable):
             conversion=self.conversion.to(device, non_blocking=non_blocking),
             domain=self.domain.to(device, non_blocking=non_blocking),
             user=self.user.to(device, non_blocking=non_blocking),
+            sequence_lengths=None if self.sequence_lengths is None
+            else self.sequence_lengths.to(device, non_blocking=non_blocking),
         )
 
 
 def arrow_to_batch(table: pa.Table, schema: Schema) -> Batch:
     """Convert validated Arrow rows to a `Batch`, hashing raw IDs into each table's size."""
     n = table.num_rows
-    values, lengths = [], []
+    values, lengths, sequence_lengths = [], [], []
     for feature in schema.sparse:
         col = table.column(feature.name)
+        if feature.sequence:
+            keyed_values, keyed_lengths, kept = positions(col, feature.max_length)
+            lengths.append(keyed_lengths)
+            values.append(hash_ids(keyed_values, feature.table_size))
+            sequence_lengths.append(kept)
+            continue
         if feature.multi_hot:
             lengths.append(pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int32))
             raw = pc.list_flatten(col).to_numpy(zero_copy_only=False)
@@ -64,7 +76,7 @@ def arrow_to_batch(table: pa.Table, schema: Schema) -> Batch:
             raw = col.to_numpy(zero_copy_only=False)
         values.append(hash_ids(raw, feature.table_size))
     sparse = KeyedJaggedTensor(
-        keys=schema.feature_names,
+        keys=schema.lookup_keys,
         values=torch.from_numpy(np.concatenate(values)),
         lengths=torch.from_numpy(np.concatenate(lengths)),
     )
@@ -88,7 +100,26 @@ def arrow_to_batch(table: pa.Table, schema: Schema) -> Batch:
         conversion=torch.from_numpy(conversion),
         domain=torch.from_numpy(domain_indices(table.column(schema.domain), schema.domains)),
         user=torch.from_numpy(user),
+        sequence_lengths=torch.from_numpy(np.stack(sequence_lengths, axis=1)) if sequence_lengths else None,
     )
+
+
+def positions(column: pa.ChunkedArray | pa.Array, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A list column as `length` position keys, right-aligned (each row's most recent item, its last,
+    at position `length - 1`; a row of n < length items leaves positions 0 .. length - n - 1 empty; a
+    longer list keeps its last `length`): (raw IDs key by key, each key's bag lengths (0 or 1) key by key,
+    the items kept per row)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    n_items = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+    starts = column.offsets.to_numpy()[:-1].astype(np.int64) - column.offsets[0].as_py()
+    kept = np.minimum(n_items, length)
+    slot = np.arange(length)
+    present = slot[None, :] >= (length - kept)[:, None]  # [B, length]
+    index = starts[:, None] + n_items[:, None] - length + slot[None, :]  # where position p's item is in `flat`
+    by_key = present.T  # key-major, as the KeyedJaggedTensor lays out its values
+    return flat[index.T[by_key]], by_key.reshape(-1).astype(np.int32), kept
 
 
 def domain_indices(column: pa.ChunkedArray | pa.Array, domains: list[str]) -> np.ndarray:

@@ -69,6 +69,11 @@ class SparseFeature:
     `data.history_length`); None: not bounded. Longer lists are refused as values are checked."""
 
 
+def position_key(feature: str, position: int) -> str:
+    """The lookup key of position `position` of sequence feature `feature` (0: the oldest kept)."""
+    return f"{feature}@{position}"
+
+
 # Keys of a sparse feature that came after `multi_hot`: left out of `Schema.as_dict` at their defaults, so
 # schema files and backbone identities of data without sequences are what they were before these existed.
 _LATER_KEYS = {"sequence": False, "pooling": "sum", "shares_table": None, "max_length": None}
@@ -99,6 +104,9 @@ class Schema:
             if f.sequence and not f.multi_hot:
                 raise UserError(f"schema: sparse feature {f.name}: sequence: true needs multi_hot: true "
                                 f"(a sequence is a list of IDs)")
+            if f.sequence and f.max_length is None:
+                raise UserError(f"schema: sparse feature {f.name}: sequence: true needs max_length (its "
+                                f"positions: the batch carries one lookup per position)")
             if f.max_length is not None and (not f.multi_hot or f.max_length <= 0):
                 raise UserError(f"schema: sparse feature {f.name}: max_length must be > 0 on a multi_hot "
                                 f"feature, got {f.max_length!r}")
@@ -133,6 +141,20 @@ class Schema:
 
     def domain_index(self) -> dict[str, int]:
         return {d: i for i, d in enumerate(self.domains)}
+
+    @property
+    def lookup_keys(self) -> list[str]:
+        """The batch's `KeyedJaggedTensor` keys, in order: each feature's name, but a sequence feature gives
+        one key per position (`position_key`), each a bag of one item or none, most recent item last (the
+        lists are right-aligned): a sequence encoder reads every item's embedding through the same
+        sharded embedding-bag tables (TorchRec's bag and sequence collections cannot share a table)."""
+        return [key for f in self.sparse for key in self.keys_of(f)]
+
+    def keys_of(self, feature: SparseFeature) -> list[str]:
+        """The lookup keys of one feature (see `lookup_keys`)."""
+        if not feature.sequence:
+            return [feature.name]
+        return [position_key(feature.name, p) for p in range(feature.max_length or 0)]
 
     def table_owner(self, feature: str) -> str:
         """The feature whose embedding table `feature` looks up (itself, unless it `shares_table`)."""

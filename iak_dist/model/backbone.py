@@ -21,6 +21,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from iak_dist.config import ModelConfig, to_dict
 from iak_dist.data.schema import Schema
 from iak_dist.errors import UserError
+from iak_dist.model.sequence import SequencePool, SequenceTransformer
 from iak_dist.model.strategies.base import DomainRows
 
 # `model.table_dtype` -> TorchRec's table data type, which FBGEMM takes as its weights precision
@@ -105,7 +106,8 @@ class Backbone(nn.Module):
         tables = [
             EmbeddingBagConfig(
                 name=f"t_{owner.name}", embedding_dim=d, num_embeddings=owner.table_size,
-                feature_names=[f.name for f in schema.sparse if schema.table_owner(f.name) == owner.name],
+                feature_names=[key for f in schema.sparse if schema.table_owner(f.name) == owner.name
+                               for key in schema.keys_of(f)],
                 pooling=table_pooling(schema, owner.name), data_type=TABLE_DATA_TYPES[cfg.table_dtype],
                 init_fn=_left_to_init_tables if sharded_later else None,
             )
@@ -114,6 +116,14 @@ class Backbone(nn.Module):
         self.table_configs = tables  # kept: a sharded collection no longer exposes them
         self.table_dtype = cfg.table_dtype
         self.embeddings = EmbeddingBagCollection(tables=tables, device=device)
+        # sequence features: their lookup keys, the feature whose table they share (its embedding is the
+        # target of target attention), and the encoder that makes their one vector
+        self.sequences = {f.name: (schema.keys_of(f), f.shares_table, i)
+                          for i, f in enumerate(schema.sequence_features)}
+        self.sequence_encoders = nn.ModuleDict({
+            f.name: SequencePool(f.max_length, f.pooling) if cfg.sequence_encoder == "pool"
+            else SequenceTransformer(f.max_length, d, cfg.sequence_layers, cfg.sequence_heads)
+            for f in schema.sequence_features})
         self.dense_proj = nn.Linear(max(len(schema.dense), 1), d)
         num_vectors = len(self.feature_names) + 1
         widths = tower_widths(schema, cfg)
@@ -131,16 +141,29 @@ class Backbone(nn.Module):
     def hidden_width(self) -> int:
         return self.tower_widths[-1]
 
-    def embed(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        """Pooled embeddings [B, F, d], in schema order.
+    def embed(self, sparse: KeyedJaggedTensor, sequence_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """One vector per feature [B, F, d], in schema order (`sequence_lengths`: `Batch.sequence_lengths`).
 
         Trap: a sharded EmbeddingBagCollection returns its features in plan order, not config
-        order, so the KeyedTensor is read by feature name, never by position.
+        order, so the KeyedTensor is read by key, never by position.
         fp16 tables pool into fp32 (FBGEMM's output dtype); an unsharded fp16 collection pools into
         fp16, so the result is cast: the dense part always sees fp32.
         """
-        pooled = self.embeddings(sparse).to_dict()
-        return torch.stack([pooled[name] for name in self.feature_names], dim=1).float()
+        return self.feature_vectors(self.embeddings(sparse).to_dict(), sequence_lengths)
+
+    def feature_vectors(self, pooled: dict[str, torch.Tensor], sequence_lengths: torch.Tensor | None) -> torch.Tensor:
+        """[B, F, d] from the pooled bag of every lookup key: a feature's bag, or a sequence feature's items
+        (one bag per position) through its encoder. The serving `Predictor` pools its own bags and calls this."""
+        vectors = []
+        for name in self.feature_names:
+            if name not in self.sequences:
+                vectors.append(pooled[name].float())
+                continue
+            keys, shares, index = self.sequences[name]
+            items = torch.stack([pooled[key] for key in keys], dim=1).float()  # [B, L, d], most recent last
+            target = pooled[shares].float() if shares is not None else None
+            vectors.append(self.sequence_encoders[name](items, sequence_lengths[:, index], target))
+        return torch.stack(vectors, dim=1)
 
     def dense_part(self, embedded: torch.Tensor, dense: torch.Tensor, adapter=None, domain=None) -> ModelOutput:
         """Everything after the embedding lookup: interaction, tower (with adapter hooks), heads."""
@@ -183,8 +206,9 @@ class Backbone(nn.Module):
             ctr, cvr = torch.where(known, heads[0], ctr), torch.where(known, heads[1], cvr)
         return ModelOutput(ctr, cvr, aux)
 
-    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> ModelOutput:
-        return self.dense_part(self.embed(sparse), dense)
+    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor,
+                sequence_lengths: torch.Tensor | None = None) -> ModelOutput:
+        return self.dense_part(self.embed(sparse, sequence_lengths), dense)
 
     def dense_modules(self) -> dict[str, nn.Module]:
         """The modules DeepSpeed / the dense optimizer own (everything but the embedding tables)."""
@@ -198,7 +222,8 @@ def table_pooling(schema: Schema, owner: str) -> PoolingType:
     """How the table of feature `owner` pools a bag: TorchRec pools per table, not per feature, so the
     multi-hot features on one table must agree (a single-hot bag is the same under sum and mean)."""
     on_table = [f for f in schema.sparse if schema.table_owner(f.name) == owner]
-    wanted = {f.pooling for f in on_table if f.multi_hot}
+    # a sequence feature's bags hold one item each (its encoder pools them): it does not constrain the table
+    wanted = {f.pooling for f in on_table if f.multi_hot and not f.sequence}
     if len(wanted) > 1:
         raise UserError(f"schema: features {', '.join(f.name for f in on_table)} share table t_{owner} but pool by "
                         f"{' and '.join(sorted(wanted))}; TorchRec pools per table: give them one pooling")
@@ -213,14 +238,16 @@ def tower_widths(schema: Schema, cfg: ModelConfig) -> list[int]:
     return [first, *cfg.tower]
 
 
+LATER_MODEL_KEYS = {"table_dtype": "fp32", "sequence_encoder": "pool", "sequence_layers": 1, "sequence_heads": 2}
+"""Model keys that came after the first backbones, with their defaults: left out of the identity there."""
+
+
 def backbone_identity(schema: Schema, cfg: ModelConfig) -> str:
     """A short hash of what defines the backbone (schema tables + model config).
 
-    `table_dtype` came later: at its default (fp32) it is left out, so the identities stamped on
-    backbones and adapters written before it existed still match.
+    The keys of `LATER_MODEL_KEYS` came later: at their defaults they are left out, so the identities
+    stamped on backbones and adapters written before they existed still match.
     """
-    model = to_dict(cfg)
-    if model["table_dtype"] == "fp32":
-        del model["table_dtype"]
+    model = {k: v for k, v in to_dict(cfg).items() if k not in LATER_MODEL_KEYS or v != LATER_MODEL_KEYS[k]}
     blob = json.dumps({"schema": schema.as_dict(), "model": model}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

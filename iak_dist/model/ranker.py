@@ -28,9 +28,9 @@ class Ranker(nn.Module):
         its attributes feed the sharded tables, to distribute the next batch's IDs early)."""
         if self.freeze_embeddings:
             with torch.no_grad():
-                embedded = self.backbone.embed(batch.sparse)
+                embedded = self.backbone.embed(batch.sparse, batch.sequence_lengths)
         else:
-            embedded = self.backbone.embed(batch.sparse)
+            embedded = self.backbone.embed(batch.sparse, batch.sequence_lengths)
         return self.backbone.dense_part(embedded, batch.dense, self.adapter, batch.domain)
 
 

@@ -235,7 +235,7 @@ def _open_or_build(run: FinetuneSetup, root: Path, ctx: DistContext) -> CachedSp
 
     @torch.no_grad()
     def prefix_of(batch: Batch) -> torch.Tensor:
-        return backbone.prefix(backbone.embed(batch.sparse), batch.dense)
+        return backbone.prefix(backbone.embed(batch.sparse, batch.sequence_lengths), batch.dense)
 
     was_training = run.model.training
     run.model.eval()

@@ -238,7 +238,7 @@ class Predictor:
             first = int(np.flatnonzero(domain < 0)[0])
             raise self._unknown_domain_error(str(pc.cast(table.column(self.schema.domain), pa.string())[first]), first)
         batch = arrow_to_batch(table, self.schema)  # the preprocessing of training and evaluation
-        embedded = self._embed(batch.sparse)
+        embedded = self._embed(batch.sparse, batch.sequence_lengths)
         out = self.backbone.dense_part(embedded, batch.dense.to(self.device), self.adapter,
                                        batch.domain.to(self.device))
         if unknown:
@@ -247,20 +247,23 @@ class Predictor:
         return {"p_ctr": out.p_ctr.cpu().numpy(), "p_cvr": torch.sigmoid(out.cvr_logit).cpu().numpy(),
                 "p_ctcvr": out.p_ctcvr.cpu().numpy()}
 
-    def _embed(self, sparse) -> torch.Tensor:
-        """Pooled embeddings [B, F, d] in schema order, each bag summed in order (as FBGEMM's CPU kernel does),
-        divided by its length where its table pools by mean."""
-        pooled = []
-        by_name = sparse.to_dict()
+    def _embed(self, sparse, sequence_lengths: torch.Tensor | None) -> torch.Tensor:
+        """[B, F, d]: every lookup key's bag summed in order (as FBGEMM's CPU kernel does), divided by its
+        length where its table pools by mean, then the backbone's own `feature_vectors` (sequence encoders)."""
+        pooled = {}
+        by_key = sparse.to_dict()
         for feature in self.schema.sparse:
-            ids = by_name[feature.name]
-            gathered = torch.from_numpy(self.tables[feature.name].rows(ids.values().numpy())).to(self.device)
-            bags = F.embedding_bag(torch.arange(len(gathered), device=self.device), gathered,
-                                   ids.offsets().to(self.device), mode="sum", include_last_offset=True)
-            if feature.name in self.mean_pooled:
-                bags = bags / ids.lengths().to(self.device, bags.dtype).clamp(min=1.0).unsqueeze(1)
-            pooled.append(bags)
-        return torch.stack(pooled, dim=1)
+            table = self.tables[feature.name]
+            for key in self.schema.keys_of(feature):
+                ids = by_key[key]
+                gathered = torch.from_numpy(table.rows(ids.values().numpy())).to(self.device)
+                bags = F.embedding_bag(torch.arange(len(gathered), device=self.device), gathered,
+                                       ids.offsets().to(self.device), mode="sum", include_last_offset=True)
+                if key in self.mean_pooled:
+                    bags = bags / ids.lengths().to(self.device, bags.dtype).clamp(min=1.0).unsqueeze(1)
+                pooled[key] = bags
+        lengths = None if sequence_lengths is None else sequence_lengths.to(self.device)
+        return self.backbone.feature_vectors(pooled, lengths)
 
 
 def _is_int(value: Any) -> bool:
