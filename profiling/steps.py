@@ -179,8 +179,9 @@ def checkpoint_seconds(sharded, dense, ctx, root: Path, repeats: int = 3) -> flo
 
 def plain_torchrec_model(cfg: PipelineConfig, schema, ctx, plan, ddp: bool = True):
     """The bare backbone as a hand-written TorchRec loop would shard it: DMP with our sharding plan
-    (`plan`: ours, from `ShardedRanker.plan`), fused row-wise Adagrad in backward and, with `ddp`, DDP
-    around the dense part (its all-reduces overlapped with backward). Returns the DMP model."""
+    (`plan`: ours, from `ShardedRanker.plan`), fused row-wise Adagrad in backward and, with `ddp` on
+    several ranks, DDP around the dense part (its all-reduces overlapped with backward; on one rank there
+    is nothing to reduce, and `DenseEngine` skips that reduce too). Returns the DMP model."""
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
     from torchrec.distributed.types import ShardingPlan
@@ -199,7 +200,8 @@ def plain_torchrec_model(cfg: PipelineConfig, schema, ctx, plan, ddp: bool = Tru
     # output (a `ModelOutput` dataclass is a leaf to its pytree flattening): static-graph DDP then never
     # all-reduces the dense gradients, and the ranks' dense weights drift apart silently (this loop ran
     # so, with no dense all-reduce at all, until 2026-12-03). Dynamic DDP reduces from its hooks every step.
-    return DistributedModelParallel(backbone, device=ctx.device, plan=same_plan, init_data_parallel=ddp,
+    return DistributedModelParallel(backbone, device=ctx.device, plan=same_plan,
+                                    init_data_parallel=ddp and ctx.world_size > 1,
                                     data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False))
 
 
