@@ -341,3 +341,23 @@ def test_a_served_history_scores_as_the_trained_model_does(encoder, small_cfg, c
         trained = sharded.model(arrow_to_batch(rows, schema)).p_ctr.numpy()
     np.testing.assert_allclose(served, trained, rtol=1e-6, atol=1e-7)
     assert predictor.mean_pooled == set()  # a history's positions are bags of one; its encoder pools them
+
+
+def test_a_backbone_from_before_the_sequence_keys_matches_the_default_config(backbone_dir, small_cfg, tmp_path):
+    """backbone.json written before model.sequence_* existed: the keys count as their defaults; a config
+    that asks for another encoder is refused naming the key."""
+    import dataclasses
+    import json
+    import shutil
+
+    from iak_dist.phases.common import check_model_matches
+
+    old = tmp_path / "backbone"
+    shutil.copytree(backbone_dir, old)
+    meta = json.loads((old / "backbone.json").read_text())
+    meta["model"] = {k: v for k, v in meta["model"].items() if not k.startswith("sequence_")}
+    (old / "backbone.json").write_text(json.dumps(meta))
+    check_model_matches(small_cfg.model, old)
+    with pytest.raises(UserError, match=r"^model.sequence_encoder: the config says 'transformer', the backbone in "
+                                        r".* was pre-trained with 'pool'; use the backbone's value"):
+        check_model_matches(dataclasses.replace(small_cfg.model, sequence_encoder="transformer"), old)

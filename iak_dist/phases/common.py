@@ -34,7 +34,8 @@ def check_model_matches(model_cfg: ModelConfig, backbone_dir: str | Path) -> Non
     section says otherwise (changed after pre-training) would silently not be what runs.
     """
     meta = read_backbone_meta(backbone_dir)
-    mine, theirs = to_dict(model_cfg), meta["model"]
+    # a key that came after the backbone was written counts as its default (what the backbone was built with)
+    mine, theirs = to_dict(model_cfg), to_dict(meta["model_obj"])
     diff = [k for k in mine if mine[k] != theirs.get(k)]
     if diff:
         key = diff[0]
