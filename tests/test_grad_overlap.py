@@ -4,6 +4,7 @@ Two real ranks on gloo (torchrun runs this file as the worker). Each ZeRO stage 
 small model on each rank's own batches twice: with the overlap (stage 0: `OverlappedGradReduce`;
 stages 1-3: DeepSpeed's `overlap_comm`) and without it (`zero_optimization.overlap_comm: false`,
 DeepSpeed's one reduction after backward). Gradients far above the clipping norm, so clipping acts.
+The same ranks then check the plain TorchRec DMP loop the profile measures the overlap against.
 """
 
 from __future__ import annotations
