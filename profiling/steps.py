@@ -147,7 +147,7 @@ def pretrain_stepper(sharded, dense, loader_batches=None) -> Stepper:
         dist_input = tables.input_dist(context, batch.sparse).wait().wait()
         times.append(clock(device))
         pooled = tables.compute_and_output_dist(context, dist_input).wait().to_dict()
-        embedded = torch.stack([pooled[name] for name in backbone.feature_names], dim=1)
+        embedded = backbone.feature_vectors(pooled, batch.sequence_lengths)
         times.append(clock(device))
         out = backbone.dense_part(embedded, batch.dense)
         loss = task_loss(out, batch, None) + out.aux_loss  # pre-training's loss: the mean over rows
