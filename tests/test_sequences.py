@@ -170,7 +170,18 @@ BAD_SCHEMAS = [
      "(IDs are hashed into it)"),
     ({"max_length": 0}, "schema: sparse feature hist: max_length must be > 0 on a multi_hot feature, got 0"),
     ({"pooling": "max"}, "{path}: key sparse[2].pooling: 'max' is not one of 'sum', 'mean'"),
+    ({"max_length": None}, "schema: sparse feature hist: sequence: true needs max_length (its positions: the batch "
+                           "carries one lookup per position)"),
 ]
+
+
+def test_a_feature_cannot_share_the_table_of_a_sequence():
+    from iak_dist.data.schema import Schema, SparseFeature
+
+    with pytest.raises(UserError, match=r"^schema: sparse feature again: shares_table: hist is a sequence \(looked up "
+                                        r"by position\); share the table of the feature it holds IDs of$"):
+        Schema(sparse=[SparseFeature("hist", 16, multi_hot=True, sequence=True, max_length=4),
+                       SparseFeature("again", 16, shares_table="hist")], domains=["a"])
 
 
 @pytest.mark.parametrize(("change", "message"), BAD_SCHEMAS)
@@ -230,7 +241,7 @@ def test_a_history_shares_its_items_table_and_pools_by_mean():
     torch.manual_seed(0)
     schema = history_schema()
     backbone = Backbone(schema, ModelConfig(embedding_dim=4, tower=[8]))
-    positions = [f"hist_items@{p}" for p in range(4)]
+    positions = [f"hist_items#{p}" for p in range(4)]
     assert [(t.name, t.feature_names, t.pooling) for t in backbone.table_configs] == [
         ("t_user_id", ["user_id"], PoolingType.SUM), ("t_item_id", ["item_id", *positions], PoolingType.SUM)]
     history = [[1, 2, 60], [], [33], [7, 8, 9, 10, 11]]
@@ -341,6 +352,25 @@ def test_a_served_history_scores_as_the_trained_model_does(encoder, small_cfg, c
         trained = sharded.model(arrow_to_batch(rows, schema)).p_ctr.numpy()
     np.testing.assert_allclose(served, trained, rtol=1e-6, atol=1e-7)
     assert predictor.mean_pooled == set()  # a history's positions are bags of one; its encoder pools them
+
+    # as training's data check: a request whose list is longer than the history the backbone reads is refused
+    from iak_dist.serving.predictor import RequestError
+
+    longer = rows.slice(0, 2).to_pylist()
+    longer[1]["hist_items"] = list(range(LENGTH + 1))
+    with pytest.raises(RequestError, match=rf"^column 'hist_items' row 1: the list holds {LENGTH + 1} IDs, more than "
+                                           rf"the schema's max_length {LENGTH}$"):
+        predictor.score(longer)
+
+    # data whose history has another length than the backbone's is refused before anything is read
+    if encoder == "pool":
+        from iak_dist.distributed.checkpoint import read_backbone_meta
+        from iak_dist.phases.common import check_schema_matches
+
+        other = dataclasses.replace(schema, sparse=[dataclasses.replace(f, max_length=LENGTH + 2) if f.sequence else f
+                                                    for f in schema.sparse])
+        with pytest.raises(UserError, match=r"the data's sparse features differ from the backbone's: hist_items: "):
+            check_schema_matches(other, read_backbone_meta(run / "seed0" / "backbone"), data)
 
 
 def test_a_backbone_from_before_the_sequence_keys_matches_the_default_config(backbone_dir, small_cfg, tmp_path):

@@ -71,7 +71,7 @@ class SparseFeature:
 
 def position_key(feature: str, position: int) -> str:
     """The lookup key of position `position` of sequence feature `feature` (0: the oldest kept)."""
-    return f"{feature}@{position}"
+    return f"{feature}#{position}"  # not `@`: TorchRec names its own shared features `name@table`
 
 
 # Keys of a sparse feature that came after `multi_hot`: left out of `Schema.as_dict` at their defaults, so
@@ -116,6 +116,9 @@ class Schema:
                     others = ", ".join(n for n in by_name if n != f.name)
                     raise UserError(f"schema: sparse feature {f.name}: shares_table names no other sparse feature: "
                                     f"{f.shares_table!r}; features: {others}")
+                if owner.sequence:
+                    raise UserError(f"schema: sparse feature {f.name}: shares_table: {owner.name} is a sequence "
+                                    f"(looked up by position); share the table of the feature it holds IDs of")
                 if owner.shares_table is not None:
                     raise UserError(f"schema: sparse feature {f.name}: shares_table: {owner.name} itself looks up "
                                     f"{owner.shares_table}'s table; name the table's owner, {owner.shares_table}")

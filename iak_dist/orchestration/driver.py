@@ -48,7 +48,8 @@ sharding, evaluation batches). A run directory whose phases ran keeps them: a re
 of their keys is refused, or the report would mix results of two configs under the new one's name."""
 HOW_KEYS = ("finetune.strategies", "finetune.prefix_cache")
 """Keys of those sections that do not change a finished phase's results: strategies are each phase's
-spec (new ones run, finished ones are kept); the prefix cache is bitwise equal to the lookups."""
+spec (new ones run, finished ones are kept); the prefix cache computes what the lookups do (bitwise in
+the tests; at most in the last bits where a GEMM's rounding depends on its row count)."""
 
 
 def run_pipeline(cfg: PipelineConfig, use_ray: bool = False, address: str | None = None,

@@ -19,12 +19,15 @@ from iak_dist.model.strategies.base import Adapter
 
 
 def check_schema_matches(data_schema: Schema, meta: dict[str, Any], data_dir: str | Path) -> None:
-    """The data's tables must be the backbone's tables (same features, same sizes)."""
-    theirs = {f.name: f.table_size for f in meta["schema_obj"].sparse}
-    mine = {f.name: f.table_size for f in data_schema.sparse}
+    """The data's sparse features must be the backbone's: names, table sizes and every key that says how they
+    are looked up (a sequence's max_length decides which positions the backbone reads, pooling and
+    shares_table what its bags hold): any other difference would be read silently wrong."""
+    theirs = {f["name"]: f for f in meta["schema_obj"].as_dict()["sparse"]}
+    mine = {f["name"]: f for f in data_schema.as_dict()["sparse"]}
     if theirs != mine:
-        diff = sorted(set(theirs.items()) ^ set(mine.items()))
-        raise UserError(f"{data_dir}: the data's sparse features differ from the backbone's: {diff[:4]}")
+        diff = sorted(f"{name}: {mine.get(name)} vs the backbone's {theirs.get(name)}"
+                      for name in sorted(set(theirs) | set(mine)) if mine.get(name) != theirs.get(name))
+        raise UserError(f"{data_dir}: the data's sparse features differ from the backbone's: {'; '.join(diff[:2])}")
 
 
 def check_model_matches(model_cfg: ModelConfig, backbone_dir: str | Path) -> None:

@@ -209,6 +209,13 @@ class Predictor:
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                     raise RequestError(column, f"column {column!r} must be {want}, got {values.type}") from None
             columns[column] = values
+        for f in self.schema.sparse:  # as training's data check: a list longer than its max_length is refused
+            if f.max_length is not None:
+                lengths = pc.list_value_length(columns[f.name]).to_numpy(zero_copy_only=False)
+                if len(lengths) and lengths.max() > f.max_length:
+                    row = int(np.argmax(lengths > f.max_length))
+                    raise RequestError(f.name, f"column {f.name!r} row {row}: the list holds {int(lengths[row])} IDs, "
+                                               f"more than the schema's max_length {f.max_length}")
         n = rows.num_rows
         zeros = pa.array(np.zeros(n, dtype=np.int64))
         for label in (self.schema.click, self.schema.conversion, self.schema.user):  # not needed to score

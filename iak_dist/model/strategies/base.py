@@ -151,14 +151,26 @@ class DomainLinear(nn.Module):
     gemm_limit = 32
 
     def __init__(self, num_domains: int, in_features: int, out_features: int, init_std: float,
-                 bias: bool = True) -> None:
+                 bias: bool = True, through_width: int | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(num_domains, in_features, out_features) * init_std)
         self.bias = nn.Parameter(torch.zeros(num_domains, out_features)) if bias else None
         self.path = gemm_path(num_domains, in_features, out_features, self.gemm_limit)
+        # the path of these maps folded through a linear layer to `through_width` outputs (`forward`'s `through`)
+        self.through_path = None if through_width is None else gemm_path(num_domains, in_features, through_width,
+                                                                         self.gemm_limit)
 
-    def forward(self, x: torch.Tensor, rows: DomainRows) -> torch.Tensor:
-        return domain_linear(x, self.weight, self.bias, rows, self.path)
+    def forward(self, x: torch.Tensor, rows: DomainRows, residual: torch.Tensor | None = None,
+                through: torch.Tensor | None = None) -> torch.Tensor:
+        """Each row through its domain's map, plus `residual` (see `domain_linear`). With `through` (the
+        weight [width, out] of a linear layer these maps feed, built with `through_width=width`), the maps
+        folded into it: `x W_d A^T + c_d A^T`, the layer's change for the map's output, without the batch
+        ever multiplying by A. The parameters are read here, in this module's forward (ZeRO-3 gathers a
+        module's parameters when its forward runs)."""
+        if through is None:
+            return domain_linear(x, self.weight, self.bias, rows, self.path, residual)
+        bias = None if self.bias is None else self.bias @ through.t()
+        return domain_linear(x, self.weight @ through.t(), bias, rows, self.through_path, residual)
 
 
 class Adapter(nn.Module):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iak_dist.config import at_least
-from iak_dist.model.strategies.base import Adapter, DomainLinear, DomainRows, domain_linear, gemm_path, register
+from iak_dist.model.strategies.base import Adapter, DomainLinear, DomainRows, register
 
 INSERTIONS = {
     "output": (False, "output"),
@@ -131,9 +131,6 @@ class GaussianKernel(nn.Module):
         super().__init__()
         k = cfg.width
         self.form = cfg.form
-        # decided here, not per call: the forward has no shape-dependent branch (it is fx-traced)
-        self.folded_path = None if through_width is None else gemm_path(num_domains, k, through_width,
-                                                                        DomainLinear.gemm_limit)
         # He-initialised hidden layer: the code sees h's variation from step 0
         if cfg.encoder == "mlp":
             self.encoder_hidden = DomainLinear(num_domains, width, cfg.encoder_hidden, init_std=math.sqrt(2.0 / width))
@@ -148,7 +145,7 @@ class GaussianKernel(nn.Module):
         self.prior_mu = nn.Parameter(torch.zeros(num_domains, k))
         self.prior_logvar = nn.Parameter(torch.zeros(num_domains, k))
         if cfg.form == "residual":
-            self.decoder = DomainLinear(num_domains, k, width, init_std=0.0)
+            self.decoder = DomainLinear(num_domains, k, width, init_std=0.0, through_width=through_width)
         else:
             self.reconstruct = DomainLinear(num_domains, k, width, init_std=1.0 / math.sqrt(k))
             self.match_in = DomainLinear(num_domains, width, k, init_std=1.0 / math.sqrt(width))
@@ -181,9 +178,7 @@ class GaussianKernel(nn.Module):
             if through is None:
                 return h + self.decoder(z, rows), kl
             weight, _, out = through
-            folded = self.decoder.weight @ weight.t()  # [K, k, out]
-            folded_bias = self.decoder.bias @ weight.t()  # [K, out]
-            return domain_linear(z, folded, folded_bias, rows, self.folded_path, residual=out), kl
+            return self.decoder(z, rows, residual=out, through=weight), kl  # the decoder folded into A
         h_bar = self.reconstruct(z, rows)
         adapted = h_bar + self.decoder(torch.relu(self.match_in(h_bar, rows)), rows)
         if through is None:

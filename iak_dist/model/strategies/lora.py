@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from iak_dist.config import at_least
-from iak_dist.model.strategies.base import Adapter, DomainLinear, domain_linear, register
+from iak_dist.model.strategies.base import Adapter, DomainLinear, register
 
 
 @dataclass
@@ -45,6 +45,5 @@ class LoraAdapter(Adapter):
         )
 
     def adapt_preactivation(self, layer, x, y, rows, linear):
-        up = self.up[layer]  # y + (alpha / r) B_d A_d x, the sum done by the up-projection's GEMM where it can
-        return domain_linear(self.down[layer](x, rows), up.weight * self.scale, None, rows, up.path, residual=y), \
-            y.new_zeros(())
+        # y + (alpha / r) B_d A_d x, the sum done by the up-projection's GEMM where it can
+        return self.up[layer](self.scale * self.down[layer](x, rows), rows, residual=y), y.new_zeros(())
