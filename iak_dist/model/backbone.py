@@ -121,7 +121,7 @@ class Backbone(nn.Module):
         self.sequences = {f.name: (schema.keys_of(f), f.shares_table, i)
                           for i, f in enumerate(schema.sequence_features)}
         self.sequence_encoders = nn.ModuleDict({
-            f.name: SequencePool(f.max_length, f.pooling) if cfg.sequence_encoder == "pool"
+            f.name: SequencePool(f.pooling) if cfg.sequence_encoder == "pool"
             else SequenceTransformer(f.max_length, d, cfg.sequence_layers, cfg.sequence_heads)
             for f in schema.sequence_features})
         self.dense_proj = nn.Linear(max(len(schema.dense), 1), d)

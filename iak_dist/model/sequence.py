@@ -35,9 +35,8 @@ def valid_positions(lengths: torch.Tensor, length: int) -> torch.Tensor:
 class SequencePool(nn.Module):
     """Sum or mean of the items a row holds (empty positions are zero vectors already)."""
 
-    def __init__(self, length: int, pooling: str) -> None:
+    def __init__(self, pooling: str) -> None:
         super().__init__()
-        self.length = length
         self.mean = pooling == "mean"
 
     def forward(self, items: torch.Tensor, lengths: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
