@@ -49,6 +49,10 @@ class DataConfig:
     """MovieLens: > 0 adds the sequence feature `hist_items`, the item IDs the user rated strictly before
     the impression's time, oldest first, the last `history_length` of them (docs/data.md, "Sequence
     features"); 0: no such column (the data of before)."""
+    item_text: bool = False
+    """MovieLens: also embed each item's text (its title and genres) once, at prepare time, with a small
+    offline sentence encoder installed at set-up (all-MiniLM-L6-v2), into the data folder beside the
+    splits (docs/data.md, "Item text"); false: no text (the data of before)."""
     split_fractions: list[float] = field(default_factory=lambda: [0.65, 0.15, 0.05, 0.15])
     """Time quantiles for pre-train / fine-tune / valid / test, taken within each `split_within` group.
     `valid` (between fine-tune and test in time) serves early stopping and every choice of strategy or
@@ -76,6 +80,8 @@ class DataConfig:
         if self.history_length and self.source != "movielens-100k":
             found["history_length"] = (f"only movielens-100k data is prepared with a history, got source "
                                        f"{self.source} (a parquet source lists its sequence features in schema.yaml)")
+        if self.item_text and self.source != "movielens-100k":
+            found["item_text"] = f"only movielens-100k data is prepared with item text, got source {self.source}"
         fr = self.split_fractions
         if len(fr) != 4 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
             found["split_fractions"] = (f"need four positive fractions (pretrain, finetune, valid, test) "
