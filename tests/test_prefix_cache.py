@@ -70,6 +70,23 @@ def test_finetuning_from_the_cache_is_bitwise_the_lookups_training(strategy, sma
     assert "[finetune] prefix cache: reused" in again
 
 
+def test_validation_passes_read_a_cache_of_the_valid_split_and_measure_what_the_lookups_do(
+        small_cfg, grouped_dir, backbone_dir, ctx, tmp_path, capsys):
+    """A frozen backbone's validation passes score the valid split from its own prefix cache: the same
+    losses as through the lookups (to the last bits a GEMM's row count may move), the same best pass."""
+    backbone = own_backbone(backbone_dir, tmp_path)
+    cfg = replace(small_cfg, finetune=replace(small_cfg.finetune, optim=replace(
+        small_cfg.finetune.optim, validate_every=0.25)))
+    _, plain, _ = finetune_weights("iak", "off", cfg, grouped_dir, backbone, ctx, tmp_path / "off")
+    capsys.readouterr()
+    _, cached, lines = finetune_weights("iak", "auto", cfg, grouped_dir, backbone, ctx, tmp_path / "auto", capsys)
+    assert f"prefix cache: built {backbone.parent / 'prefix_cache' / 'valid'}" in lines
+    assert len(plain["valid/passes"]) == len(cached["valid/passes"]) >= 3
+    for (step, value), (cached_step, cached_value) in zip(plain["valid/passes"], cached["valid/passes"], strict=True):
+        assert step == cached_step and cached_value == pytest.approx(value, rel=1e-6, abs=0)
+    assert plain["valid/best_step"] == cached["valid/best_step"]
+
+
 def test_cache_rows_are_the_backbones_prefix_and_the_streams_draw_the_same_rows(small_cfg, grouped_dir, backbone_dir,
                                                                                  ctx, tmp_path, monkeypatch):
     """What a cached row holds is the interaction output of that row's lookups; `DomainStreams` over the
@@ -196,14 +213,18 @@ def test_a_cache_built_on_two_ranks_is_read_on_one(small_cfg, grouped_dir, backb
 
     backbone = own_backbone(backbone_dir, tmp_path)
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"data": str(grouped_dir), "backbone": str(backbone)}))
+    spec.write_text(json.dumps({"data": str(grouped_dir), "backbone": str(backbone), "loss": str(tmp_path / "loss")}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", __file__, str(spec)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "prefix cache: built" in result.stderr
-    marker = json.loads(next((backbone.parent / "prefix_cache").glob("*/cache.json")).read_text())
+    marker = json.loads(next((backbone.parent / "prefix_cache").glob("finetune/*/cache.json")).read_text())
     assert len(marker["parts"]) > 2  # both ranks wrote row groups
+    valid_parts = json.loads(next((backbone.parent / "prefix_cache").glob("valid/*/cache.json")).read_text())["parts"]
+    assert len(valid_parts) % 2 == 1  # one rank has a row group more: the other pads in lockstep
+    assert json.loads((tmp_path / "loss").read_text()) == pytest.approx(lookup_validation_loss(
+        small_cfg, grouped_dir, backbone, ctx), rel=1e-6)
     capsys.readouterr()
     through_lookups, _, _ = finetune_weights("iak", "off", small_cfg, grouped_dir, backbone, ctx, tmp_path / "off")
     from_cache, _, lines = finetune_weights("iak", "auto", small_cfg, grouped_dir, backbone, ctx, tmp_path / "auto",
@@ -211,6 +232,22 @@ def test_a_cache_built_on_two_ranks_is_read_on_one(small_cfg, grouped_dir, backb
     assert "prefix cache: reused" in lines
     for name, value in through_lookups.items():
         assert torch.equal(value, from_cache[name]), name
+
+
+def lookup_validation_loss(cfg, data_dir: Path, backbone: Path, ctx) -> float:
+    """The valid split's loss through the lookups, in this process: the reference of a cached pass."""
+    import functools
+
+    from iak_dist.data.parquet import ParquetReader
+    from iak_dist.data.source import Split
+    from iak_dist.phases.evaluate import first_row
+    from iak_dist.phases.finetune import build_finetune
+    from iak_dist.phases.validation import VALID_BATCH, validation_loss
+
+    run = build_finetune(data_dir, backbone, "iak", cfg.finetune, ctx)
+    split = Split.open(data_dir, "valid", run.schema)
+    return validation_loss(run.model, ParquetReader(split, run.schema, VALID_BATCH), ctx,
+                           functools.partial(first_row, split, run.schema))
 
 
 def build_on_every_rank(spec_path: str) -> None:
@@ -224,9 +261,22 @@ def build_on_every_rank(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     ctx = init_distributed()
     try:
-        cfg = load_config(None, ["model.tower=[32, 16]", "model.embedding_dim=8"])
+        cfg = load_config(None, ["model.tower=[32, 16]", "model.embedding_dim=8", "distributed.zero.stage=3"])
         run = build_finetune(spec["data"], spec["backbone"], "iak", cfg.finetune, ctx, cfg.distributed)
-        open_prefix_cache(run, Path(spec["backbone"]).parent / "prefix_cache", ctx)
+        root = Path(spec["backbone"]).parent / "prefix_cache"
+        open_prefix_cache(run, root, ctx)
+        # a validation pass from the valid split's cache, the adapter under ZeRO-3 (its forwards gather
+        # parameters: collective, so the ranks' unequal shares of row groups run in lockstep)
+        from iak_dist.distributed.zero import DenseEngine
+        from iak_dist.model.ranker import PrefixRanker
+        from iak_dist.phases.finetune import cached_validation
+        from iak_dist.phases.validation import loss_over
+
+        DenseEngine(run.trainable, 1e-3, 0.0, cfg.distributed.zero, 64, ctx.world_size)
+        model = PrefixRanker(run.sharded.ranker.backbone, run.adapter)
+        loss = loss_over(cached_validation(run, spec["data"], root, model, ctx), ctx)
+        if ctx.is_main:
+            Path(spec["loss"]).write_text(json.dumps(loss))
     finally:
         close_distributed(ctx)
     exit_launched_rank(0)

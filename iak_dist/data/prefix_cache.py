@@ -6,7 +6,8 @@ layer's output on it) is a fixed function of each row. One streamed pass over
 the split computes it (the embedding lookups and, on several ranks, their all-to-all, paid once); the
 fine-tune loop then draws its batches from the cache instead of the Parquet files and the tables.
 
-Layout, under `<root>/<key>/` (`<root>`: `<seed dir>/prefix_cache`, shared by every strategy of the seed):
+Layout, under `<root>/<split>/<key>/` (`<root>`: `<seed dir>/prefix_cache`, shared by every strategy of the
+seed; `<split>`: `finetune` for the training streams, `valid` for the validation passes):
 
     part-000000.rec ...  one file per row group of the split (`Split.parts`, in order), its rows in the row
                          group's order: the prefix matrix [rows, width] fp32, then one `META` record per row
@@ -25,9 +26,9 @@ when this process first opens it.
 Reading: `CachedSplit` answers `read(part)` as `Split` does, for the same rows (where each row's
 record is, and its domain), so `DomainStreams` draws exactly the same rows in the same order from
 the cache as from the files (the batch-aware domain sampler is unchanged); `to_batch` gathers the
-drawn records. At most `OPEN_FILES` files are memory-mapped at a time: memory holds what the
-streams hold, whatever the size of the cache. Row groups are not tied to ranks: a cache built on
-W ranks is read at any world size.
+drawn records; `batches` reads a rank's share in order (validation passes). At most `OPEN_FILES` files
+are memory-mapped at a time: memory holds what the streams hold, whatever the size of the cache. Row
+groups are not tied to ranks: a cache built on W ranks is read at any world size.
 """
 
 from __future__ import annotations
@@ -223,6 +224,19 @@ class CachedSplit:
             meta[mine] = np.asarray(file_meta)[rows[mine]]
         return PrefixBatch(torch.from_numpy(prefix), *(torch.from_numpy(np.ascontiguousarray(meta[name]))
                                                        for name in META.names))
+
+
+    def batches(self, rank: int, world_size: int, rows: int) -> Iterator[PrefixBatch]:
+        """Rank `rank`'s share of the cached rows (row groups rank, rank + W, ...) in order, `rows` at a
+        time: a pass over the whole split (validation), one row group mapped at a time."""
+        for part in self.parts[rank::world_size]:
+            where = self.read(part)
+            for lo in range(0, where.num_rows, rows):
+                yield self.to_batch(where.slice(lo, rows))
+
+    def first_row(self) -> PrefixBatch:
+        """One cached row as a batch: `lockstep`'s padding for a rank without rows of its own."""
+        return self.to_batch(self.read(self.parts[0]).slice(0, 1))
 
 
 def _chunks(split: Split, schema: Schema, indices: list[int]) -> Iterator[tuple[int, Batch, bool]]:

@@ -50,7 +50,7 @@ from iak_dist.phases.common import build_from_backbone, check_schema_matches
 from iak_dist.phases.evaluate import lockstep
 from iak_dist.phases.loop import train_loop
 from iak_dist.phases.pretrain import steps_for
-from iak_dist.phases.validation import EarlyStopping
+from iak_dist.phases.validation import VALID_BATCH, EarlyStopping, ValidationInput
 from iak_dist.runtime import say
 from iak_dist.tracking import summary_writer
 
@@ -205,22 +205,25 @@ def uses_prefix_cache(strategy: str, setting: str) -> bool:
     return setting != "off" and not trains_backbone
 
 
-def open_prefix_cache(run: FinetuneSetup, root: Path, ctx: DistContext) -> CachedSplit:
-    """The prefix cache of `run`'s split and backbone under `root/<key>`: reused when complete, else
-    (no cache, another key, an interrupted build, a truncated file) built by one pass over the split,
-    each rank its row groups (collective: every rank calls it). Says which, in one line."""
+def open_prefix_cache(run: FinetuneSetup, root: Path, ctx: DistContext, split: Split | None = None) -> CachedSplit:
+    """The prefix cache of `split` (default: `run`'s fine-tune split) and `run`'s backbone under
+    `root/<split name>/<key>`: reused when complete, else (no cache, another key, an interrupted build, a
+    truncated file) built by one pass over the split, each rank its row groups (collective: every rank
+    calls it). Says which, in one line."""
+    split = split or run.split
+    root = root / split.name
     with building_lock(root, holder=ctx.is_main):
         ctx.barrier()  # sync point: every rank decides once rank 0 holds the lock
-        cached = _open_or_build(run, root, ctx)
+        cached = _open_or_build(run, split, root, ctx)
         ctx.barrier()  # the cache is whole before another phase may look at it
     return cached
 
 
-def _open_or_build(run: FinetuneSetup, root: Path, ctx: DistContext) -> CachedSplit:
+def _open_or_build(run: FinetuneSetup, split: Split, root: Path, ctx: DistContext) -> CachedSplit:
     width = run.sharded.ranker.backbone.prefix_width
-    key = cache_key(run.meta, run.split, run.schema)
+    key = cache_key(run.meta, split, run.schema)
     folder = root / key
-    problems = [cache_problem(folder, key, run.split)]
+    problems = [cache_problem(folder, key, split)]
     if ctx.world_size > 1:  # every rank must take the same branch (the build is collective)
         everyone: list = [None] * ctx.world_size
         torch.distributed.all_gather_object(everyone, problems[0])  # sync point
@@ -228,7 +231,7 @@ def _open_or_build(run: FinetuneSetup, root: Path, ctx: DistContext) -> CachedSp
     problem = next((p for p in problems if p is not None), None)
     if problem is None:
         say(f"[finetune] prefix cache: reused {folder}", ctx.rank)
-        return CachedSplit(folder, run.split, run.schema)
+        return CachedSplit(folder, split, run.schema)
     on_main(ctx, lambda: clear_folder(folder))
     backbone = run.sharded.ranker.backbone
     started = time.perf_counter()
@@ -240,14 +243,24 @@ def _open_or_build(run: FinetuneSetup, root: Path, ctx: DistContext) -> CachedSp
     was_training = run.model.training
     run.model.eval()
     try:
-        build_prefix_cache(folder, key, run.split, run.schema, width, prefix_of, ctx.rank, ctx.world_size,
+        build_prefix_cache(folder, key, split, run.schema, width, prefix_of, ctx.rank, ctx.world_size,
                            lambda batches, padding: lockstep(batches, ctx, padding), ctx.device)
     finally:
         run.model.train(was_training)
     ctx.barrier()  # rank 0's marker is written
-    say(f"[finetune] prefix cache: built {folder} ({run.split.num_rows:,} rows x {width} floats, "
+    say(f"[finetune] prefix cache: built {folder} ({split.num_rows:,} rows x {width} floats, "
         f"{time.perf_counter() - started:.1f} s; {problem})", ctx.rank)
-    return CachedSplit(folder, run.split, run.schema)
+    return CachedSplit(folder, split, run.schema)
+
+
+def cached_validation(run: FinetuneSetup, data_dir: str | Path, cache_root: Path, model: PrefixRanker,
+                      ctx: DistContext) -> ValidationInput:
+    """Validation passes from a prefix cache of the valid split (built once per backbone, like the
+    fine-tune split's): a frozen backbone scores each valid row through the same prefix every pass,
+    so a pass costs the adapter's forward alone, not the lookups (collective: every rank calls it)."""
+    cached = open_prefix_cache(run, cache_root, ctx, Split.open(data_dir, "valid", run.schema))
+    return ValidationInput(lambda: lockstep(cached.batches(ctx.rank, ctx.world_size, VALID_BATCH), ctx,
+                                            cached.first_row), model)
 
 
 def finetune(
@@ -293,7 +306,8 @@ def finetune(
         dense = DenseEngine(run.trainable, cfg.optim.lr_dense, cfg.optim.weight_decay, dist_cfg.zero,
                             cfg.optim.batch_size, ctx.world_size)
         # the cache's `read` serves the same rows as the split's: the same streams, batches and positions
-        source = open_prefix_cache(run, Path(backbone_dir).parent / "prefix_cache", ctx) if cached else run.split
+        cache_root = Path(backbone_dir).parent / "prefix_cache"
+        source = open_prefix_cache(run, cache_root, ctx) if cached else run.split
         sampler = DomainStreams(source, run.schema, share, cfg.optim.batch_size, cfg.sampler_alpha, seed)
         total = steps_for(cfg.optim, int(share.rows_per_domain.sum()))
         # one folder per (strategy, domain): the members of a per-domain fine-tune share out_dir.parent; an
@@ -305,12 +319,15 @@ def finetune(
         checkpoints = CheckpointManager(out_dir.parent / ".checkpoints" / folder, ctx, dist_cfg.keep_checkpoints)
         state = checkpoints.restore_latest(run.model, dense, warn=lambda m: say(m, ctx.rank),
                                            data_parallel_optimizer=run.sharded.data_parallel_optimizer)
+        # from the cache the steps start at the prefix: the same backbone and adapter modules, no tables
+        model = PrefixRanker(run.sharded.ranker.backbone, run.adapter) if cached else run.model
         validation = None
         if cfg.optim.validate_every > 0:
             domain = None if only_domain is None else domain_index(run.schema, only_domain, "only_domain")
+            valid_input = cached_validation(run, data_dir, cache_root, model, ctx) if cached else None
             validation = EarlyStopping(data_dir, run.schema, cfg.optim, int(share.rows_per_domain.sum()), ctx,
                                        checkpoints.root, run.model, dense, run.sharded.data_parallel_optimizer,
-                                       steps_for, domain)
+                                       steps_for, domain, source=valid_input)
             validation.load_state_dict(state.get("valid") if state else None)
         start = 0
         stopped_at = validation.stopped_at if validation is not None else None
@@ -324,8 +341,6 @@ def finetune(
 
         batches = PositionedBatches(source.to_batch if cached else lambda t: arrow_to_batch(t, run.schema),
                                     sampler, start)
-        # from the cache the steps start at the prefix: the same backbone and adapter modules, no tables
-        model = PrefixRanker(run.sharded.ranker.backbone, run.adapter) if cached else run.model
 
         def on_step_end(step: int) -> None:
             if dist_cfg.checkpoint_every and step % dist_cfg.checkpoint_every == 0 and step < total:

@@ -8,6 +8,8 @@ takes the same decision. A pass better than every earlier one saves the weights 
 (`<phase checkpoints>/best/pass_<index of the pass>`); `patience` passes without improvement stop
 training; at the end the best checkpoint the record names is loaded back, so the phase exports the
 best pass's weights. A domain without valid rows (`only_domain`) gets no passes: no early stopping.
+A strategy that freezes the backbone validates from a prefix cache of the valid split (`ValidationInput`,
+built in `phases/finetune.py`): the same scores without a lookup per pass.
 
 Resume: the bookkeeping (`EarlyStopping.state_dict`) rides in the phase's train state and the best
 checkpoints stay on disk. Best folders are named by pass index, not by step: a resume at another
@@ -22,7 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -56,17 +58,40 @@ VALID_BATCH = 4096
 """Rows per rank and forward of a validation pass (no gradients: larger than a training batch)."""
 
 
+@dataclass
+class ValidationInput:
+    """What a validation pass forwards: `pairs()` gives this rank's `(batch, real)` pairs of the valid
+    split (a fresh `lockstep` stream each pass) and `model` scores them. Through the lookups: Parquet
+    batches and the whole ranker; from a prefix cache of the valid split (a frozen backbone): cached
+    batches and a `PrefixRanker` over the same modules, no lookups."""
+
+    pairs: Callable[[], Iterator[tuple[Any, bool]]]
+    model: torch.nn.Module
+
+
+def lookup_input(reader: ParquetReader, ctx: DistContext, padding: Callable[[], Batch],
+                 model: torch.nn.Module) -> ValidationInput:
+    """A validation input that streams `reader`'s split from its files through `model`'s lookups."""
+    return ValidationInput(lambda: lockstep(reader.epoch(0), ctx, padding), model)
+
+
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, reader: ParquetReader, ctx: DistContext, padding: Callable[[], Batch],
                     domain: int | None = None) -> float | None:
-    """Mean ESMM task loss (CTR BCE + CTCVR BCE per row) over every rank's rows of `reader`'s split.
+    """`loss_over` the valid split streamed from `reader`'s files."""
+    return loss_over(lookup_input(reader, ctx, padding, model), ctx, domain)
+
+
+@torch.no_grad()
+def loss_over(source: ValidationInput, ctx: DistContext, domain: int | None = None) -> float | None:
+    """Mean ESMM task loss (CTR BCE + CTCVR BCE per row) over every rank's rows of `source`.
 
     With `domain`, only that domain's rows count (a model trained on one domain stops on its own
     loss). None when no rank has a row to count (every rank gets the same answer); NaN means the
     model diverged. The model is in eval mode during the pass (IAK: z = mu) and goes back to what it was.
     """
     sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, rows: on the device, no syncs
-    for batch, out in real_outputs(model, lockstep(reader.epoch(0), ctx, padding), ctx.device):
+    for batch, out in real_outputs(source.model, source.pairs(), ctx.device):
         per_row = esmm_loss_per_row(out, batch).double()
         counted = torch.ones_like(per_row) if domain is None else (batch.domain == domain).double()
         sums += torch.stack([(per_row * counted).sum(), counted.sum()])
@@ -76,21 +101,20 @@ def validation_loss(model: torch.nn.Module, reader: ParquetReader, ctx: DistCont
 
 
 @torch.no_grad()
-def validation_ctr_auc(model: torch.nn.Module, reader: ParquetReader, ctx: DistContext, padding: Callable[[], Batch],
-                       schema: Schema, domain: int | None = None) -> float | None:
-    """CTR-AUC over every rank's rows of `reader`'s split (with `domain`: that domain's rows), as
+def ctr_auc_over(source: ValidationInput, ctx: DistContext, schema: Schema, domain: int | None = None) -> float | None:
+    """CTR-AUC over every rank's rows of `source` (with `domain`: that domain's rows), as
     `evaluate` computes it (spilled scores, ranked bucket by bucket; memory bounded). None when no
     rank has a row to count or the rows hold one class only (no pass can be judged: a run of NaNs
     would stop training on weights no pass chose); NaN when the scores are not finite (diverged).
     Collective; the model goes back to the mode it was in."""
-    was_training = model.training
+    was_training = source.model.training
     try:
         with spill_folder() as folder:
             spill = Spill(folder / "scored.bin", row_dtype(len(schema.domains)))
-            on_every_rank(score, model, lockstep(reader.epoch(0), ctx, padding), spill, ctx.device)
+            on_every_rank(score, source.model, source.pairs(), spill, ctx.device)
             metrics = stream_metrics(spill, schema.domains, ctx, folder, has_conversion=False, has_user=False)
     finally:
-        model.train(was_training)
+        source.model.train(was_training)
     shared = on_main(ctx, lambda: metrics, share=True)  # rank 0 ranked the rows; the others get its numbers
     assert shared is not None
     entry = shared.get("overall" if domain is None else schema.domains[domain])
@@ -166,14 +190,20 @@ class EarlyStopping:
         model, dense, data_parallel_optimizer: what is validated, saved and restored.
         domain: index of the one domain a phase trains on (its rows alone are validated), or None.
         steps_for: the phase's step count of an `OptimConfig` (agreed over ranks).
+        source: what the passes forward (`ValidationInput`); None: the valid split's files through
+            `model`'s lookups. Checkpoints save and restore `model` either way.
     """
 
     def __init__(self, data_dir: str | Path, schema: Schema, cfg: OptimConfig, rows: int, ctx: DistContext,
                  root: Path, model: torch.nn.Module, dense: DenseEngine | None,
                  data_parallel_optimizer: DataParallelTableOptimizer | None,
-                 steps_for: Callable[[OptimConfig, int], int], domain: int | None = None) -> None:
-        split = Split.open(data_dir, "valid", schema)
-        self.reader = ParquetReader(split, schema, VALID_BATCH, ctx.rank, ctx.world_size)
+                 steps_for: Callable[[OptimConfig, int], int], domain: int | None = None,
+                 source: ValidationInput | None = None) -> None:
+        if source is None:
+            split = Split.open(data_dir, "valid", schema)
+            source = lookup_input(ParquetReader(split, schema, VALID_BATCH, ctx.rank, ctx.world_size), ctx,
+                                  functools.partial(first_row, split, schema), model)
+        self.source = source
         self.ctx, self.model, self.dense, self.domain = ctx, model, dense, domain
         self.dp_optimizer = data_parallel_optimizer
         self.every = steps_for(replace(cfg, steps=0, epochs=cfg.validate_every), rows)
@@ -183,7 +213,6 @@ class EarlyStopping:
         self.what = "the valid split" if domain is None else f"domain {schema.domains[domain]!r}"
         self.no_rows = False  # set by the first pass that finds none: no more passes
         self._recorded_pass = -1  # the best pass the newest regular checkpoint's record names: kept
-        self._padding = functools.partial(first_row, split, schema)
 
     def due(self, step: int, total: int) -> bool:
         """A pass runs after every `every` steps and after the last one (none once no rows were found)."""
@@ -198,9 +227,9 @@ class EarlyStopping:
         A pass without rows (a domain absent from the valid split) is no pass: it neither improves
         nor counts against patience (NaN, a diverged model, does count as a bad pass)."""
         if self.record.metric == "ctr_auc":
-            value = validation_ctr_auc(self.model, self.reader, self.ctx, self._padding, self.schema, self.domain)
+            value = ctr_auc_over(self.source, self.ctx, self.schema, self.domain)
         else:
-            value = validation_loss(self.model, self.reader, self.ctx, self._padding, self.domain)
+            value = loss_over(self.source, self.ctx, self.domain)
         if value is None:
             self.no_rows = True
             why = "no valid rows" if self.record.metric == "loss" else "no valid rows of both classes"
