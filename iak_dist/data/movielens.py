@@ -9,7 +9,8 @@ unrated items are sampled by popularity at the same user and timestamp (non-clic
 conversion = rated >= 4. With `history_length` > 0, each impression also carries `hist_items`: the
 items its user rated strictly before its timestamp, oldest first, the last `history_length` of them
 (`histories`). Domains: the user's age group, the first digit of the zip code, or the
-month of the rating. Splits: by time within each user (`split_within: user`, default) or each
+month of the rating. With `item_text`, each item's title and genres are embedded once into the data
+folder (`iak_dist.data.item_text`). Splits: by time within each user (`split_within: user`, default) or each
 domain, at the quantiles `split_fractions`: the earliest impressions pre-train, then fine-tune,
 then valid (early stopping, model choice), the latest the test set.
 """
@@ -26,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from iak_dist.config import DataConfig
+from iak_dist.data.prepare import ITEM_TEXT_FILE
 from iak_dist.data.schema import Schema, SparseFeature
 from iak_dist.data.splits import write_splits
 from iak_dist.errors import UserError
@@ -192,7 +194,28 @@ def histories(rated_user: np.ndarray, rated_time: np.ndarray, rated_item: np.nda
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(rated_item[order][flat], pa.int64()))
 
 
+def item_texts(raw: dict[str, str]) -> tuple[np.ndarray, list[str]]:
+    """Every item's ID and text (title, year, genres: `iak_dist.data.item_text.TEXT_TEMPLATE`)."""
+    from iak_dist.data.item_text import item_text
+
+    items = _read_tsv(raw["item"])
+    texts = [item_text(title, int(year) if year.isdigit() else 0, genres.split())
+             for title, year, genres in zip(items["movie_title"], items["release_year"], items["class"], strict=True)]
+    return np.array(items["item_id"], dtype=np.int64), texts
+
+
 def prepare_movielens(cfg: DataConfig, out_dir: str | Path) -> dict:
-    """Fetch MovieLens-100K and write schema.yaml + pre-train / fine-tune / valid / test Parquet splits."""
-    table, schema = build_impressions(fetch_raw(), cfg)
-    return write_splits(table, schema, cfg, Path(out_dir), time_column="timestamp")
+    """Fetch MovieLens-100K and write schema.yaml + pre-train / fine-tune / valid / test Parquet splits
+    (and, with `cfg.item_text`, item_text.parquet: each item's text embedding)."""
+    from iak_dist.data.item_text import write_item_text  # imports torch: only with item_text
+
+    raw = fetch_raw()
+    table, schema = build_impressions(raw, cfg)
+    out = Path(out_dir)
+    # The text first: a prepare stopped in between leaves the splits incomplete, so the folder is
+    # prepared again rather than taken for one prepared without text.
+    if cfg.item_text:
+        write_item_text(out, *item_texts(raw))
+    else:
+        (out / ITEM_TEXT_FILE).unlink(missing_ok=True)  # from an earlier prepare with text: it would mislabel it
+    return write_splits(table, schema, cfg, out, time_column="timestamp")

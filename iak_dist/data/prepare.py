@@ -9,6 +9,10 @@ from iak_dist.data.schema import Schema
 from iak_dist.data.source import SPLITS, split_locations
 from iak_dist.errors import UserError
 
+ITEM_TEXT_FILE = "item_text.parquet"
+"""Each item's text embedding, beside the splits (iak_dist/data/item_text.py; named here so that
+`is_prepared` does not import torch)."""
+
 
 def missing_splits(data_dir: str | Path) -> list[str] | None:
     """The splits of `SPLITS` the data folder lacks (None: no schema.yaml at all).
@@ -31,13 +35,15 @@ def is_prepared(data_dir: str | Path, cfg: DataConfig | None = None) -> bool:
     without `valid`, is not: movielens and synth folders are then prepared again).
 
     With `cfg` (a source that `prepare` writes), a complete folder prepared with another
-    `history_length` is refused with one line rather than reused or overwritten: other runs may be
-    reading it, and preparing it again would change their data under them.
+    `history_length`, or with item text when `cfg.item_text` is false (or the reverse), is refused
+    with one line rather than reused or overwritten: other runs may be reading it, and preparing it
+    again would change their data under them.
     """
     if missing_splits(data_dir) != []:
         return False
     if cfg is not None and cfg.source != "parquet":
         _refuse_other_history(Path(data_dir), cfg)
+        _refuse_other_item_text(Path(data_dir), cfg)
     return True
 
 
@@ -51,6 +57,17 @@ def _refuse_other_history(data_dir: Path, cfg: DataConfig) -> None:
         raise UserError(f"{data_dir}: prepared with data.history_length {had}, the config asks {asked}; set "
                         f"data.dir to another folder{example}, or prepare this one again (iak-dist data prepare "
                         f"{cfg.source} --out {data_dir} --set history_length={asked}) if no run reads it")
+
+
+def _refuse_other_item_text(data_dir: Path, cfg: DataConfig) -> None:
+    """UserError when the folder's item text (item_text.parquet, or none) is not what `cfg.item_text` asks."""
+    had = (data_dir / ITEM_TEXT_FILE).is_file()
+    if had != cfg.item_text:
+        example = f" (e.g. {data_dir}-text)" if cfg.item_text else ""
+        raise UserError(f"{data_dir}: prepared with data.item_text {str(had).lower()}, the config asks "
+                        f"{str(cfg.item_text).lower()}; set data.dir to another folder{example}, or prepare this "
+                        f"one again (iak-dist data prepare {cfg.source} --out {data_dir} --set "
+                        f"item_text={str(cfg.item_text).lower()}) if no run reads it")
 
 
 def prepare(cfg: DataConfig, out_dir: str | Path | None = None) -> Path:
