@@ -166,6 +166,11 @@ class OptimConfig:
     """Pre-training only: after training, fit a scale and a bias of each ESMM head's logit on the valid
     split (Newton steps on the ESMM loss, the backbone fixed) and fold them into the heads' weights, so the
     exported backbone's probabilities are calibrated; rankings within a head do not change."""
+    objective: Literal["discriminative", "generative"] = "discriminative"
+    """Pre-training only. `discriminative`: the ranker trains on the ESMM loss from fresh tables.
+    `generative` (GPSD): first a generative stage (the `generative` section) trains a causal Transformer
+    over each row's behaviour sequence to predict the row's item; the ranker then starts from its item
+    table (and its Transformer), frozen or trainable (docs/pretraining.md)."""
 
     def problems(self) -> dict[str, str]:
         found = at_least(self, steps=0, batch_size=1, lr_dense=0.0, lr_sparse=0.0, weight_decay=0.0, log_every=1,
@@ -227,6 +232,38 @@ class FinetuneConfig:
         if settings is not None and name in settings:
             return settings[name]
         raise AttributeError(f"{type(self).__name__} has no attribute or strategy section {name!r}")
+
+
+@dataclass
+class GenerativeConfig:
+    """GPSD-style generative pre-training (`pretrain.objective: generative`, docs/pretraining.md).
+
+    A causal Transformer over each pre-train row's behaviour sequence (the schema's sequence feature, e.g.
+    `hist_items`) predicts the row's item: the state at the newest position is scored against the batch's
+    target items by a sampled softmax (in-batch negatives; the row's own item is the positive, other rows
+    holding the same item are left out), over clicked rows with a non-empty history. The item table and
+    the Transformer then seed the discriminative ranker.
+    """
+
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=2.0, lr_dense=1e-3, lr_sparse=0.05))
+    """Loop settings of the generative stage (`validate_every`, `patience`, `calibrate` do not apply)."""
+    transfer: Literal["items", "items+encoder"] = "items"
+    """What the ranker starts from: the item table, or also the Transformer's positions, blocks and final
+    norm (needs `model.sequence_encoder: transformer`; its target-attention query is not pre-trained)."""
+    freeze_transferred: bool = True
+    """Keep the transferred weights as they are during discriminative pre-training (GPSD's finding: the
+    frozen pre-trained item table stops the ranker from over-fitting); false: they train on."""
+
+    def problems(self) -> dict[str, str]:
+        found = {}
+        for key in ("validate_every", "patience"):
+            if getattr(self.optim, key):
+                found[f"optim.{key}"] = "the generative stage has no validation pass; leave it at 0"
+        if self.optim.calibrate:
+            found["optim.calibrate"] = "the generative stage has no heads to calibrate; leave it false"
+        if self.optim.objective != "discriminative":
+            found["optim.objective"] = "applies to pre-training only (pretrain.objective)"
+        return found
 
 
 @dataclass
@@ -371,6 +408,7 @@ class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: OptimConfig = field(default_factory=OptimConfig)
+    generative: GenerativeConfig = field(default_factory=GenerativeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -386,6 +424,15 @@ class PipelineConfig:
         if self.finetune.optim.calibrate:
             raise UserError("finetune.optim.calibrate: calibration applies to pre-training only "
                             "(pretrain.calibrate); fine-tuned heads are the strategies' own")
+        if self.finetune.optim.objective != "discriminative":
+            raise UserError("finetune.optim.objective: the objective applies to pre-training only (pretrain.objective)")
+        if self.pretrain.objective == "generative":
+            if self.data.source == "movielens-100k" and self.data.history_length == 0:
+                raise UserError("pretrain.objective: generative pre-training needs a behaviour sequence; "
+                                "set data.history_length > 0 (e.g. 20)")
+            if self.generative.transfer == "items+encoder" and self.model.sequence_encoder != "transformer":
+                raise UserError(f"generative.transfer: items+encoder needs model.sequence_encoder: transformer "
+                                f"(got {self.model.sequence_encoder}); or transfer: items")
 
 
 def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:

@@ -7,6 +7,7 @@ so that DeepSpeed (`iak_dist.distributed.zero`) owns them, and nothing wraps the
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,14 +142,31 @@ class DataParallelTableOptimizer:
         self.optimizer.load_state_dict(state)
 
 
+FROZEN_MARK = "iak_frozen_tables"
+"""Attribute set on the fused optimizers (one per FBGEMM table batch) of frozen tables: `set_sparse_lr` skips them."""
+
+
 def shard_ranker(ranker: Ranker, ctx: DistContext, cfg: ShardingConfig, lr_sparse: float | None,
-                 batch_size: int = 512) -> ShardedRanker:
-    """Plan and shard the tables; with `lr_sparse`, they train with `cfg.sparse_optimizer`."""
+                 batch_size: int = 512, frozen_tables: Collection[str] = ()) -> ShardedRanker:
+    """Plan and shard the tables; with `lr_sparse`, they train with `cfg.sparse_optimizer`.
+
+    `ranker`: any module whose `backbone` is a `Backbone` (the Ranker, or generative pre-training's model).
+    `frozen_tables` (names `t_<feature>`) never change while the others train: each gets plain SGD at
+    learning rate 0 fused into backward. TorchRec groups tables into FBGEMM table batches by their fused
+    optimizer settings, so these land in table batches of their own, whose rate no schedule touches
+    (`set_sparse_lr`); SGD keeps no optimizer state, and w - 0 * g is w, bit for bit.
+    """
     ebc = ranker.backbone.embeddings
     table_names = [c.name for c in ranker.backbone.table_configs]
+    unknown = sorted(set(frozen_tables) - set(table_names))
+    assert not unknown, f"no such tables to freeze: {unknown}"
     optimizer_cls = SPARSE_OPTIMIZERS[cfg.sparse_optimizer]
     if lr_sparse is not None:
-        apply_optimizer_in_backward(optimizer_cls, ebc.parameters(), {"lr": lr_sparse})
+        weights = {name: ebc.embedding_bags[name].weight for name in table_names}
+        apply_optimizer_in_backward(optimizer_cls, [w for n, w in weights.items() if n not in frozen_tables],
+                                    {"lr": lr_sparse})
+        if frozen_tables:
+            apply_optimizer_in_backward(torch.optim.SGD, [weights[n] for n in frozen_tables], {"lr": 0.0})
     planner = make_planner(ctx.world_size, ctx.device.type, cfg, batch_size, table_names,
                            ranker.backbone.table_dtype)
     sharders = [EmbeddingBagCollectionSharder()]
@@ -167,8 +185,14 @@ def shard_ranker(ranker: Ranker, ctx: DistContext, cfg: ShardingConfig, lr_spars
         ranker, env=ShardingEnv.from_process_group(torch.distributed.GroupMember.WORLD), device=ctx.device,
         plan=plan, sharders=sharders, init_data_parallel=False,
     )
+    if lr_sparse is not None and frozen_tables:
+        frozen_weights = {f"embedding_bags.{name}.weight" for name in frozen_tables}
+        for leaf in fused_optimizers(model.fused_optimizer):
+            if set(leaf.params) <= frozen_weights:
+                setattr(leaf, FROZEN_MARK, True)
     dp_optimizer = None
-    dp_tables = [t for t, ps in plan.plan[EBC_PATH].items() if ps.sharding_type == "data_parallel"]
+    dp_tables = [t for t, ps in plan.plan[EBC_PATH].items()
+                 if ps.sharding_type == "data_parallel" and t not in frozen_tables]
     if dp_tables and lr_sparse is not None:
         params = dict(model.named_parameters())
         dp_params = [params[f"{EBC_PATH}.embedding_bags.{t}.weight"] for t in dp_tables]
@@ -186,11 +210,22 @@ def set_sparse_lr(model: nn.Module, data_parallel_optimizer: DataParallelTableOp
     """
     fused = getattr(model, "fused_optimizer", None)
     if fused is not None and fused.param_groups:
-        for group in fused.param_groups:
-            group["lr"] = lr
+        for leaf in fused_optimizers(fused):
+            if not getattr(leaf, FROZEN_MARK, False):  # frozen tables stay at rate 0 (`shard_ranker`)
+                for group in leaf.param_groups:
+                    group["lr"] = lr
         fused.zero_grad()
     if data_parallel_optimizer is not None:
         data_parallel_optimizer.set_lr(lr)
+
+
+def fused_optimizers(optimizer: Any) -> list[Any]:
+    """The keyed optimizers inside TorchRec's (nested) `CombinedOptimizer`: one per FBGEMM table batch."""
+    from torchrec.optim.keyed import CombinedOptimizer
+
+    if isinstance(optimizer, CombinedOptimizer):
+        return [leaf for _, child in optimizer.optimizers for leaf in fused_optimizers(child)]
+    return [optimizer]
 
 
 def plan_rows(plan: ShardingPlan, ranker: Ranker, world_size: int) -> list[dict[str, Any]]:

@@ -85,7 +85,12 @@ class SequenceTransformer(nn.Module):
         self.scale = 1.0 / math.sqrt(dim)
         self.register_buffer("causal", torch.ones(length, length).tril().bool(), persistent=False)
 
-    def forward(self, items: torch.Tensor, lengths: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    def encode(self, items: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The causal states [B, L, d] before target attention, and which positions hold an item [B, L].
+
+        State p has read the items at positions <= p only: the state at the newest position (L - 1) sums up
+        the whole history, which generative pre-training (`phases/pretrain_generative.py`) asks to predict
+        the next item. Padded positions hold finite garbage (read `valid`)."""
         valid = valid_positions(lengths, self.length)  # [B, L]
         readable = self.causal.unsqueeze(0) & valid.unsqueeze(1)  # [B, query, key]
         scores_mask = torch.zeros(readable.shape, dtype=items.dtype, device=items.device).masked_fill(
@@ -93,7 +98,10 @@ class SequenceTransformer(nn.Module):
         x = items + self.positions
         for block in self.blocks:
             x = block(x, scores_mask)
-        x = self.norm(x)
+        return self.norm(x), valid
+
+    def forward(self, items: torch.Tensor, lengths: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        x, valid = self.encode(items, lengths)
         # target attention: which encoded positions matter for this target item (the newest if no target)
         query = self.query(target if target is not None else x[:, -1])
         scores = (x @ query.unsqueeze(2)).squeeze(2) * self.scale

@@ -8,11 +8,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from iak_dist.config import DistributedConfig, ModelConfig, OptimConfig
+from iak_dist.config import DistributedConfig, GenerativeConfig, ModelConfig, OptimConfig
 from iak_dist.data.batch import Batch
 from iak_dist.data.parquet import DataPosition, ParquetReader
 from iak_dist.data.schema import Schema
@@ -29,6 +30,9 @@ from iak_dist.phases.loop import train_loop
 from iak_dist.phases.validation import EarlyStopping
 from iak_dist.runtime import say
 from iak_dist.tracking import summary_writer
+
+if TYPE_CHECKING:
+    from iak_dist.phases.pretrain_generative import Transfer
 
 
 def batches_from(reader: ParquetReader, step: int) -> Iterator[Batch]:
@@ -62,11 +66,18 @@ def resume_step(step: int, position: DataPosition, per_epoch: int, exact: bool, 
 
 
 def build_pretrain(schema: Schema, model_cfg: ModelConfig, optim: OptimConfig, dist_cfg: DistributedConfig,
-                   seed: int, ctx: DistContext) -> tuple[ShardedRanker, DenseEngine]:
-    """The pre-train model: sharded tables (initialised from `seed`) and the dense engine."""
+                   seed: int, ctx: DistContext, transfer: Transfer | None = None) -> tuple[ShardedRanker, DenseEngine]:
+    """The pre-train model: sharded tables (initialised from `seed`) and the dense engine.
+
+    With `transfer` (generative pre-training), its tensors replace the initial ones, frozen or not,
+    before the dense engine is built (DeepSpeed takes only what requires grad).
+    """
     backbone = Backbone(schema, model_cfg, device=torch.device("meta"))
-    sharded = shard_ranker(Ranker(backbone), ctx, dist_cfg.sharding, optim.lr_sparse, optim.batch_size)
+    sharded = shard_ranker(Ranker(backbone), ctx, dist_cfg.sharding, optim.lr_sparse, optim.batch_size,
+                           frozen_tables=transfer.frozen_tables if transfer is not None else ())
     init_tables(sharded.model, sharded.ranker, seed)
+    if transfer is not None:
+        transfer.apply(sharded.model, backbone)
     dense = DenseEngine(backbone.dense_modules(), optim.lr_dense, optim.weight_decay, dist_cfg.zero,
                         optim.batch_size, ctx.world_size)
     return sharded, dense
@@ -102,9 +113,13 @@ def show_plan(plan_text: str, world_size: int, run_dir: Path, ctx: DistContext) 
 def pretrain(
     data_dir: str | Path, model_cfg: ModelConfig, optim: OptimConfig, dist_cfg: DistributedConfig, seed: int,
     out_dir: str | Path, ctx: DistContext, show_progress: bool = True,
-    on_checkpoint: Callable[[int, Path], None] | None = None,
+    on_checkpoint: Callable[[int, Path], None] | None = None, generative: GenerativeConfig | None = None,
 ) -> dict[str, float]:
     """Train a backbone on the pretrain split of `data_dir`; write it to `out_dir/backbone`.
+
+    With `optim.objective` generative, the generative stage (`generative`, None: its defaults) runs
+    first, into `out_dir/generative` (reused while its config holds: `phases/pretrain_generative.py`),
+    and the backbone starts from what it transfers.
 
     Each rank streams its share of the split. Checkpoints go to `out_dir/checkpoints/pretrain` every
     `dist_cfg.checkpoint_every` steps (and at the end), with the data position; a re-run resumes
@@ -124,8 +139,16 @@ def pretrain(
         Split.open(data_dir, "valid", schema)  # a missing or empty valid split: refused now, not after training
     reader = ParquetReader(split, schema, optim.batch_size, ctx.rank, ctx.world_size, shuffle=True, seed=seed,
                            drop_last=True, split_mode=dist_cfg.data_split)
+    transfer, generative_summary = None, {}
+    if optim.objective == "generative":
+        from iak_dist.phases.pretrain_generative import pretrain_generative, transfer_from
+
+        generative = generative or GenerativeConfig()
+        source, generative_summary = pretrain_generative(data_dir, model_cfg, generative, dist_cfg, seed,
+                                                         out_dir / "generative", ctx, show_progress)
+        transfer = transfer_from(source, schema, model_cfg, generative)
     torch.manual_seed(seed)
-    sharded, dense = build_pretrain(schema, model_cfg, optim, dist_cfg, seed, ctx)
+    sharded, dense = build_pretrain(schema, model_cfg, optim, dist_cfg, seed, ctx, transfer)
     plan_text = format_plan(plan_rows(sharded.plan, sharded.ranker, ctx.world_size))
     show_plan(plan_text, ctx.world_size, out_dir.parent, ctx)
     checkpoints = CheckpointManager(out_dir / "checkpoints" / "pretrain", ctx, dist_cfg.keep_checkpoints)
@@ -191,6 +214,7 @@ def pretrain(
         if validation is not None:
             validation.restore_best(lambda m: say(m, ctx.rank))
             summary |= validation.summary()
+        summary |= generative_summary
         calibration = None
         if optim.calibrate:
             calibration = calibrate_heads(sharded.model, data_dir, schema, ctx)
