@@ -341,7 +341,8 @@ def run(args: argparse.Namespace) -> int:
         if args.verb == "pretrain":
             from iak_dist.phases.pretrain import pretrain
 
-            pretrain(cfg.data.dir, cfg.model, cfg.pretrain, cfg.distributed, seed, run_dir / f"seed{seed}", ctx)
+            pretrain(cfg.data.dir, cfg.model, cfg.pretrain, cfg.distributed, seed, run_dir / f"seed{seed}", ctx,
+                     generative=cfg.generative)
         elif args.verb == "finetune":
             from iak_dist.model.strategies import known_strategies
             from iak_dist.phases.finetune import finetune

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,58 @@ def test_stage_weights_of_another_model_are_refused_in_one_line(history_data, ct
                                         rf"this config's \w+\); move {tmp_path} aside to train the generative "
                                         rf"stage again$"):
         transfer_from(weights, schema, wider, cfg.generative)
+
+
+def test_two_ranks_on_gloo_train_the_stage_and_keep_a_column_sharded_frozen_table_bit_for_bit(history_data, tmp_path):
+    """The stage and the frozen transfer under torchrun, the item table split by columns over the ranks."""
+    import socket
+    import subprocess
+
+    import torch
+
+    from iak_dist.distributed.checkpoint import load_backbone_weights
+    from iak_dist.phases.pretrain_generative import RECORD
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = ["generative.transfer=items+encoder", "generative.optim.batch_size=128", "pretrain.batch_size=128",
+                 "distributed.sharding.plan={item_id: {sharding_type: column_wise}}"]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"data": str(history_data), "out": str(tmp_path / "run"), "overrides": overrides}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", __file__, str(spec)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    losses = json.loads((tmp_path / "run" / "generative" / RECORD).read_text())["losses"]
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.15
+    source = load_backbone_weights(tmp_path / "run" / "generative" / "backbone")
+    ranker = load_backbone_weights(tmp_path / "run" / "backbone")
+    assert torch.equal(source[ITEMS], ranker[ITEMS])
+    positions = "sequence_encoders.hist_items.positions"
+    assert torch.equal(source[positions], ranker[positions])
+    assert not torch.equal(source[USERS], ranker[USERS])
+    plan = (tmp_path / "run" / "backbone" / "plan.txt").read_text()
+    assert any(line.startswith("t_item_id") and "column_wise" in line for line in plan.splitlines())
+
+
+def _two_rank_worker(spec_path: str) -> None:
+    """One rank of the 2-rank test: generative then discriminative pre-training, as the pipeline runs them."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from iak_dist.distributed.context import close_distributed, init_distributed
+    from iak_dist.phases.pretrain import pretrain
+
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = config(*spec["overrides"])
+    ctx = init_distributed()
+    try:
+        pretrain(spec["data"], cfg.model, cfg.pretrain, cfg.distributed, 0, spec["out"], ctx, show_progress=False,
+                 generative=cfg.generative)
+    finally:
+        close_distributed(ctx)
+
+
+if __name__ == "__main__":
+    _two_rank_worker(sys.argv[1])

@@ -42,7 +42,7 @@ from iak_dist.orchestration.status import progress_line
 from iak_dist.runtime import interrupt_or_defer
 
 PROGRESS_EVERY_S = 15.0
-WHAT_SECTIONS = ("data", "model", "pretrain", "finetune")
+WHAT_SECTIONS = ("data", "model", "pretrain", "generative", "finetune")
 """The config sections that decide what a run's phases produce (the others say how: workers, retries,
 sharding, evaluation batches). A run directory whose phases ran keeps them: a re-run that changes one
 of their keys is refused, or the report would mix results of two configs under the new one's name."""

@@ -85,7 +85,7 @@ def run_phase(cfg: PipelineConfig, phase: PhaseSpec, ctx: DistContext | None, sh
                 continue
             log(f"seed {seed}: pre-training on all domains pooled")
             summary = pretrain(cfg.data.dir, cfg.model, cfg.pretrain, cfg.distributed, seed, seed_dir(cfg, seed),
-                               ctx, show_progress, on_checkpoint=on_checkpoint)
+                               ctx, show_progress, on_checkpoint=on_checkpoint, generative=cfg.generative)
             metrics[f"pretrain/loss/seed{seed}"] = summary["train/loss_ema"]
     elif phase.type == "finetune":
         from iak_dist.phases.finetune import finetune
