@@ -37,6 +37,14 @@ def test_iak_finetune_resumed_in_compression_and_matching_is_bitwise_equal(small
         run(tmp_path / "run", stop_at(5))  # killed in compression
     with pytest.raises(Interrupted):
         run(tmp_path / "run", stop_at(15))  # resumed at 5, killed in matching
+    # the frozen tables stay out of the checkpoints; the backbone's hash names them
+    from iak_dist.distributed.checkpoint import FROZEN_TABLES, read_backbone_meta
+
+    saved = sorted((tmp_path / "run" / ".checkpoints" / "iak").glob("step_*"))
+    assert [p.name for p in saved] == ["step_00000010", "step_00000015"]
+    for path in saved:
+        assert not (path / "sparse").exists()
+        assert (path / FROZEN_TABLES).read_text() == read_backbone_meta(backbone_dir)["weights"]
     resumed = run(tmp_path / "run")  # resumed at 15
     assert resumed["train/losses"] == reference["train/losses"][15:]
     want = load_file(str(tmp_path / "ref" / "iak" / "adapter_model.safetensors"))
@@ -44,6 +52,25 @@ def test_iak_finetune_resumed_in_compression_and_matching_is_bitwise_equal(small
     assert got.keys() == want.keys()
     for key in want:
         assert torch.equal(got[key], want[key]), key
+
+
+def test_an_adapter_checkpoint_of_another_backbones_tables_is_refused(small_cfg, synth_dir, backbone_dir, ctx,
+                                                                      tmp_path):
+    from iak_dist.distributed.checkpoint import FROZEN_TABLES
+    from iak_dist.errors import UserError
+    from iak_dist.phases.finetune import finetune
+
+    dist_cfg = replace(small_cfg.distributed, checkpoint_every=5)
+    cfg = replace(small_cfg.finetune, optim=replace(small_cfg.finetune.optim, steps=10))
+    with pytest.raises(Interrupted):
+        finetune(synth_dir, backbone_dir, "lora", cfg, 0, tmp_path / "lora", ctx, show_progress=False,
+                 dist_cfg=dist_cfg, on_checkpoint=stop_at(5))
+    checkpoint = tmp_path / ".checkpoints" / "lora" / "step_00000005"
+    (checkpoint / FROZEN_TABLES).write_text("0" * 16)  # as if trained on another backbone's tables
+    with pytest.raises(UserError, match=rf"^{checkpoint}: checkpoint of an adapter on the backbone with weights "
+                                        rf"0{{16}}, this phase's backbone has \w+; move .* aside"):
+        finetune(synth_dir, backbone_dir, "lora", cfg, 0, tmp_path / "lora", ctx, show_progress=False,
+                 dist_cfg=dist_cfg)
 
 
 @pytest.fixture

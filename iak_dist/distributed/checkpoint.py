@@ -506,6 +506,10 @@ def _sparse_checkpoint(model: nn.Module) -> dict[str, Any]:
     return {"model": _sparse_state(model), **({"optim": optim} if has_optimizer else {})}
 
 
+FROZEN_TABLES = "frozen_tables.txt"
+"""In a checkpoint without tables: the weights hash of the backbone whose frozen tables it was trained on."""
+
+
 class CheckpointManager:
     """Atomic, resumable checkpoints of one training phase under `root`.
 
@@ -513,12 +517,18 @@ class CheckpointManager:
     `COMPLETE` and renames it to `step_XXXXXXXX/` after a barrier: a crash during a save leaves the
     previous checkpoint intact, and a folder without `COMPLETE` is never loaded. Restoring walks
     from the newest complete checkpoint back and skips (with a warning) any that fails to load.
+
+    `frozen_tables`: the weights hash of the backbone whose tables a phase never changes (fine-tuning an
+    adapter). Its checkpoints then hold no tables (a production table is gigabytes; the phase rebuilds
+    them from the backbone), only that hash (`FROZEN_TABLES`), and load only where the phase's
+    backbone has the same hash: an adapter is never resumed onto another backbone's tables.
     """
 
-    def __init__(self, root: str | Path, ctx, keep: int = 2) -> None:
+    def __init__(self, root: str | Path, ctx, keep: int = 2, frozen_tables: str | None = None) -> None:
         self.root = Path(root)
         self.ctx = ctx
         self.keep = keep
+        self.frozen_tables = frozen_tables
 
     def complete(self) -> list[Path]:
         """Checkpoints marked complete, oldest first (`step_X.partial` / `step_X.corrupt` never count)."""
@@ -548,7 +558,8 @@ class CheckpointManager:
                 partial.mkdir(parents=True)
 
         self._together(prepare)
-        dcp.save(_sparse_checkpoint(model), checkpoint_id=str(partial / "sparse"))
+        if self.frozen_tables is None:
+            dcp.save(_sparse_checkpoint(model), checkpoint_id=str(partial / "sparse"))
         fault_point("save", step, self.ctx.rank)
         if dense is not None:
             dense.engine.save_checkpoint(str(partial / "dense"), tag="state")
@@ -568,6 +579,8 @@ class CheckpointManager:
             if self.ctx.is_main:
                 atomic_write_text(partial / "plan.txt", plan_text, durable=False)
                 atomic_write_text(partial / "tables.json", json.dumps(_table_shapes(model)), durable=False)
+                if self.frozen_tables is not None:
+                    atomic_write_text(partial / FROZEN_TABLES, self.frozen_tables, durable=False)
                 fsync_tree(partial)  # every rank's files are on disk before COMPLETE can be
                 atomic_write_text(partial / "COMPLETE", f"{self.ctx.world_size}\n")
                 partial.rename(final)
@@ -662,11 +675,17 @@ class CheckpointManager:
             raise UserError(f"{path}: checkpoint is from a different model config: tables "
                             + ", ".join(f"{k} (checkpoint {saved_tables.get(k)}, model {own_tables.get(k)})"
                                         for k in bad[:4]))
-        checkpoint = _sparse_checkpoint(model)
-        dcp.load(checkpoint, checkpoint_id=str(path / "sparse"))
-        model.load_state_dict(checkpoint["model"], strict=False)
-        if "optim" in checkpoint and checkpoint["optim"]["state"]:
-            model.fused_optimizer.load_state_dict(checkpoint["optim"])
+        frozen = (path / FROZEN_TABLES).read_text().strip() if (path / FROZEN_TABLES).is_file() else None
+        if frozen is not None and frozen != self.frozen_tables:
+            raise UserError(f"{path}: checkpoint of an adapter on the backbone with weights {frozen}, this phase's "
+                            f"backbone has {self.frozen_tables or 'trainable tables'}; move {self.root} aside "
+                            f"to train this phase anew")
+        if frozen is None:  # the checkpoint holds the tables (a phase that trains them, or one from before)
+            checkpoint = _sparse_checkpoint(model)
+            dcp.load(checkpoint, checkpoint_id=str(path / "sparse"))
+            model.load_state_dict(checkpoint["model"], strict=False)
+            if "optim" in checkpoint and checkpoint["optim"]["state"]:
+                model.fused_optimizer.load_state_dict(checkpoint["optim"])
         if dense is not None:
             if saved_world != self.ctx.world_size and dense.engine.zero_optimization_stage() > 0:
                 raise UserError(f"{path}: ZeRO stage {dense.engine.zero_optimization_stage()} state saved on "

@@ -316,7 +316,10 @@ def finetune(
         folder = strategy if only_domain is None else f"{strategy}.{only_domain}"
         if prepare_adapter is not None:
             folder = f"grown.{out_dir.name}"
-        checkpoints = CheckpointManager(out_dir.parent / ".checkpoints" / folder, ctx, dist_cfg.keep_checkpoints)
+        # a frozen backbone's tables stay out of the checkpoints: they are the backbone's, named by its hash
+        frozen_tables = None if run.trains_backbone else run.meta["weights"]
+        checkpoints = CheckpointManager(out_dir.parent / ".checkpoints" / folder, ctx, dist_cfg.keep_checkpoints,
+                                        frozen_tables)
         state = checkpoints.restore_latest(run.model, dense, warn=lambda m: say(m, ctx.rank),
                                            data_parallel_optimizer=run.sharded.data_parallel_optimizer)
         # from the cache the steps start at the prefix: the same backbone and adapter modules, no tables
@@ -327,7 +330,7 @@ def finetune(
             valid_input = cached_validation(run, data_dir, cache_root, model, ctx) if cached else None
             validation = EarlyStopping(data_dir, run.schema, cfg.optim, int(share.rows_per_domain.sum()), ctx,
                                        checkpoints.root, run.model, dense, run.sharded.data_parallel_optimizer,
-                                       steps_for, domain, source=valid_input)
+                                       steps_for, domain, source=valid_input, frozen_tables=frozen_tables)
             validation.load_state_dict(state.get("valid") if state else None)
         start = 0
         stopped_at = validation.stopped_at if validation is not None else None

@@ -192,18 +192,20 @@ class EarlyStopping:
         steps_for: the phase's step count of an `OptimConfig` (agreed over ranks).
         source: what the passes forward (`ValidationInput`); None: the valid split's files through
             `model`'s lookups. Checkpoints save and restore `model` either way.
+        frozen_tables: the backbone's weights hash when its tables never change: the best checkpoints
+            then leave them out (`CheckpointManager`).
     """
 
     def __init__(self, data_dir: str | Path, schema: Schema, cfg: OptimConfig, rows: int, ctx: DistContext,
                  root: Path, model: torch.nn.Module, dense: DenseEngine | None,
                  data_parallel_optimizer: DataParallelTableOptimizer | None,
                  steps_for: Callable[[OptimConfig, int], int], domain: int | None = None,
-                 source: ValidationInput | None = None) -> None:
+                 source: ValidationInput | None = None, frozen_tables: str | None = None) -> None:
         if source is None:
             split = Split.open(data_dir, "valid", schema)
             source = lookup_input(ParquetReader(split, schema, VALID_BATCH, ctx.rank, ctx.world_size), ctx,
                                   functools.partial(first_row, split, schema), model)
-        self.source = source
+        self.source, self.frozen_tables = source, frozen_tables
         self.ctx, self.model, self.dense, self.domain = ctx, model, dense, domain
         self.dp_optimizer = data_parallel_optimizer
         self.every = steps_for(replace(cfg, steps=0, epochs=cfg.validate_every), rows)
@@ -239,7 +241,7 @@ class EarlyStopping:
             writer.add_scalar(f"valid/{self.record.metric}", value, step)
         if self.record.add(step, value):
             best = self.record.best_pass
-            CheckpointManager(self.best_folder(best), self.ctx, keep=1).save(
+            CheckpointManager(self.best_folder(best), self.ctx, keep=1, frozen_tables=self.frozen_tables).save(
                 step, self.model, self.dense, {"step": step}, data_parallel_optimizer=self.dp_optimizer)
             self._remove_best_folders(keep={best, self._recorded_pass})
         return self.record.stopped
@@ -257,8 +259,8 @@ class EarlyStopping:
         if self.record.best_step < 0:
             return
         folder = self.best_folder(self.record.best_pass)
-        state = CheckpointManager(folder, self.ctx).restore_latest(self.model, self.dense, warn=warn,
-                                                                    data_parallel_optimizer=self.dp_optimizer)
+        state = CheckpointManager(folder, self.ctx, frozen_tables=self.frozen_tables).restore_latest(
+            self.model, self.dense, warn=warn, data_parallel_optimizer=self.dp_optimizer)
         found = None if state is None else int(state["step"])
         if found != self.record.best_step:
             raise UserError(f"{folder}: the best validation pass (step {self.record.best_step}) has "
