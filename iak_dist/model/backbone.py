@@ -149,7 +149,12 @@ class Backbone(nn.Module):
         fp16 tables pool into fp32 (FBGEMM's output dtype); an unsharded fp16 collection pools into
         fp16, so the result is cast: the dense part always sees fp32.
         """
-        return self.feature_vectors(self.embeddings(sparse).to_dict(), sequence_lengths)
+        return self.feature_vectors(self.lookup(sparse), sequence_lengths)
+
+    def lookup(self, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
+        """The pooled bag [B, d] of every lookup key (read by key: see `embed`); an adapter that
+        `adapts_lookups` changes these before `feature_vectors`."""
+        return self.embeddings(sparse).to_dict()
 
     def feature_vectors(self, pooled: dict[str, torch.Tensor], sequence_lengths: torch.Tensor | None) -> torch.Tensor:
         """[B, F, d] from the pooled bag of every lookup key: a feature's bag, or a sequence feature's items
