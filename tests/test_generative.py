@@ -96,7 +96,9 @@ def test_frozen_transfer_keeps_the_items_and_the_transformer_bit_for_bit_while_t
     from iak_dist.distributed.checkpoint import load_backbone_weights
     from iak_dist.phases.pretrain import pretrain
 
-    cfg = config("generative.transfer=items+encoder", "generative.freeze_transferred=true")
+    # a validation pass: its best checkpoint is loaded back (the fused optimizer's state, frozen tables' included)
+    cfg = config("generative.transfer=items+encoder", "generative.freeze_transferred=true",
+                 "pretrain.validate_every=0.5")
     summary = pretrain(history_data, cfg.model, cfg.pretrain, cfg.distributed, 0, tmp_path, ctx, show_progress=False,
                        generative=cfg.generative)
     assert summary["generative/steps"] == 60.0

@@ -151,10 +151,11 @@ def shard_ranker(ranker: Ranker, ctx: DistContext, cfg: ShardingConfig, lr_spars
     """Plan and shard the tables; with `lr_sparse`, they train with `cfg.sparse_optimizer`.
 
     `ranker`: any module whose `backbone` is a `Backbone` (the Ranker, or generative pre-training's model).
-    `frozen_tables` (names `t_<feature>`) never change while the others train: each gets plain SGD at
-    learning rate 0 fused into backward. TorchRec groups tables into FBGEMM table batches by their fused
-    optimizer settings, so these land in table batches of their own, whose rate no schedule touches
-    (`set_sparse_lr`); SGD keeps no optimizer state, and w - 0 * g is w, bit for bit.
+    `frozen_tables` (names `t_<feature>`) never change while the others train: they get the same fused
+    optimizer at learning rate 0. TorchRec groups tables into FBGEMM table batches by their fused optimizer
+    settings, so these land in table batches of their own, whose rate no schedule touches (`set_sparse_lr`);
+    w - 0 * u is w, bit for bit. (The same optimizer, not plain SGD: a fused optimizer with state for some
+    tables and none for others does not load back from a checkpoint.)
     """
     ebc = ranker.backbone.embeddings
     table_names = [c.name for c in ranker.backbone.table_configs]
@@ -166,7 +167,7 @@ def shard_ranker(ranker: Ranker, ctx: DistContext, cfg: ShardingConfig, lr_spars
         apply_optimizer_in_backward(optimizer_cls, [w for n, w in weights.items() if n not in frozen_tables],
                                     {"lr": lr_sparse})
         if frozen_tables:
-            apply_optimizer_in_backward(torch.optim.SGD, [weights[n] for n in frozen_tables], {"lr": 0.0})
+            apply_optimizer_in_backward(optimizer_cls, [weights[n] for n in frozen_tables], {"lr": 0.0})
     planner = make_planner(ctx.world_size, ctx.device.type, cfg, batch_size, table_names,
                            ranker.backbone.table_dtype)
     sharders = [EmbeddingBagCollectionSharder()]
