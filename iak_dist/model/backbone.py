@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -156,7 +157,8 @@ class Backbone(nn.Module):
         `adapts_lookups` changes these before `feature_vectors`."""
         return self.embeddings(sparse).to_dict()
 
-    def feature_vectors(self, pooled: dict[str, torch.Tensor], sequence_lengths: torch.Tensor | None) -> torch.Tensor:
+    def feature_vectors(self, pooled: Mapping[str, torch.Tensor],
+                        sequence_lengths: torch.Tensor | None) -> torch.Tensor:
         """[B, F, d] from the pooled bag of every lookup key: a feature's bag, or a sequence feature's items
         (one bag per position) through its encoder. The serving `Predictor` pools its own bags and calls this."""
         vectors = []
