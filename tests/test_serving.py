@@ -14,12 +14,12 @@ BATCH = 256
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, backbone_dir, synth_dir, small_cfg, ctx):
-    """A run folder with seed 0's backbone and its `none`, `iak` and `full` adapters."""
+    """A run folder with seed 0's backbone and its `none`, `iak`, `full` and `moe_adaptor` adapters."""
     from iak_dist.phases.finetune import finetune
 
     run_dir = tmp_path_factory.mktemp("serving") / "run"
     shutil.copytree(backbone_dir, run_dir / "seed0" / "backbone")
-    for strategy in ("none", "iak", "full"):
+    for strategy in ("none", "iak", "full", "moe_adaptor"):
         finetune(synth_dir, run_dir / "seed0" / "backbone", strategy, small_cfg.finetune, 0,
                  run_dir / "seed0" / "adapters" / strategy, ctx, show_progress=False)
     return run_dir
@@ -33,6 +33,7 @@ def artefacts(run, tmp_path_factory):
     made = {dtype: export_artefact(run, "iak", out / dtype, table_dtype=dtype) for dtype in ("fp32", "fp16", "int8")}
     made["none"] = export_artefact(run, "none", out / "none")
     made["full"] = export_artefact(run, "full", out / "full")  # its own tables and dense weights
+    made["moe_adaptor"] = export_artefact(run, "moe_adaptor", out / "moe_adaptor")  # adapts the lookups
     return made
 
 
@@ -91,6 +92,19 @@ def test_fp32_scores_equal_evaluate_bitwise_and_fp16_int8_drift_is_bounded(artef
         drift = max(float(np.abs(scores[k] - fp32[k]).max()) for k in ("p_ctr", "p_cvr", "p_ctcvr"))
         print(f"{dtype}: max |score - fp32 score| = {drift:.2e}")
         assert 0 < drift < bound, (dtype, drift)
+
+
+def test_an_adaptor_of_the_lookups_is_served_bitwise(artefacts, run, synth_dir, test_rows, ctx):
+    """`moe_adaptor` changes the item embeddings before the interaction: the predictor applies it to its
+    own pooled bags, with the scores of evaluate's sharded model."""
+    from iak_dist.serving.predictor import Predictor
+
+    reference = evaluate_scores(synth_dir, run, "moe_adaptor", ctx)
+    served = predict(Predictor.load(artefacts["moe_adaptor"]), test_rows)
+    plain = evaluate_scores(synth_dir, run, "none", ctx)
+    assert not np.array_equal(reference["p_ctr"], plain["p_ctr"])  # the adaptor changed the scores
+    for key in ("p_ctr", "p_ctcvr"):
+        assert np.array_equal(served[key].view(np.uint32), reference[key].view(np.uint32)), key
 
 
 def test_a_full_finetune_is_served_with_its_own_tables_bitwise(artefacts, run, synth_dir, test_rows, ctx):

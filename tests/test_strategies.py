@@ -19,7 +19,7 @@ from iak_dist.phases.common import build_from_backbone
 from iak_dist.phases.finetune import build_finetune, sampled_batches
 from iak_dist.phases.loop import train_loop
 
-STRATEGIES = ["none", "full", "head", "lora", "patch", "iak"]
+STRATEGIES = ["none", "full", "head", "lora", "patch", "iak", "moe_adaptor"]
 # IAK options, each tested to start at the pre-trained model and keep the backbone frozen
 IAK_VARIANTS = {
     "iak:input": {"insertion": "input"},
@@ -73,7 +73,7 @@ def test_attached_adapter_starts_exactly_at_the_pretrained_model(strategy, small
             assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("strategy", ["head", "lora", "patch", "iak", *IAK_VARIANTS])
+@pytest.mark.parametrize("strategy", ["head", "lora", "patch", "iak", "moe_adaptor", *IAK_VARIANTS])
 def test_frozen_backbone_is_bitwise_unchanged_and_adapter_trains(strategy, small_cfg, synth_dir, backbone_dir, ctx):
     torch.manual_seed(0)
     run = build_variant(strategy, small_cfg, synth_dir, backbone_dir, ctx)
@@ -102,7 +102,7 @@ def test_full_finetune_changes_embeddings_and_tower(small_cfg, synth_dir, backbo
 
 
 @pytest.mark.parametrize("gemm_limit", [DomainLinear.gemm_limit, 0], ids=["default-paths", "grouped-gemm"])
-@pytest.mark.parametrize("strategy", ["head", "lora", "patch", "iak"])
+@pytest.mark.parametrize("strategy", ["head", "lora", "patch", "iak", "moe_adaptor"])
 def test_mixed_domain_batch_equals_each_domain_scored_alone(strategy, gemm_limit, small_cfg, synth_dir, backbone_dir,
                                                            ctx, monkeypatch):
     monkeypatch.setattr(DomainLinear, "gemm_limit", gemm_limit)
@@ -120,7 +120,7 @@ def test_mixed_domain_batch_equals_each_domain_scored_alone(strategy, gemm_limit
             torch.testing.assert_close(got, want[torch.from_numpy(rows)], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["lora", "patch", "iak", "head"])
+@pytest.mark.parametrize("strategy", ["lora", "patch", "iak", "head", "moe_adaptor"])
 def test_unknown_domain_rows_fall_back_to_the_plain_backbone(strategy, small_cfg, synth_dir, backbone_dir, ctx):
     torch.manual_seed(2)
     run = build_finetune(synth_dir, backbone_dir, strategy, small_cfg.finetune, ctx)

@@ -26,7 +26,15 @@ class Ranker(nn.Module):
     def forward(self, batch: Batch) -> ModelOutput:
         """Scores of one batch. Takes the whole `Batch` (TorchRec's train pipeline traces which of
         its attributes feed the sharded tables, to distribute the next batch's IDs early)."""
-        if self.freeze_embeddings:
+        if self.adapter is not None and self.adapter.adapts_lookups:  # the adapter changes the lookups' output
+            if self.freeze_embeddings:
+                with torch.no_grad():
+                    pooled = self.backbone.lookup(batch.sparse)
+            else:
+                pooled = self.backbone.lookup(batch.sparse)
+            pooled = self.adapter.adapt_lookups(pooled, batch.domain)
+            embedded = self.backbone.feature_vectors(pooled, batch.sequence_lengths)
+        elif self.freeze_embeddings:
             with torch.no_grad():
                 embedded = self.backbone.embed(batch.sparse, batch.sequence_lengths)
         else:

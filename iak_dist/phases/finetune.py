@@ -134,7 +134,9 @@ def build_finetune(
     train_all = adapter_class(strategy).trains_backbone == "all"
     meta = read_backbone_meta(backbone_dir)
     check_schema_matches(schema, meta, data_dir)
-    adapter = build_adapter(strategy, len(schema.domains), tower_widths(meta["schema_obj"], meta["model_obj"]), cfg)
+    adapter = build_adapter(strategy, len(schema.domains), tower_widths(meta["schema_obj"], meta["model_obj"]), cfg,
+                            meta["model_obj"].embedding_dim)
+    adapter.check_schema(schema)
     sharded, meta = build_from_backbone(backbone_dir, adapter, ctx, train_embeddings=train_all,
                                         sharding=dist_cfg.sharding, lr_sparse=cfg.optim.lr_sparse,
                                         batch_size=cfg.optim.batch_size)
@@ -198,11 +200,13 @@ def count_trainable(run: FinetuneSetup) -> int:
 def uses_prefix_cache(strategy: str, setting: str) -> bool:
     """Whether `strategy` fine-tunes from the prefix cache under `finetune.prefix_cache: setting`: every
     strategy that freezes the backbone, unless `off`; `on` for one that trains it is a UserError."""
-    trains_backbone = adapter_class(strategy).trains_backbone == "all"
-    if setting == "on" and trains_backbone:
-        raise UserError(f"finetune.prefix_cache: on, but strategy {strategy!r} trains the backbone (its prefix "
+    cls = adapter_class(strategy)
+    changes_prefix = cls.trains_backbone == "all" or cls.adapts_lookups
+    if setting == "on" and changes_prefix:
+        what = "trains the backbone" if cls.trains_backbone == "all" else "adapts the embeddings"
+        raise UserError(f"finetune.prefix_cache: on, but strategy {strategy!r} {what} (its prefix "
                         f"changes every step); set it to auto (cache for the strategies that freeze it) or off")
-    return setting != "off" and not trains_backbone
+    return setting != "off" and not changes_prefix
 
 
 def open_prefix_cache(run: FinetuneSetup, root: Path, ctx: DistContext, split: Split | None = None) -> CachedSplit:

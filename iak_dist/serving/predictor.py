@@ -245,7 +245,7 @@ class Predictor:
             first = int(np.flatnonzero(domain < 0)[0])
             raise self._unknown_domain_error(str(pc.cast(table.column(self.schema.domain), pa.string())[first]), first)
         batch = arrow_to_batch(table, self.schema)  # the preprocessing of training and evaluation
-        embedded = self._embed(batch.sparse, batch.sequence_lengths)
+        embedded = self._embed(batch.sparse, batch.sequence_lengths, batch.domain.to(self.device))
         out = self.backbone.dense_part(embedded, batch.dense.to(self.device), self.adapter,
                                        batch.domain.to(self.device))
         if unknown:
@@ -254,9 +254,10 @@ class Predictor:
         return {"p_ctr": out.p_ctr.cpu().numpy(), "p_cvr": torch.sigmoid(out.cvr_logit).cpu().numpy(),
                 "p_ctcvr": out.p_ctcvr.cpu().numpy()}
 
-    def _embed(self, sparse, sequence_lengths: torch.Tensor | None) -> torch.Tensor:
+    def _embed(self, sparse, sequence_lengths: torch.Tensor | None, domain: torch.Tensor) -> torch.Tensor:
         """[B, F, d]: every lookup key's bag summed in order (as FBGEMM's CPU kernel does), divided by its
-        length where its table pools by mean, then the backbone's own `feature_vectors` (sequence encoders)."""
+        length where its table pools by mean, adapted where the adapter `adapts_lookups`, then the
+        backbone's own `feature_vectors` (sequence encoders)."""
         pooled = {}
         by_key = sparse.to_dict()
         for feature in self.schema.sparse:
@@ -269,6 +270,8 @@ class Predictor:
                 if key in self.mean_pooled:
                     bags = bags / ids.lengths().to(self.device, bags.dtype).clamp(min=1.0).unsqueeze(1)
                 pooled[key] = bags
+        if self.adapter is not None and self.adapter.adapts_lookups:
+            pooled = self.adapter.adapt_lookups(pooled, domain)
         lengths = None if sequence_lengths is None else sequence_lengths.to(self.device)
         return self.backbone.feature_vectors(pooled, lengths)
 

@@ -18,7 +18,7 @@ row goes through its own domain's slice in one pass (`DomainLinear`). A row whos
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
@@ -185,6 +185,8 @@ class Adapter(nn.Module):
         member_strategy: with `per_domain_models`, the strategy each domain's own model is fine-tuned with.
         grows_domains: every per-domain parameter is stacked `[K, ...]` and a new domain's slice starts at
             the pre-trained model, so `grow_domains` can add a domain to a trained adapter.
+        adapts_lookups: it changes embeddings before the interaction (`adapt_lookups`): it is built with
+            the backbone's `embedding_dim`, and cannot train from the prefix cache (its prefix changes).
     """
 
     name: ClassVar[str] = "none"
@@ -193,12 +195,21 @@ class Adapter(nn.Module):
     per_domain_models: ClassVar[bool] = False
     member_strategy: ClassVar[str | None] = None
     grows_domains: ClassVar[bool] = False
+    adapts_lookups: ClassVar[bool] = False
 
     def __init__(self, num_domains: int, tower_widths: list[int], cfg: Any = None) -> None:
         super().__init__()
         self.num_domains = num_domains
         self.tower_widths = tower_widths
         self.cfg = cfg
+
+    def check_schema(self, schema) -> None:
+        """Raise UserError when a setting names what the data's schema does not have (before training)."""
+
+    def adapt_lookups(self, pooled: Mapping[str, torch.Tensor], domain: torch.Tensor) -> Mapping[str, torch.Tensor]:
+        """The pooled embedding of each lookup key, adapted (only with `adapts_lookups`; `domain`: [B]).
+        Read by key only: in the fx-traced train pipeline `pooled` cannot be iterated."""
+        return pooled
 
     def adapt_preactivation(self, layer: int, x: torch.Tensor, y: torch.Tensor, rows: DomainRows,
                             linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:

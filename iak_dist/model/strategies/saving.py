@@ -73,6 +73,7 @@ def save_adapter(
         "strategy_config": to_dict(adapter.cfg) if adapter.cfg is not None else None,
         "domains": domains,
         "tower_widths": adapter.tower_widths,
+        **({"embedding_dim": adapter.embedding_dim} if adapter.adapts_lookups else {}),
         "backbone_identity": backbone_meta["identity"],
         "backbone_weights": backbone_meta["weights"],
         "adapter_weights": weights_hash,  # load_adapter checks the weights file against it
@@ -132,7 +133,7 @@ def load_adapter(path: str | Path, backbone_meta: dict[str, Any]) -> tuple[Adapt
     holder = FinetuneConfig()
     if section_cls is not None:
         holder.settings[name] = from_dict(section_cls, config["strategy_config"], str(path / CONFIG_FILE))
-    adapter = build_adapter(name, len(config["domains"]), config["tower_widths"], holder)
+    adapter = build_adapter(name, len(config["domains"]), config["tower_widths"], holder, config.get("embedding_dim"))
     if adapter.per_domain_models:
         return adapter, None, config
     weights = SafetensorsFile(path / WEIGHTS_FILE, _REFINETUNE)  # its hash was checked above
