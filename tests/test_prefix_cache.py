@@ -129,6 +129,13 @@ def test_a_changed_key_or_a_truncated_shard_is_rebuilt_never_reused(small_cfg, g
     first = open_prefix_cache(run, root, ctx)
     capsys.readouterr()
 
+    # a cache of the layout before `<split>/` (`prefix_cache/<key>/`) is removed, not left behind
+    old_layout = root / "0123456789abcdef"
+    (old_layout / "part-000000.rec").parent.mkdir(parents=True)
+    (old_layout / "part-000000.rec").write_bytes(b"x")
+    assert open_prefix_cache(run, root, ctx).folder == first.folder and not old_layout.exists()
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["finetune"]
+
     # truncated shard (a write cut short): detected by its size, rebuilt
     shard = sorted(first.folder.glob("part-*.rec"))[1]
     whole = shard.read_bytes()

@@ -10,6 +10,7 @@ first tower layer's output on it, computed once) instead of the files, and train
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -215,12 +216,23 @@ def open_prefix_cache(run: FinetuneSetup, root: Path, ctx: DistContext, split: S
     truncated file) built by one pass over the split, each rank its row groups (collective: every rank
     calls it). Says which, in one line."""
     split = split or run.split
+    if ctx.is_main:
+        remove_old_layout(root)
     root = root / split.name
     with building_lock(root, holder=ctx.is_main):
         ctx.barrier()  # sync point: every rank decides once rank 0 holds the lock
         cached = _open_or_build(run, split, root, ctx)
         ctx.barrier()  # the cache is whole before another phase may look at it
     return cached
+
+
+def remove_old_layout(root: Path) -> None:
+    """Remove caches of the layout before the valid split had one (`root/<key>/` instead of
+    `root/<split>/<key>/`): never read again, and on production tables gigabytes each."""
+    if root.is_dir():
+        for old in root.iterdir():
+            if old.is_dir() and len(old.name) == 16 and all(c in "0123456789abcdef" for c in old.name):
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def _open_or_build(run: FinetuneSetup, split: Split, root: Path, ctx: DistContext) -> CachedSplit:
