@@ -152,7 +152,9 @@ def measure(data_dir: Path, backbone: Path, cfg, ctx, strategies: list[str], ste
     from profiling.steps import finetune_stepper, interleaved
 
     ft = cfg.finetune
-    frozen = [s for s in strategies if s != "full"]
+    from iak_dist.phases.finetune import uses_prefix_cache
+
+    frozen = [s for s in strategies if uses_prefix_cache(s, "auto")]  # those that train from the cache
     setups, steppers, batches, inputs, facts = {}, {}, {}, {}, {}
     for variant in [*strategies, *(f"{s} (cache)" for s in frozen)]:
         torch.manual_seed(0)
