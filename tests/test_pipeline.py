@@ -79,6 +79,7 @@ def test_pipeline_end_to_end_and_rerun_skips_finished_work(tmp_path, synth_dir, 
     assert capsys.readouterr().err.count("done in an earlier run, skipping") == 5
     recorded = yaml.safe_load((run / "config.yaml").read_text())  # a run from before `pretrain.calibrate` existed
     del recorded["pretrain"]["calibrate"]
+    del recorded["generative"]  # and before the whole `generative` section did
     (run / "config.yaml").write_text(yaml.safe_dump(recorded))
     assert main(["pipeline", "run", "--no-ray", str(config)]) == 0  # it ran at the key's default: the same
     assert capsys.readouterr().err.count("done in an earlier run, skipping") == 5

@@ -248,7 +248,8 @@ def refuse_other_config(run_dir: Path, cfg: PipelineConfig) -> None:
                         f"against this config: move {run_dir} aside to run afresh") from exc
     new, defaults = to_dict(cfg), to_dict(PipelineConfig())
     for section in WHAT_SECTIONS:
-        found = first_difference((old or {}).get(section), new.get(section), section, defaults.get(section))
+        # a section the recorded config lacks (written before it existed) ran at its defaults
+        found = first_difference((old or {}).get(section, _ABSENT), new.get(section), section, defaults.get(section))
         if found is not None:
             raise UserError(f"{run_dir}: its phases ran with another config ({found}); use another run_dir for "
                             f"the new settings, or move {run_dir} aside to run them afresh")
