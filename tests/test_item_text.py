@@ -200,6 +200,21 @@ def test_the_tower_averages_texts_that_share_a_slot_and_starts_id_text_as_id():
         ItemTower("id", embedding_dim=3, table_size=16)
 
 
+def test_the_tower_of_a_schema_is_over_its_single_hot_item_feature():
+    from iak_dist.data.schema import Schema, SparseFeature
+    from iak_dist.model.item_tower import ItemTower
+
+    assert ItemTower.for_schema(tower_schema(), "id", 8) is None
+    tower = ItemTower.for_schema(tower_schema(), "id+text", 8)
+    assert tower.mode == "id+text" and tuple(tower.text.shape) == (TOWER_SLOTS, 384)
+    for sparse, what in (([SparseFeature("items", 8)], "none"), ([SparseFeature("item_id", 8, multi_hot=True)],
+                                                                  "a multi-hot one")):
+        with pytest.raises(UserError) as err:
+            ItemTower.for_schema(Schema(sparse=sparse, domains=["d0"]), "text", 8)
+        assert str(err.value) == ("model.item_tower text: needs a single-hot sparse feature item_id (the items "
+                                  f"item_text.parquet describes); the schema has {what}")
+
+
 @pytest.mark.parametrize("mode", ["text", "id+text"])
 def test_gradients_reach_the_projection_and_only_the_tables_the_mode_reads(mode):
     import torch

