@@ -288,3 +288,17 @@ def test_text_mode_scores_items_never_seen_in_training_through_their_text():
         with torch.no_grad():
             results[mode] = auc(test.click.numpy(), scored(backbone, tower, test).ctr_logit.numpy())
     assert results["text"] > 0.8 and results["id"] < 0.6, results
+
+
+@needs_encoder
+def test_without_text_the_folder_is_that_of_before(text_dir, tmp_path):
+    """item_text changes no split, schema or stats byte; preparing without it removes an earlier text file."""
+    from iak_dist.data.prepare import prepare
+
+    plain = tmp_path / "plain"
+    shutil.copytree(text_dir, plain)
+    prepare(DataConfig(source="movielens-100k"), plain)
+    without_text = sorted(p.name for p in text_dir.iterdir() if p.name != ITEM_TEXT_FILE)
+    assert sorted(p.name for p in plain.iterdir()) == without_text
+    for path in plain.iterdir():
+        assert path.read_bytes() == (text_dir / path.name).read_bytes(), path.name
