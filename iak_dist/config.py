@@ -117,6 +117,10 @@ class ModelConfig:
     """Transformer layers of the `transformer` sequence encoder."""
     sequence_heads: int = 2
     """Attention heads of the `transformer` sequence encoder (must divide `embedding_dim`)."""
+    item_tower: Literal["id", "text", "id+text"] = "id"
+    """The item feature's vector: `id` its ID embedding; `text` a trained projection of its text vector
+    (needs a data folder prepared with `data.item_text: true`; an item never seen in training is scored
+    through its text); `id+text` the sum of both (iak_dist/model/item_tower.py, docs/data.md "Item text")."""
 
     def problems(self) -> dict[str, str]:
         found = at_least(self, embedding_dim=1, cross_layers=0, cross_rank=1, sequence_layers=1, sequence_heads=1)
@@ -426,6 +430,9 @@ class PipelineConfig:
                             "(pretrain.calibrate); fine-tuned heads are the strategies' own")
         if self.finetune.optim.objective != "discriminative":
             raise UserError("finetune.optim.objective: the objective applies to pre-training only (pretrain.objective)")
+        if self.model.item_tower != "id" and self.data.source == "movielens-100k" and not self.data.item_text:
+            raise UserError(f"model.item_tower: {self.model.item_tower} reads the items' text; set data.item_text: "
+                            f"true (a data.dir prepared with it)")
         if self.pretrain.objective == "generative":
             if self.data.source == "movielens-100k" and self.data.history_length == 0:
                 raise UserError("pretrain.objective: generative pre-training needs a behaviour sequence; "

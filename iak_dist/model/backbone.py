@@ -22,8 +22,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from iak_dist.config import ModelConfig, to_dict
 from iak_dist.data.schema import Schema
 from iak_dist.errors import UserError
+from iak_dist.model.item_tower import ItemTower
 from iak_dist.model.sequence import SequencePool, SequenceTransformer
-from iak_dist.model.strategies.base import DomainRows
+from iak_dist.model.strategies.base import DomainRows, Overlay
 
 # `model.table_dtype` -> TorchRec's table data type, which FBGEMM takes as its weights precision
 TABLE_DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
@@ -125,6 +126,8 @@ class Backbone(nn.Module):
             f.name: SequencePool(f.pooling) if cfg.sequence_encoder == "pool"
             else SequenceTransformer(f.max_length, d, cfg.sequence_layers, cfg.sequence_heads)
             for f in schema.sequence_features})
+        # the item feature by its text (model.item_tower; None: by ID); its text buffer rides in the state dict
+        self.item_tower = ItemTower.for_schema(schema, cfg.item_tower, d)
         self.dense_proj = nn.Linear(max(len(schema.dense), 1), d)
         num_vectors = len(self.feature_names) + 1
         widths = tower_widths(schema, cfg)
@@ -152,10 +155,21 @@ class Backbone(nn.Module):
         """
         return self.feature_vectors(self.lookup(sparse), sequence_lengths)
 
-    def lookup(self, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-        """The pooled bag [B, d] of every lookup key (read by key: see `embed`); an adapter that
-        `adapts_lookups` changes these before `feature_vectors`."""
-        return self.embeddings(sparse).to_dict()
+    def lookup(self, sparse: KeyedJaggedTensor) -> Mapping[str, torch.Tensor]:
+        """The pooled bag [B, d] of every lookup key (read by key: see `embed`), the item feature's through
+        the item tower; an adapter that `adapts_lookups` changes these before `feature_vectors`."""
+        return self.items_by_text(self.embeddings(sparse).to_dict(), sparse)
+
+    def items_by_text(self, pooled: Mapping[str, torch.Tensor],
+                      sparse: KeyedJaggedTensor) -> Mapping[str, torch.Tensor]:
+        """`pooled` with the item feature's vector made by the item tower from the batch's item IDs
+        (`model.item_tower`); as it is without a tower. The serving `Predictor` calls it on its own bags."""
+        if self.item_tower is None:
+            return pooled
+        name = self.item_tower.feature
+        vector = pooled[name].float()
+        slots = sparse[name].values().to(vector.device)  # single-hot: one hashed item ID per row
+        return Overlay(pooled, {name: self.item_tower(slots, vector)})
 
     def feature_vectors(self, pooled: Mapping[str, torch.Tensor],
                         sequence_lengths: torch.Tensor | None) -> torch.Tensor:
@@ -245,7 +259,8 @@ def tower_widths(schema: Schema, cfg: ModelConfig) -> list[int]:
     return [first, *cfg.tower]
 
 
-LATER_MODEL_KEYS = {"table_dtype": "fp32", "sequence_encoder": "pool", "sequence_layers": 1, "sequence_heads": 2}
+LATER_MODEL_KEYS = {"table_dtype": "fp32", "sequence_encoder": "pool", "sequence_layers": 1, "sequence_heads": 2,
+                    "item_tower": "id"}
 """Model keys that came after the first backbones, with their defaults: left out of the identity there."""
 
 

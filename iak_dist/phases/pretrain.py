@@ -66,13 +66,16 @@ def resume_step(step: int, position: DataPosition, per_epoch: int, exact: bool, 
 
 
 def build_pretrain(schema: Schema, model_cfg: ModelConfig, optim: OptimConfig, dist_cfg: DistributedConfig,
-                   seed: int, ctx: DistContext, transfer: Transfer | None = None) -> tuple[ShardedRanker, DenseEngine]:
+                   seed: int, ctx: DistContext, transfer: Transfer | None = None,
+                   data_dir: Path | None = None) -> tuple[ShardedRanker, DenseEngine]:
     """The pre-train model: sharded tables (initialised from `seed`) and the dense engine.
 
     With `transfer` (generative pre-training), its tensors replace the initial ones, frozen or not,
     before the dense engine is built (DeepSpeed takes only what requires grad).
     """
     backbone = Backbone(schema, model_cfg, device=torch.device("meta"))
+    if backbone.item_tower is not None:  # the items' text vectors, read once: checkpoints and exports carry them
+        backbone.item_tower.load_text(data_dir)
     sharded = shard_ranker(Ranker(backbone), ctx, dist_cfg.sharding, optim.lr_sparse, optim.batch_size,
                            frozen_tables=transfer.frozen_tables if transfer is not None else ())
     init_tables(sharded.model, sharded.ranker, seed)
@@ -148,7 +151,7 @@ def pretrain(
                                                          out_dir / "generative", ctx, show_progress)
         transfer = transfer_from(source, schema, model_cfg, generative)
     torch.manual_seed(seed)
-    sharded, dense = build_pretrain(schema, model_cfg, optim, dist_cfg, seed, ctx, transfer)
+    sharded, dense = build_pretrain(schema, model_cfg, optim, dist_cfg, seed, ctx, transfer, data_dir)
     plan_text = format_plan(plan_rows(sharded.plan, sharded.ranker, ctx.world_size))
     show_plan(plan_text, ctx.world_size, out_dir.parent, ctx)
     checkpoints = CheckpointManager(out_dir / "checkpoints" / "pretrain", ctx, dist_cfg.keep_checkpoints)

@@ -270,6 +270,7 @@ class Predictor:
                 if key in self.mean_pooled:
                     bags = bags / ids.lengths().to(self.device, bags.dtype).clamp(min=1.0).unsqueeze(1)
                 pooled[key] = bags
+        pooled = self.backbone.items_by_text(pooled, sparse)
         if self.adapter is not None and self.adapter.adapts_lookups:
             pooled = self.adapter.adapt_lookups(pooled, domain)
         lengths = None if sequence_lengths is None else sequence_lengths.to(self.device)

@@ -18,7 +18,7 @@ row goes through its own domain's slice in one pass (`DomainLinear`). A row whos
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
@@ -55,6 +55,23 @@ class DomainRows(NamedTuple):
         offsets = index.new_zeros(num_domains).index_add(0, index, torch.ones_like(index)).cumsum(0).to(torch.int32)
         known = (domain >= 0).unsqueeze(1).to(torch.get_default_dtype())
         return DomainRows(domain, index, known, torch.argsort(index, stable=True), offsets)
+
+
+class Overlay(Mapping):
+    """`changed[key]` where there is one, else `base[key]`. Trap: in TorchRec's fx-traced train pipeline the
+    lookups' dict is a Proxy, which cannot be iterated (copied): it is only ever indexed."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], changed: dict[str, torch.Tensor]) -> None:
+        self.base, self.changed = base, changed
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.changed[key] if key in self.changed else self.base[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
 
 
 def grouped_linear(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ adaptor trains. Since it changes the backbone's input, it cannot train from the 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 
 from iak_dist.config import at_least
 from iak_dist.errors import UserError
-from iak_dist.model.strategies.base import Adapter, DomainLinear, DomainRows, register
+from iak_dist.model.strategies.base import Adapter, DomainLinear, DomainRows, Overlay, register
 
 
 @dataclass
@@ -78,19 +78,3 @@ class MoeAdaptor(Adapter):
             adapted[name] = x + rows.known * (gate.unsqueeze(2) * experts).sum(1)
         return Overlay(pooled, adapted)
 
-
-class Overlay(Mapping):
-    """`changed[key]` where there is one, else `base[key]`. Trap: in TorchRec's fx-traced train pipeline the
-    lookups' dict is a Proxy, which cannot be iterated (copied): it is only ever indexed."""
-
-    def __init__(self, base: Mapping[str, torch.Tensor], changed: dict[str, torch.Tensor]) -> None:
-        self.base, self.changed = base, changed
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self.changed[key] if key in self.changed else self.base[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.base)
-
-    def __len__(self) -> int:
-        return len(self.base)
