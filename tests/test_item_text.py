@@ -161,12 +161,9 @@ def tower_batch(users: np.ndarray, items: np.ndarray, clicks: np.ndarray):
 
 
 def scored(backbone, tower, batch):
-    """The backbone's forward with the item tower hooked in as the proposed backbone.py diff does: the
-    item feature's pooled ID vector replaced by the tower's, before the interaction."""
-    pooled = backbone.embeddings(batch.sparse).to_dict()
-    if tower is not None:
-        pooled["item_id"] = tower(batch.sparse["item_id"].values(), pooled["item_id"].float())
-    return backbone.dense_part(backbone.feature_vectors(pooled, batch.sequence_lengths), batch.dense)
+    """The backbone's own forward with `tower` as its item tower (`Backbone.lookup` -> `items_by_text`)."""
+    backbone.item_tower = tower
+    return backbone(batch.sparse, batch.dense, batch.sequence_lengths)
 
 
 def test_the_tower_averages_texts_that_share_a_slot_and_starts_id_text_as_id():
@@ -238,7 +235,8 @@ def test_gradients_reach_the_projection_and_only_the_tables_the_mode_reads(mode)
         torch.nn.functional.binary_cross_entropy_with_logits(out.ctr_logit, batch.click).backward()
         assert tower.project.weight.grad.abs().sum() > 0 and tower.text.grad is None
         if frozen:  # a frozen backbone: the projection is all that trains
-            assert all(p.grad is None for p in backbone.parameters())
+            own = {id(q) for q in tower.parameters()}
+            assert all(p.grad is None for p in backbone.parameters() if id(p) not in own)
         else:  # text: the item's ID row is not read; id+text: it is
             assert (items.grad.abs().sum() > 0) == (mode == "id+text")
             assert backbone.embeddings.embedding_bags["t_user_id"].weight.grad.abs().sum() > 0
@@ -302,3 +300,39 @@ def test_without_text_the_folder_is_that_of_before(text_dir, tmp_path):
     assert sorted(p.name for p in plain.iterdir()) == without_text
     for path in plain.iterdir():
         assert path.read_bytes() == (text_dir / path.name).read_bytes(), path.name
+
+
+@needs_encoder
+@pytest.mark.parametrize("mode", ["text", "id+text"])
+def test_an_item_tower_is_served_as_the_trained_model_scores(mode, text_dir, small_cfg, ctx, tmp_path):
+    """`model.item_tower` through the pipelined pre-train loop (TorchRec's train pipeline traces `lookup`),
+    exported: the `Predictor` scores as the sharded model, without the data folder (the text rides along)."""
+    import dataclasses
+
+    import torch
+
+    from iak_dist.data.batch import arrow_to_batch
+    from iak_dist.data.parquet import read_table
+    from iak_dist.data.schema import Schema
+    from iak_dist.data.source import Split
+    from iak_dist.phases.common import build_from_backbone
+    from iak_dist.phases.finetune import finetune
+    from iak_dist.phases.pretrain import pretrain
+    from iak_dist.serving.artefact import export_artefact
+    from iak_dist.serving.predictor import Predictor
+
+    run = tmp_path / "run"
+    model = dataclasses.replace(small_cfg.model, item_tower=mode)
+    pretrain(text_dir, model, dataclasses.replace(small_cfg.pretrain, steps=5), small_cfg.distributed, 0,
+             run / "seed0", ctx, show_progress=False)
+    finetune(text_dir, run / "seed0" / "backbone", "none", small_cfg.finetune, 0, run / "seed0" / "adapters" / "none",
+             ctx, show_progress=False)
+    predictor = Predictor.load(export_artefact(run, "none", tmp_path / "artefact"))
+    schema = Schema.load(text_dir / "schema.yaml")
+    rows = read_table(Split.open(text_dir, "test", schema), schema).slice(0, 512)
+    sharded, _ = build_from_backbone(run / "seed0" / "backbone", None, ctx, train_embeddings=False)
+    sharded.model.eval()
+    assert sharded.ranker.backbone.item_tower.text.abs().sum() > 0  # the exported backbone carries the text
+    with torch.no_grad():
+        trained = sharded.model(arrow_to_batch(rows, schema)).p_ctr.numpy()
+    np.testing.assert_allclose(predictor.score(rows)["p_ctr"], trained, rtol=1e-6, atol=1e-7)
