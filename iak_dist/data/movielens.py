@@ -207,14 +207,14 @@ def item_texts(raw: dict[str, str]) -> tuple[np.ndarray, list[str]]:
 def prepare_movielens(cfg: DataConfig, out_dir: str | Path) -> dict:
     """Fetch MovieLens-100K and write schema.yaml + pre-train / fine-tune / valid / test Parquet splits
     (and, with `cfg.item_text`, item_text.parquet: each item's text embedding)."""
-    from iak_dist.data.item_text import write_item_text  # imports torch: only with item_text
-
     raw = fetch_raw()
     table, schema = build_impressions(raw, cfg)
     out = Path(out_dir)
     # The text first: a prepare stopped in between leaves the splits incomplete, so the folder is
     # prepared again rather than taken for one prepared without text.
     if cfg.item_text:
+        from iak_dist.data.item_text import write_item_text  # imports torch: only with item_text
+
         write_item_text(out, *item_texts(raw))
     else:
         (out / ITEM_TEXT_FILE).unlink(missing_ok=True)  # from an earlier prepare with text: it would mislabel it
