@@ -53,6 +53,11 @@ class DataConfig:
     """MovieLens: also embed each item's text (its title and genres) once, at prepare time, with a small
     offline sentence encoder installed at set-up (all-MiniLM-L6-v2), into the data folder beside the
     splits (docs/data.md, "Item text"); false: no text (the data of before)."""
+    cold_items: float = 0.0
+    """MovieLens: this fraction of the items (drawn from `seed`, widened to every item sharing an item_id
+    table slot with one drawn) is left out of the pre-train split only: fine-tune, valid and test keep
+    their rows, so evaluation scores items pre-training never saw (zero-shot items; docs/data.md, "Cold
+    items"). 0: every item pre-trains (the data of before)."""
     split_fractions: list[float] = field(default_factory=lambda: [0.65, 0.15, 0.05, 0.15])
     """Time quantiles for pre-train / fine-tune / valid / test, taken within each `split_within` group.
     `valid` (between fine-tune and test in time) serves early stopping and every choice of strategy or
@@ -82,6 +87,13 @@ class DataConfig:
                                        f"{self.source} (a parquet source lists its sequence features in schema.yaml)")
         if self.item_text and self.source != "movielens-100k":
             found["item_text"] = f"only movielens-100k data is prepared with item text, got source {self.source}"
+        if not 0.0 <= self.cold_items < 1.0:
+            found["cold_items"] = f"a fraction of the items in [0, 1), got {self.cold_items}"
+        elif self.cold_items and self.source != "movielens-100k":
+            found["cold_items"] = f"only movielens-100k data is prepared with cold items, got source {self.source}"
+        elif self.cold_items and self.history_length:
+            found["cold_items"] = ("cannot be combined with data.history_length > 0: hist_items shares item_id's "
+                                   "table, so a cold item in a pre-train row's history would train its ID row")
         fr = self.split_fractions
         if len(fr) != 4 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
             found["split_fractions"] = (f"need four positive fractions (pretrain, finetune, valid, test) "
