@@ -27,6 +27,9 @@ METRICS = ("ctr_auc", "ctcvr_auc", "gauc", "logloss")
 CONSTANT = ("constant_logloss", "constant_ctcvr_logloss")
 """The constant predictor's LogLoss per domain (`metrics.constant_predictor`): the same for every strategy."""
 NOT_FINETUNED = "†"
+COLD_ITEMS = "cold items"
+"""The metrics entry of the test rows whose item pre-training never saw (`data.cold_items`), beside
+"overall": every strategy scores them, none trained their item's ID row before fine-tuning."""
 NA_REASONS = {
     "ctr_auc": "the rows hold one class only",
     "ctcvr_auc": "the schema has no conversion label (or the rows hold one class only)",
@@ -38,14 +41,15 @@ NA_REASONS = {
 def aggregate(results: dict[str, dict[int, dict[str, dict[str, Any]]]], domain_order: list[str]) -> dict[str, Any]:
     """`results[strategy][seed][domain][metric]` -> `{strategy: {domain: {metric: {mean, std, n}}}}`.
 
-    Domains follow `domain_order` (the schema's), then "overall". `n` counts the seeds the metric
+    Domains follow `domain_order` (the schema's), then "overall", then `COLD_ITEMS` where the
+    evaluations hold it. `n` counts the seeds the metric
     is available in; with none, mean and std are None. A domain that any seed's strategy did not
     fine-tune (`finetuned: false` in its metrics) carries `finetuned: false` and that seed's note.
     """
     out: dict[str, Any] = {}
     for strategy, by_seed in results.items():
         present = next(iter(by_seed.values())).keys()
-        domains = [d for d in [*domain_order, "overall"] if d in present]
+        domains = [d for d in [*domain_order, "overall", COLD_ITEMS] if d in present]
         out[strategy] = {}
         for domain in domains:
             entries = [by_seed[s][domain] for s in by_seed if domain in by_seed[s]]

@@ -10,9 +10,11 @@ conversion = rated >= 4. With `history_length` > 0, each impression also carries
 items its user rated strictly before its timestamp, oldest first, the last `history_length` of them
 (`histories`). Domains: the user's age group, the first digit of the zip code, or the
 month of the rating. With `item_text`, each item's title and genres are embedded once into the data
-folder (`iak_dist.data.item_text`). Splits: by time within each user (`split_within: user`, default) or each
-domain, at the quantiles `split_fractions`: the earliest impressions pre-train, then fine-tune,
-then valid (early stopping, model choice), the latest the test set.
+folder (`iak_dist.data.item_text`). With `cold_items`, that fraction of the items is left out of
+the pre-train split only (zero-shot items, `splits.choose_cold_items`). Splits: by time within each
+user (`split_within: user`, default) or each domain, at the quantiles `split_fractions`: the earliest
+impressions pre-train, then fine-tune, then valid (early stopping, model choice), the latest the test
+set.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import numpy as np
 import pyarrow as pa
 
 from iak_dist.config import DataConfig
-from iak_dist.data.prepare import ITEM_TEXT_FILE
+from iak_dist.data.prepare import COLD_ITEMS_FILE, ITEM_TEXT_FILE
 from iak_dist.data.schema import Schema, SparseFeature
-from iak_dist.data.splits import write_splits
+from iak_dist.data.splits import choose_cold_items, write_cold_items, write_splits
 from iak_dist.errors import UserError
 
 RECBOLE_WHEEL = "recbole==1.2.1"
@@ -210,6 +212,9 @@ def prepare_movielens(cfg: DataConfig, out_dir: str | Path) -> dict:
     raw = fetch_raw()
     table, schema = build_impressions(raw, cfg)
     out = Path(out_dir)
+    # schema.yaml goes first (write_splits writes it last): a prepare stopped in between leaves a folder
+    # that is prepared again, never old splits beside this prepare's item text or cold items.
+    (out / "schema.yaml").unlink(missing_ok=True)
     # The text first: a prepare stopped in between leaves the splits incomplete, so the folder is
     # prepared again rather than taken for one prepared without text.
     if cfg.item_text:
@@ -218,4 +223,13 @@ def prepare_movielens(cfg: DataConfig, out_dir: str | Path) -> dict:
         write_item_text(out, *item_texts(raw))
     else:
         (out / ITEM_TEXT_FILE).unlink(missing_ok=True)  # from an earlier prepare with text: it would mislabel it
-    return write_splits(table, schema, cfg, out, time_column="timestamp")
+    not_in_pretrain = None
+    if cfg.cold_items:
+        items = table.column("item_id").to_numpy()
+        size = next(f.table_size for f in schema.sparse if f.name == "item_id")
+        cold = choose_cold_items(items, cfg.cold_items, cfg.seed, size)
+        write_cold_items(out, cold, cfg.cold_items, cfg.seed, size)
+        not_in_pretrain = np.isin(items, cold)
+    else:
+        (out / COLD_ITEMS_FILE).unlink(missing_ok=True)  # from an earlier prepare with cold items
+    return write_splits(table, schema, cfg, out, time_column="timestamp", not_in_pretrain=not_in_pretrain)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from iak_dist.config import DataConfig
@@ -12,6 +13,8 @@ from iak_dist.errors import UserError
 ITEM_TEXT_FILE = "item_text.parquet"
 """Each item's text embedding, beside the splits (iak_dist/data/item_text.py; named here so that
 `is_prepared` does not import torch)."""
+COLD_ITEMS_FILE = "cold_items.json"
+"""The items `data.cold_items` left out of the pre-train split (iak_dist/data/splits.py)."""
 
 
 def missing_splits(data_dir: str | Path) -> list[str] | None:
@@ -35,8 +38,8 @@ def is_prepared(data_dir: str | Path, cfg: DataConfig | None = None) -> bool:
     without `valid`, is not: movielens and synth folders are then prepared again).
 
     With `cfg` (a source that `prepare` writes), a complete folder prepared with another
-    `history_length`, or with item text when `cfg.item_text` is false (or the reverse), is refused
-    with one line rather than reused or overwritten: other runs may be reading it, and preparing it
+    `history_length` or `cold_items`, or with item text when `cfg.item_text` is false (or the reverse), is
+    refused with one line rather than reused or overwritten: other runs may be reading it, and preparing it
     again would change their data under them.
     """
     if missing_splits(data_dir) != []:
@@ -44,7 +47,19 @@ def is_prepared(data_dir: str | Path, cfg: DataConfig | None = None) -> bool:
     if cfg is not None and cfg.source != "parquet":
         _refuse_other_history(Path(data_dir), cfg)
         _refuse_other_item_text(Path(data_dir), cfg)
+        _refuse_other_cold_items(Path(data_dir), cfg)
     return True
+
+
+def _refuse_other_cold_items(data_dir: Path, cfg: DataConfig) -> None:
+    """UserError when the folder's cold items (cold_items.json, or none: 0) are not `cfg.cold_items`'."""
+    path = data_dir / COLD_ITEMS_FILE
+    had = float(json.loads(path.read_text())["fraction"]) if path.is_file() else 0.0
+    if had != cfg.cold_items:
+        raise UserError(f"{data_dir}: prepared with data.cold_items {had:g}, the config asks {cfg.cold_items:g}; set "
+                        f"data.dir to another folder (e.g. {data_dir}-cold{cfg.cold_items:g}), or prepare this one "
+                        f"again (iak-dist data prepare {cfg.source} --out {data_dir} --set "
+                        f"cold_items={cfg.cold_items:g}) if no run reads it")
 
 
 def _refuse_other_history(data_dir: Path, cfg: DataConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,10 @@ import pyarrow.parquet as pq
 
 from iak_dist.config import DataConfig
 from iak_dist.data.batch import domain_indices
-from iak_dist.data.schema import Schema
+from iak_dist.data.prepare import COLD_ITEMS_FILE
+from iak_dist.data.schema import Schema, hash_ids
 from iak_dist.data.source import SPLITS
+from iak_dist.errors import UserError
 from iak_dist.io import atomic_path, atomic_write_json
 
 
@@ -39,8 +42,43 @@ def write_parquet(table: pa.Table, path: Path, row_group_size: int) -> None:
         pq.write_table(table, tmp, row_group_size=row_group_size)
 
 
+def choose_cold_items(items: np.ndarray, fraction: float, seed: int, table_size: int) -> np.ndarray:
+    """The cold items' raw IDs, ascending: `round(fraction * distinct items)` of `items` drawn uniformly
+    (a stream of `seed`'s own), then every item hashed to the same item_id table slot as a drawn one.
+
+    Why widen: items sharing a slot share their ID row, so a warm item there would train the cold
+    one's row in pre-training; the cold slots are then exactly the rows pre-training never reads.
+    """
+    distinct = np.unique(items)
+    drawn = np.random.default_rng([seed, 11]).choice(distinct, size=round(fraction * len(distinct)), replace=False)
+    slots = hash_ids(distinct, table_size)
+    return distinct[np.isin(slots, hash_ids(drawn, table_size))]
+
+
+def write_cold_items(out_dir: Path, cold: np.ndarray, fraction: float, seed: int, table_size: int) -> None:
+    """`cold_items.json`: what `data.cold_items` left out of pre-training (read by `read_cold_slots`)."""
+    atomic_write_json(out_dir / COLD_ITEMS_FILE, {
+        "fraction": fraction, "seed": seed, "feature": "item_id", "table_size": table_size,
+        "item_ids": cold.tolist(), "slots": np.unique(hash_ids(cold, table_size)).tolist()})
+
+
+def read_cold_slots(data_dir: Path, schema: Schema) -> np.ndarray | None:
+    """The item_id table slots of the folder's cold items (ascending), None if it has none."""
+    path = Path(data_dir) / COLD_ITEMS_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    feature = next((f for f in schema.sparse if f.name == record["feature"]), None)
+    if feature is None or feature.table_size != record["table_size"]:
+        raise UserError(f"{path}: cold items hashed into a {record['feature']} table of {record['table_size']} "
+                        f"slots, the schema has {feature.table_size if feature else 'no such feature'}; "
+                        f"prepare the folder again")
+    return np.array(record["slots"], dtype=np.int64)
+
+
 def write_splits(
-    table: pa.Table, schema: Schema, cfg: DataConfig, out_dir: Path, time_column: str | None
+    table: pa.Table, schema: Schema, cfg: DataConfig, out_dir: Path, time_column: str | None,
+    not_in_pretrain: np.ndarray | None = None,
 ) -> dict:
     """Split `table` into `SPLITS` and write `<split>.parquet` for each, schema.yaml and stats.json.
 
@@ -48,6 +86,10 @@ def write_splits(
     the quantiles `cfg.split_fractions`; without one, at random in those proportions. Rows are
     shuffled within each split so that row groups mix users and domains. Returns the per-split,
     per-domain row counts (also written to `out_dir/stats.json`).
+
+    `not_in_pretrain` ([rows] booleans, None: none): rows dropped from the pre-train split only (cold
+    items). They are dropped after the shuffle, so every other split is byte for byte the one written
+    without them.
     """
     rng = np.random.default_rng([cfg.seed, 7])  # a stream of its own: generators draw from cfg.seed
     domain = domain_indices(table.column(schema.domain), schema.domains)
@@ -60,6 +102,9 @@ def write_splits(
     for index, name in enumerate(SPLITS):
         rows = np.flatnonzero(split == index)
         rows = rows[rng.permutation(len(rows))]
+        if name == "pretrain" and not_in_pretrain is not None:
+            stats["pretrain_rows_left_out"] = int(not_in_pretrain[rows].sum())
+            rows = rows[~not_in_pretrain[rows]]
         part = table.take(rows)
         write_parquet(part, out_dir / f"{name}.parquet", cfg.row_group_size)
         counts = np.bincount(domain[rows], minlength=len(schema.domains))

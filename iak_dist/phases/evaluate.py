@@ -71,6 +71,7 @@ from iak_dist.data.batch import Batch, arrow_to_batch
 from iak_dist.data.parquet import ParquetReader
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Split
+from iak_dist.data.splits import read_cold_slots
 from iak_dist.distributed.checkpoint import ShardedWeights, read_backbone_meta
 from iak_dist.distributed.context import (
     DistContext,
@@ -96,6 +97,7 @@ from iak_dist.model.backbone import ModelOutput
 from iak_dist.model.strategies.base import Adapter, adapter_class
 from iak_dist.model.strategies.saving import load_adapter, member_dirs
 from iak_dist.phases.common import build_from_backbone, check_schema_matches
+from iak_dist.report import COLD_ITEMS
 
 T = TypeVar("T")
 
@@ -103,6 +105,8 @@ BUCKET_ROWS = 1 << 18
 """Most rows of a metric bucket, all ranks together (rank 0 holds one bucket at a time)."""
 READ_ROWS = 1 << 18
 """Rows a rank reads from its spill at a time."""
+COLD_FEATURE = "item_id"
+"""The feature whose table slots `cold_items.json` lists (the rows marked cold by it)."""
 HISTOGRAM_BINS = 256
 """Sub-ranges a too-full key range is cut into per refinement level (4 levels cover 32-bit codes)."""
 
@@ -212,11 +216,14 @@ def spill_folder(root: str | Path | None = None) -> Iterator[Path]:
 
 @torch.no_grad()
 def score(model: torch.nn.Module, batches: Iterator[tuple[Batch, bool]], spill: Spill,
-          device: torch.device | None = None, keep: np.ndarray | None = None) -> None:
+          device: torch.device | None = None, keep: np.ndarray | None = None,
+          cold: tuple[np.ndarray, Spill] | None = None) -> None:
     """Append this rank's scored rows to `spill` (inference: IAK uses z = mu); padding outputs dropped.
 
     `keep` (None: every row): [K + 1] booleans, which domains' rows this model scores (the last
     entry: rows of domains the schema does not know, domain -1); the other rows are dropped.
+    `cold` (None: no cold items): (the cold items' item_id slots, ascending; a spill): the rows whose
+    item is cold are also appended to that spill, as they are scored (`read_cold_slots`).
     A failure to write the spill (a full disk) is raised after the last forward, not at once: the
     other ranks' forwards wait for this rank's in the all-to-all.
     """
@@ -230,10 +237,16 @@ def score(model: torch.nn.Module, batches: Iterator[tuple[Batch, bool]], spill: 
         for key, value in (("p_ctr", out.p_ctr), ("p_ctcvr", out.p_ctcvr), ("click", batch.click),
                            ("conversion", batch.conversion), ("domain", batch.domain), ("user", batch.user)):
             rows[key] = value.detach().cpu().numpy()
+        is_cold = None
+        if cold is not None:
+            is_cold = np.isin(batch.sparse[COLD_FEATURE].values().cpu().numpy(), cold[0])
         if keep is not None:
-            rows = rows[keep[rows["domain"]]]  # domain -1 reads the last entry
+            kept = keep[rows["domain"]]  # domain -1 reads the last entry
+            rows, is_cold = rows[kept], (is_cold[kept] if is_cold is not None else None)
         try:
             spill.append(rows)
+            if cold is not None:
+                cold[1].append(rows[is_cold])
         except OSError as exc:
             failure = exc
     if failure is not None:
@@ -537,7 +550,7 @@ def mark_finetuned(metrics: dict[str, dict], finetune_rows: dict[str, int] | Non
     if finetune_rows is None or strategy in (None, "none"):
         return
     for name, entry in metrics.items():
-        if name != "overall":
+        if name not in ("overall", COLD_ITEMS):
             entry |= finetune_status(strategy, int(finetune_rows.get(name, 0)))
 
 
@@ -584,6 +597,10 @@ def evaluate(
 ) -> dict[str, dict]:
     """Per-domain metrics of the backbone with the adapter in `adapter_dir` (None: backbone alone).
 
+    A data folder prepared with `data.cold_items` also gets an entry `COLD_ITEMS` ("cold items"):
+    the metrics of the rows whose item pre-training never saw (all domains), marked as they are
+    scored and computed as the others are, from a second spill of those rows only.
+
     A per-domain adapter (`full_per_domain`) scores each domain's rows with its own model, one pass
     over this rank's share per model, into the same spill (`scoring_models`).
 
@@ -615,16 +632,23 @@ def evaluate(
     finetune_rows = None
     if adapter_cfg is not None and "rows_per_domain" in adapter_cfg:
         finetune_rows = dict(zip(adapter_cfg["domains"], adapter_cfg["rows_per_domain"], strict=True))
+    cold_slots = read_cold_slots(data_dir, schema)
     with spill_folder(spill_root) as folder:
         spill = Spill(folder / "scored.bin", row_dtype(len(schema.domains)))
+        cold = None if cold_slots is None else (cold_slots, Spill(folder / "cold.bin", spill.dtype))
         for model_adapter, model_override, keep in scoring_models(adapter_dir, adapter, override, adapter_cfg, meta):
             sharded, _ = build_from_backbone(backbone_dir, model_adapter, ctx, train_embeddings=False,
                                              sharding=sharding, backbone_override=model_override,
                                              batch_size=batch_size)
-            on_every_rank(score, sharded.model, lockstep(reader.epoch(0), ctx, padding), spill, ctx.device, keep)
+            on_every_rank(score, sharded.model, lockstep(reader.epoch(0), ctx, padding), spill, ctx.device, keep,
+                          cold)
             del sharded  # one model held at a time
-        metrics = stream_metrics(spill, schema.domains, ctx, folder, has_conversion=schema.conversion is not None,
-                                 has_user=schema.user is not None)
+        columns = {"has_conversion": schema.conversion is not None, "has_user": schema.user is not None}
+        metrics = stream_metrics(spill, schema.domains, ctx, folder, **columns)
+        if cold is not None:  # the cold rows' metrics, by the same method (collective: every rank)
+            cold_metrics = stream_metrics(cold[1], schema.domains, ctx, folder, **columns)
+            if metrics is not None and cold_metrics is not None:
+                metrics[COLD_ITEMS] = cold_metrics["overall"]
 
     def share() -> dict[str, dict]:
         assert metrics is not None

@@ -1,0 +1,120 @@
+"""Zero-shot items and domains (issue 14 item 5): the cold-item split (`data.cold_items`), the cold rows'
+metrics in evaluation, the IDP-style ID matcher and domains held out of fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from iak_dist.config import DataConfig
+from iak_dist.data.prepare import COLD_ITEMS_FILE, is_prepared
+from iak_dist.data.schema import hash_ids
+from iak_dist.errors import UserError
+
+
+def test_cold_rows_leave_the_pretrain_split_only_and_the_other_splits_are_unchanged(small_cfg, tmp_path):
+    """write_splits with cold rows: pre-train is the split of before minus exactly those rows (same order);
+    fine-tune, valid, test, schema.yaml are byte for byte those of before."""
+    from iak_dist.data.splits import choose_cold_items, write_splits
+    from iak_dist.data.synth import build_synthetic
+
+    table, schema = build_synthetic(small_cfg.data)
+    items = table.column("item_id").to_numpy()
+    size = next(f.table_size for f in schema.sparse if f.name == "item_id")
+    cold = choose_cold_items(items, 0.3, seed=5, table_size=size)
+    assert np.array_equal(cold, choose_cold_items(items, 0.3, seed=5, table_size=size))  # deterministic
+    distinct = np.unique(items)
+    assert len(cold) >= round(0.3 * len(distinct)) and set(cold) <= set(distinct)
+    warm = np.setdiff1d(distinct, cold)
+    assert not np.isin(hash_ids(warm, size), hash_ids(cold, size)).any()  # no warm item shares a cold slot
+    (plain := tmp_path / "plain").mkdir()
+    (with_cold := tmp_path / "cold").mkdir()
+    write_splits(table, schema, small_cfg.data, plain, time_column=None)
+    stats = write_splits(table, schema, small_cfg.data, with_cold, time_column=None,
+                         not_in_pretrain=np.isin(items, cold))
+    for name in ("finetune.parquet", "valid.parquet", "test.parquet", "schema.yaml"):
+        assert (plain / name).read_bytes() == (with_cold / name).read_bytes(), name
+    before = pq.read_table(plain / "pretrain.parquet")
+    after = pq.read_table(with_cold / "pretrain.parquet")
+    kept = ~np.isin(before.column("item_id").to_numpy(), cold)
+    assert after.equals(before.filter(kept)) and stats["pretrain_rows_left_out"] == int((~kept).sum()) > 0
+    assert np.isin(pq.read_table(with_cold / "test.parquet").column("item_id").to_numpy(), cold).any()
+
+
+@pytest.fixture(scope="module")
+def cold_movielens(tmp_path_factory):
+    """MovieLens-100K prepared with a fifth of the items cold (~10 s)."""
+    from iak_dist.data.prepare import prepare
+
+    return prepare(DataConfig(source="movielens-100k", cold_items=0.2), tmp_path_factory.mktemp("ml-cold"))
+
+
+def test_movielens_cold_items_are_unseen_in_pretraining_and_a_folder_keeps_its_fraction(cold_movielens, tmp_path):
+    record = json.loads((cold_movielens / COLD_ITEMS_FILE).read_text())
+    cold = np.array(record["item_ids"])
+    assert record["fraction"] == 0.2 and record["table_size"] == 16384 and len(cold) >= 0.2 * 1682 * 0.9
+    assert record["slots"] == sorted(set(hash_ids(cold, 16384).tolist()))
+    split_items = {s: pq.read_table(cold_movielens / f"{s}.parquet", columns=["item_id"]).column(0).to_numpy()
+                   for s in ("pretrain", "finetune", "valid", "test")}
+    assert not np.isin(split_items["pretrain"], cold).any()
+    assert all(np.isin(split_items[s], cold).any() for s in ("finetune", "valid", "test"))
+    assert is_prepared(cold_movielens, DataConfig(source="movielens-100k", cold_items=0.2))
+    with pytest.raises(UserError, match=rf"^{cold_movielens}: prepared with data.cold_items 0.2, the config asks 0; "):
+        is_prepared(cold_movielens, DataConfig(source="movielens-100k"))
+    plain = tmp_path / "plain"
+    shutil.copytree(cold_movielens, plain)
+    (plain / COLD_ITEMS_FILE).unlink()
+    with pytest.raises(UserError, match=r"prepared with data.cold_items 0, the config asks 0.1; set data.dir"):
+        is_prepared(plain, DataConfig(source="movielens-100k", cold_items=0.1))
+
+
+def test_cold_items_refuse_a_history_and_a_fraction_out_of_range():
+    assert DataConfig(cold_items=0.1, history_length=5).problems()["cold_items"].startswith(
+        "cannot be combined with data.history_length > 0: hist_items shares item_id's table")
+    assert DataConfig(cold_items=1.0).problems() == {"cold_items": "a fraction of the items in [0, 1), got 1.0"}
+    assert "cold_items" in DataConfig(source="synth", cold_items=0.1).problems()
+    assert DataConfig().problems() == {}
+
+
+def test_cold_item_metrics_equal_a_direct_computation(synth_dir, backbone_dir, ctx, tmp_path, monkeypatch):
+    """The `cold items` entry equals metrics computed in memory on the scored rows whose raw item is cold
+    (found from the test split's own item_id column, not from the slots the evaluation marks by)."""
+    import iak_dist.phases.evaluate as ev
+    from iak_dist.data.schema import Schema
+    from iak_dist.data.splits import write_cold_items
+    from iak_dist.report import COLD_ITEMS, aggregate, markdown
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    schema = Schema.load(data / "schema.yaml")
+    size = next(f.table_size for f in schema.sparse if f.name == "item_id")
+    test_items = pq.read_table(data / "test.parquet", columns=["item_id"]).column(0).to_numpy()
+    pretrain_items = pq.read_table(data / "pretrain.parquet", columns=["item_id"]).column(0).to_numpy()
+    cold = np.setdiff1d(np.unique(test_items), pretrain_items)[:40]  # items pre-training never saw ...
+    cold = np.union1d(cold, np.unique(test_items)[::7])  # ... and some it did: the marking is what is tested
+    cold = np.unique(np.r_[cold, test_items[np.isin(hash_ids(test_items, size), hash_ids(cold, size))]])
+    write_cold_items(data, cold, 0.1, 0, size)
+    scored: list[np.ndarray] = []
+    append = ev.Spill.append
+    monkeypatch.setattr(ev.Spill, "append", lambda self, rows: (scored.append(rows.copy())
+                                                               if self.path.name == "scored.bin" else None,
+                                                               append(self, rows))[1])
+    metrics = ev.evaluate(data, backbone_dir, None, ctx, batch_size=500)
+    rows = np.concatenate(scored)
+    labels = pq.read_table(data / "test.parquet").column(schema.click).to_numpy()
+    assert np.array_equal(rows["click"], labels)  # one rank: the spill is the split in file order
+    is_cold = np.isin(test_items, cold)
+    want = ev.metrics_by_domain({k: rows[k][is_cold] for k in rows.dtype.names}, schema.domains)["overall"]
+    got = metrics[COLD_ITEMS]
+    assert got["rows"] == is_cold.sum() > 0 and got["rows"] < metrics["overall"]["rows"]
+    for name in ("ctr_auc", "ctcvr_auc", "rows", "constant_logloss"):
+        assert got[name] == want[name], name
+    for name in ("gauc", "logloss"):
+        assert got[name] == pytest.approx(want[name], rel=1e-12), name
+    agg = aggregate({"none": {0: metrics}}, schema.domains)
+    assert list(agg["none"])[-2:] == ["overall", COLD_ITEMS]
+    assert f"| {COLD_ITEMS} | {int(is_cold.sum()):,} |" in markdown(agg, {}, "t")
