@@ -118,3 +118,80 @@ def test_cold_item_metrics_equal_a_direct_computation(synth_dir, backbone_dir, c
     agg = aggregate({"none": {0: metrics}}, schema.domains)
     assert list(agg["none"])[-2:] == ["overall", COLD_ITEMS]
     assert f"| {COLD_ITEMS} | {int(is_cold.sum()):,} |" in markdown(agg, {}, "t")
+
+
+def test_ridge_fit_is_least_squares_in_closed_form():
+    """`fit_ridge` against numpy.linalg.lstsq: ridge 0 is least squares with a bias column; ridge > 0 is
+    least squares on the centred data stacked over sqrt(ridge) I (the bias is not penalised)."""
+    from iak_dist.model.id_matcher import fit_ridge
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(60, 8)) + 0.5, rng.normal(size=(60, 3))
+    weight, bias = fit_ridge(x, y, 0.0)
+    solution = np.linalg.lstsq(np.c_[x, np.ones(60)], y, rcond=None)[0]
+    np.testing.assert_allclose(weight, solution[:8], atol=1e-10)
+    np.testing.assert_allclose(bias, solution[8], atol=1e-10)
+    weight, bias = fit_ridge(x, y, 2.5)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    solution = np.linalg.lstsq(np.r_[xc, np.sqrt(2.5) * np.eye(8)], np.r_[yc, np.zeros((8, 3))], rcond=None)[0]
+    np.testing.assert_allclose(weight, solution, atol=1e-10)
+    np.testing.assert_allclose(bias, y.mean(0) - x.mean(0) @ solution, atol=1e-10)
+
+
+def fake_item_text(data_dir, item_ids: np.ndarray, vectors: np.ndarray) -> None:
+    """item_text.parquet as `write_item_text` writes it, with given vectors (no encoder needed)."""
+    import pyarrow as pa
+
+    from iak_dist.data.item_text import _META, _META_PREFIX, TEXT_DIM
+    from iak_dist.data.prepare import ITEM_TEXT_FILE
+
+    table = pa.table({"item_id": pa.array(item_ids, pa.int64()), "text": pa.array([str(i) for i in item_ids]),
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()),
+                                                                     TEXT_DIM)})
+    pq.write_table(table.replace_schema_metadata({_META_PREFIX + k: v for k, v in _META.items()}),
+                   data_dir / ITEM_TEXT_FILE)
+
+
+def test_matched_backbone_replaces_exactly_the_unseen_items_rows_with_the_ridge_map(synth_dir, backbone_dir,
+                                                                                    tmp_path):
+    """match_items: the rows of the slots no pre-train row holds become text @ W + b (W, b fitted here again
+    from the source's warm rows); every other tensor and row is unchanged; the new folder verifies, under
+    a weights hash of its own that records its source."""
+    from iak_dist.distributed.checkpoint import load_backbone_weights, read_backbone_meta, verify_backbone
+    from iak_dist.model.id_matcher import ITEM_TABLE, fit_ridge, match_items, slot_texts
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    seen = np.unique(np.concatenate([pq.read_table(data / f"{s}.parquet", columns=["item_id"]).column(0).to_numpy()
+                                     for s in ("pretrain", "test")]))
+    items = np.r_[seen[:300], np.arange(10**12, 10**12 + 20)]  # 20 items no split holds
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(len(items), 384)).astype(np.float32)
+    fake_item_text(data, items, vectors)
+    out = tmp_path / "matched"
+    record = match_items(backbone_dir, data, out, ridge=0.5)
+
+    before, after = load_backbone_weights(backbone_dir), load_backbone_weights(out)
+    size = before[ITEM_TABLE].shape[0]
+    slots, texts = slot_texts(items, vectors, size)
+    pretrain = np.unique(hash_ids(pq.read_table(data / "pretrain.parquet", columns=["item_id"]).column(0)
+                                  .to_numpy(), size))
+    warm = np.isin(slots, pretrain)
+    assert record["matched_slots"] == slots[~warm].tolist() and record["warm_slots"] == warm.sum()
+    assert len(record["matched_slots"]) >= 20
+    weight, bias = fit_ridge(texts[warm], before[ITEM_TABLE][slots[warm]].double().numpy(), 0.5)
+    want = before[ITEM_TABLE].clone()
+    want[slots[~warm]] = torch_float(texts[~warm] @ weight + bias)
+    assert after[ITEM_TABLE].equal(want)
+    assert all(after[name].equal(before[name]) for name in before if name != ITEM_TABLE)
+    meta = verify_backbone(out)
+    assert meta["weights"] != read_backbone_meta(backbone_dir)["weights"]
+    assert meta["id_matcher"]["source_weights"] == read_backbone_meta(backbone_dir)["weights"]
+    with pytest.raises(UserError, match=rf"^{out}: not empty; give --out a new folder"):
+        match_items(backbone_dir, data, out)
+
+
+def torch_float(values: np.ndarray):
+    import torch
+
+    return torch.from_numpy(values.astype(np.float32))
