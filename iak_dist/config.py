@@ -230,9 +230,20 @@ class FinetuneConfig:
     instead of the embedding lookups at every step. `auto`: for every strategy but `full`/`full_per_domain`
     (which train the backbone); `on`: the same, and an error for those; `off`: never. (YAML reads a bare
     on / off as true / false: those mean on / off.)"""
+    hold_out_domains: list[str] = field(default_factory=list)
+    """Domains left out of fine-tuning entirely (zero-shot domains): none of their fine-tune rows is
+    trained on, so they score as the adapter's untrained domain (the plain backbone, or what its shared
+    weights learnt on the other domains) and the report marks them held out. Not with per-domain
+    strategies (`full_per_domain`). []: every domain fine-tunes (as before)."""
     settings: dict[str, Any] = field(default_factory=dict, metadata={"sections": strategy_configs})
     """The strategies' sections by name (written in YAML as `finetune.<strategy>`, not under `settings`);
     every registered strategy with settings has one, at its defaults unless the config says otherwise."""
+
+    def problems(self) -> dict[str, str]:
+        held = self.hold_out_domains
+        if len(set(held)) != len(held) or not all(isinstance(d, str) and d for d in held):
+            return {"hold_out_domains": f"distinct domain names, got {held}"}
+        return {}
 
     def __post_init__(self) -> None:
         self.settings = dict(self.settings)  # a copy's own (dataclasses.replace would share the mapping)
