@@ -195,3 +195,36 @@ def torch_float(values: np.ndarray):
     import torch
 
     return torch.from_numpy(values.astype(np.float32))
+
+
+def test_held_out_domains_are_never_trained_on_and_reported_as_held_out(synth_dir, backbone_dir, small_cfg, ctx,
+                                                                       tmp_path, monkeypatch):
+    """`finetune.hold_out_domains`: no batch the fine-tune draws holds a row of the held-out domain, the
+    adapter records 0 rows for it, and evaluation marks it held out (scored by untrained adapter weights)."""
+    import dataclasses
+
+    from iak_dist.data.domain_streams import DomainStreams
+    from iak_dist.phases.evaluate import evaluate
+    from iak_dist.phases.finetune import finetune
+
+    drawn: list[np.ndarray] = []
+    next_batch = DomainStreams.next_batch
+    monkeypatch.setattr(DomainStreams, "next_batch",
+                        lambda self: (t := next_batch(self), drawn.append(t.column("domain").to_numpy(False)))[0])
+    cfg = dataclasses.replace(small_cfg.finetune, hold_out_domains=["d1"], prefix_cache="off")
+    out = tmp_path / "lora"
+    finetune(synth_dir, backbone_dir, "lora", cfg, 0, out, ctx, show_progress=False)
+    domains = np.concatenate(drawn)
+    assert len(drawn) >= cfg.optim.steps and set(domains.tolist()) == {"d0", "d2"}
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    finetune_rows = pq.read_table(synth_dir / "finetune.parquet", columns=["domain"]).column(0).to_numpy(False)
+    assert adapter_cfg["rows_per_domain"] == [int((finetune_rows == d).sum()) if d != "d1" else 0
+                                              for d in ("d0", "d1", "d2")]
+    assert adapter_cfg["hold_out_domains"] == ["d1"]
+    metrics = evaluate(synth_dir, backbone_dir, out, ctx, batch_size=500)
+    assert metrics["d1"]["held_out"] is True and metrics["d1"]["finetuned"] is False
+    assert metrics["d1"]["note"].startswith("held out of fine-tuning (finetune.hold_out_domains): plain backbone")
+    assert "held_out" not in metrics["d0"] and metrics["d0"]["finetuned"] is True
+    with pytest.raises(UserError, match=r"^finetune.hold_out_domains: domain 'x' is not in the schema; known: d0"):
+        finetune(synth_dir, backbone_dir, "lora", dataclasses.replace(cfg, hold_out_domains=["x"]), 0,
+                 tmp_path / "x", ctx, show_progress=False)

@@ -542,16 +542,22 @@ def metrics_by_domain(
     return out
 
 
-def mark_finetuned(metrics: dict[str, dict], finetune_rows: dict[str, int] | None, strategy: str | None) -> None:
+def mark_finetuned(metrics: dict[str, dict], finetune_rows: dict[str, int] | None, strategy: str | None,
+                   held_out: list[str] | None = None) -> None:
     """With `finetune_rows` (the adapter's rows per domain) and a `strategy` that trains something, each
     domain's entry says whether it was fine-tuned: a domain with no fine-tune rows is scored with its
     never-trained adapter weights (zero-initialised: the plain backbone), which must show in the
-    report, not pass as a result."""
+    report, not pass as a result. A domain in `held_out` (`finetune.hold_out_domains`) says so: it had
+    rows, and was left out on purpose (a zero-shot domain)."""
     if finetune_rows is None or strategy in (None, "none"):
         return
     for name, entry in metrics.items():
-        if name not in ("overall", COLD_ITEMS):
-            entry |= finetune_status(strategy, int(finetune_rows.get(name, 0)))
+        if name in ("overall", COLD_ITEMS):
+            continue
+        entry |= finetune_status(strategy, int(finetune_rows.get(name, 0)))
+        if name in (held_out or []):
+            entry |= {"held_out": True, "note": f"held out of fine-tuning (finetune.hold_out_domains): "
+                                                f"{entry['note'].split(': ', 1)[1]}"}
 
 
 def finetune_status(strategy: str, rows: int) -> dict:
@@ -652,7 +658,8 @@ def evaluate(
 
     def share() -> dict[str, dict]:
         assert metrics is not None
-        mark_finetuned(metrics, finetune_rows, adapter_cfg["strategy"] if adapter_cfg is not None else None)
+        mark_finetuned(metrics, finetune_rows, adapter_cfg["strategy"] if adapter_cfg is not None else None,
+                       adapter_cfg.get("hold_out_domains") if adapter_cfg is not None else None)
         return metrics
 
     # rank 0 computed the metrics; the others receive its dict (or its failure, raised on every rank)

@@ -162,6 +162,18 @@ def say_thin_domains(share: DomainShare, schema: Schema, rank: int) -> None:
             f"{', '.join(short)}", rank)
 
 
+def without_domains(share: DomainShare, schema: Schema, held_out: list[str]) -> DomainShare:
+    """`share` with the rows of the `held_out` domains counted as none: the streams never read them, the
+    adapter's `rows_per_domain` says 0 for them (zero-shot domains, `finetune.hold_out_domains`)."""
+    if not held_out:
+        return share
+    counts = share.counts.copy()
+    counts[:, [domain_index(schema, name, "finetune.hold_out_domains") for name in held_out]] = 0
+    if not counts.sum():
+        raise UserError(f"finetune.hold_out_domains: {held_out} holds out every domain with fine-tune rows")
+    return DomainShare(share.parts, counts, share.rank, share.world_size)
+
+
 def resume_step(start: int, total_old: int, total_new: int) -> int:
     """The step to resume at when a run of `total_old` steps stopped at `start` and now has `total_new`
     (another world size): the same fraction done, `round(start / total_old * total_new)`."""
@@ -300,6 +312,10 @@ def finetune(
     same arithmetic as through the lookups (tests/test_prefix_cache.py: bitwise), without them.
     """
     cached = uses_prefix_cache(strategy, cfg.prefix_cache)
+    if cfg.hold_out_domains and adapter_class(strategy).per_domain_models:
+        raise UserError(f"finetune.hold_out_domains: {strategy} trains a model per domain; a held-out domain is "
+                        f"then simply not fine-tuned (leave it out of the data), hold domains out with another "
+                        f"strategy")
     if adapter_class(strategy).per_domain_models:
         from iak_dist.phases.per_domain import finetune_per_domain  # imports this module: lazily
 
@@ -314,6 +330,7 @@ def finetune(
     num_domains = len(run.schema.domains)
     share = count_share(run.split, run.schema, ctx.rank, ctx.world_size, seed, all_reduce=sum_over_ranks,
                         only_domain=only_domain)
+    share = without_domains(share, run.schema, cfg.hold_out_domains)
     say_thin_domains(share, run.schema, ctx.rank)
     rows_per_domain = share.global_rows_per_domain
     run.adapter.set_domain_sizes(rows_per_domain)
@@ -398,7 +415,9 @@ def finetune(
         adapter_state, backbone_state = run.adapter.state_dict(), None
     if ctx.is_main:
         save_adapter(out_dir, run.adapter, run.schema.domains, run.meta, backbone_state,
-                     extra={"rows_per_domain": rows_per_domain.tolist()}, state=adapter_state)
+                     extra={"rows_per_domain": rows_per_domain.tolist(),
+                            **({"hold_out_domains": cfg.hold_out_domains} if cfg.hold_out_domains else {})},
+                     state=adapter_state)
         atomic_write_json(out_dir / "train_summary.json", summary)
     ctx.barrier()
     if show_progress:
