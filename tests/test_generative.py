@@ -115,6 +115,21 @@ def test_frozen_transfer_keeps_the_items_and_the_transformer_bit_for_bit_while_t
                            ranker["sequence_encoders.hist_items.query.weight"])
 
 
+def test_a_pooled_ranker_takes_the_items_of_a_stage_that_ran_a_transformer(history_data, ctx, tmp_path):
+    import torch
+
+    from iak_dist.distributed.checkpoint import load_backbone_weights, read_backbone_meta
+    from iak_dist.phases.pretrain import pretrain
+
+    cfg = config("model.sequence_encoder=pool", "generative.optim.steps=5", "pretrain.steps=4")
+    pretrain(history_data, cfg.model, cfg.pretrain, cfg.distributed, 0, tmp_path, ctx, show_progress=False,
+             generative=cfg.generative)
+    stage = tmp_path / "generative" / "backbone"
+    assert read_backbone_meta(stage)["model"]["sequence_encoder"] == "transformer"
+    assert read_backbone_meta(tmp_path / "backbone")["model"]["sequence_encoder"] == "pool"
+    assert torch.equal(load_backbone_weights(stage)[ITEMS], load_backbone_weights(tmp_path / "backbone")[ITEMS])
+
+
 def test_a_trainable_transfer_starts_from_the_stages_items_exactly_and_trains_them(history_data, ctx, tmp_path):
     import torch
 
