@@ -80,13 +80,49 @@ def test_the_stage_learns_is_reused_retrained_on_a_new_config_and_refuses_replac
     _, retrained = pretrain_generative(history_data, cfg.model, fewer, cfg.distributed, 0, out, ctx, False)
     assert retrained["generative/steps"] == 5.0
 
+    # the same settings on other pre-train data (another fingerprint): trained again, not reused
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    other = tmp_path / "other"
+    shutil.copytree(history_data, other)
+    table = pq.read_table(other / "pretrain.parquet")
+    pq.write_table(table.slice(0, table.num_rows - 1000), other / "pretrain.parquet")
+    stamp = (weights / "backbone.json").stat().st_mtime_ns
+    pretrain_generative(other, cfg.model, fewer, cfg.distributed, 0, out, ctx, False)
+    assert (weights / "backbone.json").stat().st_mtime_ns != stamp
+
     # weights that are not the ones the record names: refused, not silently trained over
     record = json.loads((out / RECORD).read_text())
     (out / RECORD).write_text(json.dumps({**record, "weights": "0123456789abcdef"}))
     with pytest.raises(UserError, match=rf"^{weights}: weights \w+ are not the ones generative.json records "
                                         rf"\(0123456789abcdef\); move {out} aside to train the generative stage "
                                         rf"again$"):
-        pretrain_generative(history_data, cfg.model, fewer, cfg.distributed, 0, out, ctx, False)
+        pretrain_generative(other, cfg.model, fewer, cfg.distributed, 0, out, ctx, False)
+
+
+def test_a_pretrain_checkpoint_from_another_generative_stage_is_refused(history_data, ctx, tmp_path):
+    """Its tables started from the old stage's items (frozen there): resumed onto a new stage, the exported
+    item table would silently not be the new stage's."""
+    from iak_dist.phases.pretrain import pretrain
+
+    class Interrupted(Exception):
+        pass
+
+    def stop(step, path):
+        raise Interrupted(step)
+
+    cfg = config("distributed.checkpoint_every=4", "generative.optim.steps=5")
+    with pytest.raises(Interrupted):
+        pretrain(history_data, cfg.model, cfg.pretrain, cfg.distributed, 0, tmp_path, ctx, show_progress=False,
+                 on_checkpoint=stop, generative=cfg.generative)
+    retrained = config("distributed.checkpoint_every=4", "generative.optim.steps=6")  # another stage
+    with pytest.raises(UserError, match=rf"^{tmp_path}/checkpoints/pretrain/step_00000004: pre-training checkpoint "
+                                        rf"started from generative weights \w+, this run's are \w+; move "
+                                        rf"{tmp_path}/checkpoints/pretrain aside"):
+        pretrain(history_data, retrained.model, retrained.pretrain, retrained.distributed, 0, tmp_path, ctx,
+                 show_progress=False, generative=retrained.generative)
 
 
 def test_frozen_transfer_keeps_the_items_and_the_transformer_bit_for_bit_while_the_rest_trains(history_data, ctx,

@@ -18,10 +18,11 @@ from iak_dist.data.batch import Batch
 from iak_dist.data.parquet import DataPosition, ParquetReader
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Split
-from iak_dist.distributed.checkpoint import CheckpointManager, export_backbone
+from iak_dist.distributed.checkpoint import CheckpointManager, export_backbone, read_backbone_meta
 from iak_dist.distributed.context import DistContext, collective_device
 from iak_dist.distributed.sharding import ShardedRanker, format_plan, init_tables, plan_rows, shard_ranker
 from iak_dist.distributed.zero import DenseEngine
+from iak_dist.errors import UserError
 from iak_dist.io import atomic_write_json, atomic_write_text
 from iak_dist.model.backbone import Backbone
 from iak_dist.model.ranker import Ranker
@@ -158,6 +159,11 @@ def pretrain(
     total = steps_for(optim, reader.num_rows)
     state = checkpoints.restore_latest(sharded.model, dense, warn=lambda m: say(m, ctx.rank),
                                        data_parallel_optimizer=sharded.data_parallel_optimizer)
+    stage = read_backbone_meta(transfer.source)["weights"] if transfer is not None else None
+    if state and state.get("generative_weights") != stage:  # its tables started from another stage (or none)
+        raise UserError(f"{state['path']}: pre-training checkpoint started from generative weights "
+                        f"{state.get('generative_weights')}, this run's are {stage}; move "
+                        f"{checkpoints.root} aside to pre-train again from them")
     validation = None
     if optim.validate_every > 0:
         validation = EarlyStopping(data_dir, schema, optim, reader.num_rows, ctx, checkpoints.root, sharded.model,
@@ -182,7 +188,7 @@ def pretrain(
     def save(step: int, loss_ema: float | None = None) -> None:
         """`loss_ema`: the final checkpoint's, reported again by a re-run that finds nothing left to train."""
         data = position.advanced(step - start, per_epoch).state_dict()  # the batches of steps done, not prefetched
-        train_state = {"step": step, "data": data}
+        train_state = {"step": step, "data": data, "generative_weights": stage}
         if loss_ema is not None:
             train_state["loss_ema"] = loss_ema
         if validation is not None:

@@ -44,7 +44,7 @@ from iak_dist.distributed.checkpoint import (
     read_json,
     verify_backbone,
 )
-from iak_dist.distributed.context import DistContext, on_every_rank
+from iak_dist.distributed.context import DistContext, on_every_rank, on_main
 from iak_dist.distributed.sharding import init_tables, set_sparse_lr, shard_ranker
 from iak_dist.distributed.zero import DenseEngine
 from iak_dist.errors import UserError
@@ -116,11 +116,12 @@ def sequence_feature(schema: Schema, data_dir: Path) -> SparseFeature:
                     f"item table (schema in {data_dir} has none); prepare the data with data.history_length > 0")
 
 
-def stage_identity(schema: Schema, model_cfg: ModelConfig, cfg: GenerativeConfig, seed: int) -> str:
-    """A short hash of what the stage's weights depend on: tables and Transformer, its loop, the seed (not what
-    the ranker takes from it: `transfer` and `freeze_transferred` reuse the same stage)."""
+def stage_identity(schema: Schema, model_cfg: ModelConfig, cfg: GenerativeConfig, seed: int, data: str) -> str:
+    """A short hash of what the stage's weights depend on: tables and Transformer, its loop, the seed and the
+    pre-train split's data (`data`: its fingerprint); not what the ranker takes from it (`transfer` and
+    `freeze_transferred` reuse the same stage)."""
     blob = json.dumps({"backbone": backbone_identity(schema, stage_model(model_cfg)), "optim": to_dict(cfg.optim),
-                       "seed": seed}, sort_keys=True)
+                       "seed": seed, "data": data}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -159,9 +160,10 @@ def pretrain_generative(data_dir: str | Path, model_cfg: ModelConfig, cfg: Gener
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     schema = Schema.load(data_dir / "schema.yaml")
     feature = sequence_feature(schema, data_dir)
-    identity = stage_identity(schema, model_cfg, cfg, seed)
-    record = on_every_rank(_reusable, out_dir, identity, what=str(out_dir))
-    ctx.barrier()  # sync point: every rank decided before rank 0 removes a stale record
+    split = Split.open(data_dir, "pretrain", schema)
+    identity = stage_identity(schema, model_cfg, cfg, seed, split.fingerprint())
+    # rank 0 decides for every rank (ranks that saw the files differently would split: one training, one not)
+    record = on_main(ctx, lambda: _reusable(out_dir, identity), share=True)
     if record is not None:
         say(f"[generative] seed {seed}: reusing the generative stage in {out_dir}", ctx.rank)
         return out_dir / "backbone", record["summary"]
@@ -169,7 +171,6 @@ def pretrain_generative(data_dir: str | Path, model_cfg: ModelConfig, cfg: Gener
         (out_dir / RECORD).unlink(missing_ok=True)
 
     optim = cfg.optim
-    split = Split.open(data_dir, "pretrain", schema)
     reader = ParquetReader(split, schema, optim.batch_size, ctx.rank, ctx.world_size, shuffle=True, seed=seed,
                            drop_last=True, split_mode=dist_cfg.data_split)
     torch.manual_seed(seed)
