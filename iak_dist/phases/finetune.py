@@ -401,7 +401,7 @@ def finetune(
                                       progress_path=out_dir / "progress.json" if ctx.is_main else None,
                                       overlap_input_dist=dist_cfg.overlap_input_dist and not cached,
                                       device=ctx.device,
-                                      validation=validation, prefetch=dist_cfg.prefetch_batches)
+                                      validation=validation)
         finally:
             if writer is not None:
                 writer.close()
