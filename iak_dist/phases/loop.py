@@ -13,7 +13,6 @@ from tqdm import tqdm
 
 from iak_dist.config import OptimConfig
 from iak_dist.data.batch import Batch
-from iak_dist.data.prefetch import Prefetched
 from iak_dist.distributed.sharding import DataParallelTableOptimizer, set_sparse_lr
 from iak_dist.distributed.zero import DenseEngine
 from iak_dist.faults import fault_point
@@ -42,7 +41,6 @@ def train_loop(
     overlap_input_dist: bool = False,
     device: torch.device | None = None,
     validation: EarlyStopping | None = None,
-    prefetch: int = 0,
 ) -> dict[str, float]:
     """Train from `start_step` to `total_steps`; returns summary metrics (final loss, samples/s).
 
@@ -68,66 +66,61 @@ def train_loop(
     pending: list[torch.Tensor] = []  # losses of the steps since the last log point, still on the device
     bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", disable=not show_progress,
                mininterval=2.0)
-    # without TorchRec's pipeline (steps from the prefix cache), `prefetch` batches are made ahead in a thread
-    it: Iterator[Batch] = Prefetched(iter(batches), prefetch) if prefetch and pipeline is None else iter(batches)
+    it: Iterator[Batch] = iter(batches)
     factor, done = None, start_step
-    try:
-        for step in range(start_step, total_steps):
-            logs = adapter.on_step(step, total_steps) if adapter is not None else {}
-            if (new_factor := lr_factor(step, total_steps, cfg)) != factor:  # constant: set once
-                factor = new_factor
-                if dense is not None:
-                    dense.set_lr(cfg.lr_dense * factor)
-                set_sparse_lr(model, data_parallel_optimizer, cfg.lr_sparse * factor)
+    for step in range(start_step, total_steps):
+        logs = adapter.on_step(step, total_steps) if adapter is not None else {}
+        if (new_factor := lr_factor(step, total_steps, cfg)) != factor:  # constant: set once
+            factor = new_factor
+            if dense is not None:
+                dense.set_lr(cfg.lr_dense * factor)
+            set_sparse_lr(model, data_parallel_optimizer, cfg.lr_sparse * factor)
+        if pipeline is not None:
+            batch, task, out = pipeline.progress(it)  # forward, backward, steps: see distributed/pipeline.py
+            loss = task + out.aux_loss
+        else:
+            batch = next(it)
+            loss, (batch, task, out) = train_step(model, dense, batch if device is None
+                                                  else batch.to(device, non_blocking=True),
+                                                  num_domains, data_parallel_optimizer)
+        samples += len(batch)
+        pending.append(loss.detach())
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total_steps - 1:
+            # sync point: the losses reach the host once per log_every steps (float(loss) each step
+            # would stall a GPU's queue every step)
+            values = torch.stack(pending).tolist()
+            pending.clear()
+            for value in values:
+                ema = value if ema is None else 0.98 * ema + 0.02 * value
+            losses.extend(values)
+            value = values[-1]
+            bar.set_postfix(loss=f"{ema:.4f}")
+            if writer is not None:
+                writer.add_scalar("train/loss", value, step)
+                writer.add_scalar("train/lr_dense", cfg.lr_dense * factor, step)
+                writer.add_scalar("train/lr_sparse", cfg.lr_sparse * factor, step)
+                writer.add_scalar("train/task_loss", float(task.detach()), step)
+                writer.add_scalar("train/aux_loss", float(out.aux_loss.detach()), step)
+                for k, v in logs.items():
+                    writer.add_scalar(f"train/{k}", v, step)
+            if progress_path is not None:
+                atomic_write_json(progress_path, {
+                    "desc": desc, "step": step + 1, "total": total_steps, "loss": ema, "updated": time.time(),
+                    "samples_per_s": samples / max(time.perf_counter() - start, 1e-9)}, durable=False)
+        fault_point("step", step + 1, int(os.environ.get("RANK", "0")))
+        done = step + 1
+        stop = False
+        if validation is not None and validation.due(done, total_steps):
+            if pipeline is not None:  # the pipeline rewrote the tables' forward: plain forwards need it back
+                pipeline.detach()
+            stop = validation.validate(done, writer)
             if pipeline is not None:
-                batch, task, out = pipeline.progress(it)  # forward, backward, steps: see distributed/pipeline.py
-                loss = task + out.aux_loss
-            else:
-                batch = next(it)
-                loss, (batch, task, out) = train_step(model, dense, batch if device is None
-                                                      else batch.to(device, non_blocking=True),
-                                                      num_domains, data_parallel_optimizer)
-            samples += len(batch)
-            pending.append(loss.detach())
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps - 1:
-                # sync point: the losses reach the host once per log_every steps (float(loss) each step
-                # would stall a GPU's queue every step)
-                values = torch.stack(pending).tolist()
-                pending.clear()
-                for value in values:
-                    ema = value if ema is None else 0.98 * ema + 0.02 * value
-                losses.extend(values)
-                value = values[-1]
-                bar.set_postfix(loss=f"{ema:.4f}")
-                if writer is not None:
-                    writer.add_scalar("train/loss", value, step)
-                    writer.add_scalar("train/lr_dense", cfg.lr_dense * factor, step)
-                    writer.add_scalar("train/lr_sparse", cfg.lr_sparse * factor, step)
-                    writer.add_scalar("train/task_loss", float(task.detach()), step)
-                    writer.add_scalar("train/aux_loss", float(out.aux_loss.detach()), step)
-                    for k, v in logs.items():
-                        writer.add_scalar(f"train/{k}", v, step)
-                if progress_path is not None:
-                    atomic_write_json(progress_path, {
-                        "desc": desc, "step": step + 1, "total": total_steps, "loss": ema, "updated": time.time(),
-                        "samples_per_s": samples / max(time.perf_counter() - start, 1e-9)}, durable=False)
-            fault_point("step", step + 1, int(os.environ.get("RANK", "0")))
-            done = step + 1
-            stop = False
-            if validation is not None and validation.due(done, total_steps):
-                if pipeline is not None:  # the pipeline rewrote the tables' forward: plain forwards need it back
-                    pipeline.detach()
-                stop = validation.validate(done, writer)
-                if pipeline is not None:
-                    pipeline.attach()
-            if on_step_end is not None:
-                on_step_end(done)
-            if stop:
-                break
-    finally:
-        if isinstance(it, Prefetched):
-            it.close()
+                pipeline.attach()
+        if on_step_end is not None:
+            on_step_end(done)
+        if stop:
+            break
     if pending:  # stopped early between log points
         for value in torch.stack(pending).tolist():
             ema = 0.98 * ema + 0.02 * value if ema is not None else value
