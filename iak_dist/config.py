@@ -359,17 +359,13 @@ class DistributedConfig:
     overlap_input_dist: bool = True
     """Run training through TorchRec's TrainPipelineSparseDist: the next batch's input distribution
     (and loading) overlaps the current batch's compute. Results are identical either way."""
-    prefetch_batches: int = 2
-    """Batches a training loop without TorchRec's pipeline (fine-tuning from the prefix cache) makes ahead in
-    a background thread, overlapping its input with the step; 0: each when it is needed. The same batches
-    either way."""
     checkpoint_every: int = 0
     """Steps between distributed checkpoints of a training phase (0: only at the end)."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept per phase (older ones are deleted once a newer one is complete)."""
 
     def problems(self) -> dict[str, str]:
-        return at_least(self, checkpoint_every=0, keep_checkpoints=1, prefetch_batches=0)
+        return at_least(self, checkpoint_every=0, keep_checkpoints=1)
 
 
 PHASE_TYPES = ("prepare", "pretrain", "finetune", "evaluate", "export")
