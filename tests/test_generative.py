@@ -117,12 +117,15 @@ def test_a_pretrain_checkpoint_from_another_generative_stage_is_refused(history_
     with pytest.raises(Interrupted):
         pretrain(history_data, cfg.model, cfg.pretrain, cfg.distributed, 0, tmp_path, ctx, show_progress=False,
                  on_checkpoint=stop, generative=cfg.generative)
-    retrained = config("distributed.checkpoint_every=4", "generative.optim.steps=6")  # another stage
-    with pytest.raises(UserError, match=rf"^{tmp_path}/checkpoints/pretrain/step_00000004: pre-training checkpoint "
-                                        rf"started from generative weights \w+, this run's are \w+; move "
-                                        rf"{tmp_path}/checkpoints/pretrain aside"):
-        pretrain(history_data, retrained.model, retrained.pretrain, retrained.distributed, 0, tmp_path, ctx,
-                 show_progress=False, generative=retrained.generative)
+    for changed in (["generative.optim.steps=6"],  # another stage
+                    ["generative.optim.steps=5", "generative.freeze_transferred=false"]):  # the same, not frozen
+        other = config("distributed.checkpoint_every=4", *changed)
+        with pytest.raises(UserError, match=rf"^{tmp_path}/checkpoints/pretrain/step_00000004: pre-training "
+                                            rf"checkpoint started from generative weights \w+ \S+ frozen, this "
+                                            rf"run's are \w+ \S+ (frozen|trained); move {tmp_path}/checkpoints/"
+                                            rf"pretrain aside"):
+            pretrain(history_data, other.model, other.pretrain, other.distributed, 0, tmp_path, ctx,
+                     show_progress=False, generative=other.generative)
 
 
 def test_frozen_transfer_keeps_the_items_and_the_transformer_bit_for_bit_while_the_rest_trains(history_data, ctx,

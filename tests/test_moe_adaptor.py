@@ -55,6 +55,20 @@ def test_the_phase_trains_it_through_the_lookups_in_the_overlapped_pipeline(smal
     assert adapter.whitening.abs().sum() > 0  # the experts moved from zero
 
 
+def test_it_trains_under_zero_stage_3(small_cfg, synth_dir, backbone_dir, ctx, tmp_path):
+    """ZeRO-3 partitions the adaptor's own parameters and gathers them only when its forward runs."""
+    import shutil
+
+    from iak_dist.phases.finetune import finetune
+
+    backbone = tmp_path / "seed0" / "backbone"
+    shutil.copytree(backbone_dir, backbone)
+    dist_cfg = replace(small_cfg.distributed, zero=replace(small_cfg.distributed.zero, stage=3))
+    summary = finetune(synth_dir, backbone, "moe_adaptor", small_cfg.finetune, 0, tmp_path / "moe", ctx,
+                       show_progress=False, dist_cfg=dist_cfg)
+    assert summary["train/steps"] == small_cfg.finetune.optim.steps and summary["train/loss_ema"] > 0
+
+
 def test_bad_settings_are_one_line_errors(small_cfg, synth_dir, backbone_dir, ctx):
     from iak_dist.config import load_config
     from iak_dist.errors import UserError

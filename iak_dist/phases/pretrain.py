@@ -159,8 +159,10 @@ def pretrain(
     total = steps_for(optim, reader.num_rows)
     state = checkpoints.restore_latest(sharded.model, dense, warn=lambda m: say(m, ctx.rank),
                                        data_parallel_optimizer=sharded.data_parallel_optimizer)
-    stage = read_backbone_meta(transfer.source)["weights"] if transfer is not None else None
-    if state and state.get("generative_weights") != stage:  # its tables started from another stage (or none)
+    # what the tables started from: the stage's weights, which tensors came over and whether they are frozen
+    stage = None if transfer is None else (f"{read_backbone_meta(transfer.source)['weights']} "
+                                           f"{'+'.join(transfer.tensors)} {'frozen' if transfer.freeze else 'trained'}")
+    if state and state.get("generative_weights") != stage:  # another stage, transfer or freezing (or none)
         raise UserError(f"{state['path']}: pre-training checkpoint started from generative weights "
                         f"{state.get('generative_weights')}, this run's are {stage}; move "
                         f"{checkpoints.root} aside to pre-train again from them")

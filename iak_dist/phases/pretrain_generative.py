@@ -103,8 +103,9 @@ class GenerativeModel(nn.Module):
 
 
 def stage_model(model_cfg: ModelConfig) -> ModelConfig:
-    """The stage's model: the ranker's, with the Transformer encoder (a pooled ranker takes the items only)."""
-    return dataclasses.replace(model_cfg, sequence_encoder="transformer")
+    """The stage's model: the ranker's, with the Transformer encoder (a pooled ranker takes the items only)
+    and its items by ID (the stage reads no item tower: the ranker's `item_tower` does not change it)."""
+    return dataclasses.replace(model_cfg, sequence_encoder="transformer", item_tower="id")
 
 
 def sequence_feature(schema: Schema, data_dir: Path) -> SparseFeature:

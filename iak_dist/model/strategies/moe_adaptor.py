@@ -70,11 +70,12 @@ class MoeAdaptor(Adapter):
         """`x + known * sum_e softmax(x G_d)_e (x - b_e) W_e` for each configured feature's embedding x
         (rows of an unknown domain keep x)."""
         rows = DomainRows.of(domain, self.num_domains)
-        adapted = {}
-        for name in self.features:
-            x = pooled[name].float()  # [B, d]
-            gate = torch.softmax(self.gate(x, rows), dim=-1)  # [B, E]
-            experts = torch.einsum("bei,eio->beo", x.unsqueeze(1) - self.whitening_bias, self.whitening)
-            adapted[name] = x + rows.known * (gate.unsqueeze(2) * experts).sum(1)
-        return Overlay(pooled, adapted)
+        return Overlay(pooled, {name: self(pooled[name].float(), rows) for name in self.features})
+
+    def forward(self, x: torch.Tensor, rows: DomainRows) -> torch.Tensor:
+        """One feature's adapted embeddings [B, d]. The experts are read here, in this module's forward:
+        ZeRO-3 gathers a module's own parameters only when its forward runs."""
+        gate = torch.softmax(self.gate(x, rows), dim=-1)  # [B, E]
+        experts = torch.einsum("bei,eio->beo", x.unsqueeze(1) - self.whitening_bias, self.whitening)
+        return x + rows.known * (gate.unsqueeze(2) * experts).sum(1)
 

@@ -133,6 +133,9 @@ def load_adapter(path: str | Path, backbone_meta: dict[str, Any]) -> tuple[Adapt
     holder = FinetuneConfig()
     if section_cls is not None:
         holder.settings[name] = from_dict(section_cls, config["strategy_config"], str(path / CONFIG_FILE))
+    if adapter_class(name).adapts_lookups and "embedding_dim" not in config:
+        raise UserError(f"{path / CONFIG_FILE}: strategy {name} needs the backbone's embedding_dim, which this "
+                        f"file does not record (written by another version of iak-dist?); {_REFINETUNE}")
     adapter = build_adapter(name, len(config["domains"]), config["tower_widths"], holder, config.get("embedding_dim"))
     if adapter.per_domain_models:
         return adapter, None, config
