@@ -263,3 +263,36 @@ def test_two_ranks_stop_on_the_auc_and_calibrate_the_export(two_rank_validated, 
     assert summary["calibration/ctr_scale"] > 0
     assert loss == pytest.approx(summary["calibration/valid_loss_after"], rel=1e-5)
     assert summary["calibration/valid_loss_after"] < summary["calibration/valid_loss_before"]
+
+
+def test_held_out_domains_valid_rows_steer_no_pass(ctx):
+    """`finetune.hold_out_domains`: their valid rows count in neither the loss nor the AUC of a pass."""
+    import torch
+
+    from iak_dist.data.prefix_cache import PrefixBatch
+    from iak_dist.data.schema import Schema, SparseFeature
+    from iak_dist.model.backbone import ModelOutput
+    from iak_dist.phases.step import esmm_loss_per_row
+    from iak_dist.phases.validation import ValidationInput, ctr_auc_over, loss_over
+
+    class Logits(torch.nn.Module):
+        def forward(self, batch):
+            return ModelOutput(batch.prefix[:, 0], batch.prefix[:, 1], torch.zeros(()))
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [PrefixBatch(torch.randn(64, 2, generator=gen), (torch.rand(64, generator=gen) < 0.4).float(),
+                           torch.zeros(64), torch.randint(0, 3, (64,), generator=gen), torch.arange(64))
+               for _ in range(3)]
+    source = ValidationInput(lambda: ((b, True) for b in batches), Logits())
+    kept = [(b, b.domain != 1) for b in batches]
+    per_row = torch.cat([esmm_loss_per_row(Logits()(b), b)[mask] for b, mask in kept]).double()
+    assert loss_over(source, ctx, held_out=[1]) == pytest.approx(float(per_row.mean()), rel=1e-12)
+    assert loss_over(source, ctx) != pytest.approx(float(per_row.mean()), rel=1e-6)
+    schema = Schema(sparse=[SparseFeature("user_id", 8)], domains=["d0", "d1", "d2"])
+    scores = torch.cat([torch.sigmoid(b.prefix[mask, 0]) for b, mask in kept]).numpy()
+    clicks = torch.cat([b.click[mask] for b, mask in kept]).numpy()
+    pos, neg = scores[clicks == 1], scores[clicks == 0]
+    by_hand = float(((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum())
+                    / (len(pos) * len(neg)))
+    assert ctr_auc_over(source, ctx, schema, held_out=[1]) == pytest.approx(by_hand, abs=1e-6)
+    assert ctr_auc_over(source, ctx, schema) != pytest.approx(by_hand, abs=1e-6)  # the held-out rows move it

@@ -363,7 +363,9 @@ def finetune(
             valid_input = cached_validation(run, data_dir, cache_root, model, ctx) if cached else None
             validation = EarlyStopping(data_dir, run.schema, cfg.optim, int(share.rows_per_domain.sum()), ctx,
                                        checkpoints.root, run.model, dense, run.sharded.data_parallel_optimizer,
-                                       steps_for, domain, source=valid_input, frozen_tables=frozen_tables)
+                                       steps_for, domain, source=valid_input, frozen_tables=frozen_tables,
+                                       held_out=[domain_index(run.schema, d, "finetune.hold_out_domains")
+                                                 for d in cfg.hold_out_domains])
             validation.load_state_dict(state.get("valid") if state else None)
         start = 0
         stopped_at = validation.stopped_at if validation is not None else None

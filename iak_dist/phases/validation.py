@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from iak_dist.config import OptimConfig
@@ -83,7 +84,8 @@ def validation_loss(model: torch.nn.Module, reader: ParquetReader, ctx: DistCont
 
 
 @torch.no_grad()
-def loss_over(source: ValidationInput, ctx: DistContext, domain: int | None = None) -> float | None:
+def loss_over(source: ValidationInput, ctx: DistContext, domain: int | None = None,
+              held_out: list[int] | None = None) -> float | None:
     """Mean ESMM task loss (CTR BCE + CTCVR BCE per row) over every rank's rows of `source`.
 
     With `domain`, only that domain's rows count (a model trained on one domain stops on its own
@@ -94,6 +96,8 @@ def loss_over(source: ValidationInput, ctx: DistContext, domain: int | None = No
     for batch, out in real_outputs(source.model, source.pairs(), ctx.device):
         per_row = esmm_loss_per_row(out, batch).double()
         counted = torch.ones_like(per_row) if domain is None else (batch.domain == domain).double()
+        for index in held_out or []:  # finetune.hold_out_domains: their valid rows choose nothing
+            counted = counted * (batch.domain != index).double()
         sums += torch.stack([(per_row * counted).sum(), counted.sum()])
     # sync point: the loss is global, so every rank decides alike
     loss_sum, rows = sum_over_ranks(sums.cpu().numpy()).tolist()
@@ -101,7 +105,8 @@ def loss_over(source: ValidationInput, ctx: DistContext, domain: int | None = No
 
 
 @torch.no_grad()
-def ctr_auc_over(source: ValidationInput, ctx: DistContext, schema: Schema, domain: int | None = None) -> float | None:
+def ctr_auc_over(source: ValidationInput, ctx: DistContext, schema: Schema, domain: int | None = None,
+                 held_out: list[int] | None = None) -> float | None:
     """CTR-AUC over every rank's rows of `source` (with `domain`: that domain's rows), as
     `evaluate` computes it (spilled scores, ranked bucket by bucket; memory bounded). None when no
     rank has a row to count or the rows hold one class only (no pass can be judged: a run of NaNs
@@ -111,7 +116,11 @@ def ctr_auc_over(source: ValidationInput, ctx: DistContext, schema: Schema, doma
     try:
         with spill_folder() as folder:
             spill = Spill(folder / "scored.bin", row_dtype(len(schema.domains)))
-            on_every_rank(score, source.model, source.pairs(), spill, ctx.device)
+            keep = None
+            if held_out:  # finetune.hold_out_domains: their valid rows are not scored (the last entry: domain -1)
+                keep = np.ones(len(schema.domains) + 1, dtype=bool)
+                keep[held_out] = False
+            on_every_rank(score, source.model, source.pairs(), spill, ctx.device, keep)
             metrics = stream_metrics(spill, schema.domains, ctx, folder, has_conversion=False, has_user=False)
     finally:
         source.model.train(was_training)
@@ -200,13 +209,15 @@ class EarlyStopping:
                  root: Path, model: torch.nn.Module, dense: DenseEngine | None,
                  data_parallel_optimizer: DataParallelTableOptimizer | None,
                  steps_for: Callable[[OptimConfig, int], int], domain: int | None = None,
-                 source: ValidationInput | None = None, frozen_tables: str | None = None) -> None:
+                 source: ValidationInput | None = None, frozen_tables: str | None = None,
+                 held_out: list[int] | None = None) -> None:
         if source is None:
             split = Split.open(data_dir, "valid", schema)
             source = lookup_input(ParquetReader(split, schema, VALID_BATCH, ctx.rank, ctx.world_size), ctx,
                                   functools.partial(first_row, split, schema), model)
         self.source, self.frozen_tables = source, frozen_tables
         self.ctx, self.model, self.dense, self.domain = ctx, model, dense, domain
+        self.held_out = held_out
         self.dp_optimizer = data_parallel_optimizer
         self.every = steps_for(replace(cfg, steps=0, epochs=cfg.validate_every), rows)
         self.record = StoppingRecord(cfg.patience, cfg.early_stopping_metric)
@@ -229,9 +240,9 @@ class EarlyStopping:
         A pass without rows (a domain absent from the valid split) is no pass: it neither improves
         nor counts against patience (NaN, a diverged model, does count as a bad pass)."""
         if self.record.metric == "ctr_auc":
-            value = ctr_auc_over(self.source, self.ctx, self.schema, self.domain)
+            value = ctr_auc_over(self.source, self.ctx, self.schema, self.domain, self.held_out)
         else:
-            value = loss_over(self.source, self.ctx, self.domain)
+            value = loss_over(self.source, self.ctx, self.domain, self.held_out)
         if value is None:
             self.no_rows = True
             why = "no valid rows" if self.record.metric == "loss" else "no valid rows of both classes"
