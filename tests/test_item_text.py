@@ -210,6 +210,11 @@ def test_the_tower_of_a_schema_is_over_its_single_hot_item_feature():
             ItemTower.for_schema(Schema(sparse=sparse, domains=["d0"]), "text", 8)
         assert str(err.value) == ("model.item_tower text: needs a single-hot sparse feature item_id (the items "
                                   f"item_text.parquet describes); the schema has {what}")
+    with pytest.raises(UserError) as err:  # a production table: the buffer would be whole on every rank
+        ItemTower.for_schema(Schema(sparse=[SparseFeature("item_id", 10_000_000)], domains=["d0"]), "text", 8)
+    assert str(err.value) == ("model.item_tower text: the text of 10,000,000 item slots would take 14.3 GiB on every "
+                              "rank (at most 1 GiB until the text is a sharded table); use item_tower: id for this "
+                              "table")
 
 
 @pytest.mark.parametrize("mode", ["text", "id+text"])

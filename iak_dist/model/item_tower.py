@@ -39,6 +39,8 @@ from iak_dist.data.schema import Schema, hash_ids
 from iak_dist.errors import UserError
 
 ITEM_TOWER_MODES = ("id", "text", "id+text")
+MAX_TEXT_BYTES = 2**30
+"""The largest text buffer an item tower holds: it is a dense buffer, whole on every rank (MovieLens: 25 MB)."""
 ItemTowerMode = Literal["id", "text", "id+text"]
 ITEM_FEATURE = "item_id"
 """The sparse feature the text describes: item_text.parquet is keyed by the splits' `item_id` column."""
@@ -82,6 +84,11 @@ class ItemTower(nn.Module):
             raise UserError(f"model.item_tower {mode}: needs a single-hot sparse feature {ITEM_FEATURE} (the items "
                             f"item_text.parquet describes); the schema has "
                             f"{'a multi-hot one' if feature is not None else 'none'}")
+        size = feature.table_size * TEXT_DIM * 4
+        if size > MAX_TEXT_BYTES:  # the buffer is whole on every rank (the sharded text table does not exist yet)
+            raise UserError(f"model.item_tower {mode}: the text of {feature.table_size:,} item slots would take "
+                            f"{size / 2**30:.1f} GiB on every rank (at most {MAX_TEXT_BYTES / 2**30:.0f} GiB until "
+                            f"the text is a sharded table); use item_tower: id for this table")
         return cls(mode, embedding_dim, feature.table_size)
 
     def forward(self, slots: torch.Tensor, id_vectors: torch.Tensor) -> torch.Tensor:
