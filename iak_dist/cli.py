@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "or refused (400)")
     srv.add_argument("--device", default=ServeConfig.device, help="cpu (default) or cuda (one GPU per replica)")
 
+    match = verbs.add_parser("match-items", help="write a backbone whose items unseen in pre-training get ID rows "
+                                                 "mapped from their text (IDP-style ridge map; docs/data.md)")
+    match.add_argument("backbone", help="exported backbone folder (e.g. runs/x/seed0/backbone)")
+    match.add_argument("--data", required=True, help="its data folder, prepared with data.item_text: true")
+    match.add_argument("--out", required=True, help="the new backbone folder (new or empty)")
+    match.add_argument("--ridge", type=float, default=1.0, help="ridge penalty of the text -> ID map (default 1)")
+
     plan = verbs.add_parser("plan", help="print the sharding plan and per-rank memory without allocating tables")
     _add_config(plan)
     plan.add_argument("--world-size", type=int, required=True)
@@ -286,6 +293,13 @@ def run(args: argparse.Namespace) -> int:
 
         rows = score_parquet(Path(args.artefact), Path(args.data), Path(args.out), args.batch_size)
         print(f"wrote {args.out}: {rows:,} rows")
+        return 0
+    if args.verb == "match-items":
+        from iak_dist.model.id_matcher import match_items
+
+        record = match_items(args.backbone, args.data, args.out, args.ridge)
+        print(f"{args.out}: {len(record['matched_slots'])} item rows matched from their text "
+              f"(fitted on {record['warm_slots']} warm slots, R^2 {record['fit_r2']:.3f})")
         return 0
     if args.verb == "serve":
         from iak_dist.serving.service import ServeConfig, serve

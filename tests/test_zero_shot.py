@@ -190,6 +190,14 @@ def test_matched_backbone_replaces_exactly_the_unseen_items_rows_with_the_ridge_
     with pytest.raises(UserError, match=rf"^{out}: not empty; give --out a new folder"):
         match_items(backbone_dir, data, out)
 
+    # the verb: the same folder again, and its one-line refusal (exit status 2)
+    from iak_dist.cli import main
+
+    assert main(["match-items", str(backbone_dir), "--data", str(data), "--out", str(tmp_path / "verb"),
+                 "--ridge", "0.5"]) == 0
+    assert load_backbone_weights(tmp_path / "verb")[ITEM_TABLE].equal(want)
+    assert main(["match-items", str(backbone_dir), "--data", str(data), "--out", str(out)]) == 2
+
 
 def torch_float(values: np.ndarray):
     import torch

@@ -13,7 +13,7 @@ pre-train row holds one of its items, and the slots matched are those of the ite
 pre-train row holds (with `data.cold_items`: the cold items, plus any item the split never pre-trains).
 
 How it is applied, so that it is verifiable: `match_items(BACKBONE, DATA, OUT)` (command line:
-`python -m iak_dist.model.id_matcher BACKBONE --data DIR --out NEW_BACKBONE`) writes a new backbone
+`iak-dist match-items BACKBONE --data DIR --out NEW_BACKBONE`) writes a new backbone
 folder: the source's files, with the matched rows patched in place in the item table's shard files
 (streamed: one row at a time, no table is read whole), each patched file's hash and the layout hash
 (`weights`) recomputed, and `backbone.json` recording under `id_matcher` what was matched: the
@@ -24,9 +24,7 @@ adapter is stamped with the backbone's weights hash, so adapters are fine-tuned 
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -158,23 +156,3 @@ def match_items(backbone_dir: str | Path, data_dir: str | Path, out_dir: str | P
     out_meta |= {"weights": layout_hash(layout), "layout": layout, "id_matcher": record}
     atomic_write_json(out_dir / "backbone.json", out_meta)
     return record
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m iak_dist.model.id_matcher", description=__doc__.split("\n")[0])
-    parser.add_argument("backbone", help="exported backbone folder (e.g. runs/x/seed0/backbone)")
-    parser.add_argument("--data", required=True, help="its data folder, prepared with data.item_text: true")
-    parser.add_argument("--out", required=True, help="the new backbone folder (new or empty)")
-    parser.add_argument("--ridge", type=float, default=1.0, help="ridge penalty of the text -> ID map (default 1)")
-    args = parser.parse_args(argv)
-    try:
-        record = match_items(args.backbone, args.data, args.out, args.ridge)
-    except UserError as exc:  # one line, exit status 2 (as the iak-dist verbs)
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"{args.out}: {len(record['matched_slots'])} item rows matched from their text "
-          f"(fitted on {record['warm_slots']} warm slots, R^2 {record['fit_r2']:.3f})")
-
-
-if __name__ == "__main__":
-    main()
