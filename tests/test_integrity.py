@@ -66,6 +66,11 @@ def test_an_adapter_checkpoint_of_another_backbones_tables_is_refused(small_cfg,
         finetune(synth_dir, backbone_dir, "lora", cfg, 0, tmp_path / "lora", ctx, show_progress=False,
                  dist_cfg=dist_cfg, on_checkpoint=stop_at(5))
     checkpoint = tmp_path / ".checkpoints" / "lora" / "step_00000005"
+    # resumed with a domain held out that the first 5 steps trained on: refused
+    with pytest.raises(UserError, match=rf"^{checkpoint}: checkpoint of a fine-tune holding out \[\], the config "
+                                        rf"holds out \['d1'\]; move .* aside to fine-tune again$"):
+        finetune(synth_dir, backbone_dir, "lora", replace(cfg, hold_out_domains=["d1"]), 0, tmp_path / "lora", ctx,
+                 show_progress=False, dist_cfg=dist_cfg)
     (checkpoint / FROZEN_TABLES).write_text("0" * 16)  # as if trained on another backbone's tables
     with pytest.raises(UserError, match=rf"^{checkpoint}: checkpoint of an adapter on the backbone with weights "
                                         rf"0{{16}}, this phase's backbone has \w+; move .* aside"):

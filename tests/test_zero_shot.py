@@ -70,6 +70,19 @@ def test_movielens_cold_items_are_unseen_in_pretraining_and_a_folder_keeps_its_f
     (plain / COLD_ITEMS_FILE).unlink()
     with pytest.raises(UserError, match=r"prepared with data.cold_items 0, the config asks 0.1; set data.dir"):
         is_prepared(plain, DataConfig(source="movielens-100k", cold_items=0.1))
+    # another seed drew other cold items; an edited record is refused, not trusted
+    with pytest.raises(UserError, match=rf"^{cold_movielens}: its cold items were drawn with data.seed 0, the config "
+                                        rf"has 1; "):
+        is_prepared(cold_movielens, DataConfig(source="movielens-100k", cold_items=0.2, seed=1))
+    edited = tmp_path / "edited"
+    shutil.copytree(cold_movielens, edited)
+    (edited / COLD_ITEMS_FILE).write_text(json.dumps({**record, "slots": record["slots"][1:]}))
+    with pytest.raises(UserError, match=rf"^{edited / COLD_ITEMS_FILE}: its slots are not those of its item IDs "
+                                        rf"\(edited or damaged\); prepare the folder again$"):
+        is_prepared(edited, DataConfig(source="movielens-100k", cold_items=0.2))
+    (edited / COLD_ITEMS_FILE).write_text("{")
+    with pytest.raises(UserError, match=r"cold_items.json: unreadable \(JSONDecodeError\); prepare the folder again$"):
+        is_prepared(edited, DataConfig(source="movielens-100k", cold_items=0.2))
 
 
 def test_cold_items_refuse_a_history_and_a_fraction_out_of_range():
@@ -190,6 +203,18 @@ def test_matched_backbone_replaces_exactly_the_unseen_items_rows_with_the_ridge_
     with pytest.raises(UserError, match=rf"^{out}: not empty; give --out a new folder"):
         match_items(backbone_dir, data, out)
 
+    # a backbone pre-trained on another pre-train split (e.g. without cold items): its warm items are not
+    # this folder's; refused rather than overwriting trained rows
+    import json
+
+    other = tmp_path / "other_backbone"
+    shutil.copytree(backbone_dir, other)
+    recorded = json.loads((other / "backbone.json").read_text())
+    (other / "backbone.json").write_text(json.dumps({**recorded, "pretrain_data": "0123456789abcdef"}))
+    with pytest.raises(UserError, match=rf"^{other}: pre-trained on another pre-train split than {data}'s"):
+        match_items(other, data, tmp_path / "refused")
+    assert read_backbone_meta(backbone_dir)["pretrain_data"]  # recorded at export
+
     # the verb: the same folder again, and its one-line refusal (exit status 2)
     from iak_dist.cli import main
 
@@ -233,6 +258,12 @@ def test_held_out_domains_are_never_trained_on_and_reported_as_held_out(synth_di
     assert metrics["d1"]["held_out"] is True and metrics["d1"]["finetuned"] is False
     assert metrics["d1"]["note"].startswith("held out of fine-tuning (finetune.hold_out_domains): plain backbone")
     assert "held_out" not in metrics["d0"] and metrics["d0"]["finetuned"] is True
+    # an adapter whose shared weights train does not score an untrained domain as the plain backbone
+    from iak_dist.phases.evaluate import finetune_status
+
+    assert finetune_status("moe_adaptor", 0)["note"] == ("no fine-tune rows: scored by the adapter's shared "
+                                                         "weights, trained on the other domains")
+    assert finetune_status("lora", 0)["note"] == "no fine-tune rows: plain backbone (its adapter weights never trained)"
     with pytest.raises(UserError, match=r"^finetune.hold_out_domains: domain 'x' is not in the schema; known: d0"):
         finetune(synth_dir, backbone_dir, "lora", dataclasses.replace(cfg, hold_out_domains=["x"]), 0,
                  tmp_path / "x", ctx, show_progress=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from iak_dist.config import DataConfig
@@ -53,8 +52,14 @@ def is_prepared(data_dir: str | Path, cfg: DataConfig | None = None) -> bool:
 
 def _refuse_other_cold_items(data_dir: Path, cfg: DataConfig) -> None:
     """UserError when the folder's cold items (cold_items.json, or none: 0) are not `cfg.cold_items`'."""
+    from iak_dist.data.splits import read_cold_record
+
     path = data_dir / COLD_ITEMS_FILE
-    had = float(json.loads(path.read_text())["fraction"]) if path.is_file() else 0.0
+    record = read_cold_record(path) if path.is_file() else {"fraction": 0.0, "seed": cfg.seed}
+    had = float(record["fraction"])
+    if had and record["seed"] != cfg.seed:  # another draw of the cold items
+        raise UserError(f"{data_dir}: its cold items were drawn with data.seed {record['seed']}, the config has "
+                        f"{cfg.seed}; set data.dir to another folder, or prepare this one again if no run reads it")
     if had != cfg.cold_items:
         raise UserError(f"{data_dir}: prepared with data.cold_items {had:g}, the config asks {cfg.cold_items:g}; set "
                         f"data.dir to another folder (e.g. {data_dir}-cold{cfg.cold_items:g}), or prepare this one "

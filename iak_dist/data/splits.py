@@ -62,12 +62,28 @@ def write_cold_items(out_dir: Path, cold: np.ndarray, fraction: float, seed: int
         "item_ids": cold.tolist(), "slots": np.unique(hash_ids(cold, table_size)).tolist()})
 
 
+def read_cold_record(path: Path) -> dict:
+    """`cold_items.json`, checked: readable, every key there, its slots those of its item IDs (one line if not)."""
+    keys = ("fraction", "seed", "feature", "table_size", "item_ids", "slots")
+    try:
+        record = json.loads(path.read_text())
+        missing = [k for k in keys if k not in record]
+        slots = np.unique(hash_ids(np.array(record["item_ids"], dtype=np.int64), int(record["table_size"])))
+        consistent = slots.tolist() == list(record["slots"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable ({type(exc).__name__}); prepare the folder again") from exc
+    if missing or not consistent:
+        what = f"no {', '.join(missing)}" if missing else "its slots are not those of its item IDs"
+        raise UserError(f"{path}: {what} (edited or damaged); prepare the folder again")
+    return record
+
+
 def read_cold_slots(data_dir: Path, schema: Schema) -> np.ndarray | None:
     """The item_id table slots of the folder's cold items (ascending), None if it has none."""
     path = Path(data_dir) / COLD_ITEMS_FILE
     if not path.is_file():
         return None
-    record = json.loads(path.read_text())
+    record = read_cold_record(path)
     feature = next((f for f in schema.sparse if f.name == record["feature"]), None)
     if feature is None or feature.table_size != record["table_size"]:
         raise UserError(f"{path}: cold items hashed into a {record['feature']} table of {record['table_size']} "

@@ -384,11 +384,13 @@ def file_hash(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def export_backbone(model: nn.Module, schema: Schema, cfg: ModelConfig, out_dir: str | Path, rank: int = 0) -> None:
+def export_backbone(model: nn.Module, schema: Schema, cfg: ModelConfig, out_dir: str | Path, rank: int = 0,
+                    pretrain_data: str | None = None) -> None:
     """Write the backbone of a (sharded) Ranker as a world-size-free folder, each rank its own shards.
 
     Collective: every rank calls it. `backbone.json` is written last (by rank 0), after every rank's
-    files: its presence means the export is complete.
+    files: its presence means the export is complete. `pretrain_data`: the fingerprint of the split it
+    was pre-trained on, recorded (what saw which items: the ID matcher checks it).
     """
     out_dir = Path(out_dir)
     if rank == 0:
@@ -402,6 +404,7 @@ def export_backbone(model: nn.Module, schema: Schema, cfg: ModelConfig, out_dir:
         "identity": backbone_identity(schema, cfg),
         "weights": layout_hash(layout),
         "layout": layout,
+        **({"pretrain_data": pretrain_data} if pretrain_data is not None else {}),
     })
     remove_stale_shards(out_dir, layout)
 

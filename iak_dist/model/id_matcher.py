@@ -114,6 +114,14 @@ def match_items(backbone_dir: str | Path, data_dir: str | Path, out_dir: str | P
     dtype = {"F32": np.float32, "F16": np.float16}.get(table["dtype"])
     if dtype is None:
         raise UserError(f"{backbone_dir}: item table of dtype {table['dtype']}; the matcher writes F32 or F16 rows")
+    from iak_dist.data.schema import Schema
+    from iak_dist.data.source import Split
+
+    pretrain = Split.open(data_dir, "pretrain", Schema.load(Path(data_dir) / "schema.yaml")).content_fingerprint()
+    if meta.get("pretrain_data", pretrain) != pretrain:  # which items are warm is read off this folder
+        raise UserError(f"{backbone_dir}: pre-trained on another pre-train split than {data_dir}'s (another "
+                        f"data.cold_items, or other data): its warm items are not this folder's; give the data "
+                        f"folder it was pre-trained on")
     slots, texts = slot_texts(*read_item_text(data_dir), table_size)
     warm_mask = np.isin(slots, pretrained_slots(data_dir, table_size))
     warm, cold = slots[warm_mask], slots[~warm_mask]

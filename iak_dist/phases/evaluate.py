@@ -568,6 +568,8 @@ def finetune_status(strategy: str, rows: int) -> dict:
         note = "no fine-tune rows: scored by the backbone fine-tuned on the other domains"
     elif adapter_class(strategy).per_domain_models:
         note = "no fine-tune rows: plain backbone (no model of its own)"
+    elif not adapter_class(strategy).untrained_domain_is_backbone:
+        note = "no fine-tune rows: scored by the adapter's shared weights, trained on the other domains"
     else:
         note = "no fine-tune rows: plain backbone (its adapter weights never trained)"
     return {"finetuned": False, "finetune_rows": 0, "note": note}

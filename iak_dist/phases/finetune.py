@@ -373,6 +373,10 @@ def finetune(
             say(f"[finetune {strategy}] stopped early at step {stopped_at} (best {validation.record.best_step}): "
                 f"nothing left to train", ctx.rank)
         elif state:
+            if state.get("hold_out_domains", []) != list(cfg.hold_out_domains):  # it trained on other domains
+                raise UserError(f"{state['path']}: checkpoint of a fine-tune holding out "
+                                f"{state.get('hold_out_domains', [])}, the config holds out "
+                                f"{list(cfg.hold_out_domains)}; move {checkpoints.root} aside to fine-tune again")
             start = restore_position(state, sampler, total, ctx.world_size,
                                      lambda line: say(f"[finetune {strategy}] {line}", ctx.rank))
             say(f"[finetune {strategy}] resuming at step {start} from {state['path']}", ctx.rank)
@@ -382,7 +386,8 @@ def finetune(
 
         def on_step_end(step: int) -> None:
             if dist_cfg.checkpoint_every and step % dist_cfg.checkpoint_every == 0 and step < total:
-                train_state = {"step": step, "total": total, "sampler": batches.state_before(step)}
+                train_state = {"step": step, "total": total, "sampler": batches.state_before(step),
+                               "hold_out_domains": list(cfg.hold_out_domains)}
                 if validation is not None:
                     train_state["valid"] = validation.state_dict()
                 path = checkpoints.save(step, run.model, dense, train_state,

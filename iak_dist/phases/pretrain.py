@@ -241,7 +241,8 @@ def pretrain(
             if calibration is not None:  # the live heads: only the export below reads them again
                 backbone = sharded.ranker.backbone
                 fold_into_heads(backbone.ctr_head, backbone.cvr_head, calibration)
-            export_backbone(sharded.model, schema, model_cfg, out_dir / "backbone", ctx.rank)
+            export_backbone(sharded.model, schema, model_cfg, out_dir / "backbone", ctx.rank,
+                            pretrain_data=split.content_fingerprint())
         if ctx.is_main:
             atomic_write_json(out_dir / "backbone" / "train_summary.json", summary)
             atomic_write_text(out_dir / "backbone" / "plan.txt", plan_text + "\n")

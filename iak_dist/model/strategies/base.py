@@ -204,6 +204,9 @@ class Adapter(nn.Module):
             the pre-trained model, so `grow_domains` can add a domain to a trained adapter.
         adapts_lookups: it changes embeddings before the interaction (`adapt_lookups`): it is built with
             the backbone's `embedding_dim`, and cannot train from the prefix cache (its prefix changes).
+        untrained_domain_is_backbone: a domain without fine-tune rows scores as the plain backbone (its
+            per-domain weights start at the pre-trained model and nothing shared trains); False where
+            weights shared by the domains train (evaluation's note must not say "plain backbone").
     """
 
     name: ClassVar[str] = "none"
@@ -213,6 +216,7 @@ class Adapter(nn.Module):
     member_strategy: ClassVar[str | None] = None
     grows_domains: ClassVar[bool] = False
     adapts_lookups: ClassVar[bool] = False
+    untrained_domain_is_backbone: ClassVar[bool] = True
 
     def __init__(self, num_domains: int, tower_widths: list[int], cfg: Any = None) -> None:
         super().__init__()

@@ -45,7 +45,10 @@ class MoeAdaptorConfig:
 class MoeAdaptor(Adapter):
     name = "moe_adaptor"
     config_class = MoeAdaptorConfig
-    adapts_lookups = True  # a new domain's gate would mix trained experts: it cannot start at the backbone
+    adapts_lookups = True
+    # the experts are shared and train on every fine-tuned domain: a domain without rows mixes them with its
+    # random gate (so it is no plain backbone, and a new domain could not start at it: no `grows_domains`)
+    untrained_domain_is_backbone = False
 
     def __init__(self, num_domains: int, tower_widths: list[int], cfg: MoeAdaptorConfig,
                  embedding_dim: int | None = None) -> None:
