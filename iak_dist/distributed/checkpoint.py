@@ -182,6 +182,15 @@ class ShardedWeights:
         for name in self.layout["files"]:
             self.file(name)
 
+    def load_into(self, name: str, target: torch.Tensor) -> None:
+        """Fill `target` (a plain tensor, or this rank's shards of a sharded table) with tensor `name`:
+        each rank reads only the rows of the shards it owns."""
+        if isinstance(target, ShardedTensor):
+            for shard in target.local_shards():
+                self.read_into(name, shard.tensor, tuple(shard.metadata.shard_offsets))
+        else:
+            self.read_into(name, target)
+
     def read_into(self, name: str, target: torch.Tensor, offsets: tuple[int, int] = (0, 0)) -> None:
         """Fill `target`, the block of tensor `name` at (row, column) `offsets`, from the pieces it overlaps.
 
@@ -327,11 +336,7 @@ def load_sharded(model: nn.Module, weights: ShardedWeights, prefix: str = "",
             if list(target.size()) != list(stored):
                 raise UserError(f"{source.recorded_in}: tensor {name} has shape {tuple(stored)}, the model "
                                 f"expects {tuple(target.size())} (a different model config or schema)")
-            if isinstance(target, ShardedTensor):
-                for shard in target.local_shards():
-                    source.read_into(name, shard.tensor, tuple(shard.metadata.shard_offsets))
-            else:
-                source.read_into(name, target)
+            source.load_into(name, target)
 
     on_every_rank(load, what=str(weights.root))
 

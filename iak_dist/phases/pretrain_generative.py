@@ -29,7 +29,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from tqdm import tqdm
 
 from iak_dist.config import DistributedConfig, GenerativeConfig, ModelConfig, to_dict
@@ -273,11 +272,7 @@ class Transfer:
                     raise UserError(f"{self.source}: {name} has shape {weights.tensors[name]['shape']}, the ranker "
                                     f"{list(target.size())}; move {self.source.parent} aside to train the "
                                     f"generative stage again")
-                if isinstance(target, ShardedTensor):
-                    for shard in target.local_shards():
-                        weights.read_into(name, shard.tensor, tuple(shard.metadata.shard_offsets))
-                else:
-                    weights.read_into(name, target)
+                weights.load_into(name, target)
 
         on_every_rank(load, what=str(self.source))
         if self.freeze:
