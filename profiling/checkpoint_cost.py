@@ -35,28 +35,19 @@ def main() -> None:
     from iak_dist.distributed.zero import DenseEngine
     from iak_dist.phases.finetune import build_finetune
     from iak_dist.runtime import configure_environment
-    from profiling.finetune_cost import synthetic_backbone, write_synthetic
+    from profiling.finetune_cost import add_data_arguments, check_data_arguments, data_and_backbone
 
     configure_environment()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", help="pipeline config (its data folder); none with --synthetic")
-    parser.add_argument("--backbone", help="exported backbone")
-    parser.add_argument("--synthetic", type=Path, help="folder of the synthetic production-shaped data set")
-    parser.add_argument("--table-rows", type=int, default=10_000_000, help="rows of the big synthetic tables")
-    parser.add_argument("--rows", type=int, default=100_000, help="synthetic fine-tune rows")
+    add_data_arguments(parser)
     parser.add_argument("--strategy", default="iak")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    if (args.synthetic is None) == (args.config is None or args.backbone is None):
-        parser.error("give CONFIG --backbone DIR, or --synthetic DIR")
+    check_data_arguments(parser, args)
     cfg = load_config(args.config)
     ctx = init_distributed()
     try:
-        if args.synthetic is not None:
-            write_synthetic(args.synthetic, args.table_rows, args.rows)
-            data_dir, backbone = args.synthetic, synthetic_backbone(args.synthetic, cfg, ctx)
-        else:
-            data_dir, backbone = Path(cfg.data.dir), Path(args.backbone)
+        data_dir, backbone = data_and_backbone(args, cfg, ctx)
         ft = cfg.finetune
         run = build_finetune(data_dir, backbone, args.strategy, ft, ctx, cfg.distributed)
         dense = DenseEngine(run.trainable, ft.optim.lr_dense, ft.optim.weight_decay, cfg.distributed.zero,

@@ -88,6 +88,31 @@ def synthetic_backbone(data: Path, cfg, ctx) -> Path:
     return out / "backbone"
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """A run's backbone on its config's data, or the synthetic production-shaped data set (its own backbone)."""
+    parser.add_argument("config", nargs="?", help="pipeline config (its data folder); none with --synthetic")
+    parser.add_argument("--backbone", help="exported backbone (with a config)")
+    parser.add_argument("--synthetic", type=Path, help="folder of the synthetic production-shaped data set")
+    parser.add_argument("--table-rows", type=int, default=10_000_000, help="rows of the big synthetic tables")
+    parser.add_argument("--rows", type=int, default=100_000, help="synthetic fine-tune rows")
+
+
+def check_data_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if (args.synthetic is None) == (args.config is None or args.backbone is None):
+        parser.error("give CONFIG --backbone DIR, or --synthetic DIR")
+
+
+def data_and_backbone(args: argparse.Namespace, cfg, ctx) -> tuple[Path, Path]:
+    """(data folder, backbone) of `add_data_arguments`' arguments; the synthetic set is written (rank 0) and
+    its backbone pre-trained the first time."""
+    if args.synthetic is None:
+        return Path(cfg.data.dir), Path(args.backbone)
+    if ctx.is_main:
+        write_synthetic(args.synthetic, args.table_rows, args.rows)
+    ctx.barrier()
+    return args.synthetic, synthetic_backbone(args.synthetic, cfg, ctx)
+
+
 def cache_stepper(run, dense, total_steps: int):
     """One fine-tune step from the prefix cache: `PrefixRanker` on a `PrefixBatch`, the loop's arithmetic."""
     from iak_dist.model.ranker import PrefixRanker
@@ -178,29 +203,18 @@ def main() -> None:
 
     configure_environment()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", help="pipeline config (its data folder); none with --synthetic")
-    parser.add_argument("--backbone", help="exported backbone (with a config)")
-    parser.add_argument("--synthetic", type=Path, help="folder of the synthetic production-shaped data set")
-    parser.add_argument("--table-rows", type=int, default=10_000_000, help="rows of the big synthetic tables")
-    parser.add_argument("--rows", type=int, default=100_000, help="synthetic fine-tune rows")
+    add_data_arguments(parser)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--cache-dir", type=Path, help="where the prefix cache goes (default: a temporary folder)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_args()
-    if (args.synthetic is None) == (args.config is None or args.backbone is None):
-        parser.error("give CONFIG --backbone DIR, or --synthetic DIR")
+    check_data_arguments(parser, args)
     cfg = load_config(args.config, args.set)
     ctx = init_distributed()
     try:
-        if args.synthetic is not None:
-            if ctx.is_main:
-                write_synthetic(args.synthetic, args.table_rows, args.rows)
-            ctx.barrier()
-            data_dir, backbone = args.synthetic, synthetic_backbone(args.synthetic, cfg, ctx)
-        else:
-            data_dir, backbone = Path(cfg.data.dir), Path(args.backbone)
+        data_dir, backbone = data_and_backbone(args, cfg, ctx)
         # one folder for every rank (each writes its row groups of the cache there)
         tmp = None if args.cache_dir else on_main(ctx, lambda: tempfile.mkdtemp(prefix="prefix-cache-"), share=True)
         try:
