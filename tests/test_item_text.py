@@ -314,30 +314,9 @@ def test_an_item_tower_is_served_as_the_trained_model_scores(mode, text_dir, sma
     exported: the `Predictor` scores as the sharded model, without the data folder (the text rides along)."""
     import dataclasses
 
-    import torch
+    from served import served_and_trained
 
-    from iak_dist.data.batch import arrow_to_batch
-    from iak_dist.data.parquet import read_table
-    from iak_dist.data.schema import Schema
-    from iak_dist.data.source import Split
-    from iak_dist.phases.common import build_from_backbone
-    from iak_dist.phases.finetune import finetune
-    from iak_dist.phases.pretrain import pretrain
-    from iak_dist.serving.artefact import export_artefact
-    from iak_dist.serving.predictor import Predictor
-
-    run = tmp_path / "run"
-    model = dataclasses.replace(small_cfg.model, item_tower=mode)
-    pretrain(text_dir, model, dataclasses.replace(small_cfg.pretrain, steps=5), small_cfg.distributed, 0,
-             run / "seed0", ctx, show_progress=False)
-    finetune(text_dir, run / "seed0" / "backbone", "none", small_cfg.finetune, 0, run / "seed0" / "adapters" / "none",
-             ctx, show_progress=False)
-    predictor = Predictor.load(export_artefact(run, "none", tmp_path / "artefact"))
-    schema = Schema.load(text_dir / "schema.yaml")
-    rows = read_table(Split.open(text_dir, "test", schema), schema).slice(0, 512)
-    sharded, _ = build_from_backbone(run / "seed0" / "backbone", None, ctx, train_embeddings=False)
-    sharded.model.eval()
-    assert sharded.ranker.backbone.item_tower.text.abs().sum() > 0  # the exported backbone carries the text
-    with torch.no_grad():
-        trained = sharded.model(arrow_to_batch(rows, schema)).p_ctr.numpy()
-    np.testing.assert_allclose(predictor.score(rows)["p_ctr"], trained, rtol=1e-6, atol=1e-7)
+    got = served_and_trained(text_dir, dataclasses.replace(small_cfg.model, item_tower=mode), small_cfg, ctx,
+                             tmp_path)
+    assert got.sharded.ranker.backbone.item_tower.text.abs().sum() > 0  # the exported backbone carries the text
+    np.testing.assert_allclose(got.predictor.score(got.rows)["p_ctr"], got.trained, rtol=1e-6, atol=1e-7)

@@ -321,36 +321,16 @@ def test_a_served_history_scores_as_the_trained_model_does(encoder, small_cfg, c
     train pipeline traces it), exported: the `Predictor`'s scores are the sharded model's."""
     import dataclasses
 
-    import torch
+    from served import served_and_trained
 
     from iak_dist.config import DataConfig
-    from iak_dist.data.batch import arrow_to_batch
-    from iak_dist.data.parquet import read_table
     from iak_dist.data.prepare import prepare
-    from iak_dist.data.schema import Schema
-    from iak_dist.data.source import Split
-    from iak_dist.phases.common import build_from_backbone
-    from iak_dist.phases.finetune import finetune
-    from iak_dist.phases.pretrain import pretrain
-    from iak_dist.serving.artefact import export_artefact
-    from iak_dist.serving.predictor import Predictor
 
     data = prepare(DataConfig(history_length=LENGTH, dir=str(tmp_path / "data")))
-    run = tmp_path / "run"
-    model = dataclasses.replace(small_cfg.model, sequence_encoder=encoder)
-    pretrain(data, model, dataclasses.replace(small_cfg.pretrain, steps=5), small_cfg.distributed, 0,
-             run / "seed0", ctx, show_progress=False)
-    finetune(data, run / "seed0" / "backbone", "none", small_cfg.finetune, 0, run / "seed0" / "adapters" / "none",
-             ctx, show_progress=False)
-    predictor = Predictor.load(export_artefact(run, "none", tmp_path / "artefact"))
-    schema = Schema.load(data / "schema.yaml")
-    rows = read_table(Split.open(data, "test", schema), schema).slice(0, 512)
-    served = predictor.score(rows)["p_ctr"]
-    sharded, _ = build_from_backbone(run / "seed0" / "backbone", None, ctx, train_embeddings=False)
-    sharded.model.eval()
-    with torch.no_grad():
-        trained = sharded.model(arrow_to_batch(rows, schema)).p_ctr.numpy()
-    np.testing.assert_allclose(served, trained, rtol=1e-6, atol=1e-7)
+    got = served_and_trained(data, dataclasses.replace(small_cfg.model, sequence_encoder=encoder), small_cfg, ctx,
+                             tmp_path)
+    run, schema, rows, predictor = got.run, got.schema, got.rows, got.predictor
+    np.testing.assert_allclose(predictor.score(rows)["p_ctr"], got.trained, rtol=1e-6, atol=1e-7)
     assert predictor.mean_pooled == set()  # a history's positions are bags of one; its encoder pools them
 
     # as training's data check: a request whose list is longer than the history the backbone reads is refused
