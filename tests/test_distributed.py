@@ -46,8 +46,32 @@ def torchrun(spec, tmp_path, env=None, name="spec", nproc=2):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
 
 
+TEXT_OVERRIDES = COMMON + [
+    "data.source=parquet", "model.item_tower=text",
+    "distributed.sharding.plan={item_text: {sharding_type: column_wise}, item_id: {sharding_type: table_wise}}"]
+"""The item text as a column-wise sharded table: each rank holds some columns of every row."""
+
+
 @pytest.fixture(scope="module")
-def two_rank_runs(tmp_path_factory, synth_dir, backbone_dir):
+def text_synth_dir(tmp_path_factory, synth_dir):
+    """The synthetic folder with item_text.parquet: random vectors for its items in row groups of 50, and
+    the vectors, keyed by item ID, for the test to compare the text table with."""
+    import shutil
+
+    import numpy as np
+    from text_files import fake_item_text
+
+    out = tmp_path_factory.mktemp("synth_text") / "data"
+    shutil.copytree(synth_dir, out)
+    items = np.unique(np.concatenate([pq.read_table(path, columns=["item_id"]).column(0).to_numpy()
+                                      for path in sorted(out.glob("*.parquet"))]))
+    vectors = np.random.default_rng(3).normal(size=(len(items), 384)).astype(np.float32)
+    fake_item_text(out, items, vectors, row_group_size=50)
+    return out, items, vectors
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory, synth_dir, backbone_dir, text_synth_dir):
     """One torchrun launch running every 2-rank scenario (start-up is the expensive part)."""
     root = tmp_path_factory.mktemp("two_ranks")
     scenarios = []
@@ -63,6 +87,8 @@ def two_rank_runs(tmp_path_factory, synth_dir, backbone_dir):
     for kind in ("table_wise", "column_wise"):
         scenarios.append({"kind": "frozen_finetune", "data": str(synth_dir), "backbone": str(backbone_dir),
                           "out": str(root / f"frozen-{kind}"), "overrides": plan_for(kind)})
+    scenarios.append({"kind": "pretrain", "name": "item-text", "data": str(text_synth_dir[0]),
+                      "out": str(root / "item-text"), "overrides": TEXT_OVERRIDES + ["pretrain.batch_size=64"]})
     result = torchrun({"scenarios": scenarios}, root)
     assert result.returncode == 0, result.stderr[-4000:]
     return root
@@ -120,6 +146,32 @@ def test_frozen_tables_are_bitwise_unchanged_on_every_rank(kind, two_rank_runs):
     sizes = [json.loads((two_rank_runs / f"frozen-{kind}" / f"result_rank{r}.json").read_text())["local_elements"]
              for r in range(2)]
     assert all(s > 0 for s in sizes)
+
+
+def test_item_text_fills_and_keeps_its_sharded_table_on_two_ranks_as_on_one(two_rank_runs, text_synth_dir, ctx,
+                                                                            tmp_path):
+    """model.item_tower=text on 2 ranks, the text table split by columns: each rank reads its row groups of
+    item_text.parquet and sends each vector to the ranks holding its slot; after training, the table holds
+    each slot's mean text (it never trains) and the backbone is the one a single process trains."""
+    import numpy as np
+
+    from iak_dist.config import load_config
+    from iak_dist.distributed.checkpoint import backbone_weights
+    from iak_dist.model.id_matcher import slot_texts
+    from iak_dist.phases.pretrain import pretrain
+
+    data, items, vectors = text_synth_dir
+    assert pq.ParquetFile(data / "item_text.parquet").num_row_groups > 2
+    got = two_rank_runs / "item-text" / "backbone"
+    plan = (got / "plan.txt").read_text()
+    assert "t_item_text" in plan and "column_wise" in plan
+    table = backbone_weights(got).full("embeddings.embedding_bags.t_item_text.weight")
+    slots, texts = slot_texts(items, vectors, table.shape[0])
+    np.testing.assert_allclose(table[slots].numpy(), texts, rtol=1e-5, atol=1e-6)
+    assert table.abs().sum(1).count_nonzero() == len(slots)  # zeros where no item is
+    cfg = load_config(None, TEXT_OVERRIDES + ["pretrain.batch_size=128"])
+    pretrain(data, cfg.model, cfg.pretrain, cfg.distributed, 0, tmp_path, ctx, show_progress=False)
+    assert_same_backbone(got, tmp_path / "backbone")
 
 
 def test_whole_pipeline_under_torchrun_on_two_ranks(tmp_path, synth_dir):

@@ -160,85 +160,108 @@ def tower_batch(users: np.ndarray, items: np.ndarray, clicks: np.ndarray):
         "item_id": pa.array(items, pa.int64())}), tower_schema())
 
 
-def scored(backbone, tower, batch):
-    """The backbone's own forward with `tower` as its item tower (`Backbone.lookup` -> `items_by_text`)."""
-    backbone.item_tower = tower
+def tower_backbone(mode, table_size=TOWER_SLOTS, embedding_dim=8):
+    from iak_dist.config import ModelConfig
+    from iak_dist.data.schema import Schema, SparseFeature
+    from iak_dist.model.backbone import Backbone
+
+    schema = Schema(sparse=[SparseFeature("user_id", 64), SparseFeature("item_id", table_size)], domains=["d0"])
+    return Backbone(schema, ModelConfig(embedding_dim=embedding_dim, tower=[16], item_tower=mode))
+
+
+def set_text(backbone, item_ids, vectors):
+    """Fill the backbone's text table as pre-training does (`fill_rows_by_mean`, one process)."""
+    from iak_dist.data.schema import hash_ids
+    from iak_dist.distributed.sharding import fill_rows_by_mean
+    from iak_dist.model.item_tower import TEXT_TABLE
+    from iak_dist.model.ranker import Ranker
+
+    slots = hash_ids(np.asarray(item_ids, np.int64), backbone.item_tower.table_size)
+    fill_rows_by_mean(Ranker(backbone), TEXT_TABLE, iter([(slots, vectors)]), 1)
+
+
+def scored(backbone, batch):
+    """The backbone's own forward (`Backbone.lookup` -> `items_by_text`)."""
     return backbone(batch.sparse, batch.dense, batch.sequence_lengths)
 
 
-def test_the_tower_averages_texts_that_share_a_slot_and_starts_id_text_as_id():
+def test_the_text_table_holds_the_mean_text_of_each_slot_read_a_row_group_at_a_time(tmp_path):
+    """`load_item_text` streams item_text.parquet's row groups into the frozen text table: each slot's
+    row is the mean of its items' vectors, zeros where none is; `id+text` starts as the ID model."""
     import torch
+    from text_files import fake_item_text
 
     from iak_dist.data.schema import hash_ids
-    from iak_dist.model.item_tower import ItemTower
+    from iak_dist.model.item_tower import TEXT_TABLE, ItemTower, load_item_text
+    from iak_dist.model.ranker import Ranker
 
     rng = np.random.default_rng(0)
     ids = np.arange(1, 41)
-    vectors = rng.normal(size=(40, 8)).astype(np.float32)
+    vectors = rng.normal(size=(40, 384)).astype(np.float32)
+    fake_item_text(tmp_path, ids, vectors, row_group_size=7)  # 6 row groups
+    backbone = tower_backbone("id+text", table_size=16, embedding_dim=3)
+    assert backbone.frozen_tables == [TEXT_TABLE]
+    load_item_text(Ranker(backbone), tmp_path, 16)
+    table = backbone.embeddings.embedding_bags[TEXT_TABLE].weight.detach()
     slots = hash_ids(ids, 16)
-    tower = ItemTower("text", embedding_dim=3, table_size=16, text_dim=8)
-    shared = tower.set_text(ids, vectors)
     counts = np.bincount(slots, minlength=16)
-    assert shared == int(counts[counts > 1].sum()) > 0
+    assert counts.max() > 1 and counts.min() == 0  # shared slots and empty ones
     for slot in range(16):
-        want = vectors[slots == slot].mean(0) if counts[slot] else np.zeros(8, np.float32)
-        np.testing.assert_allclose(tower.text[slot].numpy(), want, rtol=1e-6, atol=1e-7)
-    assert "text" in tower.state_dict()  # a checkpoint carries the text it trained with
-    batch_slots = torch.from_numpy(slots[:5])
-    id_vectors = torch.randn(5, 3)
-    out = tower(batch_slots, id_vectors)
-    torch.testing.assert_close(out, torch.from_numpy(vectors[:5] if counts[slots[:5]].max() == 1 else
-                                                     tower.text[batch_slots].numpy()) @ tower.project.weight.T
-                               + tower.project.bias)
-    both = ItemTower("id+text", embedding_dim=3, table_size=16, text_dim=8)
-    both.set_text(ids, vectors)
-    assert torch.equal(both(batch_slots, id_vectors), id_vectors)  # zero-initialised projection: the ID model
+        want = vectors[slots == slot].mean(0) if counts[slot] else np.zeros(384, np.float32)
+        np.testing.assert_allclose(table[slot].numpy(), want, rtol=1e-5, atol=1e-6)
+    lookups = {ItemTower.id_key: torch.randn(5, 3), ItemTower.text_key: table[torch.from_numpy(slots[:5])]}
+    assert torch.equal(backbone.item_tower.item_vectors(lookups)["item_id"], lookups[ItemTower.id_key])
     with pytest.raises(ValueError, match="modes text and id\\+text, got 'id'"):
         ItemTower("id", embedding_dim=3, table_size=16)
 
 
-def test_the_tower_of_a_schema_is_over_its_single_hot_item_feature():
-    from iak_dist.data.schema import Schema, SparseFeature
-    from iak_dist.model.item_tower import ItemTower
+def test_the_text_of_a_schema_is_a_frozen_table_over_its_single_hot_item_feature():
+    """The text table is sized by the item table, whatever its size (it is sharded like any table)."""
+    import torch
 
-    assert ItemTower.for_schema(tower_schema(), "id", 8) is None
-    tower = ItemTower.for_schema(tower_schema(), "id+text", 8)
-    assert tower.mode == "id+text" and tuple(tower.text.shape) == (TOWER_SLOTS, 384)
+    from iak_dist.config import ModelConfig
+    from iak_dist.data.schema import Schema, SparseFeature
+    from iak_dist.model.backbone import Backbone
+    from iak_dist.model.item_tower import TEXT_TABLE, ItemTower
+
+    assert ItemTower.text_rows(tower_schema(), "id") is None
+    assert tower_backbone("id").frozen_tables == []
+    production = Backbone(Schema(sparse=[SparseFeature("item_id", 10_000_000)], domains=["d0"]),
+                          ModelConfig(item_tower="text"), device=torch.device("meta"))
+    text = next(c for c in production.table_configs if c.name == TEXT_TABLE)
+    assert (text.num_embeddings, text.embedding_dim, text.feature_names) == (10_000_000, 384, ["item_id"])
+    assert production.frozen_tables == [TEXT_TABLE]
     for sparse, what in (([SparseFeature("items", 8)], "none"), ([SparseFeature("item_id", 8, multi_hot=True)],
                                                                   "a multi-hot one")):
         with pytest.raises(UserError) as err:
-            ItemTower.for_schema(Schema(sparse=sparse, domains=["d0"]), "text", 8)
+            ItemTower.text_rows(Schema(sparse=sparse, domains=["d0"]), "text")
         assert str(err.value) == ("model.item_tower text: needs a single-hot sparse feature item_id (the items "
                                   f"item_text.parquet describes); the schema has {what}")
-    with pytest.raises(UserError) as err:  # a production table: the buffer would be whole on every rank
-        ItemTower.for_schema(Schema(sparse=[SparseFeature("item_id", 10_000_000)], domains=["d0"]), "text", 8)
-    assert str(err.value) == ("model.item_tower text: the text of 10,000,000 item slots would take 14.3 GiB on every "
-                              "rank (at most 1 GiB until the text is a sharded table); use item_tower: id for this "
-                              "table")
+    with pytest.raises(UserError) as err:
+        ItemTower.text_rows(Schema(sparse=[SparseFeature("item_id", 8), SparseFeature("item_text", 8)],
+                                   domains=["d0"]), "id+text")
+    assert str(err.value) == ("model.item_tower id+text: the schema has a feature named item_text, whose table "
+                              "name t_item_text the item text takes; rename that feature")
 
 
 @pytest.mark.parametrize("mode", ["text", "id+text"])
 def test_gradients_reach_the_projection_and_only_the_tables_the_mode_reads(mode):
     import torch
 
-    from iak_dist.config import ModelConfig
-    from iak_dist.model.backbone import Backbone
-    from iak_dist.model.item_tower import ItemTower
-
     torch.manual_seed(0)
     rng = np.random.default_rng(1)
-    backbone = Backbone(tower_schema(), ModelConfig(embedding_dim=8, tower=[16]))
-    tower = ItemTower(mode, embedding_dim=8, table_size=TOWER_SLOTS)
-    tower.set_text(np.arange(1, 101), rng.normal(size=(100, 384)).astype(np.float32))
+    backbone = tower_backbone(mode)
+    set_text(backbone, np.arange(1, 101), rng.normal(size=(100, 384)).astype(np.float32))
+    tower = backbone.item_tower
     batch = tower_batch(rng.integers(0, 10, 32), rng.integers(1, 101, 32), rng.integers(0, 2, 32))
     items = backbone.embeddings.embedding_bags["t_item_id"].weight
     for frozen in (True, False):
-        for p in [*backbone.parameters(), *tower.parameters()]:
+        for p in backbone.parameters():
             p.grad = None
             p.requires_grad_(not frozen or any(p is q for q in tower.parameters()))
-        out = scored(backbone, tower, batch)
+        out = scored(backbone, batch)
         torch.nn.functional.binary_cross_entropy_with_logits(out.ctr_logit, batch.click).backward()
-        assert tower.project.weight.grad.abs().sum() > 0 and tower.text.grad is None
+        assert tower.project.weight.grad.abs().sum() > 0
         if frozen:  # a frozen backbone: the projection is all that trains
             own = {id(q) for q in tower.parameters()}
             assert all(p.grad is None for p in backbone.parameters() if id(p) not in own)
@@ -253,10 +276,8 @@ def test_text_mode_scores_items_never_seen_in_training_through_their_text():
     never trained)."""
     import torch
 
-    from iak_dist.config import ModelConfig
     from iak_dist.metrics import auc
-    from iak_dist.model.backbone import Backbone
-    from iak_dist.model.item_tower import ItemTower
+    from iak_dist.model.item_tower import TEXT_TABLE
 
     rng = np.random.default_rng(2)
     item_ids = np.arange(1, 401)
@@ -274,22 +295,20 @@ def test_text_mode_scores_items_never_seen_in_training_through_their_text():
     results = {}
     for mode in ("id", "text"):
         torch.manual_seed(0)
-        backbone = Backbone(tower_schema(), ModelConfig(embedding_dim=8, tower=[16]))
-        tower = ItemTower(mode, 8, TOWER_SLOTS) if mode != "id" else None
-        params = [*backbone.parameters()]
-        if tower is not None:
-            tower.set_text(item_ids, text)
-            params += [*tower.parameters()]
-        optimizer = torch.optim.Adam(params, lr=1e-2)
+        backbone = tower_backbone(mode)
+        if mode != "id":
+            set_text(backbone, item_ids, text)
+        frozen = backbone.embeddings.embedding_bags[TEXT_TABLE].weight if mode != "id" else None
+        optimizer = torch.optim.Adam([p for p in backbone.parameters() if p is not frozen], lr=1e-2)
         for _ in range(40):
             batch = rows(rng.choice(item_ids[seen], 128))
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(scored(backbone, tower, batch).ctr_logit,
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(scored(backbone, batch).ctr_logit,
                                                                         batch.click)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         with torch.no_grad():
-            results[mode] = auc(test.click.numpy(), scored(backbone, tower, test).ctr_logit.numpy())
+            results[mode] = auc(test.click.numpy(), scored(backbone, test).ctr_logit.numpy())
     assert results["text"] > 0.8 and results["id"] < 0.6, results
 
 
@@ -318,5 +337,13 @@ def test_an_item_tower_is_served_as_the_trained_model_scores(mode, text_dir, sma
 
     got = served_and_trained(text_dir, dataclasses.replace(small_cfg.model, item_tower=mode), small_cfg, ctx,
                              tmp_path)
-    assert got.sharded.ranker.backbone.item_tower.text.abs().sum() > 0  # the exported backbone carries the text
+    from iak_dist.data.item_text import read_item_text
+    from iak_dist.distributed.checkpoint import backbone_weights
+    from iak_dist.model.id_matcher import slot_texts
+
+    # the exported backbone carries the text table, each slot's row the mean text of its items
+    table = backbone_weights(got.run / "seed0" / "backbone").full("embeddings.embedding_bags.t_item_text.weight")
+    slots, texts = slot_texts(*read_item_text(text_dir), table.shape[0])
+    np.testing.assert_allclose(table[slots].numpy(), texts, rtol=1e-5, atol=1e-6)
+    assert table.abs().sum(1).count_nonzero() == len(slots)
     np.testing.assert_allclose(got.predictor.score(got.rows)["p_ctr"], got.trained, rtol=1e-6, atol=1e-7)

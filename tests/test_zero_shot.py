@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from text_files import fake_item_text
 
 from iak_dist.config import DataConfig
 from iak_dist.data.prepare import COLD_ITEMS_FILE, is_prepared
@@ -149,20 +150,6 @@ def test_ridge_fit_is_least_squares_in_closed_form():
     solution = np.linalg.lstsq(np.r_[xc, np.sqrt(2.5) * np.eye(8)], np.r_[yc, np.zeros((8, 3))], rcond=None)[0]
     np.testing.assert_allclose(weight, solution, atol=1e-10)
     np.testing.assert_allclose(bias, y.mean(0) - x.mean(0) @ solution, atol=1e-10)
-
-
-def fake_item_text(data_dir, item_ids: np.ndarray, vectors: np.ndarray) -> None:
-    """item_text.parquet as `write_item_text` writes it, with given vectors (no encoder needed)."""
-    import pyarrow as pa
-
-    from iak_dist.data.item_text import _META, _META_PREFIX, TEXT_DIM
-    from iak_dist.data.prepare import ITEM_TEXT_FILE
-
-    table = pa.table({"item_id": pa.array(item_ids, pa.int64()), "text": pa.array([str(i) for i in item_ids]),
-                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()),
-                                                                     TEXT_DIM)})
-    pq.write_table(table.replace_schema_metadata({_META_PREFIX + k: v for k, v in _META.items()}),
-                   data_dir / ITEM_TEXT_FILE)
 
 
 def test_matched_backbone_replaces_exactly_the_unseen_items_rows_with_the_ridge_map(synth_dir, backbone_dir,

@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import json
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,8 @@ TEXT_DIM = 384
 _MAX_TOKENS = 256  # sentence_bert_config.json's max_seq_length (tokenizer.json itself says 128)
 _META = {"encoder": ENCODER, "weights_sha256": WEIGHTS_SHA256, "text_template": TEXT_TEMPLATE}
 _META_PREFIX = "iak_dist.item_text."
+ROW_GROUP_ROWS = 65_536
+"""Rows per row group of item_text.parquet (100 MB of vectors): the unit a reader streams, and that ranks share."""
 
 
 def item_text(title: str, year: int, genres: list[str]) -> str:
@@ -239,27 +242,47 @@ def write_item_text(out_dir: str | Path, item_ids: np.ndarray, texts: list[str],
     table = table.replace_schema_metadata({_META_PREFIX + k: v for k, v in _META.items()})
     path = Path(out_dir) / ITEM_TEXT_FILE
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
     return path
 
 
-def read_item_text(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(item IDs int64 [N], vectors float32 [N, 384]) of `data_dir/item_text.parquet`, after checking that
-    this version's encoder, weights and text template made them (else one line saying what to do)."""
+def open_item_text(data_dir: str | Path) -> pq.ParquetFile:
+    """`data_dir/item_text.parquet`, opened (nothing read but its footer) after checking that this version's
+    encoder, weights and text template made it and that its vectors are 384 float32 (else one line)."""
     path = Path(data_dir) / ITEM_TEXT_FILE
     if not path.is_file():
         raise UserError(f"{path}: no item text; prepare the folder with data.item_text: true")
-    table = pq.read_table(path)
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    file = pq.ParquetFile(path)
+    schema = file.schema_arrow
+    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
     for key, want in _META.items():
         had = meta.get(_META_PREFIX + key)
         if had != want:
             raise UserError(f"{path}: item text made with {key} {had!r}, this version expects {want!r}; prepare "
                             f"the folder again (iak-dist data prepare movielens-100k --out {Path(data_dir)} "
                             f"--set item_text=true)")
-    column = table.column("embedding").combine_chunks()
-    if column.type != pa.list_(pa.float32(), TEXT_DIM):
-        raise UserError(f"{path}: column 'embedding' has type {column.type}, expected "
-                        f"fixed_size_list<float>[{TEXT_DIM}]")
-    vectors = column.values.to_numpy().reshape(-1, TEXT_DIM)
-    return table.column("item_id").to_numpy(), vectors
+    found = schema.field("embedding").type if "embedding" in schema.names else None
+    if found != pa.list_(pa.float32(), TEXT_DIM) or "item_id" not in schema.names:
+        raise UserError(f"{path}: column 'embedding' has type {found}, expected fixed_size_list<float>[{TEXT_DIM}] "
+                        f"beside an 'item_id' column")
+    return file
+
+
+def item_text_batches(file: pq.ParquetFile, row_groups: list[int] | None = None,
+                      rows: int = ROW_GROUP_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(item IDs int64 [n], vectors float32 [n, 384]) of `row_groups` (None: all), `rows` at a time."""
+    groups = range(file.num_row_groups) if row_groups is None else row_groups
+    if not groups:
+        return
+    for batch in file.iter_batches(batch_size=rows, row_groups=list(groups), columns=["item_id", "embedding"]):
+        vectors = batch.column(1).values.to_numpy(zero_copy_only=False).reshape(-1, TEXT_DIM)
+        yield batch.column(0).to_numpy(), vectors
+
+
+def read_item_text(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(item IDs int64 [N], vectors float32 [N, 384]) of `data_dir/item_text.parquet`, whole (`open_item_text`'s
+    checks first). For small folders and tests: training and the ID matcher stream `item_text_batches`."""
+    parts = list(item_text_batches(open_item_text(data_dir)))
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, TEXT_DIM), np.float32)
+    return np.concatenate([ids for ids, _ in parts]), np.concatenate([vectors for _, vectors in parts])

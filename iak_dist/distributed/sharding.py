@@ -7,10 +7,11 @@ so that DeepSpeed (`iak_dist.distributed.zero`) owns them, and nothing wraps the
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
@@ -23,7 +24,7 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from iak_dist.config import ShardingConfig
-from iak_dist.distributed.context import DistContext
+from iak_dist.distributed.context import DistContext, collective_device
 from iak_dist.errors import UserError
 from iak_dist.model.ranker import Ranker
 
@@ -151,7 +152,8 @@ def shard_ranker(ranker: Ranker, ctx: DistContext, cfg: ShardingConfig, lr_spars
     """Plan and shard the tables; with `lr_sparse`, they train with `cfg.sparse_optimizer`.
 
     `ranker`: any module whose `backbone` is a `Backbone` (the Ranker, or generative pre-training's model).
-    `frozen_tables` (names `t_<feature>`) never change while the others train: they get the same fused
+    `frozen_tables` (names `t_<feature>`), and the backbone's own `frozen_tables` (item text), never
+    change while the others train: they get the same fused
     optimizer at learning rate 0. TorchRec groups tables into FBGEMM table batches by their fused optimizer
     settings, so these land in table batches of their own, whose rate no schedule touches (`set_sparse_lr`);
     w - 0 * u is w, bit for bit. (The same optimizer, not plain SGD: a fused optimizer with state for some
@@ -159,6 +161,7 @@ def shard_ranker(ranker: Ranker, ctx: DistContext, cfg: ShardingConfig, lr_spars
     """
     ebc = ranker.backbone.embeddings
     table_names = [c.name for c in ranker.backbone.table_configs]
+    frozen_tables = [*frozen_tables, *(t for t in ranker.backbone.frozen_tables if t not in frozen_tables)]
     unknown = sorted(set(frozen_tables) - set(table_names))
     assert not unknown, f"no such tables to freeze: {unknown}"
     optimizer_cls = SPARSE_OPTIMIZERS[cfg.sparse_optimizer]
@@ -293,8 +296,6 @@ def init_tables(model: nn.Module, ranker: Ranker, seed: int) -> None:
     So 1 rank and N ranks with any sharding start from identical tables (TorchRec's own init
     draws per shard, which depends on the plan). Distribution: U(-1/sqrt(rows), 1/sqrt(rows)).
     """
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
     configs = {f"{EBC_PATH}.embedding_bags.{c.name}.weight": (i, c)
                for i, c in enumerate(ranker.backbone.table_configs)}
     for key, value in model.state_dict().items():
@@ -302,9 +303,7 @@ def init_tables(model: nn.Module, ranker: Ranker, seed: int) -> None:
             continue
         index, cfg = configs[key]
         bound = 1.0 / cfg.num_embeddings**0.5
-        pieces = ([(s.tensor, s.metadata.shard_offsets, s.metadata.shard_sizes) for s in value.local_shards()]
-                  if isinstance(value, ShardedTensor) else [(value, [0, 0], list(value.shape))])
-        for tensor, (r0, c0), (nr, nc) in pieces:
+        for tensor, (r0, c0), (nr, nc) in local_pieces(value):
             for block in range(r0 // INIT_BLOCK_ROWS, (r0 + nr - 1) // INIT_BLOCK_ROWS + 1):
                 start = block * INIT_BLOCK_ROWS
                 rows = min(INIT_BLOCK_ROWS, cfg.num_embeddings - start)
@@ -312,6 +311,85 @@ def init_tables(model: nn.Module, ranker: Ranker, seed: int) -> None:
                 values = torch.empty(rows, cfg.embedding_dim).uniform_(-bound, bound, generator=gen)
                 lo, hi = max(start, r0), min(start + rows, r0 + nr)
                 tensor[lo - r0:hi - r0].copy_(values[lo - start:hi - start, c0:c0 + nc])
+
+
+def local_pieces(value: torch.Tensor) -> list[tuple[torch.Tensor, list[int], list[int]]]:
+    """This rank's blocks of a table's state-dict value: (tensor, [row, col] offsets, [rows, cols]) per local
+    shard of a sharded table; the whole tensor for a replicated (data-parallel) or unsharded one."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if isinstance(value, ShardedTensor):
+        return [(s.tensor, list(s.metadata.shard_offsets), list(s.metadata.shard_sizes)) for s in value.local_shards()]
+    return [(value, [0, 0], list(value.shape))]
+
+
+def _row_ranges_by_rank(value: torch.Tensor, world_size: int) -> list[list[tuple[int, int]]]:
+    """For each rank, the row ranges [r0, r1) of the table it holds (any column block of them)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if not isinstance(value, ShardedTensor):  # replicated: every rank holds every row
+        return [[(0, value.shape[0])] for _ in range(world_size)]
+    ranges: list[list[tuple[int, int]]] = [[] for _ in range(world_size)]
+    for shard in value.metadata().shards_metadata:
+        r0, nr = shard.shard_offsets[0], shard.shard_sizes[0]
+        ranges[shard.placement.rank()].append((r0, r0 + nr))
+    return [sorted(set(r)) for r in ranges]  # a rank's column blocks of the same rows: sent once
+
+
+@torch.no_grad()
+def fill_rows_by_mean(model: nn.Module, table: str, batches: Iterator[tuple[np.ndarray, np.ndarray]],
+                      count: int) -> None:
+    """Set every row of table `table` to the mean of the vectors given for it (zeros where none is).
+
+    Collective. Each rank reads its own share of the source (`count` batches of (rows int64 [n], vectors
+    float32 [n, width]), e.g. its row groups of a file) and sends each vector to the ranks holding its row
+    (one all-to-all per batch, the ranks taking turns), so no rank reads the whole source or holds more
+    than its own shards and one batch: this is how a frozen table is filled from a file (item text).
+    """
+    value = model.state_dict()[f"{EBC_PATH}.embedding_bags.{table}.weight"]
+    pieces = local_pieces(value)
+    sums = [torch.zeros(nr, nc) for _, _, (nr, nc) in pieces]
+    counts = [torch.zeros(nr) for _, _, (nr, _) in pieces]
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    owners = _row_ranges_by_rank(value, world)
+    rounds = count
+    if world > 1:
+        agreed = torch.tensor([count], dtype=torch.int64, device=collective_device())
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+        rounds = int(agreed.item())
+    width = value.shape[1]
+    for _ in range(rounds):
+        rows, vectors = next(batches, (np.zeros(0, np.int64), np.zeros((0, width), np.float32)))
+        rows, vectors = torch.from_numpy(np.asarray(rows, np.int64)), torch.from_numpy(np.asarray(vectors, np.float32))
+        if world > 1:
+            rows, vectors = _send_to_owners(rows, vectors, owners)
+        for (_, (r0, c0), (nr, nc)), total, seen in zip(pieces, sums, counts, strict=True):
+            inside = (rows >= r0) & (rows < r0 + nr)
+            total.index_add_(0, rows[inside] - r0, vectors[inside, c0:c0 + nc])
+            seen.index_add_(0, rows[inside] - r0, torch.ones(int(inside.sum())))
+    for (tensor, _, _), total, seen in zip(pieces, sums, counts, strict=True):
+        tensor.copy_(total / seen.clamp(min=1).unsqueeze(1))
+
+
+def _send_to_owners(rows: torch.Tensor, vectors: torch.Tensor,
+                    owners: list[list[tuple[int, int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-to-all: each (row, vector) to every rank holding that row; returns what this rank received."""
+    dist, device = torch.distributed, collective_device()
+    order = [torch.cat([torch.nonzero((rows >= r0) & (rows < r1)).flatten() for r0, r1 in ranges])
+             if ranges else torch.zeros(0, dtype=torch.int64) for ranges in owners]
+    sizes = torch.tensor([len(o) for o in order], dtype=torch.int64)
+    received = torch.empty_like(sizes)
+    sizes, received = sizes.to(device), received.to(device)  # NCCL moves CUDA tensors only
+    dist.all_to_all_single(received, sizes)
+    send = torch.cat(order)
+    splits_out, splits_in = received.tolist(), sizes.tolist()
+    out_rows = torch.empty(sum(splits_out), dtype=torch.int64, device=device)
+    out_vectors = torch.empty(sum(splits_out), vectors.shape[1], device=device)
+    dist.all_to_all_single(out_rows, rows[send].to(device), output_split_sizes=splits_out,
+                           input_split_sizes=splits_in)
+    dist.all_to_all_single(out_vectors, vectors[send].to(device), output_split_sizes=splits_out,
+                           input_split_sizes=splits_in)
+    return out_rows.cpu(), out_vectors.cpu()
 
 
 def dry_run_plan(ranker: Ranker, cfg: ShardingConfig, world_size: int, device_type: str,

@@ -22,9 +22,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from iak_dist.config import ModelConfig, to_dict
 from iak_dist.data.schema import Schema
 from iak_dist.errors import UserError
-from iak_dist.model.item_tower import ItemTower
+from iak_dist.model.item_tower import TEXT_TABLE, ItemTower, text_table
 from iak_dist.model.sequence import SequencePool, SequenceTransformer
-from iak_dist.model.strategies.base import DomainRows, Overlay
+from iak_dist.model.strategies.base import DomainRows
 
 # `model.table_dtype` -> TorchRec's table data type, which FBGEMM takes as its weights precision
 TABLE_DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
@@ -115,6 +115,12 @@ class Backbone(nn.Module):
             )
             for owner in schema.table_owners
         ]
+        text_rows = ItemTower.text_rows(schema, cfg.item_tower)  # the item text's frozen table (None: no tower)
+        if text_rows is not None:
+            tables.append(text_table(text_rows, TABLE_DATA_TYPES[cfg.table_dtype],  # zeros until filled
+                                     _left_to_init_tables if sharded_later else nn.init.zeros_))
+        self.frozen_tables = [TEXT_TABLE] if text_rows is not None else []
+        """Tables that never train, whatever the strategy (`shard_ranker` gives them rate 0)."""
         self.table_configs = tables  # kept: a sharded collection no longer exposes them
         self.table_dtype = cfg.table_dtype
         self.embeddings = EmbeddingBagCollection(tables=tables, device=device)
@@ -126,8 +132,8 @@ class Backbone(nn.Module):
             f.name: SequencePool(f.pooling) if cfg.sequence_encoder == "pool"
             else SequenceTransformer(f.max_length, d, cfg.sequence_layers, cfg.sequence_heads)
             for f in schema.sequence_features})
-        # the item feature by its text (model.item_tower; None: by ID); its text buffer rides in the state dict
-        self.item_tower = ItemTower.for_schema(schema, cfg.item_tower, d)
+        # the item feature by its text (model.item_tower; None: by ID), from the text table above
+        self.item_tower = ItemTower(cfg.item_tower, d, text_rows) if text_rows is not None else None
         self.dense_proj = nn.Linear(max(len(schema.dense), 1), d)
         num_vectors = len(self.feature_names) + 1
         widths = tower_widths(schema, cfg)
@@ -158,18 +164,12 @@ class Backbone(nn.Module):
     def lookup(self, sparse: KeyedJaggedTensor) -> Mapping[str, torch.Tensor]:
         """The pooled bag [B, d] of every lookup key (read by key: see `embed`), the item feature's through
         the item tower; an adapter that `adapts_lookups` changes these before `feature_vectors`."""
-        return self.items_by_text(self.embeddings(sparse).to_dict(), sparse)
+        return self.items_by_text(self.embeddings(sparse).to_dict())
 
-    def items_by_text(self, pooled: Mapping[str, torch.Tensor],
-                      sparse: KeyedJaggedTensor) -> Mapping[str, torch.Tensor]:
-        """`pooled` with the item feature's vector made by the item tower from the batch's item IDs
-        (`model.item_tower`); as it is without a tower. The serving `Predictor` calls it on its own bags."""
-        if self.item_tower is None:
-            return pooled
-        name = self.item_tower.feature
-        vector = pooled[name].float()
-        slots = sparse[name].values().to(vector.device)  # single-hot: one hashed item ID per row
-        return Overlay(pooled, {name: self.item_tower(slots, vector)})
+    def items_by_text(self, pooled: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """`pooled` with the item feature's vector made by the item tower (`model.item_tower`) from its ID
+        and text bags; as it is without a tower. The serving `Predictor` calls it on its own bags."""
+        return pooled if self.item_tower is None else self.item_tower.item_vectors(pooled)
 
     def feature_vectors(self, pooled: Mapping[str, torch.Tensor],
                         sequence_lengths: torch.Tensor | None) -> torch.Tensor:

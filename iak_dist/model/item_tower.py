@@ -16,34 +16,43 @@ never trained (initialised near zero) still gets its projected text, in the spac
 live in, where a concatenation's linear layer could have learnt to lean on the ID half. It costs
 384 x d + d parameters (6,160 at d = 16); the concatenation would add 2 d x d more.
 
-The text vectors sit in a buffer of the item table's size, indexed by the same hashed slot as the
-ID table (`hash_ids(item_id, table_size)`), so the tower reads the batch's own IDs. Items whose
-IDs hash to one slot share their ID row already; their text vectors are averaged there
-(`set_text` returns how many items share a slot: 175 of the 1682 MovieLens items at 16384 slots).
-The buffer is persistent: a checkpoint and an exported backbone carry the text they were trained
-with, so fine-tuning, evaluation and serving need no data folder (16384 x 384 float32: 25 MB).
+The text vectors are a frozen embedding table of their own, `t_item_text`: one 384-wide row per hashed
+slot of the item table, looked up by the same `item_id` feature in the same sharded EmbeddingBagCollection
+as the ID table. So TorchRec shards it like any table (the planner places it; `distributed.sharding.plan.
+item_text` sets its sharding), it never trains (`Backbone.frozen_tables`: rate 0 in `shard_ranker`, for
+`full` too), and checkpoints and exports carry it as they carry every table, each rank its own shards:
+fine-tuning, evaluation and serving need no data folder. `load_item_text` fills it once, at the start of
+pre-training, from item_text.parquet: each rank reads its share of the file's row groups and sends each
+vector to the ranks holding its slot (`fill_rows_by_mean`), so no rank reads the whole file or holds more
+than its shards. Items whose IDs hash to one slot share their ID row already; their text vectors are
+averaged there (175 of the 1682 MovieLens items share a slot at 16384 slots).
+
+Trap: a feature that feeds two tables comes out of TorchRec keyed `<feature>@<table>` for both, so
+the lookups hold `item_id@t_item_id` and `item_id@t_item_text`, and `item_vectors` reads them by name.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 
-from iak_dist.data.item_text import TEXT_DIM, read_item_text
+from iak_dist.data.item_text import ROW_GROUP_ROWS, TEXT_DIM, item_text_batches, open_item_text
 from iak_dist.data.schema import Schema, hash_ids
 from iak_dist.errors import UserError
+from iak_dist.model.strategies.base import Overlay
 
 ITEM_TOWER_MODES = ("id", "text", "id+text")
-MAX_TEXT_BYTES = 2**30
-"""The largest text buffer an item tower holds: it is a dense buffer, whole on every rank (MovieLens: 25 MB)."""
 ItemTowerMode = Literal["id", "text", "id+text"]
 ITEM_FEATURE = "item_id"
 """The sparse feature the text describes: item_text.parquet is keyed by the splits' `item_id` column."""
+TEXT_TABLE = "t_item_text"
+"""The frozen table of the items' text vectors (a feature may not be named `item_text`: its table's name)."""
 
 
 class ItemTower(nn.Module):
@@ -52,31 +61,33 @@ class ItemTower(nn.Module):
     Args:
         mode: `text` or `id+text` (`id` needs no tower).
         embedding_dim: the backbone's `embedding_dim`.
-        table_size: the item feature's table size (the text buffer has one row per hashed slot).
+        table_size: the item table's size (the text table has as many rows, one per hashed slot).
         text_dim: width of the text vectors (all-MiniLM-L6-v2: 384).
 
     Example::
 
         tower = ItemTower("text", embedding_dim=16, table_size=16384)
-        tower.load_text("data/ml-100k-text")               # item_text.parquet, checked
-        item = tower(sparse["item_id"].values(), id_vectors)   # [B, 16] from the hashed item IDs
+        pooled = tower.item_vectors(lookups)   # lookups["item_id"] is now W t + b, t from t_item_text
     """
+
+    id_key = f"{ITEM_FEATURE}@t_{ITEM_FEATURE}"
+    text_key = f"{ITEM_FEATURE}@{TEXT_TABLE}"
 
     def __init__(self, mode: ItemTowerMode, embedding_dim: int, table_size: int, text_dim: int = TEXT_DIM) -> None:
         super().__init__()
         if mode not in ("text", "id+text"):
             raise ValueError(f"an item tower is built for modes text and id+text, got {mode!r}")
         self.mode = mode
-        self.feature = ITEM_FEATURE
+        self.feature, self.table_size = ITEM_FEATURE, table_size
         self.project = nn.Linear(text_dim, embedding_dim)
         if mode == "id+text":  # starts as the ID-only model; the gradient of W is g t^T, not zero
             nn.init.zeros_(self.project.weight)
             nn.init.zeros_(self.project.bias)
-        self.register_buffer("text", torch.zeros(table_size, text_dim))
 
-    @classmethod
-    def for_schema(cls, schema: Schema, mode: ItemTowerMode, embedding_dim: int) -> ItemTower | None:
-        """The tower of `model.item_tower` `mode` over the schema's item feature; None for `id`."""
+    @staticmethod
+    def text_rows(schema: Schema, mode: ItemTowerMode) -> int | None:
+        """Rows of the text table of `model.item_tower` `mode` (the item table's size); None for `id`.
+        Checks that the schema has the single-hot item feature the text describes."""
         if mode == "id":
             return None
         feature = next((f for f in schema.sparse if f.name == ITEM_FEATURE), None)
@@ -84,31 +95,43 @@ class ItemTower(nn.Module):
             raise UserError(f"model.item_tower {mode}: needs a single-hot sparse feature {ITEM_FEATURE} (the items "
                             f"item_text.parquet describes); the schema has "
                             f"{'a multi-hot one' if feature is not None else 'none'}")
-        size = feature.table_size * TEXT_DIM * 4
-        if size > MAX_TEXT_BYTES:  # the buffer is whole on every rank (the sharded text table does not exist yet)
-            raise UserError(f"model.item_tower {mode}: the text of {feature.table_size:,} item slots would take "
-                            f"{size / 2**30:.1f} GiB on every rank (at most {MAX_TEXT_BYTES / 2**30:.0f} GiB until "
-                            f"the text is a sharded table); use item_tower: id for this table")
-        return cls(mode, embedding_dim, feature.table_size)
+        if any(f.name == TEXT_TABLE[len("t_"):] for f in schema.sparse):
+            raise UserError(f"model.item_tower {mode}: the schema has a feature named {TEXT_TABLE[len('t_'):]}, "
+                            f"whose table name {TEXT_TABLE} the item text takes; rename that feature")
+        return feature.table_size
 
-    def forward(self, slots: torch.Tensor, id_vectors: torch.Tensor) -> torch.Tensor:
-        """[B, d] item vectors from the hashed item IDs `slots` [B] and their ID embeddings [B, d]."""
-        projected = self.project(F.embedding(slots, self.text))
+    def forward(self, text_vectors: torch.Tensor, id_vectors: torch.Tensor) -> torch.Tensor:
+        """[B, d] item vectors from the items' text vectors [B, text_dim] and ID embeddings [B, d]."""
+        projected = self.project(text_vectors)
         return projected if self.mode == "text" else id_vectors + projected
 
-    @torch.no_grad()
-    def set_text(self, item_ids: np.ndarray, vectors: np.ndarray) -> int:
-        """Fill the buffer from raw item IDs [N] and their text vectors [N, text_dim]: each slot holds the
-        mean of the items hashed to it, zeros where none is. Returns how many items share a slot."""
-        table_size, text_dim = self.text.shape
-        if vectors.shape != (len(item_ids), text_dim):
-            raise ValueError(f"text vectors of shape {vectors.shape} for {len(item_ids)} items of width {text_dim}")
-        slots = torch.from_numpy(hash_ids(np.asarray(item_ids, np.int64), table_size))
-        counts = torch.bincount(slots, minlength=table_size).to(self.text.dtype)
-        total = torch.zeros_like(self.text).index_add_(0, slots, torch.tensor(vectors, dtype=self.text.dtype))
-        self.text.copy_(total / counts.clamp(min=1).unsqueeze(1))
-        return int(counts[counts > 1].sum())
+    def item_vectors(self, pooled: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """The lookups with the item feature's vector made by the tower (read by key: a Proxy when traced)."""
+        vector = self(pooled[self.text_key].float(), pooled[self.id_key].float())
+        return Overlay(pooled, {self.feature: vector})
 
-    def load_text(self, data_dir: str | Path) -> int:
-        """`set_text` from `data_dir/item_text.parquet` (its encoder, weights and template checked)."""
-        return self.set_text(*read_item_text(data_dir))
+
+def text_table(rows: int, data_type: DataType, init_fn=None) -> EmbeddingBagConfig:
+    """The text table's config: one `TEXT_DIM` row per slot of the item table, looked up by `item_id`."""
+    return EmbeddingBagConfig(name=TEXT_TABLE, embedding_dim=TEXT_DIM, num_embeddings=rows,
+                              feature_names=[ITEM_FEATURE], pooling=PoolingType.SUM, data_type=data_type,
+                              init_fn=init_fn)
+
+
+def load_item_text(model: nn.Module, data_dir: str | Path, table_size: int) -> None:
+    """Fill the text table of the (sharded) `model` from `data_dir/item_text.parquet`, each rank its shards.
+
+    Collective. Each slot's row is the mean of the vectors of the items hashed to it, zeros where none is.
+    Rank r reads row groups r, r + N, ... of the file (checked by `open_item_text` on every rank first).
+    """
+    import torch.distributed as dist
+
+    from iak_dist.distributed.context import on_every_rank
+    from iak_dist.distributed.sharding import fill_rows_by_mean
+
+    file = on_every_rank(open_item_text, data_dir, what=str(data_dir))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = list(range(rank, file.num_row_groups, world))
+    count = sum(math.ceil(file.metadata.row_group(g).num_rows / ROW_GROUP_ROWS) for g in mine)
+    batches = ((hash_ids(ids, table_size), vectors) for ids, vectors in item_text_batches(file, mine))
+    fill_rows_by_mean(model, TEXT_TABLE, batches, count)

@@ -202,11 +202,12 @@ def restore_position(state: dict, sampler: DomainStreams, total: int, world_size
 
 
 def count_trainable(run: FinetuneSetup) -> int:
-    """Parameters that fine-tuning updates (embedding rows included for `full`)."""
+    """Parameters that fine-tuning updates (embedding rows included for `full`, the item text's excepted)."""
     n = sum(p.numel() for m in run.trainable.values() for p in m.parameters())
     if run.trains_backbone:
-        n += sum(c.num_embeddings * c.embedding_dim
-                 for c in run.sharded.ranker.backbone.table_configs)
+        backbone = run.sharded.ranker.backbone
+        n += sum(c.num_embeddings * c.embedding_dim for c in backbone.table_configs
+                 if c.name not in backbone.frozen_tables)
     return n
 
 

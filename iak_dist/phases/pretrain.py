@@ -25,6 +25,7 @@ from iak_dist.distributed.zero import DenseEngine
 from iak_dist.errors import UserError
 from iak_dist.io import atomic_write_json, atomic_write_text
 from iak_dist.model.backbone import Backbone
+from iak_dist.model.item_tower import load_item_text
 from iak_dist.model.ranker import Ranker
 from iak_dist.phases.calibration import calibrate_heads, fold_into_heads
 from iak_dist.phases.loop import train_loop
@@ -75,13 +76,13 @@ def build_pretrain(schema: Schema, model_cfg: ModelConfig, optim: OptimConfig, d
     before the dense engine is built (DeepSpeed takes only what requires grad).
     """
     backbone = Backbone(schema, model_cfg, device=torch.device("meta"))
-    if backbone.item_tower is not None:  # the items' text vectors, read once: checkpoints and exports carry them
-        backbone.item_tower.load_text(data_dir)
     sharded = shard_ranker(Ranker(backbone), ctx, dist_cfg.sharding, optim.lr_sparse, optim.batch_size,
                            frozen_tables=transfer.frozen_tables if transfer is not None else ())
     init_tables(sharded.model, sharded.ranker, seed)
     if transfer is not None:
         transfer.apply(sharded.model, backbone)
+    if backbone.item_tower is not None:  # the items' text vectors, read once: checkpoints and exports carry them
+        load_item_text(sharded.model, data_dir, backbone.item_tower.table_size)
     dense = DenseEngine(backbone.dense_modules(), optim.lr_dense, optim.weight_decay, dist_cfg.zero,
                         optim.batch_size, ctx.world_size)
     return sharded, dense

@@ -50,10 +50,10 @@ _NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.uint8}
 _VERSIONED = ("torch", "torchrec", "fbgemm_gpu", "fbgemm_gpu-cpu", "numpy", "pyarrow")
 
 
-def table_key(feature: str) -> str:
-    """The backbone's state-dict name of the table feature `feature` owns (`Backbone`: one `t_<owner>` bag per
-    table; a feature that `shares_table` looks up its owner's)."""
-    return f"embeddings.embedding_bags.t_{feature}.weight"
+TABLE_PREFIX = "embeddings.embedding_bags.t_"
+"""The backbone's state-dict names of its tables: `t_<owner>` per table owner (a feature that `shares_table`
+looks up its owner's), `t_item_text` with an item tower. The manifest's `tables` are keyed by what follows
+`t_` (the table's own name less its prefix)."""
 
 
 def quantise_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -165,13 +165,13 @@ def export_artefact(run_dir: Path, strategy: str, out: Path, seed: int | None = 
         (staging / ADAPTER_FOLDER).mkdir(parents=True)
         files: dict[str, str] = {}
         tables: dict[str, Any] = {}
-        for feature in schema.table_owners:  # a feature that shares a table reads its owner's
-            name = table_key(feature.name)
+        for name in [n for n in weights.tensors if n.startswith(TABLE_PREFIX)]:  # t_<owner>, t_item_text
+            table = name[len(TABLE_PREFIX):-len(".weight")]
             rows, dim = weights.tensors[name]["shape"]
             shard_rows = max(1, SHARD_BYTES // (dim * 4))
             shards = []
             for start, chunk in source(name).row_chunks(name, shard_rows):
-                stem = f"{TABLES_FOLDER}/{feature.name}/rows-{start:012d}"
+                stem = f"{TABLES_FOLDER}/{table}/rows-{start:012d}"
                 rows_f32 = chunk.float().numpy()
                 shard = {"rows": [start, start + len(rows_f32)], "file": f"{stem}.npy"}
                 if table_dtype == "int8":
@@ -184,7 +184,7 @@ def export_artefact(run_dir: Path, strategy: str, out: Path, seed: int | None = 
                                                      rows_f32.astype(_NUMPY_DTYPES[table_dtype], copy=False))
                 shards.append(shard)
                 del chunk, rows_f32  # one shard at a time
-            tables[feature.name] = {"rows": rows, "dim": dim, "shards": shards}
+            tables[table] = {"rows": rows, "dim": dim, "shards": shards}
         dense = {name: source(name).full(name) for name in weights.tensors if not name.startswith("embeddings.")}
         files[DENSE_FILE] = write_safetensors(staging / DENSE_FILE, dense)
         # the adapter as saved, less the backbone shards a `full` one points to (its tensors are above)

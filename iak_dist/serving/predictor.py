@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from torchrec.modules.embedding_configs import PoolingType
+from torchrec.modules.embedding_modules import get_embedding_names_by_table
 
 from iak_dist.config import ModelConfig, from_dict
 from iak_dist.data.batch import arrow_to_batch, domain_indices
@@ -94,9 +95,12 @@ class Predictor:
         self.backbone = backbone
         self.adapter = adapter
         self.tables = tables
-        self.mean_pooled = {name for t in backbone.table_configs if t.pooling == PoolingType.MEAN
-                            for name in t.feature_names}
-        """Features whose table pools by mean (`Backbone.table_configs`, what training pooled by)."""
+        """Each table of `backbone.table_configs` by its name, with its lookups' keys (as TorchRec names them:
+        `<key>@<table>` for a key two tables read, e.g. the item feature with an item tower) and pooling."""
+        self.lookups = [(config.name, list(zip(config.feature_names, names, strict=True)),
+                         config.pooling == PoolingType.MEAN)
+                        for config, names in zip(backbone.table_configs, get_embedding_names_by_table(
+                            backbone.table_configs), strict=True)]
         self.device = device
         self.unknown_domain = unknown_domain
         self.unknown_rows = 0
@@ -139,8 +143,7 @@ class Predictor:
         adapter, _, _ = load_adapter(path / ADAPTER_FOLDER, stamps)
         backbone.to(torch_device).eval()
         adapter.to(torch_device).eval()
-        owned = {f.name: _Table(path, manifest["tables"][f.name]) for f in schema.table_owners}
-        tables = {f.name: owned[schema.table_owner(f.name)] for f in schema.sparse}  # sharers read their owner's
+        tables = {t.name: _Table(path, manifest["tables"][t.name[len("t_"):]]) for t in backbone.table_configs}
         return cls(path, manifest, schema, backbone, adapter, tables, torch_device, unknown_domain)
 
     # -- requests -------------------------------------------------------------------------------
@@ -260,17 +263,16 @@ class Predictor:
         backbone's own `feature_vectors` (sequence encoders)."""
         pooled = {}
         by_key = sparse.to_dict()
-        for feature in self.schema.sparse:
-            table = self.tables[feature.name]
-            for key in self.schema.keys_of(feature):
+        for table, keys, by_mean in self.lookups:
+            for key, name in keys:
                 ids = by_key[key]
-                gathered = torch.from_numpy(table.rows(ids.values().numpy())).to(self.device)
+                gathered = torch.from_numpy(self.tables[table].rows(ids.values().numpy())).to(self.device)
                 bags = F.embedding_bag(torch.arange(len(gathered), device=self.device), gathered,
                                        ids.offsets().to(self.device), mode="sum", include_last_offset=True)
-                if key in self.mean_pooled:
+                if by_mean:
                     bags = bags / ids.lengths().to(self.device, bags.dtype).clamp(min=1.0).unsqueeze(1)
-                pooled[key] = bags
-        pooled = self.backbone.items_by_text(pooled, sparse)
+                pooled[name] = bags
+        pooled = self.backbone.items_by_text(pooled)
         if self.adapter is not None and self.adapter.adapts_lookups:
             pooled = self.adapter.adapt_lookups(pooled, domain)
         lengths = None if sequence_lengths is None else sequence_lengths.to(self.device)
