@@ -154,10 +154,10 @@ def test_item_text_fills_and_keeps_its_sharded_table_on_two_ranks_as_on_one(two_
     item_text.parquet and sends each vector to the ranks holding its slot; after training, the table holds
     each slot's mean text (it never trains) and the backbone is the one a single process trains."""
     import numpy as np
+    from text_files import slot_texts
 
     from iak_dist.config import load_config
     from iak_dist.distributed.checkpoint import backbone_weights
-    from iak_dist.model.id_matcher import slot_texts
     from iak_dist.phases.pretrain import pretrain
 
     data, items, vectors = text_synth_dir

@@ -337,9 +337,10 @@ def test_an_item_tower_is_served_as_the_trained_model_scores(mode, text_dir, sma
 
     got = served_and_trained(text_dir, dataclasses.replace(small_cfg.model, item_tower=mode), small_cfg, ctx,
                              tmp_path)
+    from text_files import slot_texts
+
     from iak_dist.data.item_text import read_item_text
     from iak_dist.distributed.checkpoint import backbone_weights
-    from iak_dist.model.id_matcher import slot_texts
 
     # the exported backbone carries the text table, each slot's row the mean text of its items
     table = backbone_weights(got.run / "seed0" / "backbone").full("embeddings.embedding_bags.t_item_text.weight")

@@ -157,32 +157,45 @@ def test_matched_backbone_replaces_exactly_the_unseen_items_rows_with_the_ridge_
     """match_items: the rows of the slots no pre-train row holds become text @ W + b (W, b fitted here again
     from the source's warm rows); every other tensor and row is unchanged; the new folder verifies, under
     a weights hash of its own that records its source."""
+    import torch
+    from text_files import slot_texts
+
     from iak_dist.distributed.checkpoint import load_backbone_weights, read_backbone_meta, verify_backbone
-    from iak_dist.model.id_matcher import ITEM_TABLE, fit_ridge, match_items, slot_texts
+    from iak_dist.model.id_matcher import ITEM_TABLE, fit_ridge, match_items
 
     data = tmp_path / "data"
     shutil.copytree(synth_dir, data)
     seen = np.unique(np.concatenate([pq.read_table(data / f"{s}.parquet", columns=["item_id"]).column(0).to_numpy()
                                      for s in ("pretrain", "test")]))
     items = np.r_[seen[:300], np.arange(10**12, 10**12 + 20)]  # 20 items no split holds
+    size = read_backbone_meta(backbone_dir)["layout"]["tensors"][ITEM_TABLE]["shape"][0]
+    candidates = np.arange(10**13, 10**13 + 2_000_000)
+    slots_of = hash_ids(candidates, size)
+    # 10 warm and 10 cold slots that a second item shares (their text averaged), found by hashing
+    items = np.r_[items, [candidates[np.flatnonzero(slots_of == s)[0]]
+                          for s in hash_ids(np.r_[items[:10], items[300:310]], size)]]
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(len(items), 384)).astype(np.float32)
-    fake_item_text(data, items, vectors)
+    fake_item_text(data, items, vectors, row_group_size=64)  # 6 row groups, streamed
     out = tmp_path / "matched"
     record = match_items(backbone_dir, data, out, ridge=0.5)
 
     before, after = load_backbone_weights(backbone_dir), load_backbone_weights(out)
-    size = before[ITEM_TABLE].shape[0]
     slots, texts = slot_texts(items, vectors, size)
     pretrain = np.unique(hash_ids(pq.read_table(data / "pretrain.parquet", columns=["item_id"]).column(0)
                                   .to_numpy(), size))
     warm = np.isin(slots, pretrain)
     assert record["matched_slots"] == slots[~warm].tolist() and record["warm_slots"] == warm.sum()
-    assert len(record["matched_slots"]) >= 20
+    assert len(record["matched_slots"]) >= 20 and len(items) - len(slots) >= 20  # shared slots
     weight, bias = fit_ridge(texts[warm], before[ITEM_TABLE][slots[warm]].double().numpy(), 0.5)
     want = before[ITEM_TABLE].clone()
     want[slots[~warm]] = torch_float(texts[~warm] @ weight + bias)
-    assert after[ITEM_TABLE].equal(want)
+    untouched = np.setdiff1d(np.arange(size), slots[~warm])
+    assert after[ITEM_TABLE][untouched].equal(before[ITEM_TABLE][untouched])
+    torch.testing.assert_close(after[ITEM_TABLE], want, rtol=0, atol=1e-6)  # fitted from streamed sums
+    residual = ((texts[warm] @ weight + bias - before[ITEM_TABLE][slots[warm]].double().numpy()) ** 2).sum()
+    centred = before[ITEM_TABLE][slots[warm]].double().numpy()
+    assert record["fit_r2"] == pytest.approx(1 - residual / ((centred - centred.mean(0)) ** 2).sum(), abs=1e-9)
     assert all(after[name].equal(before[name]) for name in before if name != ITEM_TABLE)
     meta = verify_backbone(out)
     assert meta["weights"] != read_backbone_meta(backbone_dir)["weights"]
@@ -207,7 +220,7 @@ def test_matched_backbone_replaces_exactly_the_unseen_items_rows_with_the_ridge_
 
     assert main(["match-items", str(backbone_dir), "--data", str(data), "--out", str(tmp_path / "verb"),
                  "--ridge", "0.5"]) == 0
-    assert load_backbone_weights(tmp_path / "verb")[ITEM_TABLE].equal(want)
+    assert load_backbone_weights(tmp_path / "verb")[ITEM_TABLE].equal(after[ITEM_TABLE])
     assert main(["match-items", str(backbone_dir), "--data", str(data), "--out", str(out)]) == 2
 
 

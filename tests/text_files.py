@@ -19,3 +19,14 @@ def fake_item_text(data_dir: Path, item_ids: np.ndarray, vectors: np.ndarray,
                                                                      TEXT_DIM)})
     pq.write_table(table.replace_schema_metadata({_META_PREFIX + k: v for k, v in _META.items()}),
                    Path(data_dir) / ITEM_TEXT_FILE, row_group_size=row_group_size)
+
+
+def slot_texts(item_ids: np.ndarray, vectors: np.ndarray, table_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(slots [S] ascending, texts [S, T] float64)`: each occupied slot of the item table and the mean of the
+    text vectors of the items hashed to it (the reference for the text table and the ID matcher)."""
+    from iak_dist.data.schema import hash_ids
+
+    slots, index = np.unique(hash_ids(np.asarray(item_ids, np.int64), table_size), return_inverse=True)
+    texts = np.zeros((len(slots), vectors.shape[1]), np.float64)
+    np.add.at(texts, index, vectors)
+    return slots, texts / np.bincount(index, minlength=len(slots))[:, None]

@@ -8,9 +8,15 @@ writes the predicted row into the item table for the items it did not see. Every
 backbone stays as it was.
 
 It works on the item table's slots, as the model does: items hashed to one slot share their ID row,
-so a slot's text is the mean of its items' vectors (as `ItemTower.set_text`), a slot is warm when a
-pre-train row holds one of its items, and the slots matched are those of the items with text that no
-pre-train row holds (with `data.cold_items`: the cold items, plus any item the split never pre-trains).
+so a slot's text is the mean of its items' vectors (as the text table `t_item_text` holds it), a slot is
+warm when a pre-train row holds one of its items, and the slots matched are those of the items with text
+that no pre-train row holds (with `data.cold_items`: the cold items, plus any item the split never
+pre-trains).
+
+Nothing is read whole: item_text.parquet is streamed three times (item IDs only, to find the slots several
+items share; then every vector, into the fit's sums `RidgeSums`; then the cold items' vectors, mapped and
+written), the ID rows of warm slots are read a batch at a time, and what is held beyond one batch is
+three flags per table slot and the mean text of the slots several items share.
 
 How it is applied, so that it is verifiable: `match_items(BACKBONE, DATA, OUT)` (command line:
 `iak-dist match-items BACKBONE --data DIR --out NEW_BACKBONE`) writes a new backbone
@@ -29,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from iak_dist.errors import UserError
 
@@ -37,35 +44,59 @@ ITEM_TABLE = f"embeddings.embedding_bags.t_{ITEM_FEATURE}.weight"
 """The item table's tensor in an exported backbone (`backbone.json`'s layout)."""
 
 
+class RidgeSums:
+    """The sufficient statistics of a ridge fit of targets [n, D] on features [n, F], added a batch at a time
+    (float64): the count, the sums, and the feature-feature, feature-target and target-target products."""
+
+    def __init__(self, features: int, targets: int) -> None:
+        self.n = 0
+        self.sx, self.sy = np.zeros(features), np.zeros(targets)
+        self.sxx, self.sxy = np.zeros((features, features)), np.zeros((features, targets))
+        self.syy = 0.0
+
+    def add(self, features: np.ndarray, targets: np.ndarray) -> None:
+        x, y = np.asarray(features, np.float64), np.asarray(targets, np.float64)
+        self.n += len(x)
+        self.sx += x.sum(0)
+        self.sy += y.sum(0)
+        self.sxx += x.T @ x
+        self.sxy += x.T @ y
+        self.syy += float((y * y).sum())
+
+    def solve(self, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+        """`(W [F, D], b [D])` minimising `|features W + b - targets|^2 + ridge |W|^2` (the bias not penalised).
+
+        Closed form on the centred sums: `W = (Cxx + ridge I)^-1 Cxy`, `b = mean(y) - mean(x) W`, with
+        `Cxx = Sxx - n mx mx^T`, `Cxy = Sxy - n mx my^T`, in float64 (solved, not inverted). `ridge` 0 is
+        least squares (needs Cxx invertible).
+        """
+        if ridge < 0:
+            raise ValueError(f"ridge must be >= 0, got {ridge}")
+        mx, my = self.sx / self.n, self.sy / self.n
+        cxx = self.sxx - self.n * np.outer(mx, mx)
+        cxy = self.sxy - self.n * np.outer(mx, my)
+        weight = np.linalg.solve(cxx + ridge * np.eye(len(mx)), cxy)
+        return weight, my - mx @ weight
+
+    def r_squared(self, weight: np.ndarray, bias: np.ndarray) -> float:
+        """1 - residual / total sum of squares of `features W + b` over every coordinate (the targets' own
+        mean per column), from the sums alone."""
+        cross = float((weight * self.sxy).sum() + bias @ self.sy)  # sum of <prediction, target>
+        square = float((weight * (self.sxx @ weight)).sum() + 2 * bias @ (self.sx @ weight) + self.n * bias @ bias)
+        residual = self.syy - 2 * cross + square
+        total = self.syy - float(self.sy @ self.sy) / self.n
+        return 1.0 - residual / total if total > 0 else float("nan")
+
+
 def fit_ridge(features: np.ndarray, targets: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
-    """`(W [F, D], b [D])` minimising `|features W + b - targets|^2 + ridge |W|^2` (the bias not penalised).
-
-    Closed form on centred data: `W = (Xc^T Xc + ridge I)^-1 Xc^T Yc`, `b = mean(Y) - mean(X) W`, in
-    float64 (solved, not inverted). `ridge` 0 is least squares (needs Xc^T Xc invertible).
-    """
-    if ridge < 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
-    x = np.asarray(features, np.float64)
-    y = np.asarray(targets, np.float64)
-    x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
-    xc, yc = x - x_mean, y - y_mean
-    weight = np.linalg.solve(xc.T @ xc + ridge * np.eye(x.shape[1]), xc.T @ yc)
-    return weight, y_mean - x_mean @ weight
+    """`(W, b)` of the ridge fit of `targets` on `features` (`RidgeSums.solve` of one batch)."""
+    sums = RidgeSums(features.shape[1], targets.shape[1])
+    sums.add(features, targets)
+    return sums.solve(ridge)
 
 
-def slot_texts(item_ids: np.ndarray, vectors: np.ndarray, table_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """`(slots [S] ascending, texts [S, T])`: each occupied slot of the item table and the mean of the
-    text vectors of the items hashed to it (what an item tower reads there)."""
-    from iak_dist.data.schema import hash_ids
-
-    slots, index = np.unique(hash_ids(np.asarray(item_ids, np.int64), table_size), return_inverse=True)
-    texts = np.zeros((len(slots), vectors.shape[1]), np.float64)
-    np.add.at(texts, index, vectors)
-    return slots, texts / np.bincount(index, minlength=len(slots))[:, None]
-
-
-def pretrained_slots(data_dir: str | Path, table_size: int) -> np.ndarray:
-    """The item table slots the pre-train split's rows hold (ascending), read part by part (item_id only)."""
+def warm_slot_mask(data_dir: str | Path, table_size: int) -> np.ndarray:
+    """bool [table_size]: the item table slots the pre-train split's rows hold, read part by part (item_id only)."""
     from iak_dist.data.schema import Schema, hash_ids
     from iak_dist.data.source import Split
 
@@ -76,14 +107,39 @@ def pretrained_slots(data_dir: str | Path, table_size: int) -> np.ndarray:
             seen[hash_ids(split.read(part, columns=[ITEM_FEATURE]).column(0).to_numpy(), table_size)] = True
     finally:
         split.close()
-    return np.flatnonzero(seen)
+    return seen
 
 
-def r_squared(predicted: np.ndarray, targets: np.ndarray) -> float:
-    """1 - residual / total sum of squares, over every coordinate (the targets' own mean per column)."""
-    residual = ((targets - predicted) ** 2).sum()
-    total = ((targets - targets.mean(axis=0)) ** 2).sum()
-    return float(1.0 - residual / total) if total > 0 else float("nan")
+def shared_slot_mask(file: pq.ParquetFile, table_size: int) -> np.ndarray:
+    """bool [table_size]: the slots two or more items of item_text.parquet (`file`) hash to (IDs read only)."""
+    from iak_dist.data.schema import hash_ids
+
+    once, shared = np.zeros(table_size, dtype=bool), np.zeros(table_size, dtype=bool)
+    for batch in file.iter_batches(columns=["item_id"]):
+        slots, counts = np.unique(hash_ids(batch.column(0).to_numpy(), table_size), return_counts=True)
+        shared[slots[(counts > 1) | once[slots]]] = True
+        once[slots] = True
+    return shared
+
+
+class _SharedSlots:
+    """The text of the slots several items share, summed as the batches go by: {slot: [sum, count]}."""
+
+    def __init__(self) -> None:
+        self.sums: dict[int, list] = {}
+
+    def add(self, slots: np.ndarray, vectors: np.ndarray) -> None:
+        for slot, vector in zip(slots.tolist(), vectors, strict=True):
+            entry = self.sums.setdefault(slot, [np.zeros(len(vector)), 0])
+            entry[0] += vector
+            entry[1] += 1
+
+    def means(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(slots [S] ascending, mean texts [S, T]) of the shared slots where `keep[slot]`."""
+        slots = np.array(sorted(s for s in self.sums if keep[s]), dtype=np.int64)
+        width = len(next(iter(self.sums.values()))[0]) if self.sums else 0
+        texts = np.array([self.sums[s][0] / self.sums[s][1] for s in slots.tolist()]).reshape(len(slots), width)
+        return slots, texts
 
 
 def match_items(backbone_dir: str | Path, data_dir: str | Path, out_dir: str | Path, ridge: float = 1.0) -> dict:
@@ -91,14 +147,10 @@ def match_items(backbone_dir: str | Path, data_dir: str | Path, out_dir: str | P
     replaced by the ridge map of their text (fitted on the warm items). Returns the `id_matcher` record."""
     import torch
 
-    from iak_dist.data.item_text import read_item_text
-    from iak_dist.distributed.checkpoint import (
-        SafetensorsFile,
-        backbone_weights,
-        file_hash,
-        layout_hash,
-        verify_backbone,
-    )
+    from iak_dist.data.item_text import item_text_batches, open_item_text
+    from iak_dist.data.schema import Schema, hash_ids
+    from iak_dist.data.source import Split
+    from iak_dist.distributed.checkpoint import backbone_weights, file_hash, layout_hash, verify_backbone
     from iak_dist.io import atomic_write_json
 
     backbone_dir, data_dir, out_dir = Path(backbone_dir), Path(data_dir), Path(out_dir)
@@ -114,53 +166,82 @@ def match_items(backbone_dir: str | Path, data_dir: str | Path, out_dir: str | P
     dtype = {"F32": np.float32, "F16": np.float16}.get(table["dtype"])
     if dtype is None:
         raise UserError(f"{backbone_dir}: item table of dtype {table['dtype']}; the matcher writes F32 or F16 rows")
-    from iak_dist.data.schema import Schema
-    from iak_dist.data.source import Split
-
     pretrain = Split.open(data_dir, "pretrain", Schema.load(Path(data_dir) / "schema.yaml")).content_fingerprint()
     if meta.get("pretrain_data", pretrain) != pretrain:  # which items are warm is read off this folder
         raise UserError(f"{backbone_dir}: pre-trained on another pre-train split than {data_dir}'s (another "
                         f"data.cold_items, or other data): its warm items are not this folder's; give the data "
                         f"folder it was pre-trained on")
-    slots, texts = slot_texts(*read_item_text(data_dir), table_size)
-    warm_mask = np.isin(slots, pretrained_slots(data_dir, table_size))
-    warm, cold = slots[warm_mask], slots[~warm_mask]
-    if len(warm) < 2:
-        raise UserError(f"{data_dir}: {len(warm)} items with text appear in the pre-train split; the matcher "
-                        f"needs warm items to fit on")
-
+    texts = open_item_text(data_dir)
+    warm, shared = warm_slot_mask(data_dir, table_size), shared_slot_mask(texts, table_size)
     weights = backbone_weights(backbone_dir, meta)
-    targets = np.empty((len(warm), width), np.float64)
-    for i, slot in enumerate(warm.tolist()):  # one row at a time: the table is never read whole
-        row = torch.from_numpy(np.empty((1, width), dtype))
-        weights.read_into(ITEM_TABLE, row, (slot, 0))
-        targets[i] = row.double().numpy()[0]
-    weight, bias = fit_ridge(texts[warm_mask], targets, ridge)
-    matched = texts[~warm_mask] @ weight + bias
+
+    def id_rows(slots: np.ndarray) -> np.ndarray:
+        rows = np.empty((len(slots), width), np.float64)
+        for i, slot in enumerate(slots.tolist()):  # one row at a time: the table is never read whole
+            row = torch.from_numpy(np.empty((1, width), dtype))
+            weights.read_into(ITEM_TABLE, row, (slot, 0))
+            rows[i] = row.double().numpy()[0]
+        return rows
+
+    sums, several = None, _SharedSlots()
+    for ids, vectors in item_text_batches(texts):  # the fit: warm slots, one item each, then the shared ones
+        slots = hash_ids(ids, table_size)
+        sums = sums or RidgeSums(vectors.shape[1], width)
+        alone = ~shared[slots] & warm[slots]
+        sums.add(vectors[alone], id_rows(slots[alone]))
+        several.add(slots[shared[slots]], vectors[shared[slots]])
+    warm_shared, warm_texts = several.means(warm)
+    if sums is None or sums.n + len(warm_shared) < 2:
+        raise UserError(f"{data_dir}: {0 if sums is None else sums.n + len(warm_shared)} items with text appear in "
+                        f"the pre-train split; the matcher needs warm items to fit on")
+    sums.add(warm_texts, id_rows(warm_shared))
+    weight, bias = sums.solve(ridge)
 
     shutil.copytree(backbone_dir, out_dir, dirs_exist_ok=True)
     (out_dir / "backbone.json").unlink()  # written last: its presence means the folder is complete
-    patched: set[str] = set()
-    for piece in table["pieces"]:
-        (r0, r1), (c0, c1) = piece["rows"], piece["cols"]
-        inside = (cold >= r0) & (cold < r1)
-        if not inside.any():
-            continue
-        stored = SafetensorsFile(out_dir / piece["file"], "match the source backbone again")
-        begin = stored.start + stored.entries[piece["key"]][2][0]
-        row_bytes = (c1 - c0) * np.dtype(dtype).itemsize
-        with open(out_dir / piece["file"], "r+b") as f:
-            for slot, values in zip(cold[inside].tolist(), matched[inside], strict=True):
-                f.seek(begin + (slot - r0) * row_bytes)
-                f.write(values[c0:c1].astype(dtype).tobytes())
-        patched.add(piece["file"])
-    for name in patched:
+    patcher = _RowPatcher(out_dir, table, dtype)
+    matched: list[np.ndarray] = []
+    for ids, vectors in item_text_batches(texts):  # the cold slots of one item each, mapped and written
+        slots = hash_ids(ids, table_size)
+        alone = ~shared[slots] & ~warm[slots]
+        patcher.write(slots[alone], vectors[alone] @ weight + bias)
+        matched.append(slots[alone])
+    cold_shared, cold_texts = several.means(~warm)
+    patcher.write(cold_shared, cold_texts @ weight + bias)
+    for name in patcher.patched:
         layout["files"][name] = file_hash(out_dir / name)
     record: dict[str, Any] = {
         "source_weights": meta["weights"], "data_dir": str(data_dir), "ridge": ridge,
-        "warm_slots": len(warm), "matched_slots": cold.tolist(),
-        "fit_r2": r_squared(texts[warm_mask] @ weight + bias, targets)}
+        "warm_slots": sums.n, "matched_slots": np.sort(np.concatenate([*matched, cold_shared])).tolist(),
+        "fit_r2": sums.r_squared(weight, bias)}
     out_meta = {k: v for k, v in meta.items() if not k.endswith("_obj")}
     out_meta |= {"weights": layout_hash(layout), "layout": layout, "id_matcher": record}
     atomic_write_json(out_dir / "backbone.json", out_meta)
     return record
+
+
+class _RowPatcher:
+    """Writes rows of the item table in place, in the shard files of a copied backbone (no file read whole)."""
+
+    def __init__(self, root: Path, table: dict[str, Any], dtype: type) -> None:
+        from iak_dist.distributed.checkpoint import SafetensorsFile
+
+        self.root, self.dtype, self.patched = root, np.dtype(dtype), set()
+        self.pieces = []
+        for piece in table["pieces"]:
+            stored = SafetensorsFile(root / piece["file"], "match the source backbone again")
+            self.pieces.append((piece, stored.start + stored.entries[piece["key"]][2][0]))
+
+    def write(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        """Set the rows of `slots` [n] to `rows` [n, width] (cast to the table's dtype)."""
+        for piece, begin in self.pieces:
+            (r0, r1), (c0, c1) = piece["rows"], piece["cols"]
+            inside = (slots >= r0) & (slots < r1)
+            if not inside.any():
+                continue
+            row_bytes = (c1 - c0) * self.dtype.itemsize
+            with open(self.root / piece["file"], "r+b") as f:
+                for slot, values in zip(slots[inside].tolist(), rows[inside], strict=True):
+                    f.seek(begin + (slot - r0) * row_bytes)
+                    f.write(values[c0:c1].astype(self.dtype).tobytes())
+            self.patched.add(piece["file"])
