@@ -146,8 +146,7 @@ def pretrain_stepper(sharded, dense, loader_batches=None) -> Stepper:
         context = tables.create_context()
         dist_input = tables.input_dist(context, batch.sparse).wait().wait()
         times.append(clock(device))
-        pooled = backbone.items_by_text(tables.compute_and_output_dist(context, dist_input).wait().to_dict(),
-                                        batch.sparse)
+        pooled = backbone.items_by_text(tables.compute_and_output_dist(context, dist_input).wait().to_dict())
         embedded = backbone.feature_vectors(pooled, batch.sequence_lengths)
         times.append(clock(device))
         out = backbone.dense_part(embedded, batch.dense)

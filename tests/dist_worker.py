@@ -84,6 +84,33 @@ def run_restore(spec, cfg, ctx):
             "plan": ",".join(sorted(kinds))}
 
 
+def run_fill_failure(spec, cfg, ctx):
+    """Fill the item text table with rank 1's second batch failing to read: every rank must raise."""
+    import numpy as np
+    import torch
+
+    from iak_dist.data.schema import Schema
+    from iak_dist.distributed.sharding import fill_rows_by_mean, shard_ranker
+    from iak_dist.model.backbone import Backbone
+    from iak_dist.model.item_tower import TEXT_TABLE
+    from iak_dist.model.ranker import Ranker
+
+    backbone = Backbone(Schema.load(Path(spec["data"]) / "schema.yaml"), cfg.model, device=torch.device("meta"))
+    sharded = shard_ranker(Ranker(backbone), ctx, cfg.distributed.sharding, cfg.pretrain.lr_sparse, 64)
+
+    def batches():
+        for i in range(3):
+            if ctx.rank == 1 and i == 1:
+                raise OSError("item_text.parquet: a damaged row group")
+            yield np.arange(4) + 4 * i, np.ones((4, 384), np.float32)
+
+    try:
+        fill_rows_by_mean(sharded.model, TEXT_TABLE, batches())
+    except Exception as exc:  # noqa: BLE001  (what each rank raised is the result)
+        return {"raised": type(exc).__name__, "message": str(exc)}
+    return {"raised": None}
+
+
 def main():
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from iak_dist.config import load_config
@@ -96,7 +123,8 @@ def main():
     try:
         for spec in spec_all["scenarios"]:
             cfg = load_config(None, spec.get("overrides", []))
-            kinds = {"pretrain": run_pretrain, "frozen_finetune": run_frozen_finetune, "restore": run_restore}
+            kinds = {"pretrain": run_pretrain, "frozen_finetune": run_frozen_finetune, "restore": run_restore,
+                     "fill_failure": run_fill_failure}
             result = kinds[spec["kind"]](spec, cfg, ctx)
             out = Path(spec["out"])
             out.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,8 @@ def two_rank_runs(tmp_path_factory, synth_dir, backbone_dir, text_synth_dir):
                           "out": str(root / f"frozen-{kind}"), "overrides": plan_for(kind)})
     scenarios.append({"kind": "pretrain", "name": "item-text", "data": str(text_synth_dir[0]),
                       "out": str(root / "item-text"), "overrides": TEXT_OVERRIDES + ["pretrain.batch_size=64"]})
+    scenarios.append({"kind": "fill_failure", "data": str(synth_dir), "out": str(root / "fill-failure"),
+                      "overrides": TEXT_OVERRIDES})
     result = torchrun({"scenarios": scenarios}, root)
     assert result.returncode == 0, result.stderr[-4000:]
     return root
@@ -172,6 +174,15 @@ def test_item_text_fills_and_keeps_its_sharded_table_on_two_ranks_as_on_one(two_
     cfg = load_config(None, TEXT_OVERRIDES + ["pretrain.batch_size=128"])
     pretrain(data, cfg.model, cfg.pretrain, cfg.distributed, 0, tmp_path, ctx, show_progress=False)
     assert_same_backbone(got, tmp_path / "backbone")
+
+
+def test_a_read_failure_while_filling_a_table_raises_on_every_rank(two_rank_runs):
+    """Rank 1's item text fails to read mid-way: rank 1 raises its own error, rank 0 a one-line error naming
+    it, and neither waits in the exchange (the torchrun launch ended)."""
+    got = [json.loads((two_rank_runs / "fill-failure" / f"result_rank{r}.json").read_text()) for r in range(2)]
+    assert got[1] == {"raised": "OSError", "message": "item_text.parquet: a damaged row group"}
+    assert got[0]["raised"] == "UserError" and "rank 1" in got[0]["message"], got[0]
+    assert "a damaged row group" in got[0]["message"]
 
 
 def test_whole_pipeline_under_torchrun_on_two_ranks(tmp_path, synth_dir):

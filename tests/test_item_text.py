@@ -177,7 +177,7 @@ def set_text(backbone, item_ids, vectors):
     from iak_dist.model.ranker import Ranker
 
     slots = hash_ids(np.asarray(item_ids, np.int64), backbone.item_tower.table_size)
-    fill_rows_by_mean(Ranker(backbone), TEXT_TABLE, iter([(slots, vectors)]), 1)
+    fill_rows_by_mean(Ranker(backbone), TEXT_TABLE, iter([(slots, vectors)]))
 
 
 def scored(backbone, batch):
@@ -348,3 +348,39 @@ def test_an_item_tower_is_served_as_the_trained_model_scores(mode, text_dir, sma
     np.testing.assert_allclose(table[slots].numpy(), texts, rtol=1e-5, atol=1e-6)
     assert table.abs().sum(1).count_nonzero() == len(slots)
     np.testing.assert_allclose(got.predictor.score(got.rows)["p_ctr"], got.trained, rtol=1e-6, atol=1e-7)
+
+
+def test_a_backbone_from_when_the_text_was_a_buffer_is_refused_in_one_line(backbone_dir, tmp_path):
+    """The identity of a backbone does not say where its text lives: one whose layout holds the old buffer
+    `item_tower.text` is refused by everything that reads a backbone (fine-tuning, export, the matcher)."""
+    import json
+
+    from iak_dist.distributed.checkpoint import read_backbone_meta
+
+    old = tmp_path / "backbone"
+    shutil.copytree(backbone_dir, old)
+    meta = json.loads((old / "backbone.json").read_text())
+    meta["layout"]["tensors"]["item_tower.text"] = {"shape": [16, 384], "dtype": "F32", "pieces": []}
+    (old / "backbone.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError) as err:
+        read_backbone_meta(old)
+    assert str(err.value) == (f"{old}: pre-trained when the item text was a buffer on every rank (item_tower.text); "
+                              "this version keeps it as the sharded table t_item_text: pre-train again")
+
+
+def test_the_frozen_text_table_is_never_data_parallel():
+    """A frozen table placed data-parallel would be whole on every rank and all-reduce its gradient."""
+    from iak_dist.config import ShardingConfig, TablePlan
+    from iak_dist.distributed.sharding import plan_constraints
+
+    tables, frozen = ["t_item_id", "t_item_text"], ["t_item_text"]
+    with pytest.raises(UserError) as err:
+        plan_constraints(tables, ShardingConfig(plan={"item_text": TablePlan(sharding_type="data_parallel")}), "cpu",
+                         frozen=frozen)
+    assert str(err.value) == ("distributed.sharding.plan.item_text: t_item_text never trains; data_parallel would put "
+                              "it whole on every rank and all-reduce its gradient; pick another sharding type")
+    planned = plan_constraints(tables, ShardingConfig(), "cpu", frozen=frozen)
+    assert "data_parallel" in planned["t_item_id"].sharding_types
+    assert "data_parallel" not in planned["t_item_text"].sharding_types
+    with pytest.raises(UserError, match=r"^distributed.sharding.sharding_types: t_item_text never trains"):
+        plan_constraints(tables, ShardingConfig(sharding_types=["data_parallel"]), "cpu", frozen=frozen)

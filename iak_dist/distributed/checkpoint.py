@@ -415,6 +415,10 @@ def export_backbone(model: nn.Module, schema: Schema, cfg: ModelConfig, out_dir:
 
 
 _REEXPORT = "re-export the backbone (run pre-training again)"
+LEGACY_TEXT_BUFFER = "item_tower.text"
+"""Where the item text lived before it was the table `t_item_text`: a buffer whole on every rank."""
+LEGACY_TEXT_REFUSAL = ("{path}: pre-trained when the item text was a buffer on every rank (item_tower.text); this "
+                       "version keeps it as the sharded table t_item_text: pre-train again")
 
 
 def read_backbone_meta(path: str | Path) -> dict[str, Any]:
@@ -422,6 +426,8 @@ def read_backbone_meta(path: str | Path) -> dict[str, Any]:
     if not meta_path.is_file():
         raise UserError(f"{path}: no exported backbone here (backbone.json missing); run pre-training first")
     meta = read_json(meta_path, _REEXPORT)
+    if LEGACY_TEXT_BUFFER in meta.get("layout", {}).get("tensors", {}):
+        raise UserError(LEGACY_TEXT_REFUSAL.format(path=path))
     meta["schema_obj"] = from_dict(Schema, meta["schema"], str(meta_path))
     meta["model_obj"] = from_dict(ModelConfig, meta["model"], str(meta_path))
     return meta

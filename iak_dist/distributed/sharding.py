@@ -24,7 +24,7 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from iak_dist.config import ShardingConfig
-from iak_dist.distributed.context import DistContext, collective_device
+from iak_dist.distributed.context import DistContext, collective_device, raise_on_every_rank
 from iak_dist.errors import UserError
 from iak_dist.model.ranker import Ranker
 
@@ -42,7 +42,8 @@ def supported_sharding_types(device_type: str) -> list[str]:
 
 
 def plan_constraints(table_names: list[str], cfg: ShardingConfig, device_type: str,
-                     world_size: int = 2, table_dtype: str = "fp32") -> dict[str, ParameterConstraints]:
+                     world_size: int = 2, table_dtype: str = "fp32",
+                     frozen: Collection[str] = ()) -> dict[str, ParameterConstraints]:
     """Planner constraints from the config; an unknown feature, type or kernel is a `UserError`.
 
     On one rank, unlisted tables default to table-wise: splitting a table into column shards there
@@ -50,6 +51,8 @@ def plan_constraints(table_names: list[str], cfg: ShardingConfig, device_type: s
     fp16 tables are never data-parallel: those are plain weights stepped by a torch optimizer whose
     state would be fp16 too (row-wise Adagrad's eps underflows: NaN within 10 steps, measured); the
     fused kernels keep fp32 optimizer state.
+    `frozen` tables (they never train) are never data-parallel either: every rank would hold them whole
+    and all-reduce their gradient every step, for nothing.
     """
     supported = supported_sharding_types(device_type)
     if table_dtype != "fp32":
@@ -62,6 +65,10 @@ def plan_constraints(table_names: list[str], cfg: ShardingConfig, device_type: s
         if table_plan.sharding_type == "data_parallel" and table_dtype != "fp32":
             raise UserError(f"distributed.sharding.plan.{feature}: data_parallel tables must be fp32 "
                             f"(model.table_dtype is {table_dtype}); pick another sharding type")
+        if table_plan.sharding_type == "data_parallel" and features[feature] in frozen:
+            raise UserError(f"distributed.sharding.plan.{feature}: {features[feature]} never trains; data_parallel "
+                            f"would put it whole on every rank and all-reduce its gradient; pick another sharding "
+                            f"type")
         _check_type(table_plan.sharding_type, supported, device_type, f"distributed.sharding.plan.{feature}")
         if table_plan.compute_kernel not in COMPUTE_KERNELS:
             raise UserError(f"distributed.sharding.plan.{feature}.compute_kernel: {table_plan.compute_kernel!r} "
@@ -80,7 +87,12 @@ def plan_constraints(table_names: list[str], cfg: ShardingConfig, device_type: s
             out[table] = ParameterConstraints(sharding_types=[p.sharding_type], compute_kernels=[kernel])
         else:
             default = ["table_wise"] if world_size == 1 else supported
-            out[table] = ParameterConstraints(sharding_types=list(cfg.sharding_types or default))
+            kinds = [k for k in cfg.sharding_types or default if table not in frozen or k != "data_parallel"]
+            if not kinds:
+                raise UserError(f"distributed.sharding.sharding_types: {table} never trains and cannot be "
+                                f"data_parallel (the only type listed); add another type, or set "
+                                f"distributed.sharding.plan.{feature}")
+            out[table] = ParameterConstraints(sharding_types=kinds)
     return out
 
 
@@ -91,7 +103,8 @@ def _check_type(kind: str, supported: list[str], device_type: str, key: str) -> 
 
 
 def make_planner(world_size: int, device_type: str, cfg: ShardingConfig, batch_size: int,
-                 table_names: list[str], table_dtype: str = "fp32") -> EmbeddingShardingPlanner:
+                 table_names: list[str], table_dtype: str = "fp32",
+                 frozen: Collection[str] = ()) -> EmbeddingShardingPlanner:
     cap = int(cfg.memory_budget_gb * 1024**3) if cfg.memory_budget_gb > 0 else None
     # ranks per host: what the launcher says, else one host on CPU and 8-GPU hosts on CUDA
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or (min(8, world_size) if device_type == "cuda" else world_size)
@@ -99,7 +112,7 @@ def make_planner(world_size: int, device_type: str, cfg: ShardingConfig, batch_s
         world_size=world_size, compute_device=device_type, local_world_size=local,
         hbm_cap=cap if device_type == "cuda" else None, ddr_cap=cap if device_type != "cuda" else None,
     )
-    constraints = plan_constraints(table_names, cfg, device_type, world_size, table_dtype)
+    constraints = plan_constraints(table_names, cfg, device_type, world_size, table_dtype, frozen)
     return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
 
 
@@ -152,12 +165,12 @@ def shard_ranker(ranker: Ranker, ctx: DistContext, cfg: ShardingConfig, lr_spars
     """Plan and shard the tables; with `lr_sparse`, they train with `cfg.sparse_optimizer`.
 
     `ranker`: any module whose `backbone` is a `Backbone` (the Ranker, or generative pre-training's model).
-    `frozen_tables` (names `t_<feature>`), and the backbone's own `frozen_tables` (item text), never
-    change while the others train: they get the same fused
-    optimizer at learning rate 0. TorchRec groups tables into FBGEMM table batches by their fused optimizer
-    settings, so these land in table batches of their own, whose rate no schedule touches (`set_sparse_lr`);
-    w - 0 * u is w, bit for bit. (The same optimizer, not plain SGD: a fused optimizer with state for some
-    tables and none for others does not load back from a checkpoint.)
+    `frozen_tables` (names `t_<feature>`), and the backbone's own `frozen_tables` (item text), never change
+    while the others train: they get the same fused optimizer at learning rate 0. TorchRec groups tables
+    into FBGEMM table batches by their fused optimizer settings, so these land in table batches of their
+    own, whose rate no schedule touches (`set_sparse_lr`); w - 0 * u is w, bit for bit. (The same
+    optimizer, not plain SGD: a fused optimizer with state for some tables and none for others does not
+    load back from a checkpoint.) They are never placed data-parallel (`plan_constraints`).
     """
     ebc = ranker.backbone.embeddings
     table_names = [c.name for c in ranker.backbone.table_configs]
@@ -172,7 +185,7 @@ def shard_ranker(ranker: Ranker, ctx: DistContext, cfg: ShardingConfig, lr_spars
         if frozen_tables:
             apply_optimizer_in_backward(optimizer_cls, [weights[n] for n in frozen_tables], {"lr": 0.0})
     planner = make_planner(ctx.world_size, ctx.device.type, cfg, batch_size, table_names,
-                           ranker.backbone.table_dtype)
+                           ranker.backbone.table_dtype, frozen_tables)
     sharders = [EmbeddingBagCollectionSharder()]
     try:
         if ctx.world_size > 1:
@@ -337,14 +350,15 @@ def _row_ranges_by_rank(value: torch.Tensor, world_size: int) -> list[list[tuple
 
 
 @torch.no_grad()
-def fill_rows_by_mean(model: nn.Module, table: str, batches: Iterator[tuple[np.ndarray, np.ndarray]],
-                      count: int) -> None:
+def fill_rows_by_mean(model: nn.Module, table: str, batches: Iterator[tuple[np.ndarray, np.ndarray]]) -> None:
     """Set every row of table `table` to the mean of the vectors given for it (zeros where none is).
 
-    Collective. Each rank reads its own share of the source (`count` batches of (rows int64 [n], vectors
+    Collective. Each rank reads its own share of the source (`batches` of (rows int64 [n], vectors
     float32 [n, width]), e.g. its row groups of a file) and sends each vector to the ranks holding its row
-    (one all-to-all per batch, the ranks taking turns), so no rank reads the whole source or holds more
-    than its own shards and one batch: this is how a frozen table is filled from a file (item text).
+    (one all-to-all per round, the ranks taking turns until none has a batch left), so no rank reads
+    another's share or holds more than its own shards (and an fp32 sum of them) and one batch: this is
+    how a frozen table is filled from a file (item text). A batch that fails to read on one rank
+    raises on every rank (no rank is left waiting in the exchange).
     """
     value = model.state_dict()[f"{EBC_PATH}.embedding_bags.{table}.weight"]
     pieces = local_pieces(value)
@@ -352,14 +366,27 @@ def fill_rows_by_mean(model: nn.Module, table: str, batches: Iterator[tuple[np.n
     counts = [torch.zeros(nr) for _, _, (nr, _) in pieces]
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     owners = _row_ranges_by_rank(value, world)
-    rounds = count
-    if world > 1:
-        agreed = torch.tensor([count], dtype=torch.int64, device=collective_device())
-        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
-        rounds = int(agreed.item())
     width = value.shape[1]
-    for _ in range(rounds):
-        rows, vectors = next(batches, (np.zeros(0, np.int64), np.zeros((0, width), np.float32)))
+    empty = (np.zeros(0, np.int64), np.zeros((0, width), np.float32))
+    while True:
+        failure, batch = None, None
+        try:
+            batch = next(batches, None)
+        except Exception as exc:  # noqa: BLE001  (raised below, on every rank)
+            failure = exc
+        if world > 1:  # [a rank failed, a rank has a batch]
+            flags = torch.tensor([failure is not None, batch is not None], dtype=torch.int64,
+                                 device=collective_device())
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            if flags[0].item():
+                raise_on_every_rank(failure, f"filling {table}")
+            if not flags[1].item():
+                break
+        elif failure is not None:
+            raise failure
+        elif batch is None:
+            break
+        rows, vectors = batch if batch is not None else empty
         rows, vectors = torch.from_numpy(np.asarray(rows, np.int64)), torch.from_numpy(np.asarray(vectors, np.float32))
         if world > 1:
             rows, vectors = _send_to_owners(rows, vectors, owners)
@@ -399,7 +426,8 @@ def dry_run_plan(ranker: Ranker, cfg: ShardingConfig, world_size: int, device_ty
     Returns the plan rows and a report: the plan table plus each rank's total table bytes.
     """
     table_names = [c.name for c in ranker.backbone.table_configs]
-    planner = make_planner(world_size, device_type, cfg, batch_size, table_names, ranker.backbone.table_dtype)
+    planner = make_planner(world_size, device_type, cfg, batch_size, table_names, ranker.backbone.table_dtype,
+                           ranker.backbone.frozen_tables)
     try:
         plan = planner.plan(ranker, [EmbeddingBagCollectionSharder()])
     except (PlannerError, RuntimeError) as exc:

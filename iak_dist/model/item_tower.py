@@ -33,7 +33,6 @@ the lookups hold `item_id@t_item_id` and `item_id@t_item_text`, and `item_vector
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -42,7 +41,7 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 
-from iak_dist.data.item_text import ROW_GROUP_ROWS, TEXT_DIM, item_text_batches, open_item_text
+from iak_dist.data.item_text import TEXT_DIM, item_text_batches, open_item_text
 from iak_dist.data.schema import Schema, hash_ids
 from iak_dist.errors import UserError
 from iak_dist.model.strategies.base import Overlay
@@ -95,6 +94,9 @@ class ItemTower(nn.Module):
             raise UserError(f"model.item_tower {mode}: needs a single-hot sparse feature {ITEM_FEATURE} (the items "
                             f"item_text.parquet describes); the schema has "
                             f"{'a multi-hot one' if feature is not None else 'none'}")
+        if feature.shares_table is not None:  # its lookups would be keyed by another table's name
+            raise UserError(f"model.item_tower {mode}: {ITEM_FEATURE} shares the table of {feature.shares_table}; "
+                            f"the text describes an item feature with a table of its own")
         if any(f.name == TEXT_TABLE[len("t_"):] for f in schema.sparse):
             raise UserError(f"model.item_tower {mode}: the schema has a feature named {TEXT_TABLE[len('t_'):]}, "
                             f"whose table name {TEXT_TABLE} the item text takes; rename that feature")
@@ -132,6 +134,5 @@ def load_item_text(model: nn.Module, data_dir: str | Path, table_size: int) -> N
     file = on_every_rank(open_item_text, data_dir, what=str(data_dir))
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = list(range(rank, file.num_row_groups, world))
-    count = sum(math.ceil(file.metadata.row_group(g).num_rows / ROW_GROUP_ROWS) for g in mine)
     batches = ((hash_ids(ids, table_size), vectors) for ids, vectors in item_text_batches(file, mine))
-    fill_rows_by_mean(model, TEXT_TABLE, batches, count)
+    fill_rows_by_mean(model, TEXT_TABLE, batches)

@@ -110,7 +110,12 @@ class Predictor:
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", unknown_domain: UnknownDomain = "backbone") -> Predictor:
         """Read and verify the artefact in `path` (every file against the manifest's hash)."""
-        from iak_dist.distributed.checkpoint import SafetensorsFile, check_weights_hash
+        from iak_dist.distributed.checkpoint import (
+            LEGACY_TEXT_BUFFER,
+            LEGACY_TEXT_REFUSAL,
+            SafetensorsFile,
+            check_weights_hash,
+        )
         from iak_dist.model.backbone import Backbone
         from iak_dist.model.strategies.saving import load_adapter
 
@@ -133,6 +138,8 @@ class Predictor:
         dense_file = SafetensorsFile(path / DENSE_FILE, _REEXPORT)
         dense = {k: dense_file.read(k, 0, shape[0] if shape else 1).view(shape)
                  for k, (_, shape, _) in dense_file.entries.items()}
+        if LEGACY_TEXT_BUFFER in dense:
+            raise UserError(LEGACY_TEXT_REFUSAL.format(path=path))
         missing, unexpected = backbone.load_state_dict(dense, strict=False)
         missing = [k for k in missing if not k.startswith("embeddings.")]
         if missing or unexpected:
