@@ -254,3 +254,21 @@ def _rank_main(split_dir: str, tiny: str, out: str) -> None:
 
 if __name__ == "__main__":
     _rank_main(sys.argv[1], sys.argv[2], sys.argv[3])
+
+
+def test_domain_indices_read_a_dictionary_of_the_domains_by_its_indices():
+    """The prefix cache's domain column is a dictionary of the schema's domains: its indices are the answer
+    (nulls -1); any other dictionary or a plain column is mapped through the names, with the same result."""
+    import pyarrow as pa
+
+    from iak_dist.data.batch import domain_indices
+
+    domains = ["a", "b", "c"]
+    own = pa.DictionaryArray.from_arrays(pa.array([0, 2, None, 1], pa.int32()), pa.array(domains))
+    other = pa.DictionaryArray.from_arrays(pa.array([1, 0, None, 2], pa.int32()), pa.array(["c", "a", "b"]))
+    want = [0, 2, -1, 1]
+    assert domain_indices(own, domains).tolist() == want
+    assert domain_indices(pa.chunked_array([own, own]), domains).tolist() == want * 2
+    assert domain_indices(other, domains).tolist() == [0, 2, -1, 1]
+    assert domain_indices(pa.array(["a", "c", None, "b", "x"]), domains).tolist() == [*want, -1]
+    assert domain_indices(own, ["b", "a"]).tolist() == [1, -1, -1, 0]

@@ -123,7 +123,14 @@ def positions(column: pa.ChunkedArray | pa.Array, length: int) -> tuple[np.ndarr
 
 
 def domain_indices(column: pa.ChunkedArray | pa.Array, domains: list[str]) -> np.ndarray:
-    """Index of each row's domain in `domains`; -1 where the domain is not in the list."""
+    """Index of each row's domain in `domains`; -1 where the domain is not in the list.
+
+    A dictionary column whose dictionary is `domains` itself (the prefix cache's, `CachedSplit.read`)
+    is its indices: no round trip through the names (at batch 4096 that was ~1.3 ms of a cached batch)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    if pa.types.is_dictionary(column.type) and all(c.dictionary.to_pylist() == list(domains) for c in chunks):
+        return np.concatenate([pc.fill_null(c.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+                               for c in chunks]) if chunks else np.zeros(0, np.int64)
     if pa.types.is_dictionary(column.type):
         column = column.cast(column.type.value_type)
     as_str = pc.cast(column, pa.string())
