@@ -267,3 +267,54 @@ def test_held_out_domains_are_never_trained_on_and_reported_as_held_out(synth_di
     with pytest.raises(UserError, match=r"^finetune.hold_out_domains: domain 'x' is not in the schema; known: d0"):
         finetune(synth_dir, backbone_dir, "lora", dataclasses.replace(cfg, hold_out_domains=["x"]), 0,
                  tmp_path / "x", ctx, show_progress=False)
+
+
+def test_pretraining_choices_leave_the_cold_items_valid_rows_out(synth_dir, backbone_dir, ctx, tmp_path):
+    """Pre-training's validation passes (loss and CTR-AUC) and head calibration skip the valid rows of cold
+    items: each equals its value on a copy of the folder whose valid split has those rows removed."""
+    import functools
+
+    import pyarrow.compute as pc
+
+    from iak_dist.data.parquet import ParquetReader
+    from iak_dist.data.schema import Schema
+    from iak_dist.data.source import Split
+    from iak_dist.data.splits import read_cold_slots, write_cold_items
+    from iak_dist.phases.calibration import calibrate_heads
+    from iak_dist.phases.common import build_from_backbone
+    from iak_dist.phases.evaluate import first_row
+    from iak_dist.phases.validation import ctr_auc_over, lookup_input, loss_over
+
+    data, without = tmp_path / "data", tmp_path / "without"
+    shutil.copytree(synth_dir, data)
+    schema = Schema.load(data / "schema.yaml")
+    size = next(f.table_size for f in schema.sparse if f.name == "item_id")
+    valid = pq.read_table(data / "valid.parquet")
+    items = valid.column("item_id").to_numpy()
+    write_cold_items(data, np.unique(items)[::5], 0.2, 0, size)
+    slots = read_cold_slots(data, schema)
+    shutil.copytree(synth_dir, without)
+    cold = np.isin(hash_ids(items, size), slots)
+    assert 0 < cold.sum() < len(items)
+    pq.write_table(valid.filter(pc.invert(pa_array(cold))), without / "valid.parquet")
+    model = build_from_backbone(backbone_dir, None, ctx, train_embeddings=False)[0].model
+
+    def source(folder):
+        split = Split.open(folder, "valid", schema)
+        return lookup_input(ParquetReader(split, schema, 300, ctx.rank, ctx.world_size), ctx,
+                            functools.partial(first_row, split, schema), model)
+
+    assert loss_over(source(data), ctx, skip_slots=slots) == pytest.approx(loss_over(source(without), ctx), rel=1e-12)
+    assert loss_over(source(data), ctx) != pytest.approx(loss_over(source(without), ctx), rel=1e-6)
+    assert ctr_auc_over(source(data), ctx, schema, skip_slots=slots) == ctr_auc_over(source(without), ctx, schema)
+    got = calibrate_heads(model, data, schema, ctx, skip_slots=slots).summary()
+    want = calibrate_heads(model, without, schema, ctx).summary()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-6), (k, got[k], want[k])  # an iterative fit
+
+
+def pa_array(values: np.ndarray):
+    import pyarrow as pa
+
+    return pa.array(values)

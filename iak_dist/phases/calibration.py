@@ -33,7 +33,7 @@ from iak_dist.data.parquet import ParquetReader
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Split
 from iak_dist.distributed.context import DistContext, on_every_rank, sum_over_ranks
-from iak_dist.phases.evaluate import Spill, first_row, lockstep, real_outputs, spill_folder
+from iak_dist.phases.evaluate import Spill, cold_mask, first_row, lockstep, real_outputs, spill_folder
 
 LOGITS = np.dtype([("ctr", np.float32), ("cvr", np.float32), ("click", np.int8), ("conversion", np.int8)])
 """One spilled valid row: both heads' logits and both labels."""
@@ -141,25 +141,29 @@ def fit(spill: Spill, with_conversion: bool) -> HeadCalibration | None:
 
 
 def spill_logits(model: nn.Module, reader: ParquetReader, ctx: DistContext, padding: Callable[[], Batch],
-                 spill: Spill) -> None:
-    """Append both logits and labels of this rank's valid rows to `spill` (eval mode, lockstep)."""
+                 spill: Spill, skip_slots: np.ndarray | None = None) -> None:
+    """Append both logits and labels of this rank's valid rows to `spill` (eval mode, lockstep), less the
+    rows whose item is in `skip_slots`."""
     for batch, out in real_outputs(model, lockstep(reader.epoch(0), ctx, padding), ctx.device):
         rows = np.empty(len(batch), dtype=LOGITS)
         for key, value in (("ctr", out.ctr_logit), ("cvr", out.cvr_logit), ("click", batch.click),
                            ("conversion", batch.conversion)):
             rows[key] = value.detach().cpu().numpy()
-        spill.append(rows)
+        spill.append(rows if skip_slots is None else rows[~cold_mask(batch, skip_slots)])
 
 
 def calibrate_heads(model: nn.Module, data_dir: str | Path, schema: Schema, ctx: DistContext,
-                    batch_size: int = 4096, spill_root: str | Path | None = None) -> HeadCalibration | None:
-    """Fit the heads' calibration on the valid split of `data_dir` (None: the split has no rows).
-    Collective; the model is not changed (`fold_into_heads` does that)."""
+                    batch_size: int = 4096, spill_root: str | Path | None = None,
+                    skip_slots: np.ndarray | None = None) -> HeadCalibration | None:
+    """Fit the heads' calibration on the valid split of `data_dir` (None: the split has no rows), less the
+    rows whose item is in `skip_slots` (pre-training's cold items). Collective; the model is not changed
+    (`fold_into_heads` does that)."""
     split = Split.open(data_dir, "valid", schema)
     reader = ParquetReader(split, schema, batch_size, ctx.rank, ctx.world_size)
     with spill_folder(spill_root) as folder:
         spill = Spill(folder / "logits.bin", LOGITS)
-        on_every_rank(spill_logits, model, reader, ctx, functools.partial(first_row, split, schema), spill)
+        on_every_rank(spill_logits, model, reader, ctx, functools.partial(first_row, split, schema), spill,
+                      skip_slots)
         return fit(spill, with_conversion=schema.conversion is not None)
 
 

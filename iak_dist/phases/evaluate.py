@@ -214,16 +214,23 @@ def spill_folder(root: str | Path | None = None) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def cold_mask(batch: Batch, slots: np.ndarray) -> np.ndarray:
+    """bool [B]: the rows whose item (`COLD_FEATURE`, single-hot, hashed) is in `slots` (`read_cold_slots`)."""
+    return np.isin(batch.sparse[COLD_FEATURE].values().cpu().numpy(), slots)
+
+
 @torch.no_grad()
 def score(model: torch.nn.Module, batches: Iterator[tuple[Batch, bool]], spill: Spill,
           device: torch.device | None = None, keep: np.ndarray | None = None,
-          cold: tuple[np.ndarray, Spill] | None = None) -> None:
+          cold: tuple[np.ndarray, Spill] | None = None, skip_slots: np.ndarray | None = None) -> None:
     """Append this rank's scored rows to `spill` (inference: IAK uses z = mu); padding outputs dropped.
 
     `keep` (None: every row): [K + 1] booleans, which domains' rows this model scores (the last
     entry: rows of domains the schema does not know, domain -1); the other rows are dropped.
     `cold` (None: no cold items): (the cold items' item_id slots, ascending; a spill): the rows whose
     item is cold are also appended to that spill, as they are scored (`read_cold_slots`).
+    `skip_slots` (None: none): rows whose item is in these slots are dropped (pre-training's validation
+    leaves the cold items' rows out: they are unseen in pre-training, selection included).
     A failure to write the spill (a full disk) is raised after the last forward, not at once: the
     other ranks' forwards wait for this rank's in the all-to-all.
     """
@@ -237,11 +244,11 @@ def score(model: torch.nn.Module, batches: Iterator[tuple[Batch, bool]], spill: 
         for key, value in (("p_ctr", out.p_ctr), ("p_ctcvr", out.p_ctcvr), ("click", batch.click),
                            ("conversion", batch.conversion), ("domain", batch.domain), ("user", batch.user)):
             rows[key] = value.detach().cpu().numpy()
-        is_cold = None
-        if cold is not None:
-            is_cold = np.isin(batch.sparse[COLD_FEATURE].values().cpu().numpy(), cold[0])
-        if keep is not None:
-            kept = keep[rows["domain"]]  # domain -1 reads the last entry
+        is_cold = cold_mask(batch, cold[0]) if cold is not None else None
+        if keep is not None or skip_slots is not None:
+            kept = keep[rows["domain"]] if keep is not None else np.ones(len(rows), dtype=bool)  # -1: last entry
+            if skip_slots is not None:
+                kept &= ~cold_mask(batch, skip_slots)
             rows, is_cold = rows[kept], (is_cold[kept] if is_cold is not None else None)
         try:
             spill.append(rows)

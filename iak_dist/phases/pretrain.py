@@ -18,6 +18,7 @@ from iak_dist.data.batch import Batch
 from iak_dist.data.parquet import DataPosition, ParquetReader
 from iak_dist.data.schema import Schema
 from iak_dist.data.source import Split
+from iak_dist.data.splits import read_cold_slots
 from iak_dist.distributed.checkpoint import CheckpointManager, export_backbone, read_backbone_meta
 from iak_dist.distributed.context import DistContext, collective_device
 from iak_dist.distributed.sharding import ShardedRanker, format_plan, init_tables, plan_rows, shard_ranker
@@ -168,9 +169,10 @@ def pretrain(
                         f"{state.get('generative_weights')}, this run's are {stage}; move "
                         f"{checkpoints.root} aside to pre-train again from them")
     validation = None
+    cold_slots = read_cold_slots(data_dir, schema)  # data.cold_items: their valid rows choose nothing here
     if optim.validate_every > 0:
         validation = EarlyStopping(data_dir, schema, optim, reader.num_rows, ctx, checkpoints.root, sharded.model,
-                                   dense, sharded.data_parallel_optimizer, steps_for)
+                                   dense, sharded.data_parallel_optimizer, steps_for, skip_slots=cold_slots)
         validation.load_state_dict(state.get("valid") if state else None)
     saved = state.get("data") if state else None
     position = reader.resume_position(saved, int(state["step"]) if state else 0)
@@ -229,7 +231,7 @@ def pretrain(
         summary |= generative_summary
         calibration = None
         if optim.calibrate:
-            calibration = calibrate_heads(sharded.model, data_dir, schema, ctx)
+            calibration = calibrate_heads(sharded.model, data_dir, schema, ctx, skip_slots=cold_slots)
             if calibration is None:
                 say("[pretrain] the valid split has no rows: the heads are not calibrated", ctx.rank)
             else:

@@ -44,6 +44,7 @@ from iak_dist.distributed.zero import DenseEngine
 from iak_dist.errors import UserError
 from iak_dist.phases.evaluate import (
     Spill,
+    cold_mask,
     first_row,
     lockstep,
     real_outputs,
@@ -85,12 +86,13 @@ def validation_loss(model: torch.nn.Module, reader: ParquetReader, ctx: DistCont
 
 @torch.no_grad()
 def loss_over(source: ValidationInput, ctx: DistContext, domain: int | None = None,
-              held_out: list[int] | None = None) -> float | None:
+              held_out: list[int] | None = None, skip_slots: np.ndarray | None = None) -> float | None:
     """Mean ESMM task loss (CTR BCE + CTCVR BCE per row) over every rank's rows of `source`.
 
     With `domain`, only that domain's rows count (a model trained on one domain stops on its own
-    loss). None when no rank has a row to count (every rank gets the same answer); NaN means the
-    model diverged. The model is in eval mode during the pass (IAK: z = mu) and goes back to what it was.
+    loss); rows of `held_out` domains, and rows whose item is in `skip_slots` (cold items), never
+    count. None when no rank has a row to count (every rank gets the same answer); NaN means the model
+    diverged. The model is in eval mode during the pass (IAK: z = mu) and goes back to what it was.
     """
     sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, rows: on the device, no syncs
     for batch, out in real_outputs(source.model, source.pairs(), ctx.device):
@@ -98,6 +100,8 @@ def loss_over(source: ValidationInput, ctx: DistContext, domain: int | None = No
         counted = torch.ones_like(per_row) if domain is None else (batch.domain == domain).double()
         for index in held_out or []:  # finetune.hold_out_domains: their valid rows choose nothing
             counted = counted * (batch.domain != index).double()
+        if skip_slots is not None:  # data.cold_items: unseen in pre-training, its choices included
+            counted = counted * torch.from_numpy(~cold_mask(batch, skip_slots)).to(counted)
         sums += torch.stack([(per_row * counted).sum(), counted.sum()])
     # sync point: the loss is global, so every rank decides alike
     loss_sum, rows = sum_over_ranks(sums.cpu().numpy()).tolist()
@@ -106,7 +110,7 @@ def loss_over(source: ValidationInput, ctx: DistContext, domain: int | None = No
 
 @torch.no_grad()
 def ctr_auc_over(source: ValidationInput, ctx: DistContext, schema: Schema, domain: int | None = None,
-                 held_out: list[int] | None = None) -> float | None:
+                 held_out: list[int] | None = None, skip_slots: np.ndarray | None = None) -> float | None:
     """CTR-AUC over every rank's rows of `source` (with `domain`: that domain's rows), as
     `evaluate` computes it (spilled scores, ranked bucket by bucket; memory bounded). None when no
     rank has a row to count or the rows hold one class only (no pass can be judged: a run of NaNs
@@ -120,7 +124,7 @@ def ctr_auc_over(source: ValidationInput, ctx: DistContext, schema: Schema, doma
             if held_out:  # finetune.hold_out_domains: their valid rows are not scored (the last entry: domain -1)
                 keep = np.ones(len(schema.domains) + 1, dtype=bool)
                 keep[held_out] = False
-            on_every_rank(score, source.model, source.pairs(), spill, ctx.device, keep)
+            on_every_rank(score, source.model, source.pairs(), spill, ctx.device, keep, None, skip_slots)
             metrics = stream_metrics(spill, schema.domains, ctx, folder, has_conversion=False, has_user=False)
     finally:
         source.model.train(was_training)
@@ -203,6 +207,9 @@ class EarlyStopping:
             `model`'s lookups. Checkpoints save and restore `model` either way.
         frozen_tables: the backbone's weights hash when its tables never change: the best checkpoints
             then leave them out (`CheckpointManager`).
+        held_out: domain indices whose valid rows never count (`finetune.hold_out_domains`).
+        skip_slots: item_id slots whose valid rows never count: pre-training's cold items
+            (`data.cold_items`, `read_cold_slots`), unseen in pre-training, its choice of weights included.
     """
 
     def __init__(self, data_dir: str | Path, schema: Schema, cfg: OptimConfig, rows: int, ctx: DistContext,
@@ -210,14 +217,14 @@ class EarlyStopping:
                  data_parallel_optimizer: DataParallelTableOptimizer | None,
                  steps_for: Callable[[OptimConfig, int], int], domain: int | None = None,
                  source: ValidationInput | None = None, frozen_tables: str | None = None,
-                 held_out: list[int] | None = None) -> None:
+                 held_out: list[int] | None = None, skip_slots: np.ndarray | None = None) -> None:
         if source is None:
             split = Split.open(data_dir, "valid", schema)
             source = lookup_input(ParquetReader(split, schema, VALID_BATCH, ctx.rank, ctx.world_size), ctx,
                                   functools.partial(first_row, split, schema), model)
         self.source, self.frozen_tables = source, frozen_tables
         self.ctx, self.model, self.dense, self.domain = ctx, model, dense, domain
-        self.held_out = held_out
+        self.held_out, self.skip_slots = held_out, skip_slots
         self.dp_optimizer = data_parallel_optimizer
         self.every = steps_for(replace(cfg, steps=0, epochs=cfg.validate_every), rows)
         self.record = StoppingRecord(cfg.patience, cfg.early_stopping_metric)
@@ -240,9 +247,9 @@ class EarlyStopping:
         A pass without rows (a domain absent from the valid split) is no pass: it neither improves
         nor counts against patience (NaN, a diverged model, does count as a bad pass)."""
         if self.record.metric == "ctr_auc":
-            value = ctr_auc_over(self.source, self.ctx, self.schema, self.domain, self.held_out)
+            value = ctr_auc_over(self.source, self.ctx, self.schema, self.domain, self.held_out, self.skip_slots)
         else:
-            value = loss_over(self.source, self.ctx, self.domain, self.held_out)
+            value = loss_over(self.source, self.ctx, self.domain, self.held_out, self.skip_slots)
         if value is None:
             self.no_rows = True
             why = "no valid rows" if self.record.metric == "loss" else "no valid rows of both classes"
