@@ -105,7 +105,7 @@ def run_fill_failure(spec, cfg, ctx):
             yield np.arange(4) + 4 * i, np.ones((4, 384), np.float32)
 
     try:
-        fill_rows_by_mean(sharded.model, TEXT_TABLE, batches())
+        fill_rows_by_mean(sharded.model, TEXT_TABLE, batches(), ctx)
     except Exception as exc:  # noqa: BLE001  (what each rank raised is the result)
         return {"raised": type(exc).__name__, "message": str(exc)}
     return {"raised": None}

@@ -169,7 +169,7 @@ def tower_backbone(mode, table_size=TOWER_SLOTS, embedding_dim=8):
     return Backbone(schema, ModelConfig(embedding_dim=embedding_dim, tower=[16], item_tower=mode))
 
 
-def set_text(backbone, item_ids, vectors):
+def set_text(backbone, item_ids, vectors, ctx):
     """Fill the backbone's text table as pre-training does (`fill_rows_by_mean`, one process)."""
     from iak_dist.data.schema import hash_ids
     from iak_dist.distributed.sharding import fill_rows_by_mean
@@ -177,7 +177,7 @@ def set_text(backbone, item_ids, vectors):
     from iak_dist.model.ranker import Ranker
 
     slots = hash_ids(np.asarray(item_ids, np.int64), backbone.item_tower.table_size)
-    fill_rows_by_mean(Ranker(backbone), TEXT_TABLE, iter([(slots, vectors)]))
+    fill_rows_by_mean(Ranker(backbone), TEXT_TABLE, iter([(slots, vectors)]), ctx)
 
 
 def scored(backbone, batch):
@@ -185,7 +185,7 @@ def scored(backbone, batch):
     return backbone(batch.sparse, batch.dense, batch.sequence_lengths)
 
 
-def test_the_text_table_holds_the_mean_text_of_each_slot_read_a_row_group_at_a_time(tmp_path):
+def test_the_text_table_holds_the_mean_text_of_each_slot_read_a_row_group_at_a_time(tmp_path, ctx):
     """`load_item_text` streams item_text.parquet's row groups into the frozen text table: each slot's
     row is the mean of its items' vectors, zeros where none is; `id+text` starts as the ID model."""
     import torch
@@ -201,7 +201,7 @@ def test_the_text_table_holds_the_mean_text_of_each_slot_read_a_row_group_at_a_t
     fake_item_text(tmp_path, ids, vectors, row_group_size=7)  # 6 row groups
     backbone = tower_backbone("id+text", table_size=16, embedding_dim=3)
     assert backbone.frozen_tables == [TEXT_TABLE]
-    load_item_text(Ranker(backbone), tmp_path, 16)
+    load_item_text(Ranker(backbone), tmp_path, 16, ctx)
     table = backbone.embeddings.embedding_bags[TEXT_TABLE].weight.detach()
     slots = hash_ids(ids, 16)
     counts = np.bincount(slots, minlength=16)
@@ -245,13 +245,13 @@ def test_the_text_of_a_schema_is_a_frozen_table_over_its_single_hot_item_feature
 
 
 @pytest.mark.parametrize("mode", ["text", "id+text"])
-def test_gradients_reach_the_projection_and_only_the_tables_the_mode_reads(mode):
+def test_gradients_reach_the_projection_and_only_the_tables_the_mode_reads(mode, ctx):
     import torch
 
     torch.manual_seed(0)
     rng = np.random.default_rng(1)
     backbone = tower_backbone(mode)
-    set_text(backbone, np.arange(1, 101), rng.normal(size=(100, 384)).astype(np.float32))
+    set_text(backbone, np.arange(1, 101), rng.normal(size=(100, 384)).astype(np.float32), ctx)
     tower = backbone.item_tower
     batch = tower_batch(rng.integers(0, 10, 32), rng.integers(1, 101, 32), rng.integers(0, 2, 32))
     items = backbone.embeddings.embedding_bags["t_item_id"].weight
@@ -270,7 +270,7 @@ def test_gradients_reach_the_projection_and_only_the_tables_the_mode_reads(mode)
             assert backbone.embeddings.embedding_bags["t_user_id"].weight.grad.abs().sum() > 0
 
 
-def test_text_mode_scores_items_never_seen_in_training_through_their_text():
+def test_text_mode_scores_items_never_seen_in_training_through_their_text(ctx):
     """Clicks depend on the item's text only; the model trains on 300 items and scores 100 others. By
     text it ranks them (their text is projected like the trained ones'); by ID it cannot (their rows
     never trained)."""
@@ -297,7 +297,7 @@ def test_text_mode_scores_items_never_seen_in_training_through_their_text():
         torch.manual_seed(0)
         backbone = tower_backbone(mode)
         if mode != "id":
-            set_text(backbone, item_ids, text)
+            set_text(backbone, item_ids, text, ctx)
         frozen = backbone.embeddings.embedding_bags[TEXT_TABLE].weight if mode != "id" else None
         optimizer = torch.optim.Adam([p for p in backbone.parameters() if p is not frozen], lr=1e-2)
         for _ in range(40):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
@@ -169,3 +169,38 @@ def raise_on_every_rank(failure: BaseException | None, what: str = "") -> NoRetu
     if kind == "storage":
         raise UserError(f"{where}: {message}")
     raise RuntimeError(f"{where} failed: {message}")
+
+
+def lockstep(batches: Iterator[T], ctx: DistContext, padding: Callable[[], T]) -> Iterator[tuple[T, bool]]:
+    """`(batch, real)` pairs, as many on every rank as the rank with the most batches has.
+
+    A rank that has run out yields a batch it already yielded (or `padding()` if it had none) with
+    `real` False: its forward keeps the collectives matched, its output is dropped. A failure
+    reading a batch on any rank is raised on every rank.
+    """
+    last: T | None = None
+    while True:
+        batch, failure = None, None
+        try:
+            batch = next(batches, None)
+        except Exception as exc:  # noqa: BLE001  (raised below, on every rank)
+            failure = exc
+        if ctx.world_size > 1:  # sync point: does any rank still have a batch, did any fail
+            flags = torch.tensor([batch is not None, failure is not None], dtype=torch.int32,
+                                 device=collective_device())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            more, failed = (bool(v) for v in flags.tolist())
+            if failed:
+                raise_on_every_rank(failure)
+        else:
+            if failure is not None:
+                raise failure
+            more = batch is not None
+        if not more:
+            return
+        if batch is not None:
+            last = batch
+            yield batch, True
+        else:
+            last = last if last is not None else padding()
+            yield last, False

@@ -24,7 +24,7 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from iak_dist.config import ShardingConfig
-from iak_dist.distributed.context import DistContext, collective_device, raise_on_every_rank
+from iak_dist.distributed.context import DistContext, collective_device, lockstep
 from iak_dist.errors import UserError
 from iak_dist.model.ranker import Ranker
 
@@ -350,12 +350,13 @@ def _row_ranges_by_rank(value: torch.Tensor, world_size: int) -> list[list[tuple
 
 
 @torch.no_grad()
-def fill_rows_by_mean(model: nn.Module, table: str, batches: Iterator[tuple[np.ndarray, np.ndarray]]) -> None:
+def fill_rows_by_mean(model: nn.Module, table: str, batches: Iterator[tuple[np.ndarray, np.ndarray]],
+                      ctx: DistContext) -> None:
     """Set every row of table `table` to the mean of the vectors given for it (zeros where none is).
 
     Collective. Each rank reads its own share of the source (`batches` of (rows int64 [n], vectors
     float32 [n, width]), e.g. its row groups of a file) and sends each vector to the ranks holding its row
-    (one all-to-all per round, the ranks taking turns until none has a batch left), so no rank reads
+    (one all-to-all per round, the ranks in `lockstep` until none has a batch left), so no rank reads
     another's share or holds more than its own shards (and an fp32 sum of them) and one batch: this is
     how a frozen table is filled from a file (item text). A batch that fails to read on one rank
     raises on every rank (no rank is left waiting in the exchange).
@@ -364,31 +365,12 @@ def fill_rows_by_mean(model: nn.Module, table: str, batches: Iterator[tuple[np.n
     pieces = local_pieces(value)
     sums = [torch.zeros(nr, nc) for _, _, (nr, nc) in pieces]
     counts = [torch.zeros(nr) for _, _, (nr, _) in pieces]
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    owners = _row_ranges_by_rank(value, world)
-    width = value.shape[1]
-    empty = (np.zeros(0, np.int64), np.zeros((0, width), np.float32))
-    while True:
-        failure, batch = None, None
-        try:
-            batch = next(batches, None)
-        except Exception as exc:  # noqa: BLE001  (raised below, on every rank)
-            failure = exc
-        if world > 1:  # [a rank failed, a rank has a batch]
-            flags = torch.tensor([failure is not None, batch is not None], dtype=torch.int64,
-                                 device=collective_device())
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            if flags[0].item():
-                raise_on_every_rank(failure, f"filling {table}")
-            if not flags[1].item():
-                break
-        elif failure is not None:
-            raise failure
-        elif batch is None:
-            break
-        rows, vectors = batch if batch is not None else empty
+    owners = _row_ranges_by_rank(value, ctx.world_size)
+    empty = (np.zeros(0, np.int64), np.zeros((0, value.shape[1]), np.float32))
+    for batch, real in lockstep(batches, ctx, lambda: empty):
+        rows, vectors = batch if real else empty  # a rank out of batches sends nothing
         rows, vectors = torch.from_numpy(np.asarray(rows, np.int64)), torch.from_numpy(np.asarray(vectors, np.float32))
-        if world > 1:
+        if ctx.world_size > 1:
             rows, vectors = _send_to_owners(rows, vectors, owners)
         for (_, (r0, c0), (nr, nc)), total, seen in zip(pieces, sums, counts, strict=True):
             inside = (rows >= r0) & (rows < r0 + nr)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -45,6 +45,9 @@ from iak_dist.data.item_text import TEXT_DIM, item_text_batches, open_item_text
 from iak_dist.data.schema import Schema, hash_ids
 from iak_dist.errors import UserError
 from iak_dist.model.strategies.base import Overlay
+
+if TYPE_CHECKING:
+    from iak_dist.distributed.context import DistContext
 
 ITEM_TOWER_MODES = ("id", "text", "id+text")
 ItemTowerMode = Literal["id", "text", "id+text"]
@@ -120,19 +123,16 @@ def text_table(rows: int, data_type: DataType, init_fn=None) -> EmbeddingBagConf
                               init_fn=init_fn)
 
 
-def load_item_text(model: nn.Module, data_dir: str | Path, table_size: int) -> None:
+def load_item_text(model: nn.Module, data_dir: str | Path, table_size: int, ctx: DistContext) -> None:
     """Fill the text table of the (sharded) `model` from `data_dir/item_text.parquet`, each rank its shards.
 
     Collective. Each slot's row is the mean of the vectors of the items hashed to it, zeros where none is.
     Rank r reads row groups r, r + N, ... of the file (checked by `open_item_text` on every rank first).
     """
-    import torch.distributed as dist
-
     from iak_dist.distributed.context import on_every_rank
     from iak_dist.distributed.sharding import fill_rows_by_mean
 
     file = on_every_rank(open_item_text, data_dir, what=str(data_dir))
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = list(range(rank, file.num_row_groups, world))
+    mine = list(range(ctx.rank, file.num_row_groups, ctx.world_size))
     batches = ((hash_ids(ids, table_size), vectors) for ids, vectors in item_text_batches(file, mine))
-    fill_rows_by_mean(model, TEXT_TABLE, batches)
+    fill_rows_by_mean(model, TEXT_TABLE, batches, ctx)

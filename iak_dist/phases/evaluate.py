@@ -76,9 +76,9 @@ from iak_dist.distributed.checkpoint import ShardedWeights, read_backbone_meta
 from iak_dist.distributed.context import (
     DistContext,
     collective_device,
+    lockstep,
     on_every_rank,
     on_main,
-    raise_on_every_rank,
     sum_over_ranks,
 )
 from iak_dist.errors import UserError
@@ -121,41 +121,6 @@ def row_dtype(num_domains: int) -> np.dtype:
 def first_row(source: Split, schema: Schema) -> Batch:
     """One row of `source` as a batch: `lockstep`'s padding for a rank without rows of its own."""
     return arrow_to_batch(source.read(source.parts[0]).slice(0, 1), schema)
-
-
-def lockstep(batches: Iterator[Batch], ctx: DistContext, padding: Callable[[], Batch]) -> Iterator[tuple[Batch, bool]]:
-    """`(batch, real)` pairs, as many on every rank as the rank with the most batches has.
-
-    A rank that has run out yields a batch it already yielded (or `padding()` if it had none) with
-    `real` False: its forward keeps the collectives matched, its output is dropped. A failure
-    reading a batch on any rank is raised on every rank.
-    """
-    last: Batch | None = None
-    while True:
-        batch, failure = None, None
-        try:
-            batch = next(batches, None)
-        except Exception as exc:  # noqa: BLE001  (raised below, on every rank)
-            failure = exc
-        if ctx.world_size > 1:  # sync point: does any rank still have a batch, did any fail
-            flags = torch.tensor([batch is not None, failure is not None], dtype=torch.int32,
-                                 device=collective_device())
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            more, failed = (bool(v) for v in flags.tolist())
-            if failed:
-                raise_on_every_rank(failure)
-        else:
-            if failure is not None:
-                raise failure
-            more = batch is not None
-        if not more:
-            return
-        if batch is not None:
-            last = batch
-            yield batch, True
-        else:
-            last = last if last is not None else padding()
-            yield last, False
 
 
 def real_outputs(model: torch.nn.Module, batches: Iterator[tuple[Batch, bool]],

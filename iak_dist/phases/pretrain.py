@@ -83,7 +83,7 @@ def build_pretrain(schema: Schema, model_cfg: ModelConfig, optim: OptimConfig, d
     if transfer is not None:
         transfer.apply(sharded.model, backbone)
     if backbone.item_tower is not None:  # the items' text vectors, read once: checkpoints and exports carry them
-        load_item_text(sharded.model, data_dir, backbone.item_tower.table_size)
+        load_item_text(sharded.model, data_dir, backbone.item_tower.table_size, ctx)
     dense = DenseEngine(backbone.dense_modules(), optim.lr_dense, optim.weight_decay, dist_cfg.zero,
                         optim.batch_size, ctx.world_size)
     return sharded, dense
