@@ -30,6 +30,10 @@ NOT_FINETUNED = "†"
 COLD_ITEMS = "cold items"
 """The metrics entry of the test rows whose item pre-training never saw (`data.cold_items`), beside
 "overall": every strategy scores them, none trained their item's ID row before fine-tuning."""
+TUNED_DOMAINS = "fine-tuned domains"
+"""The metrics entry of the rows of every domain but those held out of fine-tuning
+(`finetune.hold_out_domains`), beside "overall" where some are: what choices read (a sweep's best point,
+the export's best strategy), so a held-out domain's labels choose nothing."""
 NA_REASONS = {
     "ctr_auc": "the rows hold one class only",
     "ctcvr_auc": "the schema has no conversion label (or the rows hold one class only)",
@@ -41,15 +45,15 @@ NA_REASONS = {
 def aggregate(results: dict[str, dict[int, dict[str, dict[str, Any]]]], domain_order: list[str]) -> dict[str, Any]:
     """`results[strategy][seed][domain][metric]` -> `{strategy: {domain: {metric: {mean, std, n}}}}`.
 
-    Domains follow `domain_order` (the schema's), then "overall", then `COLD_ITEMS` where the
-    evaluations hold it. `n` counts the seeds the metric
+    Domains follow `domain_order` (the schema's), then "overall", then `TUNED_DOMAINS` and `COLD_ITEMS`
+    where the evaluations hold them. `n` counts the seeds the metric
     is available in; with none, mean and std are None. A domain that any seed's strategy did not
     fine-tune (`finetuned: false` in its metrics) carries `finetuned: false` and that seed's note.
     """
     out: dict[str, Any] = {}
     for strategy, by_seed in results.items():
         present = next(iter(by_seed.values())).keys()
-        domains = [d for d in [*domain_order, "overall", COLD_ITEMS] if d in present]
+        domains = [d for d in [*domain_order, "overall", TUNED_DOMAINS, COLD_ITEMS] if d in present]
         out[strategy] = {}
         for domain in domains:
             entries = [by_seed[s][domain] for s in by_seed if domain in by_seed[s]]
@@ -63,6 +67,12 @@ def aggregate(results: dict[str, dict[int, dict[str, dict[str, Any]]]], domain_o
             if untrained:
                 out[strategy][domain] |= {"finetuned": False, "note": untrained[0].get("note", "no fine-tune rows")}
     return out
+
+
+def choice_entry(by_domain: dict[str, Any]) -> dict[str, Any]:
+    """The entry a choice between strategies or settings reads: `TUNED_DOMAINS` where domains were held out
+    of fine-tuning, else "overall"."""
+    return by_domain.get(TUNED_DOMAINS, by_domain["overall"])
 
 
 def seeds_per_strategy(agg: dict[str, Any]) -> dict[str, int]:

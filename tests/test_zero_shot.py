@@ -258,6 +258,17 @@ def test_held_out_domains_are_never_trained_on_and_reported_as_held_out(synth_di
     assert metrics["d1"]["held_out"] is True and metrics["d1"]["finetuned"] is False
     assert metrics["d1"]["note"].startswith("held out of fine-tuning (finetune.hold_out_domains): plain backbone")
     assert "held_out" not in metrics["d0"] and metrics["d0"]["finetuned"] is True
+    # "fine-tuned domains": the metrics of d0 and d2 together, as on a test split without d1's rows
+    from iak_dist.report import TUNED_DOMAINS
+
+    without = tmp_path / "without_d1"
+    shutil.copytree(synth_dir, without)
+    test = pq.read_table(synth_dir / "test.parquet")
+    pq.write_table(test.filter(np.asarray(test.column("domain").to_numpy(False)) != "d1"), without / "test.parquet")
+    want = evaluate(without, backbone_dir, out, ctx, batch_size=500)["overall"]
+    got = metrics[TUNED_DOMAINS]
+    assert got["rows"] == want["rows"] < metrics["overall"]["rows"] and got["ctr_auc"] == want["ctr_auc"]
+    assert got["logloss"] == pytest.approx(want["logloss"], rel=1e-6)  # other batches: float32 noise
     # an adapter whose shared weights train does not score an untrained domain as the plain backbone
     from iak_dist.phases.evaluate import finetune_status
 
@@ -318,3 +329,24 @@ def pa_array(values: np.ndarray):
     import pyarrow as pa
 
     return pa.array(values)
+
+
+def test_choices_read_the_fine_tuned_domains_where_some_were_held_out(tmp_path):
+    """The export's best strategy and a sweep's best point read `TUNED_DOMAINS` where it is there: a held-out
+    domain's valid labels choose nothing; without it, "overall" as before."""
+    from iak_dist.orchestration.sweep import best_points
+    from iak_dist.serving.export import best_by_valid
+
+    def entry(value):
+        return {"ctr_auc": {"mean": value, "std": 0.0, "n": 1}}
+
+    held = {"lora": {"overall": entry(0.80), "fine-tuned domains": entry(0.70)},
+            "iak": {"overall": entry(0.75), "fine-tuned domains": entry(0.72)}}
+    plain = {"lora": {"overall": entry(0.80)}, "iak": {"overall": entry(0.75)}}
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"aggregate_valid": held}))
+    assert best_by_valid(report) == "iak"
+    report.write_text(json.dumps({"aggregate_valid": plain}))
+    assert best_by_valid(report) == "lora"
+    assert best_points([("a", held), ("b", {"lora": {"overall": entry(0.6), "fine-tuned domains": entry(0.71)},
+                                            "iak": held["iak"]})]) == {"lora": "b", "iak": "a"}

@@ -97,7 +97,7 @@ from iak_dist.model.backbone import ModelOutput
 from iak_dist.model.strategies.base import Adapter, adapter_class
 from iak_dist.model.strategies.saving import load_adapter, member_dirs
 from iak_dist.phases.common import build_from_backbone, check_schema_matches
-from iak_dist.report import COLD_ITEMS
+from iak_dist.report import COLD_ITEMS, TUNED_DOMAINS
 
 T = TypeVar("T")
 
@@ -187,7 +187,8 @@ def cold_mask(batch: Batch, slots: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def score(model: torch.nn.Module, batches: Iterator[tuple[Batch, bool]], spill: Spill,
           device: torch.device | None = None, keep: np.ndarray | None = None,
-          cold: tuple[np.ndarray, Spill] | None = None, skip_slots: np.ndarray | None = None) -> None:
+          cold: tuple[np.ndarray, Spill] | None = None, skip_slots: np.ndarray | None = None,
+          tuned: tuple[np.ndarray, Spill] | None = None) -> None:
     """Append this rank's scored rows to `spill` (inference: IAK uses z = mu); padding outputs dropped.
 
     `keep` (None: every row): [K + 1] booleans, which domains' rows this model scores (the last
@@ -196,6 +197,8 @@ def score(model: torch.nn.Module, batches: Iterator[tuple[Batch, bool]], spill: 
     item is cold are also appended to that spill, as they are scored (`read_cold_slots`).
     `skip_slots` (None: none): rows whose item is in these slots are dropped (pre-training's validation
     leaves the cold items' rows out: they are unseen in pre-training, selection included).
+    `tuned` (None: no domain held out): ([K + 1] booleans as `keep`, a spill): the rows of those domains
+    are also appended to that spill (`TUNED_DOMAINS`: the domains fine-tuning did not hold out).
     A failure to write the spill (a full disk) is raised after the last forward, not at once: the
     other ranks' forwards wait for this rank's in the all-to-all.
     """
@@ -219,6 +222,8 @@ def score(model: torch.nn.Module, batches: Iterator[tuple[Batch, bool]], spill: 
             spill.append(rows)
             if cold is not None:
                 cold[1].append(rows[is_cold])
+            if tuned is not None:
+                tuned[1].append(rows[tuned[0][rows["domain"]]])
         except OSError as exc:
             failure = exc
     if failure is not None:
@@ -524,7 +529,7 @@ def mark_finetuned(metrics: dict[str, dict], finetune_rows: dict[str, int] | Non
     if finetune_rows is None or strategy in (None, "none"):
         return
     for name, entry in metrics.items():
-        if name in ("overall", COLD_ITEMS):
+        if name in ("overall", TUNED_DOMAINS, COLD_ITEMS):
             continue
         entry |= finetune_status(strategy, int(finetune_rows.get(name, 0)))
         if name in (held_out or []):
@@ -580,6 +585,8 @@ def evaluate(
     A data folder prepared with `data.cold_items` also gets an entry `COLD_ITEMS` ("cold items"):
     the metrics of the rows whose item pre-training never saw (all domains), marked as they are
     scored and computed as the others are, from a second spill of those rows only.
+    An adapter fine-tuned with `finetune.hold_out_domains` also gets an entry `TUNED_DOMAINS`
+    ("fine-tuned domains"): the metrics of every other domain's rows together, what choices read.
 
     A per-domain adapter (`full_per_domain`) scores each domain's rows with its own model, one pass
     over this rank's share per model, into the same spill (`scoring_models`).
@@ -613,22 +620,29 @@ def evaluate(
     if adapter_cfg is not None and "rows_per_domain" in adapter_cfg:
         finetune_rows = dict(zip(adapter_cfg["domains"], adapter_cfg["rows_per_domain"], strict=True))
     cold_slots = read_cold_slots(data_dir, schema)
+    held_out = (adapter_cfg or {}).get("hold_out_domains") or []
     with spill_folder(spill_root) as folder:
         spill = Spill(folder / "scored.bin", row_dtype(len(schema.domains)))
         cold = None if cold_slots is None else (cold_slots, Spill(folder / "cold.bin", spill.dtype))
+        tuned = None
+        if held_out:  # the rows choices read (`TUNED_DOMAINS`): every domain but those held out
+            kept = np.ones(len(schema.domains) + 1, dtype=bool)
+            kept[[schema.domains.index(name) for name in held_out]] = False
+            tuned = (kept, Spill(folder / "tuned.bin", spill.dtype))
         for model_adapter, model_override, keep in scoring_models(adapter_dir, adapter, override, adapter_cfg, meta):
             sharded, _ = build_from_backbone(backbone_dir, model_adapter, ctx, train_embeddings=False,
                                              sharding=sharding, backbone_override=model_override,
                                              batch_size=batch_size)
             on_every_rank(score, sharded.model, lockstep(reader.epoch(0), ctx, padding), spill, ctx.device, keep,
-                          cold)
+                          cold, None, tuned)
             del sharded  # one model held at a time
         columns = {"has_conversion": schema.conversion is not None, "has_user": schema.user is not None}
         metrics = stream_metrics(spill, schema.domains, ctx, folder, **columns)
-        if cold is not None:  # the cold rows' metrics, by the same method (collective: every rank)
-            cold_metrics = stream_metrics(cold[1], schema.domains, ctx, folder, **columns)
-            if metrics is not None and cold_metrics is not None:
-                metrics[COLD_ITEMS] = cold_metrics["overall"]
+        for entry, extra in ((TUNED_DOMAINS, tuned), (COLD_ITEMS, cold)):  # by the same method (collective)
+            if extra is not None:
+                extra_metrics = stream_metrics(extra[1], schema.domains, ctx, folder, **columns)
+                if metrics is not None and extra_metrics is not None:
+                    metrics[entry] = extra_metrics["overall"]
 
     def share() -> dict[str, dict]:
         assert metrics is not None
