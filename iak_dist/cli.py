@@ -222,7 +222,13 @@ def _plan(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         raise UserError(f"--world-size {args.world_size}: must be at least 1")
     schema = Schema.load(args.schema or Path(cfg.data.dir) / "schema.yaml")
     ranker = Ranker(Backbone(schema, cfg.model, device=torch.device("meta")))
-    _, report = dry_run_plan(ranker, cfg.distributed.sharding, args.world_size, args.device, cfg.pretrain.batch_size)
+    frozen = []  # the item table generative pre-training transfers frozen: never data-parallel
+    if cfg.pretrain.objective == "generative" and cfg.generative.freeze_transferred:
+        from iak_dist.phases.pretrain_generative import sequence_feature
+
+        frozen = [f"t_{schema.table_owner(sequence_feature(schema, Path(cfg.data.dir)).name)}"]
+    _, report = dry_run_plan(ranker, cfg.distributed.sharding, args.world_size, args.device, cfg.pretrain.batch_size,
+                             frozen)
     print(report)
     return 0
 

@@ -46,14 +46,18 @@ def aggregate(results: dict[str, dict[int, dict[str, dict[str, Any]]]], domain_o
     """`results[strategy][seed][domain][metric]` -> `{strategy: {domain: {metric: {mean, std, n}}}}`.
 
     Domains follow `domain_order` (the schema's), then "overall", then `TUNED_DOMAINS` and `COLD_ITEMS`
-    where the evaluations hold them. `n` counts the seeds the metric
-    is available in; with none, mean and std are None. A domain that any seed's strategy did not
-    fine-tune (`finetuned: false` in its metrics) carries `finetuned: false` and that seed's note.
+    where every evaluation holds them (an evaluation made before one existed has not: all or none).
+    `n` counts the seeds the metric is available in; with none, mean and std are None. A domain that any
+    seed's strategy did not fine-tune (`finetuned: false` in its metrics) carries `finetuned: false` and
+    that seed's note.
     """
     out: dict[str, Any] = {}
+    # an optional entry is kept where every evaluation holds it: strategies and seeds compare the same rows
+    everywhere = set.intersection(*(set(e) for by_seed in results.values() for e in by_seed.values()))
     for strategy, by_seed in results.items():
         present = next(iter(by_seed.values())).keys()
-        domains = [d for d in [*domain_order, "overall", TUNED_DOMAINS, COLD_ITEMS] if d in present]
+        domains = [d for d in [*domain_order, "overall"] if d in present]
+        domains += [d for d in (TUNED_DOMAINS, COLD_ITEMS) if d in everywhere]
         out[strategy] = {}
         for domain in domains:
             entries = [by_seed[s][domain] for s in by_seed if domain in by_seed[s]]
@@ -69,10 +73,12 @@ def aggregate(results: dict[str, dict[int, dict[str, dict[str, Any]]]], domain_o
     return out
 
 
-def choice_entry(by_domain: dict[str, Any]) -> dict[str, Any]:
-    """The entry a choice between strategies or settings reads: `TUNED_DOMAINS` where domains were held out
-    of fine-tuning, else "overall"."""
-    return by_domain.get(TUNED_DOMAINS, by_domain["overall"])
+def choice_key(*aggregates: dict[str, Any]) -> str:
+    """The entry a choice between strategies or settings reads in `aggregates` (`aggregate`'s output, one or
+    several to compare): `TUNED_DOMAINS` where every strategy of every one holds it (domains were held out
+    of fine-tuning), else "overall": the choice compares the same rows."""
+    holds = [TUNED_DOMAINS in by_domain for agg in aggregates for by_domain in agg.values()]
+    return TUNED_DOMAINS if holds and all(holds) else "overall"
 
 
 def seeds_per_strategy(agg: dict[str, Any]) -> dict[str, int]:
@@ -123,7 +129,7 @@ def overall_table(agg: dict[str, Any], costs: dict[str, dict[str, float]],
              "| params vs `full` | fine-tune time vs `full` |", "|---|" + "---:|" * 8]
     for s, by_domain in agg.items():
         o = by_domain["overall"]
-        v = valid.get(s, {}).get("overall") if valid else None
+        v = valid.get(s, {}).get(choice_key(valid)) if valid else None
         c = costs.get(s, {})
         params, full_params = c.get("trainable_params"), full.get("trainable_params")
         share = f"{params / full_params:.1%}" if params is not None and full_params else "-"
@@ -169,8 +175,10 @@ def markdown(agg: dict[str, Any], costs: dict[str, dict[str, float]], title: str
     aggregate) for its CTR-AUC, `costs` for parameters and fine-tune time."""
     strategies = list(agg)
     domains = list(next(iter(agg.values())).keys())
+    chosen_by = (f"the valid CTR-AUC of the {TUNED_DOMAINS} (the held-out domains' rows left out)"
+                 if valid and choice_key(valid) == TUNED_DOMAINS else "the valid CTR-AUC")
     lines = [f"# {title}", "", _seeds_line(agg),
-             "Scores are on the test split, read for this report only; the valid CTR-AUC is what choices "
+             f"Scores are on the test split, read for this report only; {chosen_by} is what choices "
              "read (export's best strategy, sweeps).", "", *constant_line(agg), "## Overall", "",
              *overall_table(agg, costs, valid)]
     untrained = [(s, d, agg[s][d]["note"]) for s in strategies for d in domains if agg[s][d].get("finetuned") is False]

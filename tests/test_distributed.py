@@ -181,7 +181,7 @@ def test_a_read_failure_while_filling_a_table_raises_on_every_rank(two_rank_runs
     it, and neither waits in the exchange (the torchrun launch ended)."""
     got = [json.loads((two_rank_runs / "fill-failure" / f"result_rank{r}.json").read_text()) for r in range(2)]
     assert got[1] == {"raised": "OSError", "message": "item_text.parquet: a damaged row group"}
-    assert got[0]["raised"] == "UserError" and "rank 1" in got[0]["message"], got[0]
+    assert got[0]["raised"] == "UserError" and "filling t_item_text: rank 1" in got[0]["message"], got[0]
     assert "a damaged row group" in got[0]["message"]
 
 

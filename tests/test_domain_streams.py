@@ -272,3 +272,5 @@ def test_domain_indices_read_a_dictionary_of_the_domains_by_its_indices():
     assert domain_indices(other, domains).tolist() == [0, 2, -1, 1]
     assert domain_indices(pa.array(["a", "c", None, "b", "x"]), domains).tolist() == [*want, -1]
     assert domain_indices(own, ["b", "a"]).tolist() == [1, -1, -1, 0]
+    unsigned = pa.DictionaryArray.from_arrays(pa.array([0, 2, None, 1], pa.uint8()), pa.array(domains))
+    assert domain_indices(unsigned, domains).tolist() == want

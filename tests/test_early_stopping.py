@@ -235,6 +235,13 @@ def test_the_best_pass_is_restored_by_its_record_not_by_step_order(tmp_path, syn
                                         rf"has no checkpoint there; move {tmp_path} aside to train this phase again$"):
         rerun.restore_best(print)
 
+    # a record whose passes read other rows (before pre-training left the cold items' valid rows out)
+    cold = EarlyStopping(synth_dir, schema, cfg.pretrain, 1000, ctx, tmp_path, sharded.model, dense,
+                         sharded.data_parallel_optimizer, steps_for, skip_slots=torch.tensor([3, 5, 8]).numpy())
+    with pytest.raises(UserError, match=rf"^{tmp_path}: the checkpoint's validation passes left out the valid rows "
+                                        rf"of 0 item slots, this run's leave out 3 \(data.cold_items\); move "):
+        cold.load_state_dict({k: v for k, v in state.items() if k != "skipped_items"})
+
 
 def test_two_ranks_stop_on_the_auc_and_calibrate_the_export(two_rank_validated, synth_dir, ctx):
     """`early_stopping_metric: ctr_auc` on 2 ranks keeps the pass of the highest valid CTR-AUC, which is

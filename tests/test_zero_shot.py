@@ -215,6 +215,18 @@ def test_matched_backbone_replaces_exactly_the_unseen_items_rows_with_the_ridge_
         match_items(other, data, tmp_path / "refused")
     assert read_backbone_meta(backbone_dir)["pretrain_data"]  # recorded at export
 
+    # items that each have a slot of their own: no shared slot to average (the same fit, less those slots)
+    alone = np.flatnonzero(np.bincount(hash_ids(items, size), minlength=size)[hash_ids(items, size)] == 1)
+    fake_item_text(data, items[alone], vectors[alone])
+    single = match_items(backbone_dir, data, tmp_path / "single", ridge=0.5)
+    slots1, texts1 = slot_texts(items[alone], vectors[alone], size)
+    warm1 = np.isin(slots1, pretrain)
+    assert single["matched_slots"] == slots1[~warm1].tolist() and single["warm_slots"] == warm1.sum()
+    weight1, bias1 = fit_ridge(texts1[warm1], before[ITEM_TABLE][slots1[warm1]].double().numpy(), 0.5)
+    torch.testing.assert_close(load_backbone_weights(tmp_path / "single")[ITEM_TABLE][slots1[~warm1]],
+                               torch_float(texts1[~warm1] @ weight1 + bias1), rtol=0, atol=1e-6)
+    fake_item_text(data, items, vectors, row_group_size=64)
+
     # the verb: the same folder again, and its one-line refusal (exit status 2)
     from iak_dist.cli import main
 

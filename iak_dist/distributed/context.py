@@ -171,12 +171,14 @@ def raise_on_every_rank(failure: BaseException | None, what: str = "") -> NoRetu
     raise RuntimeError(f"{where} failed: {message}")
 
 
-def lockstep(batches: Iterator[T], ctx: DistContext, padding: Callable[[], T]) -> Iterator[tuple[T, bool]]:
+def lockstep(batches: Iterator[T], ctx: DistContext, padding: Callable[[], T],
+             what: str = "") -> Iterator[tuple[T, bool]]:
     """`(batch, real)` pairs, as many on every rank as the rank with the most batches has.
 
     A rank that has run out yields a batch it already yielded (or `padding()` if it had none) with
     `real` False: its forward keeps the collectives matched, its output is dropped. A failure
-    reading a batch on any rank is raised on every rank.
+    reading a batch on any rank is raised on every rank (`what`: what was being read, for the others'
+    error line).
     """
     last: T | None = None
     while True:
@@ -191,7 +193,7 @@ def lockstep(batches: Iterator[T], ctx: DistContext, padding: Callable[[], T]) -
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             more, failed = (bool(v) for v in flags.tolist())
             if failed:
-                raise_on_every_rank(failure)
+                raise_on_every_rank(failure, what)
         else:
             if failure is not None:
                 raise failure

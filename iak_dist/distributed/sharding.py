@@ -367,7 +367,7 @@ def fill_rows_by_mean(model: nn.Module, table: str, batches: Iterator[tuple[np.n
     counts = [torch.zeros(nr) for _, _, (nr, _) in pieces]
     owners = _row_ranges_by_rank(value, ctx.world_size)
     empty = (np.zeros(0, np.int64), np.zeros((0, value.shape[1]), np.float32))
-    for batch, real in lockstep(batches, ctx, lambda: empty):
+    for batch, real in lockstep(batches, ctx, lambda: empty, what=f"filling {table}"):
         rows, vectors = batch if real else empty  # a rank out of batches sends nothing
         rows, vectors = torch.from_numpy(np.asarray(rows, np.int64)), torch.from_numpy(np.asarray(vectors, np.float32))
         if ctx.world_size > 1:
@@ -402,14 +402,15 @@ def _send_to_owners(rows: torch.Tensor, vectors: torch.Tensor,
 
 
 def dry_run_plan(ranker: Ranker, cfg: ShardingConfig, world_size: int, device_type: str,
-                 batch_size: int) -> tuple[list[dict[str, Any]], str]:
-    """Plan `ranker` (tables on the meta device: nothing is allocated) for `world_size` ranks.
+                 batch_size: int, frozen_tables: Collection[str] = ()) -> tuple[list[dict[str, Any]], str]:
+    """Plan `ranker` (tables on the meta device: nothing is allocated) for `world_size` ranks, with
+    `frozen_tables` (generative pre-training's frozen transfer) planned as `shard_ranker` plans them.
 
     Returns the plan rows and a report: the plan table plus each rank's total table bytes.
     """
     table_names = [c.name for c in ranker.backbone.table_configs]
     planner = make_planner(world_size, device_type, cfg, batch_size, table_names, ranker.backbone.table_dtype,
-                           ranker.backbone.frozen_tables)
+                           {*frozen_tables, *ranker.backbone.frozen_tables})
     try:
         plan = planner.plan(ranker, [EmbeddingBagCollectionSharder()])
     except (PlannerError, RuntimeError) as exc:

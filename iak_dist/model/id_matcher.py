@@ -15,8 +15,9 @@ pre-trains).
 
 Nothing is read whole: item_text.parquet is streamed three times (item IDs only, to find the slots several
 items share; then every vector, into the fit's sums `RidgeSums`; then the cold items' vectors, mapped and
-written), the ID rows of warm slots are read a batch at a time, and what is held beyond one batch is
-three flags per table slot and the mean text of the slots several items share.
+written), the ID rows of warm slots are read one at a time, and what is held beyond one batch is two
+flags per table slot, the fit's sums, and a float64 text sum per slot that several items share (few
+where the table is much larger than the catalogue, as tables of hashed IDs are sized).
 
 How it is applied, so that it is verifiable: `match_items(BACKBONE, DATA, OUT)` (command line:
 `iak-dist match-items BACKBONE --data DIR --out NEW_BACKBONE`) writes a new backbone
@@ -123,23 +124,24 @@ def shared_slot_mask(file: pq.ParquetFile, table_size: int) -> np.ndarray:
 
 
 class _SharedSlots:
-    """The text of the slots several items share, summed as the batches go by: {slot: [sum, count]}."""
+    """The text of the slots several items share (`shared_slot_mask`), summed as the batches go by: one
+    float64 row per shared slot (what the table's rows there will be the mean of)."""
 
-    def __init__(self) -> None:
-        self.sums: dict[int, list] = {}
+    def __init__(self, shared: np.ndarray, width: int) -> None:
+        self.slots = np.flatnonzero(shared)  # ascending
+        self.sums = np.zeros((len(self.slots), width))
+        self.counts = np.zeros(len(self.slots))
 
     def add(self, slots: np.ndarray, vectors: np.ndarray) -> None:
-        for slot, vector in zip(slots.tolist(), vectors, strict=True):
-            entry = self.sums.setdefault(slot, [np.zeros(len(vector)), 0])
-            entry[0] += vector
-            entry[1] += 1
+        """Add the vectors of items whose slots are shared ones."""
+        at = np.searchsorted(self.slots, slots)
+        np.add.at(self.sums, at, vectors)
+        np.add.at(self.counts, at, 1.0)
 
     def means(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(slots [S] ascending, mean texts [S, T]) of the shared slots where `keep[slot]`."""
-        slots = np.array(sorted(s for s in self.sums if keep[s]), dtype=np.int64)
-        width = len(next(iter(self.sums.values()))[0]) if self.sums else 0
-        texts = np.array([self.sums[s][0] / self.sums[s][1] for s in slots.tolist()]).reshape(len(slots), width)
-        return slots, texts
+        mine = keep[self.slots]
+        return self.slots[mine], self.sums[mine] / self.counts[mine, None]
 
 
 def match_items(backbone_dir: str | Path, data_dir: str | Path, out_dir: str | Path, ridge: float = 1.0) -> dict:
@@ -147,7 +149,7 @@ def match_items(backbone_dir: str | Path, data_dir: str | Path, out_dir: str | P
     replaced by the ridge map of their text (fitted on the warm items). Returns the `id_matcher` record."""
     import torch
 
-    from iak_dist.data.item_text import item_text_batches, open_item_text
+    from iak_dist.data.item_text import TEXT_DIM, item_text_batches, open_item_text
     from iak_dist.data.schema import Schema, hash_ids
     from iak_dist.data.source import Split
     from iak_dist.distributed.checkpoint import backbone_weights, file_hash, layout_hash, verify_backbone
@@ -183,7 +185,7 @@ def match_items(backbone_dir: str | Path, data_dir: str | Path, out_dir: str | P
             rows[i] = row.double().numpy()[0]
         return rows
 
-    sums, several = None, _SharedSlots()
+    sums, several = None, _SharedSlots(shared, TEXT_DIM)
     for ids, vectors in item_text_batches(texts):  # the fit: warm slots, one item each, then the shared ones
         slots = hash_ids(ids, table_size)
         sums = sums or RidgeSums(vectors.shape[1], width)

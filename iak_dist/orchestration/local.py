@@ -118,6 +118,19 @@ def backbone_of(cfg: PipelineConfig, seed: int) -> Path:
     return backbone
 
 
+def eval_is_current(eval_file: Path, adapter_dir: Path) -> bool:
+    """Whether `eval_file` (an adapter's eval.json / eval_valid.json) holds what an evaluation makes now: it
+    exists, and an adapter fine-tuned with domains held out has its `TUNED_DOMAINS` entry (an evaluation
+    made before that entry existed is made again, so every strategy's choice reads the same rows)."""
+    from iak_dist.model.strategies.saving import CONFIG_FILE
+    from iak_dist.report import TUNED_DOMAINS
+
+    if not eval_file.is_file():
+        return False
+    held_out = json.loads((adapter_dir / CONFIG_FILE).read_text()).get("hold_out_domains")
+    return not held_out or TUNED_DOMAINS in json.loads(eval_file.read_text())
+
+
 def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext, seeds: list[int] | None = None,
                         strategies: list[str] | None = None, require_all: bool = True,
                         say_line: Callable[[str], None] = log) -> Path:
@@ -160,7 +173,7 @@ def evaluate_and_report(cfg: PipelineConfig, ctx: DistContext, seeds: list[int] 
         adapter_dir = seed_dir(cfg, seed) / "adapters" / strategy
         for split, eval_file, into, role in (("valid", adapter_dir / "eval_valid.json", valid_results, "chooses"),
                                              ("test", adapter_dir / "eval.json", results, "report only")):
-            if not eval_file.is_file():
+            if not eval_is_current(eval_file, adapter_dir):
                 metrics = evaluate(cfg.data.dir, seed_dir(cfg, seed) / "backbone", adapter_dir, ctx,
                                    cfg.evaluate.batch_size, split=split, sharding=cfg.distributed.sharding)
                 # rank 0 writes; a failure (a full disk) is raised on every rank, not left to a collective's timeout

@@ -22,7 +22,7 @@ from iak_dist.io import atomic_write_json, atomic_write_text
 from iak_dist.metrics import format_metric
 from iak_dist.orchestration.driver import run_pipeline
 from iak_dist.orchestration.local import log
-from iak_dist.report import choice_entry, metric_cell
+from iak_dist.report import choice_key, metric_cell
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -95,12 +95,13 @@ def _sweep(config, overrides, grid, strategies, base, ctx) -> Path:
 
 
 def best_points(rows: list[tuple[str, dict]]) -> dict[str, str]:
-    """Each strategy's grid point of highest mean CTR-AUC (`choice_entry`) in `rows` ((point, valid aggregate));
+    """Each strategy's grid point of highest mean CTR-AUC (`choice_key`) in `rows` ((point, valid aggregate));
     not `none`, the same pre-trained model at every point."""
     best: dict[str, tuple[float, str]] = {}
+    key = choice_key(*(agg for _, agg in rows))  # held-out domains' rows choose nothing
     for name, agg in rows:
         for s in (s for s in agg if s != "none"):
-            value = choice_entry(agg[s])["ctr_auc"]["mean"]  # held-out domains' rows choose nothing
+            value = agg[s][key]["ctr_auc"]["mean"]
             if value is not None and (s not in best or value > best[s][0]):
                 best[s] = (value, name)
     return {s: name for s, (_, name) in best.items()}

@@ -218,6 +218,8 @@ class EarlyStopping:
                  steps_for: Callable[[OptimConfig, int], int], domain: int | None = None,
                  source: ValidationInput | None = None, frozen_tables: str | None = None,
                  held_out: list[int] | None = None, skip_slots: np.ndarray | None = None) -> None:
+        if source is not None and skip_slots is not None:  # a cached batch has no item IDs to skip by
+            raise ValueError("skip_slots needs the valid split's own rows (source=None), not a prefix cache")
         if source is None:
             split = Split.open(data_dir, "valid", schema)
             source = lookup_input(ParquetReader(split, schema, VALID_BATCH, ctx.rank, ctx.world_size), ctx,
@@ -294,13 +296,23 @@ class EarlyStopping:
     def state_dict(self) -> dict[str, Any]:
         """The bookkeeping for a regular checkpoint: the best checkpoint it names is kept from now on."""
         self._recorded_pass = self.record.best_pass
-        return self.record.state_dict()
+        return {**self.record.state_dict(), "skipped_items": self._skipped_items()}
+
+    def _skipped_items(self) -> int:
+        """How many item slots the passes leave out (`skip_slots`): a record's values are of those rows."""
+        return 0 if self.skip_slots is None else len(self.skip_slots)
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Resume the bookkeeping and remove the best checkpoints its record does not name (a fresh
         start: every one): a pass of the same index would otherwise take a stale folder for its own
-        (saves skip a complete step)."""
+        (saves skip a complete step). A record whose passes read other rows (cold items counted then, left
+        out now) is refused: its best value is not comparable with this run's passes."""
         if state:
+            if int(state.get("skipped_items", 0)) != self._skipped_items():
+                raise UserError(f"{self.best_root.parent}: the checkpoint's validation passes left out the valid "
+                                f"rows of {int(state.get('skipped_items', 0))} item slots, this run's leave out "
+                                f"{self._skipped_items()} (data.cold_items); move {self.best_root.parent} aside "
+                                f"to train this phase again")
             self.record.load_state_dict(state)
         self._recorded_pass = self.record.best_pass
         self._remove_best_folders(keep={self._recorded_pass})

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from iak_dist.config import PipelineConfig
 from iak_dist.errors import UserError
-from iak_dist.report import choice_entry
+from iak_dist.report import choice_key
 
 
 def export_run(cfg: PipelineConfig) -> Path:
@@ -51,7 +51,7 @@ def export_run(cfg: PipelineConfig) -> Path:
 
 def best_by_valid(report: Path, among: list[str] | None = None) -> str | None:
     """The strategy (of `among`, None: any) of highest mean CTR-AUC on the valid split in `report`
-    (report.json: overall, or the fine-tuned domains' where some were held out, `choice_entry`), or None:
+    (report.json: overall, or the fine-tuned domains' where some were held out, `choice_key`), or None:
     no report yet, one written before the valid split (no `aggregate_valid`), or no strategy scored (a
     valid split of one class)."""
     if not report.is_file():
@@ -59,6 +59,6 @@ def best_by_valid(report: Path, among: list[str] | None = None) -> str | None:
     valid = json.loads(report.read_text()).get("aggregate_valid")
     if not valid:
         return None
-    scored = [s for s in valid if choice_entry(valid[s])["ctr_auc"]["mean"] is not None
-              and (among is None or s in among)]
-    return max(scored, key=lambda s: choice_entry(valid[s])["ctr_auc"]["mean"]) if scored else None
+    key = choice_key(valid)
+    scored = [s for s in valid if valid[s][key]["ctr_auc"]["mean"] is not None and (among is None or s in among)]
+    return max(scored, key=lambda s: valid[s][key]["ctr_auc"]["mean"]) if scored else None
