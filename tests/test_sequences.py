@@ -331,7 +331,7 @@ def test_a_served_history_scores_as_the_trained_model_does(encoder, small_cfg, c
                              tmp_path)
     run, schema, rows, predictor = got.run, got.schema, got.rows, got.predictor
     np.testing.assert_allclose(predictor.score(rows)["p_ctr"], got.trained, rtol=1e-6, atol=1e-7)
-    assert predictor.mean_pooled == set()  # a history's positions are bags of one; its encoder pools them
+    assert not any(by_mean for _, _, by_mean in predictor.lookups)  # history positions: bags of one (encoder pools)
 
     # as training's data check: a request whose list is longer than the history the backbone reads is refused
     from iak_dist.serving.predictor import RequestError
