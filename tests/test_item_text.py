@@ -88,7 +88,9 @@ def test_item_texts_follow_the_template():
 
 @needs_encoder
 def test_prepare_writes_one_vector_per_item(text_dir, encoder):
-    from iak_dist.data.item_text import WEIGHTS_SHA256, read_item_text
+    from text_files import read_item_text
+
+    from iak_dist.data.item_text import WEIGHTS_SHA256
 
     table = pq.read_table(text_dir / ITEM_TEXT_FILE)
     assert table.num_rows == 1682
@@ -107,14 +109,14 @@ def test_prepare_writes_one_vector_per_item(text_dir, encoder):
 
 @needs_encoder
 def test_tampered_metadata_is_refused(text_dir, tmp_path):
-    from iak_dist.data.item_text import WEIGHTS_SHA256, read_item_text
+    from iak_dist.data.item_text import WEIGHTS_SHA256, open_item_text
 
     table = pq.read_table(text_dir / ITEM_TEXT_FILE)
     meta = dict(table.schema.metadata)
     meta[b"iak_dist.item_text.weights_sha256"] = b"f" * 64
     pq.write_table(table.replace_schema_metadata(meta), tmp_path / ITEM_TEXT_FILE)
     with pytest.raises(UserError) as err:
-        read_item_text(tmp_path)
+        open_item_text(tmp_path)
     assert str(err.value) == (f"{tmp_path / ITEM_TEXT_FILE}: item text made with weights_sha256 '{'f' * 64}', this "
                               f"version expects '{WEIGHTS_SHA256}'; prepare the folder again (iak-dist data prepare "
                               f"movielens-100k --out {tmp_path} --set item_text=true)")
@@ -337,9 +339,8 @@ def test_an_item_tower_is_served_as_the_trained_model_scores(mode, text_dir, sma
 
     got = served_and_trained(text_dir, dataclasses.replace(small_cfg.model, item_tower=mode), small_cfg, ctx,
                              tmp_path)
-    from text_files import slot_texts
+    from text_files import read_item_text, slot_texts
 
-    from iak_dist.data.item_text import read_item_text
     from iak_dist.distributed.checkpoint import backbone_weights
 
     # the exported backbone carries the text table, each slot's row the mean text of its items

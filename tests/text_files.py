@@ -30,3 +30,12 @@ def slot_texts(item_ids: np.ndarray, vectors: np.ndarray, table_size: int) -> tu
     texts = np.zeros((len(slots), vectors.shape[1]), np.float64)
     np.add.at(texts, index, vectors)
     return slots, texts / np.bincount(index, minlength=len(slots))[:, None]
+
+
+def read_item_text(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(item IDs [N], vectors [N, 384]) of `data_dir/item_text.parquet`, whole, through the checked reader
+    (`open_item_text`, `item_text_batches`): what the tests compare tables with."""
+    from iak_dist.data.item_text import item_text_batches, open_item_text
+
+    parts = list(item_text_batches(open_item_text(data_dir)))
+    return np.concatenate([ids for ids, _ in parts]), np.concatenate([vectors for _, vectors in parts])

@@ -12,8 +12,8 @@ tests/test_item_text.py compares it with sentence-transformers' own output.
 
 `write_item_text(out_dir, item_ids, texts)` embeds every item and writes `item_text.parquet`
 (`item_id`, `text`, `embedding`: fixed-size float32 list) with metadata naming the encoder, its
-weights' hash and the text template; `read_item_text(data_dir)` checks them before returning the
-vectors (docs/data.md, "Item text").
+weights' hash and the text template; `open_item_text(data_dir)` checks them and `item_text_batches`
+streams the vectors a row group at a time (docs/data.md, "Item text").
 """
 
 from __future__ import annotations
@@ -277,12 +277,3 @@ def item_text_batches(file: pq.ParquetFile, row_groups: list[int] | None = None,
     for batch in file.iter_batches(batch_size=rows, row_groups=list(groups), columns=["item_id", "embedding"]):
         vectors = batch.column(1).values.to_numpy(zero_copy_only=False).reshape(-1, TEXT_DIM)
         yield batch.column(0).to_numpy(), vectors
-
-
-def read_item_text(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(item IDs int64 [N], vectors float32 [N, 384]) of `data_dir/item_text.parquet`, whole (`open_item_text`'s
-    checks first). For small folders and tests: training and the ID matcher stream `item_text_batches`."""
-    parts = list(item_text_batches(open_item_text(data_dir)))
-    if not parts:
-        return np.zeros(0, np.int64), np.zeros((0, TEXT_DIM), np.float32)
-    return np.concatenate([ids for ids, _ in parts]), np.concatenate([vectors for _, vectors in parts])

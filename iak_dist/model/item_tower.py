@@ -23,9 +23,10 @@ item_text` sets its sharding), it never trains (`Backbone.frozen_tables`: rate 0
 `full` too), and checkpoints and exports carry it as they carry every table, each rank its own shards:
 fine-tuning, evaluation and serving need no data folder. `load_item_text` fills it once, at the start of
 pre-training, from item_text.parquet: each rank reads its share of the file's row groups and sends each
-vector to the ranks holding its slot (`fill_rows_by_mean`), so no rank reads the whole file or holds more
-than its shards. Items whose IDs hash to one slot share their ID row already; their text vectors are
-averaged there (175 of the 1682 MovieLens items share a slot at 16384 slots).
+vector to the ranks holding its slot (`fill_rows_by_mean`), so a rank reads only its row groups (a
+file of one row group, as MovieLens's, is read by rank 0) and holds only its own shards. Items whose
+IDs hash to one slot share their ID row already; their text vectors are averaged there (175 of the
+1682 MovieLens items share a slot at 16384 slots).
 
 Trap: a feature that feeds two tables comes out of TorchRec keyed `<feature>@<table>` for both, so
 the lookups hold `item_id@t_item_id` and `item_id@t_item_text`, and `item_vectors` reads them by name.
