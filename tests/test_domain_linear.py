@@ -19,13 +19,19 @@ def per_row_reference(lin: DomainLinear, x: torch.Tensor, domain: torch.Tensor) 
     (40, 6, 7, "grouped"),      # grouped GEMM, rows narrower than 16 bytes: padded
     (300, 5, 1, "grouped"),     # grouped GEMM, a head-like single output
 ])
-def test_each_row_uses_its_own_domain_map_forward_and_backward(num_domains, d_in, d_out, path):
+@pytest.mark.parametrize("grouped", [False, True], ids=["rows-mixed", "rows-grouped"])
+def test_each_row_uses_its_own_domain_map_forward_and_backward(num_domains, d_in, d_out, path, grouped):
+    """Rows in any order (gathered into groups and back), or grouped by domain as training batches come
+    (read in place): the same per-row maps."""
     torch.manual_seed(0)
     lin = DomainLinear(num_domains, d_in, d_out, init_std=0.5)
     torch.nn.init.normal_(lin.bias)
     assert lin.path == path
     x = torch.randn(64, d_in)
     domain = torch.randint(-1, min(num_domains, 9), (64,))  # some domains absent, some rows unknown
+    if grouped:
+        domain = domain.sort().values  # -1 first: unknown rows group with domain 0
+    assert (DomainRows.of(domain, num_domains).order is None) == grouped
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     out = lin(x1, DomainRows.of(domain, num_domains))
     grad = torch.randn_like(out)

@@ -41,10 +41,15 @@ class DomainPicks:
         self.batch_size = batch_size
         self._rng = np.random.default_rng(seed)
 
-    def next_batch(self) -> list[tuple[int, np.ndarray]]:
-        """`(domain, slots)` for each domain in the next batch: the batch positions its rows fill."""
+    def next_batch(self) -> list[tuple[int, int]]:
+        """`(domain, rows)` for each domain picked in the next batch, in domain order.
+
+        A batch's rows come grouped by domain in this order (its rows are exchangeable: the loss averages
+        each domain's mean), so the per-domain kernels read each domain's rows where they lie
+        (`model.strategies.base.DomainRows`) instead of gathering and scattering them every step."""
         picks = self._rng.choice(len(self.probs), size=self.batch_size, p=self.probs)
-        return [(int(d), np.flatnonzero(picks == d)) for d in np.unique(picks)]
+        counts = np.bincount(picks, minlength=len(self.probs))
+        return [(int(d), int(counts[d])) for d in np.flatnonzero(counts)]
 
     def state_dict(self) -> dict[str, Any]:
         return self._rng.bit_generator.state
@@ -80,10 +85,8 @@ class DomainBatchSampler:
         return self.rows[domain][rng.permutation(len(self.rows[domain]))]
 
     def next_batch(self) -> np.ndarray:
-        out = np.empty(self.batch_size, dtype=np.int64)
-        for d, slots in self.picks.next_batch():
-            out[slots] = self._take(d, len(slots))
-        return out
+        """The next batch's row indices, grouped by domain (`DomainPicks.next_batch`)."""
+        return np.concatenate([self._take(d, n) for d, n in self.picks.next_batch()])
 
     def _take(self, d: int, n: int) -> np.ndarray:
         taken = []

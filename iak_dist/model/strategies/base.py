@@ -36,14 +36,15 @@ class DomainRows(NamedTuple):
         domain: [B] each row's domain, -1 where the adapter does not know it.
         index: [B] `domain` with -1 mapped to 0 (such rows are masked out by `known`).
         known: [B, 1] 1.0 where the domain is known, else 0.0.
-        order: [B] a permutation that puts the rows of domain 0 first, then domain 1, ...
+        order: [B] a permutation that puts the rows of domain 0 first, then domain 1, ...; None where the
+            batch already comes so (`group_order`): each domain's rows are read where they lie.
         offsets: [K] int32, the end of each domain's group of rows in `order`.
     """
 
     domain: torch.Tensor
     index: torch.Tensor  # read per row with `index_select` (its backward is a fast index_add, not a sort)
     known: torch.Tensor
-    order: torch.Tensor
+    order: torch.Tensor | None
     offsets: torch.Tensor
 
     @staticmethod
@@ -54,7 +55,24 @@ class DomainRows(NamedTuple):
         index = domain.clamp(min=0)
         offsets = index.new_zeros(num_domains).index_add(0, index, torch.ones_like(index)).cumsum(0).to(torch.int32)
         known = (domain >= 0).unsqueeze(1).to(torch.get_default_dtype())
-        return DomainRows(domain, index, known, torch.argsort(index, stable=True), offsets)
+        return DomainRows(domain, index, known, group_order(index), offsets)
+
+
+def group_order(index: torch.Tensor) -> torch.Tensor | None:
+    """The permutation that groups a batch's rows by domain, or None where they already are, in domain order.
+
+    Training batches come grouped (`data.sampler.DomainPicks.next_batch`): the per-domain GEMMs then read
+    the rows in place, with no gather before them and scatter after (on CPU, a sixth of an IAK step from
+    the prefix cache at batch 4096). Looking is a host read, so only CPU tensors are looked at: on CUDA it
+    would stall the queue every forward, and the gathers cost little there.
+    """
+    if index.device.type == "cpu" and bool((index[1:] >= index[:-1]).all()):
+        return None
+    return torch.argsort(index, stable=True)
+
+
+# TorchRec's train pipeline fx-traces the model: the look at the data is recorded as one node, not traced into.
+torch.fx.wrap("group_order")
 
 
 class Overlay(Mapping):
@@ -109,7 +127,10 @@ def gemm_path(num_domains: int, in_features: int, out_features: int, limit: int)
       rows times its own map), so the work is the batch's rows times one map whatever K is.
 
     The first two cost `B * K * in * out`, K times one map's work, but in one call: fastest for a few
-    tiny maps; the grouped GEMM's cost stays nearly flat in K. `limit` (`DomainLinear.gemm_limit`, 32) is
+    tiny maps; the grouped GEMM's cost stays nearly flat in K. On a batch whose rows already come grouped
+    by domain (`DomainRows.order is None`, as training batches do) `spread` runs as the grouped GEMM:
+    with no gather and scatter around it, that is the cheaper one (IAK's decoder, batch 4096).
+    `limit` (`DomainLinear.gemm_limit`, 32) is
     where they cross on CPU, forward + backward at batch 512 with K = 7 (torch 2.13, one thread): K * out
     = 7 or 28 (heads, a code of 4 from 64-144 inputs) `every_output` 0.6-0.8x of `grouped`; 56 a tie;
     112 (an encoder 144 -> 16) `grouped` 0.4x of `every_output`; a decoder 4 -> 128 `spread` 0.9x of
@@ -133,6 +154,12 @@ def domain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     elementwise pass over the [B, out] output (at batch 4096 each cost as much as the GEMM).
     """
     k, d_in, d_out = weight.shape
+    if path == "spread" and rows.order is None:  # grouped rows: each domain's rows times its map, in place
+        if bias is not None:
+            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+            weight = torch.cat([weight, bias.unsqueeze(1)], dim=1)  # [K, in + 1, out]
+        y = grouped_linear(x * rows.known.to(x.dtype), weight, rows.offsets)  # unknown rows: an all-zero input
+        return y if residual is None else residual + y
     if path == "spread":
         select = F.one_hot(rows.index, k).to(x.dtype) * rows.known.to(x.dtype)  # [B, K]: 0 for unknown rows
         if bias is not None:
@@ -144,6 +171,8 @@ def domain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if path == "every_output":
         every = (x @ weight.permute(1, 0, 2).reshape(d_in, k * d_out)).view(-1, k, d_out)
         y = every.gather(1, rows.index.view(-1, 1, 1).expand(-1, 1, d_out)).squeeze(1)
+    elif rows.order is None:
+        y = grouped_linear(x, weight, rows.offsets)
     else:
         grouped = grouped_linear(x.index_select(0, rows.order), weight, rows.offsets)
         y = torch.empty_like(grouped).index_copy(0, rows.order, grouped)
