@@ -215,7 +215,10 @@ class Backbone(nn.Module):
             if adapter is not None:
                 y, layer_aux = adapter.adapt_preactivation(i, x, y, rows, layer)
                 aux = aux + layer_aux
-            y = torch.relu(y)
+            # in place on a pre-activation this forward made (a layer's or an adapter's output, which no
+            # backward reads): one [B, width] buffer fewer, a memory-bound pass cheaper at batch 4096; never
+            # on `first`, the batch's own prefix
+            y = torch.relu(y) if y is first else torch.relu_(y)
             if adapter is not None:
                 y, layer_aux = adapter.adapt_activation(i, y, rows)
                 aux = aux + layer_aux

@@ -104,7 +104,8 @@ def grouped_linear(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.
     if pad_in or pad_out or weight.data_ptr() % 16:
         weight = F.pad(weight, (0, pad_out, 0, pad_in))
         x_sorted = F.pad(x_sorted, (0, pad_in))
-    return F.grouped_mm(x_sorted, weight, offs=offsets)[:, :d_out]
+    out = F.grouped_mm(x_sorted, weight, offs=offsets)
+    return out[:, :d_out] if pad_out else out  # unpadded: the GEMM's own tensor (a caller may add into it)
 
 
 # TorchRec's train pipeline fx-traces the model; this call is recorded as one node, not traced
@@ -159,7 +160,8 @@ def domain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
             weight = torch.cat([weight, bias.unsqueeze(1)], dim=1)  # [K, in + 1, out]
         y = grouped_linear(x * rows.known.to(x.dtype), weight, rows.offsets)  # unknown rows: an all-zero input
-        return y if residual is None else residual + y
+        # in place: y is the GEMM's fresh output, which its backward does not read (one [B, out] buffer fewer)
+        return y if residual is None else y.add_(residual)
     if path == "spread":
         select = F.one_hot(rows.index, k).to(x.dtype) * rows.known.to(x.dtype)  # [B, K]: 0 for unknown rows
         if bias is not None:
