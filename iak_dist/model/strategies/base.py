@@ -130,12 +130,11 @@ def gemm_path(num_domains: int, in_features: int, out_features: int, limit: int)
     The first two cost `B * K * in * out`, K times one map's work, but in one call: fastest for a few
     tiny maps; the grouped GEMM's cost stays nearly flat in K. On a batch whose rows already come grouped
     by domain (`DomainRows.order is None`, as training batches do) `spread` runs as the grouped GEMM:
-    with no gather and scatter around it, that is the cheaper one (IAK's decoder, batch 4096).
-    `limit` (`DomainLinear.gemm_limit`, 32) is
-    where they cross on CPU, forward + backward at batch 512 with K = 7 (torch 2.13, one thread): K * out
-    = 7 or 28 (heads, a code of 4 from 64-144 inputs) `every_output` 0.6-0.8x of `grouped`; 56 a tie;
-    112 (an encoder 144 -> 16) `grouped` 0.4x of `every_output`; a decoder 4 -> 128 `spread` 0.9x of
-    `grouped`, 0.35x of `every_output`.
+    with no gather and scatter around it, that is the cheaper one (IAK's decoder, batch 4096). `limit`
+    (`DomainLinear.gemm_limit`, 32) is where they cross on CPU, forward + backward at batch 512 with
+    K = 7 (torch 2.13, one thread), rows in any order: K * out = 7 or 28 (heads, a code of 4 from 64-144
+    inputs) `every_output` 0.6-0.8x of `grouped`; 56 a tie; 112 (an encoder 144 -> 16) `grouped` 0.4x of
+    `every_output`; a decoder 4 -> 128 `spread` 0.9x of `grouped`, 0.35x of `every_output`.
     """
     if num_domains * out_features <= limit:
         return "every_output"
