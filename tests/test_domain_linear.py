@@ -64,6 +64,17 @@ def test_grouped_path_takes_a_weight_at_an_odd_offset_of_a_flat_buffer():
     torch.testing.assert_close(lin(x, DomainRows.of(domain, 40)), per_row_reference(lin, x, domain))
 
 
+def test_grouped_rows_are_read_in_place_even_from_a_column_slice_with_unaligned_rows():
+    """A grouped batch's input is not copied by a gather: a column slice of the prefix (row stride 14
+    floats, 56 bytes) must still reach `F.grouped_mm`, which wants 16-byte row strides."""
+    torch.manual_seed(0)
+    lin = DomainLinear(40, 8, 8, init_std=0.5)
+    x = torch.randn(32, 14)[:, :8]
+    domain = torch.randint(0, 40, (32,)).sort().values
+    assert DomainRows.of(domain, 40).order is None
+    torch.testing.assert_close(lin(x, DomainRows.of(domain, 40)), per_row_reference(lin, x, domain))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (F.grouped_mm's CUDA kernels)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_path_on_cuda_matches_the_reference(dtype):

@@ -6,7 +6,8 @@ backbone parameters train. The backbone calls the adapter's hooks in its forward
 * `adapt_preactivation(i, x, y, rows, linear)`: tower layer i (`linear`, frozen) computed `y = W x + b`;
   return (y', aux_loss) (LoRA; IAK's kernel on the tower input, folded through `linear`). For the first
   layer `y` comes from the prefix (`Backbone.prefix`: cached when the backbone is frozen), so nothing
-  may change the interaction output before it.
+  may change the interaction output before it. y' is `y` itself or a new tensor, never a view of `y`:
+  the backbone's ReLU runs in place on any y' that is not the prefix's own tensor.
 * `adapt_activation(i, y, rows)`: after layer i's ReLU; return (y', aux_loss) (patch, IAK).
 * `head_logits(h, rows)`: per-domain heads, or None to use the backbone's (head).
 
@@ -38,7 +39,8 @@ class DomainRows(NamedTuple):
         known: [B, 1] 1.0 where the domain is known, else 0.0.
         order: [B] a permutation that puts the rows of domain 0 first, then domain 1, ...; None where the
             batch already comes so (`group_order`): each domain's rows are read where they lie.
-        offsets: [K] int32, the end of each domain's group of rows in `order`.
+        offsets: [K] int32, the end of each domain's group of rows in `order` (in the batch itself where
+            `order` is None).
     """
 
     domain: torch.Tensor
@@ -72,6 +74,8 @@ def group_order(index: torch.Tensor) -> torch.Tensor | None:
 
 
 # TorchRec's train pipeline fx-traces the model: the look at the data is recorded as one node, not traced into.
+# Trap: in the traced graph `order` is a node, never None, so the graph records the gather branch of
+# `domain_linear`; TorchRec only reads that graph to find the tables' inputs, the model's own forward runs.
 torch.fx.wrap("group_order")
 
 
@@ -96,16 +100,23 @@ def grouped_linear(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.
     """Rows grouped by domain times their domain's map, in one `F.grouped_mm` call.
 
     `F.grouped_mm` wants rows and pointers aligned to 16 bytes: narrow maps (a head's single
-    output) and weights that live at an odd offset of a flat buffer (DeepSpeed ZeRO-1/2) are
-    zero-padded into a fresh copy first; the padding adds nothing to the product.
+    output), weights that live at an odd offset of a flat buffer (DeepSpeed ZeRO-1/2) and inputs whose
+    rows are not (a column slice of a wider matrix, read in place from a grouped batch) are zero-padded
+    into a fresh copy first; the padding adds nothing to the product.
     """
     d_in, d_out = weight.shape[1:]
     pad_in, pad_out = -d_in % 8, -d_out % 8
     if pad_in or pad_out or weight.data_ptr() % 16:
         weight = F.pad(weight, (0, pad_out, 0, pad_in))
+    if pad_in or not aligned_rows(x_sorted):
         x_sorted = F.pad(x_sorted, (0, pad_in))
     out = F.grouped_mm(x_sorted, weight, offs=offsets)
     return out[:, :d_out] if pad_out else out  # unpadded: the GEMM's own tensor (a caller may add into it)
+
+
+def aligned_rows(x: torch.Tensor) -> bool:
+    """Whether `F.grouped_mm` can read `x` as it is: unit column stride, rows and start at 16-byte multiples."""
+    return x.stride(1) == 1 and (x.stride(0) * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
 
 
 # TorchRec's train pipeline fx-traces the model; this call is recorded as one node, not traced
@@ -118,7 +129,8 @@ GemmPath = Literal["every_output", "spread", "grouped"]
 
 def gemm_path(num_domains: int, in_features: int, out_features: int, limit: int) -> GemmPath:
     """How K stacked maps `in -> out` are applied to a batch, by size (decided once, not per call: the
-    forward has no shape-dependent branch, it is fx-traced).
+    forward has no shape-dependent branch; the one branch on the data, grouped rows or not, reads
+    `DomainRows.order`, decided once per batch).
 
     * `every_output` (`K * out <= limit`): one GEMM computes every domain's output, each row keeps its own;
     * `spread` (`K * in <= limit`): each row's input is placed in its domain's block of a `[B, K * in]`
