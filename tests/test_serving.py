@@ -166,9 +166,9 @@ def test_unknown_domain_falls_back_to_the_backbone_and_is_counted_or_refused(art
     # the known rows score as they do among known neighbours, bit for bit: compared at the same positions
     # of a batch of the same size (torch's vectorised sigmoid and its scalar tail differ by an ulp, so a
     # row's last bit may depend on where it sits in the batch)
-    alone = predictor.score(rows)
+    all_known = predictor.score(rows)
     for key in scored:
-        assert np.array_equal(scored[key][20:], alone[key][20:]), key
+        assert np.array_equal(scored[key][20:], all_known[key][20:]), key
 
     strict = Predictor.load(artefacts["fp32"], unknown_domain="refuse")
     with pytest.raises(RequestError) as caught:
